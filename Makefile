@@ -1,0 +1,30 @@
+# make setup | make demo | make test   (see README.md)
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+REQS := requirements.txt requirements-nodeps.txt
+
+.PHONY: setup demo test test-fast bench clean-runs
+
+# Idempotent: re-runs pip only when a requirements file changed since the last setup.
+setup: $(STAMP)
+
+$(STAMP): $(REQS)
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -r requirements.txt
+	$(VPY) -m pip install --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+demo: setup
+	$(VPY) tools/demo.py
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+test-fast: setup
+	$(VPY) -m pytest -q -m "not slow" tests
+
+bench: setup
+	$(VPY) tools/bench.py

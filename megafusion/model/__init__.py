@@ -1,0 +1,1 @@
+"""The fused model: imports nothing from deepspeed (shipped as HF remote code)."""

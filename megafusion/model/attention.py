@@ -1,0 +1,268 @@
+"""Shared attention over all tokens of a packed batch, with the hybrid mask.
+
+Query i may attend key j iff both are in the same packed document AND (j <= i, or both
+are in the same image): causal text, bidirectional images, nothing across documents.
+
+Three backends sit behind one call, `hybrid_attention(q, k, v, layout)`:
+
+  sdpa   torch SDPA with an explicit [B, 1, L, L] boolean mask. Runs everywhere, has a
+         backward on the CPU, and is the reference the others are tested against.
+  flex   FlexAttention with a BlockMask (CUDA; on the CPU forward only, torch 2.14).
+  flash  flash-attn varlen, which cannot express the mask in one call; two calls do
+         (see `_flash_attention`). Written against a small `attend` primitive so the
+         CPU tests check the decomposition with SDPA standing in for flash-attn.
+
+The layout (masks, index tensors) depends only on document_ids / image_ids, so it is
+built once per forward pass and shared by every layer.
+
+This file ships as Hugging Face remote code: it imports nothing from deepspeed or from
+megafusion outside megafusion/model, and flash_attn / flex imports stay lazy.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "flex", "flash")
+
+# attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+# in flash-attn's varlen layout: q [total_q, Hq, d], k/v [total_k, Hkv, d], cu_seqlens
+# int32 [n + 1]; returns [total_q, Hq, d].
+AttendFn = Callable[..., torch.Tensor]
+
+
+def hybrid_mask(document_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L, L] bool, True where query i (dim 1) may attend key j (dim 2)."""
+    L = document_ids.shape[1]
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(L, L, dtype=torch.bool, device=document_ids.device).tril()
+    same_image = (image_ids[:, :, None] >= 0) & (image_ids[:, :, None] == image_ids[:, None, :])
+    return same_doc & (causal | same_image)
+
+
+# ---------------------------------------------------------------------------- primitives
+
+def sdpa_varlen_primitive(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          causal, scale=None):
+    """CPU stand-in for flash_attn_varlen_func: one SDPA call per segment.
+
+    SDPA's is_causal aligns the mask top-left while flash-attn aligns it bottom-right;
+    the decomposition only asks for causal when q and k lengths are equal, where the two
+    agree.
+    """
+    outs = []
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for s_q, e_q, s_k, e_k in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:]):
+        # [len, H, d] -> [1, H, len, d]
+        qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[s_q:e_q], k[s_k:e_k], v[s_k:e_k]))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=True)
+        outs.append(o.squeeze(0).transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def flash_attn_primitive(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         causal, scale=None):
+    """The real thing (CUDA, fp16/bf16). flash-attn handles GQA natively."""
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  softmax_scale=scale, causal=causal)
+
+
+# ------------------------------------------------------------------- backend selection
+
+def _flash_attn_error() -> Optional[str]:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as e:  # ImportError, or a broken CUDA build raising anything else
+        return f"flash-attn is not importable ({type(e).__name__}: {e})".splitlines()[0]
+    return None
+
+
+def _flex_error() -> Optional[str]:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except Exception as e:
+        return f"torch.nn.attention.flex_attention is not importable ({type(e).__name__}: {e})".splitlines()[0]
+    return None
+
+
+def select_backend(requested: str, device, primitive: Optional[AttendFn] = None) -> str:
+    """Resolve "auto" and check that an explicit backend can run on `device`.
+
+    "auto" picks flash on CUDA with flash-attn, else flex on CUDA, else sdpa. "flash" is
+    accepted anywhere when a stand-in `primitive` is given (CPU tests). "flex" is
+    accepted on the CPU, where it runs forward only (torch has no CPU backward for it).
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if requested == "auto":
+        if cuda and _flash_attn_error() is None:
+            return "flash"
+        if cuda and _flex_error() is None:
+            return "flex"
+        return "sdpa"
+    if requested == "sdpa":
+        return "sdpa"
+    if requested == "flash":
+        if primitive is not None:
+            return "flash"
+        if not cuda:
+            raise ValueError(f"attention backend 'flash' needs a CUDA device, got {device}; use 'sdpa' or 'auto'")
+        err = _flash_attn_error()
+        if err is not None:
+            raise ValueError(f"attention backend 'flash' unavailable: {err}; use 'sdpa', 'flex' or 'auto'")
+        return "flash"
+    if requested == "flex":
+        err = _flex_error()
+        if err is not None:
+            raise ValueError(f"attention backend 'flex' unavailable: {err}; use 'sdpa' or 'auto'")
+        return "flex"
+    raise ValueError(f"unknown attention backend {requested!r}: expected one of {', '.join(BACKENDS)}")
+
+
+# ------------------------------------------------------------------------------ layout
+
+@dataclass
+class AttentionLayout:
+    """What one backend needs to apply the hybrid mask; built once per forward pass.
+
+    Flash fields index the flattened [B * L] tokens (row-major). Documents are maximal
+    runs of equal document_ids within a row, so they never cross rows.
+    """
+    backend: str
+    # sdpa
+    mask: Optional[torch.Tensor] = None  # [B, 1, L, L] bool
+    # flex
+    block_mask: object = None  # torch.nn.attention.flex_attention.BlockMask
+    # flash, call 1: causal over each document
+    cu_seqlens: Optional[torch.Tensor] = None  # int32 [num_docs + 1]
+    max_seqlen: int = 0
+    # flash, call 2: each image's queries against its document prefix
+    image_query_index: Optional[torch.Tensor] = None  # long [num_image_tokens]
+    image_key_index: Optional[torch.Tensor] = None  # long [sum of prefix lengths]
+    image_cu_seqlens_q: Optional[torch.Tensor] = None  # int32 [num_images + 1]
+    image_cu_seqlens_k: Optional[torch.Tensor] = None  # int32 [num_images + 1]
+    image_max_seqlen_q: int = 0
+    image_max_seqlen_k: int = 0
+    primitive: Optional[AttendFn] = None
+
+    @classmethod
+    def build(cls, document_ids: torch.Tensor, image_ids: torch.Tensor, backend: str,
+              primitive: Optional[AttendFn] = None) -> "AttentionLayout":
+        backend = select_backend(backend, document_ids.device, primitive)
+        if backend == "sdpa":
+            return cls(backend, mask=hybrid_mask(document_ids, image_ids)[:, None])
+        if backend == "flex":
+            return cls(backend, block_mask=_flex_block_mask(document_ids, image_ids))
+        return cls._build_flash(document_ids, image_ids, primitive or flash_attn_primitive)
+
+    @classmethod
+    def _build_flash(cls, document_ids, image_ids, primitive) -> "AttentionLayout":
+        B, L = document_ids.shape
+        device = document_ids.device
+        doc = document_ids.reshape(-1)
+        img = image_ids.reshape(-1)
+        pos = torch.arange(B * L, device=device)
+
+        def cu(lengths):
+            return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+        # Documents: a new one starts at every row start and wherever the id changes.
+        doc_start = torch.ones_like(doc, dtype=torch.bool)
+        doc_start[1:] = doc[1:] != doc[:-1]
+        doc_start[::L] = True
+        starts = pos[doc_start]
+        doc_lens = torch.diff(starts, append=pos.new_tensor([B * L]))
+        # For every token, the flat index where its document begins.
+        first_of_doc = torch.cummax(torch.where(doc_start, pos, 0), dim=0).values
+
+        layout = cls("flash", cu_seqlens=cu(doc_lens), max_seqlen=int(doc_lens.max()), primitive=primitive)
+
+        query_index = pos[img >= 0]
+        if query_index.numel() == 0:
+            return layout
+        # Images: runs of equal image id (two images may touch). An image must be one
+        # contiguous run, else "prefix up to its last token" would not be its key set.
+        run_ids, q_lens = torch.unique_consecutive(img[query_index], return_counts=True)
+        if run_ids.numel() != torch.unique(run_ids).numel():
+            raise ValueError("image_ids: every image must occupy one contiguous run of positions")
+        last = query_index[q_lens.cumsum(0) - 1]
+        key_start = first_of_doc[last]
+        k_lens = last + 1 - key_start
+        # Concatenated ranges [key_start, last] without a python loop.
+        cu_k = cu(k_lens)
+        offsets = torch.arange(int(cu_k[-1]), device=device) - torch.repeat_interleave(cu_k[:-1].long(), k_lens)
+        layout.image_query_index = query_index
+        layout.image_key_index = torch.repeat_interleave(key_start, k_lens) + offsets
+        layout.image_cu_seqlens_q = cu(q_lens)
+        layout.image_cu_seqlens_k = cu_k
+        layout.image_max_seqlen_q = int(q_lens.max())
+        layout.image_max_seqlen_k = int(k_lens.max())
+        return layout
+
+
+def _flex_block_mask(document_ids, image_ids):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same_doc = document_ids[b, q_idx] == document_ids[b, kv_idx]
+        q_img = image_ids[b, q_idx]
+        same_image = (q_img >= 0) & (q_img == image_ids[b, kv_idx])
+        return same_doc & ((kv_idx <= q_idx) | same_image)
+
+    B, L = document_ids.shape
+    return create_block_mask(mask_mod, B, None, L, L, device=document_ids.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    # Compiled once per process: eager flex materialises the full score matrix.
+    # dynamic=False: packed batches have one fixed shape, and on the CPU (torch 2.14.1)
+    # inductor's dynamic-shape flex kernel does not compile (undeclared cur_kvSplitSize8).
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+# --------------------------------------------------------------------------- attention
+
+def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """q [B, Hq, L, d], k/v [B, Hkv, L, d] (Hq a multiple of Hkv) -> [B, Hq, L, d]."""
+    if layout.backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, scale=scale, enable_gqa=True)
+    if layout.backend == "flex":
+        if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise ValueError("attention backend 'flex' has no backward on the CPU; use 'sdpa' or 'flash'")
+        return _compiled_flex_attention()(q, k, v, block_mask=layout.block_mask, scale=scale, enable_gqa=True)
+    if layout.backend == "flash":
+        return _flash_attention(q, k, v, layout, scale)
+    raise ValueError(f"unknown attention backend {layout.backend!r}")
+
+
+def _flash_attention(q, k, v, layout: AttentionLayout, scale):
+    """The hybrid mask as two varlen calls.
+
+    Call 1, causal within each document, is right for every text query. An image query
+    must also see the later tokens of its own image; its full key set is exactly the
+    document prefix ending at the image's last token, so call 2 runs each image's queries
+    non-causally against that prefix, and image rows take call 2's result.
+    """
+    B, Hq, L, d = q.shape
+    # [B, H, L, d] -> [B * L, H, d], flash-attn's varlen layout.
+    qf, kf, vf = (t.transpose(1, 2).reshape(B * L, t.shape[1], d) for t in (q, k, v))
+    attend = layout.primitive
+    out = attend(qf, kf, vf, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen,
+                 causal=True, scale=scale)
+    if layout.image_query_index is not None:
+        qi, ki = layout.image_query_index, layout.image_key_index
+        image_out = attend(qf.index_select(0, qi), kf.index_select(0, ki), vf.index_select(0, ki),
+                           layout.image_cu_seqlens_q, layout.image_cu_seqlens_k,
+                           layout.image_max_seqlen_q, layout.image_max_seqlen_k, causal=False, scale=scale)
+        out = out.index_copy(0, qi, image_out)
+    return out.reshape(B, L, Hq, d).transpose(1, 2)

@@ -1,0 +1,153 @@
+"""The packed batch: the one format the data pipeline produces and the model consumes.
+
+A row of length L holds several documents back to back (packing). Each document is a
+sequence of segments: text token ids, or an image that occupies `tokens_per_image`
+consecutive positions (its patches in raster order). Begin/end-of-image tokens are
+ordinary text segments placed by whoever builds the documents.
+
+Every per-position tensor is [B, L]:
+  input_ids     text token id; 0 at image positions (never looked up)
+  labels        target token id at this position, -100 where no loss (image positions,
+                padding, prompts excluded from the loss). Unshifted, as in transformers:
+                the model predicts labels[i+1] from position i within one document.
+  modality      0 text, 1 image
+  position_ids  RoPE position, restarting at 0 for every document
+  document_ids  same value for all positions of one document; padding gets its own id
+  image_ids     index into `images` for image positions, -1 for text
+
+Per image (N images in row-major order of appearance):
+  images        [N, C, h, w] clean latents (or pixels in [-1, 1] when images_are_latents
+                is False and the model must run the VAE encoder)
+  timesteps     [N] diffusion time in [0, num_train_timesteps); 0 means clean
+  image_is_condition [N] True when the image precedes its caption (understanding)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+TEXT, IMAGE = 0, 1
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TextSegment:
+    ids: Sequence[int]
+    loss: bool = True
+
+
+@dataclass
+class ImageSegment:
+    image: torch.Tensor  # [C, h, w]
+    timestep: float = 0.0
+    is_condition: bool = False
+
+
+Document = Sequence["TextSegment | ImageSegment"]
+
+
+def document_length(doc: Document, tokens_per_image: int) -> int:
+    return sum(len(s.ids) if isinstance(s, TextSegment) else tokens_per_image for s in doc)
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    modality: torch.Tensor
+    position_ids: torch.Tensor
+    document_ids: torch.Tensor
+    image_ids: torch.Tensor
+    images: torch.Tensor
+    timesteps: torch.Tensor
+    image_is_condition: torch.Tensor
+    images_are_latents: bool = True
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device=None, dtype=None) -> "PackedBatch":
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                if v.is_floating_point():
+                    v = v.to(device=device, dtype=dtype or v.dtype)
+                else:
+                    v = v.to(device=device)
+            out[f.name] = v
+        return PackedBatch(**out)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Sequence[Sequence[Document]],
+        seq_len: int,
+        tokens_per_image: int,
+        image_shape: Sequence[int] | None = None,
+        images_are_latents: bool = True,
+    ) -> "PackedBatch":
+        """Lay out documents row by row; each row is padded to seq_len.
+
+        Raises ValueError when a row does not fit: splitting an image across rows is
+        never allowed, and choosing what goes in which row is the packer's job.
+        """
+        B = len(rows)
+        input_ids = torch.zeros(B, seq_len, dtype=torch.long)
+        labels = torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long)
+        modality = torch.zeros(B, seq_len, dtype=torch.long)
+        position_ids = torch.zeros(B, seq_len, dtype=torch.long)
+        document_ids = torch.zeros(B, seq_len, dtype=torch.long)
+        image_ids = torch.full((B, seq_len), -1, dtype=torch.long)
+        images, timesteps, is_cond = [], [], []
+        for b, docs in enumerate(rows):
+            pos = 0
+            for d, doc in enumerate(docs):
+                start = pos
+                for seg in doc:
+                    if isinstance(seg, TextSegment):
+                        n = len(seg.ids)
+                        if pos + n > seq_len:
+                            raise ValueError(f"row {b} overflows seq_len={seq_len}")
+                        ids = torch.as_tensor(list(seg.ids), dtype=torch.long)
+                        input_ids[b, pos:pos + n] = ids
+                        if seg.loss:
+                            labels[b, pos:pos + n] = ids
+                    else:
+                        n = tokens_per_image
+                        if pos + n > seq_len:
+                            raise ValueError(f"row {b}: an image would cross seq_len={seq_len}")
+                        modality[b, pos:pos + n] = IMAGE
+                        image_ids[b, pos:pos + n] = len(images)
+                        images.append(seg.image)
+                        timesteps.append(float(seg.timestep))
+                        is_cond.append(bool(seg.is_condition))
+                    pos += n
+                position_ids[b, start:pos] = torch.arange(pos - start)
+                document_ids[b, start:pos] = d
+            # Padding is one extra document per row: attends only to itself, no loss.
+            position_ids[b, pos:] = torch.arange(seq_len - pos)
+            document_ids[b, pos:] = len(docs)
+        if images:
+            images_t = torch.stack(images)
+        else:
+            shape = tuple(image_shape) if image_shape is not None else (0, 0, 0)
+            images_t = torch.zeros((0, *shape))
+        return cls(
+            input_ids=input_ids,
+            labels=labels,
+            modality=modality,
+            position_ids=position_ids,
+            document_ids=document_ids,
+            image_ids=image_ids,
+            images=images_t,
+            timesteps=torch.tensor(timesteps, dtype=torch.float32),
+            image_is_condition=torch.tensor(is_cond, dtype=torch.bool),
+            images_are_latents=images_are_latents,
+        )

@@ -1,0 +1,69 @@
+"""Configuration of the fused model (the `model` section of a run config).
+
+Kept free of anything but the standard library so that the run-config loader, the data
+pipeline and the exported Hugging Face code can all read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FusionConfig:
+    # Base text-only LLM: a Hugging Face LlamaForCausalLM directory, or a .gguf file.
+    base: str = "smollm2"
+    # How towers are arranged. Only "lmfusion" (per-modality q/k/v/o, MLP and norms,
+    # shared attention) is implemented.
+    tower_mode: str = "lmfusion"
+
+    # Attention backend: "auto" (flash on CUDA with flash-attn, else sdpa), "sdpa",
+    # "flex" or "flash".
+    attention_backend: str = "auto"
+    # Recompute each decoder layer in the backward pass (saves activations).
+    activation_checkpointing: bool = False
+
+    # Image space: "vae" (diffusers AutoencoderKL from vae_path) or "pixel" (raw RGB).
+    image_mode: str = "pixel"
+    vae_path: str | None = None
+    image_size: int = 32  # pixels, square
+    # Patching: "linear" (2x2 patches + timestep embedding) or "unet" (LMFusion's
+    # U-Net down blocks in, up blocks out).
+    patcher: str = "linear"
+    patch_size: int = 2
+    unet_channels: tuple[int, ...] = (64, 128)
+    unet_layers_per_block: int = 1
+
+    # Diffusion: "ddpm" (epsilon prediction, cosine schedule) or "rectified_flow".
+    objective: str = "ddpm"
+    num_train_timesteps: int = 1000
+    # Images that serve as a condition (image before its caption) are noised at most to
+    # this timestep; 0 means they are always clean.
+    condition_t_cap: int = 500
+    # Total loss = lm + diffusion_loss_weight * diffusion.
+    diffusion_loss_weight: float = 5.0
+    # Transfusion puts no loss on the begin-of-image token; turn on to let the model
+    # learn to start images by itself (interleaved generation).
+    lm_loss_on_boi: bool = False
+
+    # Learning rate multiplier bookkeeping lives in the trainer; these only say which
+    # parameters are trainable.
+    train_text_tower: bool = False
+
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        choices = {
+            "tower_mode": ("lmfusion",),
+            "attention_backend": ("auto", "sdpa", "flex", "flash"),
+            "image_mode": ("vae", "pixel"),
+            "patcher": ("linear", "unet"),
+            "objective": ("ddpm", "rectified_flow"),
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"model.{name}={value!r}: expected one of {', '.join(allowed)}")
+        if self.image_mode == "vae" and not self.vae_path:
+            raise ValueError("model.image_mode=vae needs model.vae_path (an AutoencoderKL directory)")
+        if not 0 <= self.condition_t_cap <= self.num_train_timesteps:
+            raise ValueError(f"model.condition_t_cap={self.condition_t_cap} outside [0, {self.num_train_timesteps}]")

@@ -1,0 +1,194 @@
+"""Diffusion objectives: how images are noised for training, what the network predicts,
+the loss, and the matching diffusers scheduler for sampling.
+
+Timestep convention shared by both objectives (and by PackedBatch.timesteps):
+t is a float in [0, T), T = cfg.num_train_timesteps, and t == 0 exactly means a clean
+image. Clean images are how understanding samples are shown to the model: X-Fusion found
+clean (un-noised) images for understanding best for both tasks, and Transfusion's cap
+(condition images noised to t <= 500 at most) is the other end of that dial. A clean
+image carries no diffusion target (the noise is not in the input), so rows with t == 0
+are left out of the loss.
+
+  DDPMEpsilon    DDPM, cosine schedule (diffusers "squaredcos_cap_v2", 1000 steps),
+                 epsilon prediction: LMFusion / Transfusion.
+  RectifiedFlow  sigma = t / T, x_t = (1 - sigma) x0 + sigma noise, velocity target
+                 noise - x0, logit-normal training timesteps: X-Fusion / SD3.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+from .config import FusionConfig
+
+
+def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[N] -> [N, 1, 1, ...] broadcastable against `like`."""
+    return v.reshape(v.shape[0], *([1] * (like.dim() - 1)))
+
+
+class DiffusionObjective:
+    num_train_timesteps: int
+
+    def __init__(self, num_train_timesteps: int):
+        self.num_train_timesteps = int(num_train_timesteps)
+
+    # Subclasses implement these three.
+    def _sample_generation(self, n: int, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _sample_condition(self, n: int, cap: int, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample_timesteps(self, is_condition: torch.Tensor, cap: int, generator=None) -> torch.Tensor:
+        """One float32 timestep per image in [0, T).
+
+        Generation images (is_condition False) get the objective's training distribution,
+        never exactly 0; condition images get t uniform in [0, cap] (cap 0: all clean).
+        Random numbers are drawn on the generator's device (CPU by default) and the result
+        is moved to is_condition's device, so a seeded CPU generator reproduces anywhere.
+        """
+        if not 0 <= cap <= self.num_train_timesteps:
+            raise ValueError(f"condition cap {cap} outside [0, {self.num_train_timesteps}]")
+        is_condition = torch.as_tensor(is_condition, dtype=torch.bool)
+        n = is_condition.shape[0]
+        gen = self._sample_generation(n, generator)
+        cond = self._sample_condition(n, cap, generator)
+        t = torch.where(is_condition.to(gen.device), cond, gen)
+        return t.to(device=is_condition.device, dtype=torch.float32)
+
+    def loss(self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean squared error to the target, averaged over the elements of the images
+        that count: rows with t == 0 (clean, nothing to predict) get weight 0, `weight`
+        [N] multiplies the rest. With no image counting the result is an exact 0 that is
+        still connected to `pred`, so every rank's backward reaches the same parameters.
+        Computed in float32.
+        """
+        target = self.target(x0, noise, t)
+        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        w = (t > 0).to(per_image.dtype)
+        if weight is not None:
+            w = w * weight.to(per_image)
+        # clamp_min instead of a branch: no host sync; numerator is 0 when w is all 0.
+        return (per_image * w).sum() / w.sum().clamp_min(1e-12)
+
+
+class DDPMEpsilon(DiffusionObjective):
+    """DDPM with the cosine schedule of Nichol & Dhariwal (betas capped at 0.999),
+    epsilon prediction, as in Transfusion and LMFusion.
+
+    Timesteps are integers. Generation images train on t uniform in {1, ..., T-1}: our
+    t == 0 is reserved for "clean", so diffusers' index 0 (a nearly clean level, noise std
+    ~0.006) is never trained, and the sampler (make_sampler_scheduler: DDIM with
+    "trailing" spacing) never asks the model about it either: its last step jumps from
+    t >= 1 straight to the predicted clean image. Condition images: uniform in {0, ..., cap}.
+    Float t are rounded to the nearest integer.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        super().__init__(num_train_timesteps)
+        self.scheduler = DDPMScheduler(num_train_timesteps=self.num_train_timesteps,
+                                       beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+        self.alphas_cumprod = self.scheduler.alphas_cumprod  # float32 [T]
+
+    def _sample_generation(self, n, generator):
+        return torch.randint(1, self.num_train_timesteps, (n,), generator=generator,
+                             device=generator.device if generator is not None else "cpu").float()
+
+    def _sample_condition(self, n, cap, generator):
+        hi = min(int(cap), self.num_train_timesteps - 1)
+        return torch.randint(0, hi + 1, (n,), generator=generator,
+                             device=generator.device if generator is not None else "cpu").float()
+
+    def add_noise(self, x0, noise, t):
+        # Same arithmetic and dtype order as DDPMScheduler.add_noise, for bitwise agreement.
+        idx = torch.as_tensor(t, device=x0.device).round().long()
+        ac = self.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[idx]
+        x_t = _rows(ac ** 0.5, x0) * x0 + _rows((1 - ac) ** 0.5, x0) * noise
+        return torch.where(_rows(idx == 0, x0), x0, x_t)
+
+    def target(self, x0, noise, t):
+        return noise
+
+
+class RectifiedFlow(DiffusionObjective):
+    """Rectified flow (SD3 / X-Fusion): sigma = t / T, x_t = (1 - sigma) x0 + sigma noise,
+    the network predicts the velocity dx_t/dsigma = noise - x0.
+
+    Generation images: sigma = sigmoid(u), u ~ N(0, 1) (SD3's logit-normal, mean 0, std 1),
+    t = sigma * T, clamped into (0, T). Condition images: t uniform in [0, cap], the same
+    rule as for DDPM (cap 500 of 1000 is sigma 0.5, SNR 1, close to where the cosine
+    schedule's t = 500 sits).
+    """
+
+    def _sample_generation(self, n, generator):
+        u = torch.randn(n, generator=generator, device=generator.device if generator is not None else "cpu")
+        sigma = torch.sigmoid(u).clamp(1e-6, 1 - 1e-6)
+        return sigma * self.num_train_timesteps
+
+    def _sample_condition(self, n, cap, generator):
+        r = torch.rand(n, generator=generator, device=generator.device if generator is not None else "cpu")
+        return r * float(cap)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(t) / self.num_train_timesteps
+
+    def add_noise(self, x0, noise, t):
+        s = _rows(self.sigma(t).to(device=x0.device, dtype=x0.dtype), x0)
+        return (1 - s) * x0 + s * noise  # sigma 0 gives x0 exactly
+
+    def target(self, x0, noise, t):
+        return noise - x0
+
+
+def make_objective(cfg: FusionConfig) -> DiffusionObjective:
+    if cfg.objective == "ddpm":
+        return DDPMEpsilon(cfg.num_train_timesteps)
+    if cfg.objective == "rectified_flow":
+        return RectifiedFlow(cfg.num_train_timesteps)
+    raise ValueError(f"model.objective={cfg.objective!r}: expected one of ddpm, rectified_flow")
+
+
+def make_sampler_scheduler(cfg: FusionConfig, num_inference_steps: int):
+    """A diffusers scheduler, already set to `num_inference_steps`, whose `timesteps`
+    are exactly our t (feed them to the model as they are):
+
+    ddpm: DDIMScheduler (eta 0) on the training schedule, "trailing" spacing, so the
+      steps are integers from T-1 down to T/steps - 1 >= 1 (never our clean t = 0); the
+      last step lands on the predicted x0 (set_alpha_to_one). clip_sample is off because
+      VAE latents are not confined to [-1, 1].
+    rectified_flow: FlowMatchEulerDiscreteScheduler (shift 1) with equally spaced sigmas
+      1, 1 - 1/steps, ..., 1/steps, then 0. Its timesteps are sigma * T, i.e. our t, and
+      its update x <- x + (sigma_next - sigma) * v is the Euler step of
+      x_t = (1 - sigma) x0 + sigma noise with v = noise - x0. The first step is t = T
+      (sigma 1, pure noise), the closed end of the training range (0, T).
+    Start from x = randn (pure noise) in both cases.
+    """
+    T = cfg.num_train_timesteps
+    if cfg.objective == "ddpm":
+        sched = DDIMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2",
+                              prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True,
+                              steps_offset=0, timestep_spacing="trailing")
+        sched.set_timesteps(num_inference_steps)
+        if int(sched.timesteps.min()) < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps} reaches t=0 (clean); use fewer than {T}")
+        return sched
+    if cfg.objective == "rectified_flow":
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=1.0)
+        n = int(num_inference_steps)
+        sched.set_timesteps(sigmas=[1.0 - i / n for i in range(n)])
+        return sched
+    raise ValueError(f"model.objective={cfg.objective!r}: expected one of ddpm, rectified_flow")
+
+
+def denoise_step(scheduler, model_output: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
+    """One sampler step from x_t at scheduler timestep t to the next (less noisy) sample."""
+    return scheduler.step(model_output, t, x_t, return_dict=False)[0]

@@ -1,0 +1,286 @@
+"""LMFusion: a frozen text-only Llama (the text tower) plus a trainable copy of every
+decoder layer's q/k/v/o projections, MLP and RMSNorms (the image tower), sharing one
+attention over all tokens with the hybrid mask.
+
+The text tower *is* the base model's modules (same objects, frozen), so text-only input
+reproduces the base model's computation exactly. The image tower starts as a deep copy.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionLayout, hybrid_attention, select_backend
+from .batch import IGNORE_INDEX, PackedBatch
+from .config import FusionConfig
+from .diffusion import make_objective
+from .image_io import ImageTokenizer
+from .routing import Routing
+
+NUM_IMAGE_TOKENS = 2  # begin-of-image, end-of-image
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, d]; cos/sin [B, L, d] (from transformers' LlamaRotaryEmbedding, which
+    already applies Llama-3 rope scaling)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+class Tower(nn.Module):
+    """One modality's share of a decoder layer: norms, q/k/v/o and the MLP."""
+
+    def __init__(self, input_layernorm, q_proj, k_proj, v_proj, o_proj, post_attention_layernorm, mlp):
+        super().__init__()
+        self.input_layernorm = input_layernorm
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.post_attention_layernorm = post_attention_layernorm
+        self.mlp = mlp
+
+    @classmethod
+    def from_llama_layer(cls, layer) -> "Tower":
+        a = layer.self_attn
+        return cls(layer.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.post_attention_layernorm, layer.mlp)
+
+    def qkv(self, x):
+        x = self.input_layernorm(x)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def ffn(self, h):
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class FusionDecoderLayer(nn.Module):
+    def __init__(self, llama_layer, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.text = Tower.from_llama_layer(llama_layer)
+        self.image = copy.deepcopy(self.text)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+
+    def forward(self, h: torch.Tensor, routing: Routing, cos, sin, layout: AttentionLayout) -> torch.Tensor:
+        """h: [B*L, hidden] in modality-sorted order."""
+        n = routing.n_text
+        parts = []
+        if n:
+            parts.append(self.text.qkv(h[:n]))
+        if routing.n_image:
+            parts.append(self.image.qkv(h[n:]))
+        q, k, v = (p[0] if len(parts) == 1 else torch.cat(p, 0) for p in zip(*parts))
+        B, L, d = routing.batch_size, routing.seq_len, self.head_dim
+        q = routing.to_sequence(q).view(B, L, self.num_heads, d).transpose(1, 2)
+        k = routing.to_sequence(k).view(B, L, self.num_kv_heads, d).transpose(1, 2)
+        v = routing.to_sequence(v).view(B, L, self.num_kv_heads, d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = hybrid_attention(q, k, v, layout, scale=self.scale)  # [B, H, L, d]
+        o = routing.to_sorted(o.transpose(1, 2).reshape(B, L, self.num_heads * d))
+        h = h + routing.run(self.text.o_proj, self.image.o_proj, o)
+        return routing.run(self.text.ffn, self.image.ffn, h)
+
+
+@dataclass
+class FusionOutput:
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    diffusion_loss: torch.Tensor
+    n_text_targets: int
+    n_noised_images: int
+    logits: torch.Tensor | None = None  # [B, L, V+2] at text positions (0 at image positions)
+    image_prediction: torch.Tensor | None = None  # [N, C, h, w]
+    noisy_images: torch.Tensor | None = None
+
+
+class LMFusionModel(nn.Module):
+    def __init__(self, base_model, cfg: FusionConfig):
+        """base_model: a transformers LlamaForCausalLM whose modules become the text tower."""
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.llama_config = lc = base_model.config
+        inner = base_model.model
+        self.vocab_size = lc.vocab_size
+        self.boi_id, self.eoi_id = self.vocab_size, self.vocab_size + 1
+        hidden = lc.hidden_size
+        head_dim = getattr(lc, "head_dim", None) or hidden // lc.num_attention_heads
+
+        self.embed_tokens = inner.embed_tokens
+        self.layers = nn.ModuleList(
+            FusionDecoderLayer(layer, lc.num_attention_heads, lc.num_key_value_heads, head_dim) for layer in inner.layers
+        )
+        self.text_norm = inner.norm
+        self.image_norm = copy.deepcopy(inner.norm)
+        self.lm_head = base_model.lm_head
+        self.rotary_emb = inner.rotary_emb
+        # New rows for BOI/EOI live beside the frozen vocabulary rather than in a resized
+        # matrix, so the frozen rows stay bitwise untouched and need no gradient mask.
+        # Initialised at the mean embedding (a common, stable choice for new tokens).
+        with torch.no_grad():
+            mean = self.embed_tokens.weight.float().mean(0, keepdim=True).to(self.embed_tokens.weight.dtype)
+        self.image_token_embed = nn.Parameter(mean.repeat(NUM_IMAGE_TOKENS, 1).clone())
+        self.tied_embeddings = bool(getattr(lc, "tie_word_embeddings", False))
+        if not self.tied_embeddings:
+            with torch.no_grad():
+                head_mean = self.lm_head.weight.float().mean(0, keepdim=True).to(self.lm_head.weight.dtype)
+            self.image_token_head = nn.Parameter(head_mean.repeat(NUM_IMAGE_TOKENS, 1).clone())
+
+        self.image_tokenizer = ImageTokenizer(cfg, hidden)
+        self.objective = make_objective(cfg)
+        self.attention_backend = cfg.attention_backend
+        self.attention_primitive = None  # test hook: flash decomposition with a stand-in
+        self.checkpoint_fn = None  # the trainer may install deepspeed's checkpointing
+        self.set_text_tower_trainable(cfg.train_text_tower)
+
+    # -- parameters -------------------------------------------------------------
+    def text_tower_modules(self):
+        yield self.embed_tokens
+        yield self.text_norm
+        yield self.lm_head
+        for layer in self.layers:
+            yield layer.text
+
+    def set_text_tower_trainable(self, trainable: bool) -> None:
+        for m in self.text_tower_modules():
+            for p in m.parameters():
+                p.requires_grad_(trainable)
+        if self.image_tokenizer.vae is not None:
+            self.image_tokenizer.vae.requires_grad_(False)
+
+    def text_tower_parameter_names(self) -> set[str]:
+        ids = {id(p) for m in self.text_tower_modules() for p in m.parameters()}
+        return {n for n, p in self.named_parameters() if id(p) in ids}
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.image_tokenizer.tokens_per_image
+
+    # -- pieces -----------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        base = self.embed_tokens(ids.clamp(max=self.vocab_size - 1))
+        is_new = ids >= self.vocab_size
+        if not bool(is_new.any()):
+            return base
+        new = self.image_token_embed[(ids - self.vocab_size).clamp(min=0, max=NUM_IMAGE_TOKENS - 1)]
+        return torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
+
+    def logits(self, h_text: torch.Tensor) -> torch.Tensor:
+        """Logits over the base vocabulary plus BOI/EOI; the first V columns are the base
+        model's own logits."""
+        head_new = self.image_token_embed if self.tied_embeddings else self.image_token_head
+        return torch.cat([self.lm_head(h_text), h_text @ head_new.to(h_text.dtype).t()], dim=-1)
+
+    def lm_targets(self, batch: PackedBatch) -> torch.Tensor:
+        """[B, L]: the token position i must predict, -100 where there is no loss.
+
+        Position i predicts labels[i+1] when i and i+1 are text in the same document.
+        The begin-of-image token is not a target unless cfg.lm_loss_on_boi (Transfusion);
+        image positions never predict anything (the end-of-image token follows an image
+        deterministically)."""
+        labels = batch.labels
+        nxt = torch.full_like(labels, IGNORE_INDEX)
+        nxt[:, :-1] = labels[:, 1:]
+        same_doc = torch.zeros_like(labels, dtype=torch.bool)
+        same_doc[:, :-1] = batch.document_ids[:, 1:] == batch.document_ids[:, :-1]
+        ok = same_doc & (batch.modality == 0)
+        ok[:, :-1] &= batch.modality[:, 1:] == 0
+        if not self.cfg.lm_loss_on_boi:
+            ok &= nxt != self.boi_id
+        return torch.where(ok, nxt, torch.full_like(nxt, IGNORE_INDEX))
+
+    def _run_layers(self, h, routing, cos, sin, layout):
+        ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if ckpt:
+                fn = self.checkpoint_fn or (lambda f, *a: checkpoint(f, *a, use_reentrant=False))
+                h = fn(layer, h, routing, cos, sin, layout)
+            else:
+                h = layer(h, routing, cos, sin, layout)
+        return h
+
+    # -- forward ----------------------------------------------------------------
+    def forward(self, batch: PackedBatch, noise: torch.Tensor | None = None, return_logits: bool = False) -> FusionOutput:
+        device = self.embed_tokens.weight.device
+        dtype = self.image_token_embed.dtype
+        routing = Routing.from_modality(batch.modality)
+        backend = select_backend(self.attention_backend, device, primitive=self.attention_primitive)
+        layout = AttentionLayout.build(batch.document_ids, batch.image_ids, backend, primitive=self.attention_primitive)
+
+        text_pos = routing.text_positions
+        h_parts = []
+        if routing.n_text:
+            h_parts.append(self.embed(batch.input_ids.reshape(-1)[text_pos]))
+
+        x0 = x_t = aux = None
+        n_images = batch.images.shape[0]
+        if routing.n_image:
+            if routing.n_image != n_images * self.tokens_per_image:
+                raise ValueError(
+                    f"batch has {routing.n_image} image positions but {n_images} images x {self.tokens_per_image} tokens per image"
+                )
+            x0 = batch.images.to(device=device, dtype=dtype)
+            if not batch.images_are_latents:
+                x0 = self.image_tokenizer.encode_images(x0).to(dtype)
+            if noise is None:
+                noise = torch.randn_like(x0)
+            t = batch.timesteps.to(device)
+            x_t = self.objective.add_noise(x0, noise, t)
+            img_tokens, aux = self.image_tokenizer.embed(x_t, t)
+            h_parts.append(img_tokens.reshape(-1, img_tokens.shape[-1]).to(h_parts[0].dtype if h_parts else dtype))
+        h = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts, 0)
+
+        cos, sin = self.rotary_emb(h, batch.position_ids.to(device))
+        h = self._run_layers(h, routing, cos, sin, layout)
+
+        zero = h.new_zeros(())
+        lm_loss, n_targets, logits = zero, 0, None
+        if routing.n_text:
+            h_text = self.text_norm(h[: routing.n_text])
+            targets = self.lm_targets(batch).reshape(-1)[text_pos].to(device)
+            sel = targets != IGNORE_INDEX
+            n_targets = int(sel.sum())
+            if n_targets:
+                # Logits only where there is a target: the LM head is the largest matmul
+                # of a small model and most packed positions have no text target.
+                lm_loss = F.cross_entropy(self.logits(h_text[sel]).float(), targets[sel])
+            if return_logits:
+                full = self.logits(h_text)
+                logits = full.new_zeros(routing.n_tokens, full.shape[-1])
+                logits[text_pos] = full
+                logits = logits.view(routing.batch_size, routing.seq_len, -1)
+
+        diffusion_loss, n_noised, pred = zero, 0, None
+        if routing.n_image:
+            h_img = self.image_norm(h[routing.n_text:]).view(n_images, self.tokens_per_image, -1)
+            pred = self.image_tokenizer.predict(h_img, aux)
+            # A clean image (t == 0, a condition for understanding) has no noise to
+            # predict; only noised images carry the diffusion loss.
+            noised = batch.timesteps.to(device) > 0
+            n_noised = int(noised.sum())
+            if n_noised:
+                diffusion_loss = self.objective.loss(pred[noised], x0[noised], noise[noised], t[noised])
+
+        loss = lm_loss + self.cfg.diffusion_loss_weight * diffusion_loss
+        return FusionOutput(
+            loss=loss,
+            lm_loss=lm_loss.detach(),
+            diffusion_loss=diffusion_loss.detach(),
+            n_text_targets=n_targets,
+            n_noised_images=n_noised,
+            logits=logits,
+            image_prediction=pred,
+            noisy_images=x_t,
+        )
+
+    @classmethod
+    def from_base(cls, base: str, cfg: FusionConfig, dtype: torch.dtype = torch.float32) -> "LMFusionModel":
+        from .loading import load_base_model
+
+        return cls(load_base_model(base, dtype=dtype), cfg)

@@ -1,0 +1,299 @@
+"""Images in and out of the transformer.
+
+pixels [N,3,H,W] in [-1,1] --encode_images--> latents [N,C,h,w]        (frozen VAE or identity)
+noisy latents, t --embed--> tokens [N, tokens_per_image, hidden], aux  (trainable)
+hidden [N, tokens_per_image, hidden], aux --predict--> [N,C,h,w]       (trainable; epsilon or velocity)
+latents --decode_latents--> pixels in [-1,1]
+
+Patches are p x p (cfg.patch_size) in raster order, row-major, top-to-bottom and
+left-to-right (Transfusion's order): token k is patch row k // (w/p), column k % (w/p).
+Each patch vector is laid out (channel, row in patch, column in patch).
+
+Two patchers (same token grid (h/p, w/p), so the token count never depends on the choice):
+  linear  Linear(C*p*p -> hidden) plus a timestep embedding added to every token; out:
+          Linear(hidden -> C*p*p), unpatchify. X-Fusion's choice.
+  unet    LMFusion's: conv_in, one diffusers DownBlock2D per entry of cfg.unet_channels
+          (timestep-conditioned ResNet blocks, *no* spatial downsampling: the p x p
+          patching that follows is the only reduction, so the U-Net sees the full latent
+          resolution and the grid matches the linear patcher), GroupNorm+SiLU, then the
+          p x p patch projection to hidden. Out: patch projection hidden -> channels,
+          mirrored UpDecoderBlock2D blocks (timestep-conditioned, no upsampling),
+          GroupNorm+SiLU, conv_out to C.
+          No skip connections from the down path to the up path. Transfusion and LMFusion
+          do not say; without skips (a) everything the output knows about the noisy
+          image went through the transformer, so the model cannot learn to denoise
+          around the LLM with a small U-Net, and (b) aux is just the timesteps, so the
+          output side can live on another pipeline stage and only hidden states (plus t)
+          cross stage boundaries instead of full-resolution feature maps.
+
+aux returned by embed is the timesteps t [N]; predict needs nothing else. The parameters
+of the two sides are disjoint (`embedder`, `predictor`; each has its own timestep
+embedding), so pipeline stages can own them without weight tying.
+
+The last layer of the output side is initialised to zero, so the first prediction is
+exactly 0: the loss starts at its trivial value (E[eps^2] = 1 for epsilon prediction)
+instead of a random prediction's much larger error, and the randomly initialised image
+path sends no noise-dominated gradients into the image tower (which starts as a copy of
+the pretrained text weights) on the first step (DiT/ControlNet's zero-init).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from diffusers import AutoencoderKL
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.unets.unet_2d_blocks import DownBlock2D, UpDecoderBlock2D
+
+from .config import FusionConfig
+
+
+# --- patching -------------------------------------------------------------------------
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[N, C, h, w] -> [N, (h/p)*(w/p), C*p*p], raster order."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, c: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of patchify: [N, (h/p)*(w/p), C*p*p] -> [N, C, h, w]."""
+    n = tokens.shape[0]
+    x = tokens.reshape(n, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, c, h, w)
+
+
+# --- VAE --------------------------------------------------------------------------------
+
+def _vae_location(path: str | None) -> tuple[str, str | None, dict]:
+    """(directory, subfolder, config) of an AutoencoderKL; a diffusers pipeline directory
+    (with the VAE in vae/) is accepted too. ValueError naming the path otherwise."""
+    if not path:
+        raise ValueError("model.vae_path is not set (image_mode=vae needs an AutoencoderKL directory)")
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"model.vae_path={path}: no such directory")
+    subfolder = None
+    config_file = root / "config.json"
+    if not config_file.is_file() and (root / "vae" / "config.json").is_file():
+        subfolder, config_file = "vae", root / "vae" / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderKL":
+        raise ValueError(f"model.vae_path={path}: not an AutoencoderKL directory (no config.json with _class_name AutoencoderKL)")
+    return str(root), subfolder, config
+
+
+def load_vae(path: str | None) -> AutoencoderKL:
+    """A frozen AutoencoderKL in eval mode, through the ordinary from_pretrained path."""
+    directory, subfolder, _ = _vae_location(path)
+    try:
+        vae = AutoencoderKL.from_pretrained(directory, subfolder=subfolder)
+    except Exception as e:  # one line naming the path, whatever diffusers raised
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"model.vae_path={path}: cannot load AutoencoderKL ({type(e).__name__}: {msg})") from e
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
+def image_latent_shape(cfg: FusionConfig) -> tuple[int, int, int]:
+    """(C, h, w) of what the transformer's image path sees, from the config alone (reads
+    the VAE's config.json, not its weights): for the data pipeline and the packer."""
+    if cfg.image_mode == "pixel":
+        c, down = 3, 1
+    elif cfg.image_mode == "vae":
+        _, _, vcfg = _vae_location(cfg.vae_path)
+        c = int(vcfg.get("latent_channels", 4))
+        down = 2 ** (len(vcfg.get("block_out_channels", (64,))) - 1)
+    else:
+        raise ValueError(f"model.image_mode={cfg.image_mode!r}: expected one of vae, pixel")
+    if cfg.image_size % down:
+        raise ValueError(f"model.image_size={cfg.image_size} is not divisible by the VAE's downsampling factor {down}")
+    h = cfg.image_size // down
+    if h % cfg.patch_size:
+        raise ValueError(f"model.patch_size={cfg.patch_size} does not divide the latent size {h}")
+    return (c, h, h)
+
+
+def tokens_per_image(cfg: FusionConfig) -> int:
+    _, h, w = image_latent_shape(cfg)
+    return (h // cfg.patch_size) * (w // cfg.patch_size)
+
+
+# --- patchers ---------------------------------------------------------------------------
+
+def _time_embedding(freq_dim: int, out_dim: int) -> nn.ModuleDict:
+    return nn.ModuleDict({"proj": Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0),
+                          "mlp": TimestepEmbedding(freq_dim, out_dim)})
+
+
+def _embed_time(te: nn.ModuleDict, t: torch.Tensor) -> torch.Tensor:
+    mlp = te["mlp"]
+    return mlp(te["proj"](t).to(mlp.linear_1.weight.dtype))
+
+
+def _groups(channels) -> int:
+    """Largest GroupNorm group count <= 32 that divides every channel width."""
+    g = 0
+    for c in channels:
+        g = math.gcd(g, int(c))
+    return max(d for d in (32, 16, 8, 4, 2, 1) if g % d == 0)
+
+
+class LinearEmbedder(nn.Module):
+    def __init__(self, c: int, p: int, hidden: int):
+        super().__init__()
+        self.p = p
+        self.proj = nn.Linear(c * p * p, hidden)
+        self.time = _time_embedding(256, hidden)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(patchify(x.to(self.proj.weight.dtype), self.p))
+        return tokens + _embed_time(self.time, t)[:, None, :].to(tokens.dtype)
+
+
+class LinearPredictor(nn.Module):
+    def __init__(self, c: int, p: int, hidden: int, h: int, w: int):
+        super().__init__()
+        self.p, self.c, self.h, self.w = p, c, h, w
+        self.proj = nn.Linear(hidden, c * p * p)
+        nn.init.zeros_(self.proj.weight)  # zero-init: see the module docstring
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unpatchify(self.proj(hidden), self.p, self.c, self.h, self.w)
+
+
+class UNetEmbedder(nn.Module):
+    def __init__(self, c: int, p: int, hidden: int, channels, layers: int):
+        super().__init__()
+        self.p = p
+        ch0, temb = channels[0], 4 * channels[0]
+        g = _groups(channels)
+        self.time = _time_embedding(ch0, temb)
+        self.conv_in = nn.Conv2d(c, ch0, 3, padding=1)
+        blocks, prev = [], ch0
+        for ch in channels:
+            blocks.append(DownBlock2D(in_channels=prev, out_channels=ch, temb_channels=temb, num_layers=layers,
+                                      resnet_eps=1e-5, resnet_act_fn="silu", resnet_groups=g, add_downsample=False))
+            prev = ch
+        self.down_blocks = nn.ModuleList(blocks)
+        self.norm_out = nn.GroupNorm(g, prev, eps=1e-5)
+        self.proj = nn.Linear(prev * p * p, hidden)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = _embed_time(self.time, t)
+        h = self.conv_in(x.to(self.conv_in.weight.dtype))
+        for block in self.down_blocks:
+            h, _ = block(h, temb)  # the per-layer outputs would be skips; unused (see top)
+        h = nn.functional.silu(self.norm_out(h))
+        return self.proj(patchify(h, self.p))
+
+
+class UNetPredictor(nn.Module):
+    def __init__(self, c: int, p: int, hidden: int, channels, layers: int, h: int, w: int):
+        super().__init__()
+        self.p, self.h, self.w = p, h, w
+        rev = list(channels)[::-1]
+        ch0, temb = channels[0], 4 * channels[0]
+        g = _groups(channels)
+        self.time = _time_embedding(ch0, temb)
+        self.proj = nn.Linear(hidden, rev[0] * p * p)
+        blocks, prev = [], rev[0]
+        for ch in rev:
+            blocks.append(UpDecoderBlock2D(in_channels=prev, out_channels=ch, temb_channels=temb, num_layers=layers,
+                                           resnet_eps=1e-5, resnet_act_fn="silu", resnet_groups=g, add_upsample=False))
+            prev = ch
+        self.up_blocks = nn.ModuleList(blocks)
+        self.norm_out = nn.GroupNorm(g, prev, eps=1e-5)
+        self.conv_out = nn.Conv2d(prev, c, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # zero-init: see the module docstring
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = _embed_time(self.time, t)
+        x = unpatchify(self.proj(hidden), self.p, self.proj.out_features // (self.p * self.p), self.h, self.w)
+        for block in self.up_blocks:
+            x = block(x, temb)
+        return self.conv_out(nn.functional.silu(self.norm_out(x)))
+
+
+# --- the tokenizer ----------------------------------------------------------------------
+
+class ImageTokenizer(nn.Module):
+    """VAE (frozen, optional) + trainable patcher in and out. See the module docstring."""
+
+    def __init__(self, cfg: FusionConfig, hidden_size: int):
+        super().__init__()
+        if cfg.patcher not in ("linear", "unet"):
+            raise ValueError(f"model.patcher={cfg.patcher!r}: expected one of linear, unet")
+        self.latent_shape = image_latent_shape(cfg)
+        # Registered as a submodule so .to() moves it, but frozen: requires_grad False,
+        # always in eval mode, never among the trainable parameters.
+        self.vae: AutoencoderKL | None = load_vae(cfg.vae_path) if cfg.image_mode == "vae" else None
+        c, h, w = self.latent_shape
+        p = self.patch_size = cfg.patch_size
+        self.grid = (h // p, w // p)
+        self.tokens_per_image = self.grid[0] * self.grid[1]
+        self.hidden_size = hidden_size
+        if cfg.patcher == "linear":
+            self.embedder = LinearEmbedder(c, p, hidden_size)
+            self.predictor = LinearPredictor(c, p, hidden_size, h, w)
+        else:
+            channels = tuple(int(x) for x in cfg.unet_channels)
+            if not channels:
+                raise ValueError("model.unet_channels is empty")
+            self.embedder = UNetEmbedder(c, p, hidden_size, channels, cfg.unet_layers_per_block)
+            self.predictor = UNetPredictor(c, p, hidden_size, channels, cfg.unet_layers_per_block, h, w)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N,3,H,W] in [-1,1] -> latents [N,C,h,w] in the input's dtype.
+
+        VAE: the posterior mean (deterministic, so pre-encoded shards and on-the-fly
+        encoding agree), then diffusers' normalisation (z - shift_factor) * scaling_factor
+        (shift_factor only where the VAE's config has one, e.g. SD3's). Pixel mode: identity.
+        """
+        if self.vae is None:
+            return pixels
+        vae = self.vae
+        z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((z - shift) * vae.config.scaling_factor).to(pixels.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [N,C,h,w] -> pixels [N,3,H,W], nominally in [-1,1] (not clamped)."""
+        if self.vae is None:
+            return latents
+        vae = self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
+        return vae.decode(z).sample.to(latents.dtype)
+
+    def embed(self, noisy: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """noisy latents [N,C,h,w], t [N] (our convention, 0 = clean) ->
+        (tokens [N, tokens_per_image, hidden], aux = t)."""
+        if tuple(noisy.shape[1:]) != self.latent_shape:
+            raise ValueError(f"image shape {tuple(noisy.shape[1:])} != latent_shape {self.latent_shape}")
+        t = torch.as_tensor(t, device=noisy.device).float().reshape(noisy.shape[0])
+        return self.embedder(noisy, t), t
+
+    def predict(self, hidden: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        """hidden [N, tokens_per_image, hidden] (the transformer's last hidden states at
+        the image positions) -> prediction [N,C,h,w] in latent space."""
+        if hidden.dim() != 3 or hidden.shape[1] != self.tokens_per_image:
+            raise ValueError(f"hidden shape {tuple(hidden.shape)}: expected [N, {self.tokens_per_image}, {self.hidden_size}]")
+        return self.predictor(hidden, aux)

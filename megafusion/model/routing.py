@@ -1,0 +1,68 @@
+"""Index-based routing of tokens to their modality's tower.
+
+The residual stream is kept in *modality-sorted* order across the whole decoder stack:
+all text tokens first, then all image tokens, each group in sequence order. A tower then
+runs on one contiguous slice (no gather), and only the shared attention needs sequence
+order: q/k/v are gathered into it and the attention output is gathered back. A token
+therefore costs exactly what it costs in the dense model; nothing runs both towers on
+every token and selects afterwards.
+
+Because image_ids increase in row-major order and every image's patches are
+contiguous, the image slice is already [num_images, tokens_per_image] in order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batch import TEXT
+
+
+@dataclass
+class Routing:
+    perm: torch.Tensor  # [B*L] flat sequence index of the k-th token in sorted order
+    inv: torch.Tensor  # [B*L] sorted position of flat sequence index i
+    n_text: int
+    batch_size: int
+    seq_len: int
+
+    @classmethod
+    def from_modality(cls, modality: torch.Tensor) -> "Routing":
+        B, L = modality.shape
+        flat = modality.reshape(-1)
+        perm = torch.argsort(flat, stable=True)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+        n_text = int((flat == TEXT).sum())
+        return cls(perm=perm, inv=inv, n_text=n_text, batch_size=B, seq_len=L)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.perm.numel()
+
+    @property
+    def n_image(self) -> int:
+        return self.n_tokens - self.n_text
+
+    @property
+    def text_positions(self) -> torch.Tensor:
+        """Flat sequence indices of the text tokens, in sorted (= sequence) order."""
+        return self.perm[: self.n_text]
+
+    def to_sequence(self, x_sorted: torch.Tensor) -> torch.Tensor:
+        """[B*L, ...] in sorted order -> [B, L, ...] in sequence order."""
+        return x_sorted.index_select(0, self.inv).view(self.batch_size, self.seq_len, *x_sorted.shape[1:])
+
+    def to_sorted(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] in sequence order -> [B*L, ...] in sorted order."""
+        return x_seq.reshape(self.n_tokens, *x_seq.shape[2:]).index_select(0, self.perm)
+
+    def run(self, text_fn, image_fn, x_sorted: torch.Tensor) -> torch.Tensor:
+        """Apply each tower's function to its contiguous slice; skip an empty modality."""
+        parts = []
+        if self.n_text:
+            parts.append(text_fn(x_sorted[: self.n_text]))
+        if self.n_image:
+            parts.append(image_fn(x_sorted[self.n_text:]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)

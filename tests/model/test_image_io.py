@@ -1,0 +1,171 @@
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DModel
+
+from megafusion.model.config import FusionConfig
+from megafusion.model.image_io import ImageTokenizer, image_latent_shape, patchify, tokens_per_image, unpatchify
+
+HIDDEN = 48
+SMALL_UNET = dict(unet_channels=(16, 32), unet_layers_per_block=1)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=32,
+    )
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return str(path)
+
+
+def _cfg(**kw):
+    base = dict(image_size=32, patch_size=2, **SMALL_UNET)
+    base.update(kw)
+    return FusionConfig(**base)
+
+
+def _pixels(n=2, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("patcher", ["linear", "unet"])
+def test_vae_mode_shapes(vae_dir, patcher):
+    cfg = _cfg(image_mode="vae", vae_path=vae_dir, patcher=patcher)
+    tok = ImageTokenizer(cfg, HIDDEN)
+    assert tok.latent_shape == (4, 16, 16) == image_latent_shape(cfg)
+    assert tok.tokens_per_image == 64 == tokens_per_image(cfg)
+    latents = tok.encode_images(_pixels())
+    assert latents.shape == (2, 4, 16, 16) and not latents.requires_grad
+    assert tok.decode_latents(latents).shape == (2, 3, 32, 32)
+    tokens, aux = tok.embed(latents, torch.tensor([0.0, 500.0]))
+    assert tokens.shape == (2, 64, HIDDEN)
+    pred = tok.predict(tokens, aux)
+    assert pred.shape == (2, 4, 16, 16)
+    assert torch.all(pred == 0)  # zero-initialised output
+    # The VAE is frozen, kept in eval mode, and not trainable.
+    assert all(not p.requires_grad for p in tok.vae.parameters())
+    tok.train()
+    assert not tok.vae.training and tok.embedder.training
+    vae_ids = {id(p) for p in tok.vae.parameters()}
+    trainable = [p for p in tok.parameters() if p.requires_grad]
+    assert trainable and not any(id(p) in vae_ids for p in trainable)
+
+
+def test_vae_latents_follow_the_config_scaling(vae_dir):
+    tok = ImageTokenizer(_cfg(image_mode="vae", vae_path=vae_dir), HIDDEN)
+    x = _pixels(n=1)
+    ref = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        z = ref.encode(x).latent_dist.mean * ref.config.scaling_factor
+    torch.testing.assert_close(tok.encode_images(x), z)
+
+
+@pytest.mark.parametrize("patcher", ["linear", "unet"])
+def test_pixel_mode_round_trip_and_shapes(patcher):
+    tok = ImageTokenizer(_cfg(image_mode="pixel", image_size=16, patcher=patcher), HIDDEN)
+    assert tok.vae is None
+    assert tok.latent_shape == (3, 16, 16) and tok.tokens_per_image == 64
+    x = _pixels(n=3, size=16)
+    assert torch.equal(tok.decode_latents(tok.encode_images(x)), x)
+    tokens, aux = tok.embed(x, torch.tensor([1.0, 2.0, 3.0]))
+    assert tokens.shape == (3, 64, HIDDEN)
+    assert tok.predict(tokens, aux).shape == (3, 3, 16, 16)
+
+
+def test_patchify_raster_order_brute_force():
+    n, c, h, w, p = 2, 3, 8, 12, 2
+    x = torch.randn(n, c, h, w)
+    tokens = patchify(x, p)
+    gw = w // p
+    assert tokens.shape == (n, (h // p) * gw, c * p * p)
+    for k in range(tokens.shape[1]):
+        row, col = k // gw, k % gw
+        patch = x[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p]
+        assert torch.equal(tokens[:, k], patch.reshape(n, -1))
+    assert torch.equal(unpatchify(tokens, p, c, h, w), x)
+
+
+def test_linear_patcher_token_k_sees_patch_k():
+    """Through the module: with the timestep embedding removed and the projection set to
+    copy the patch, token k holds patch (k // (w/p), k % (w/p)), and predict inverts it."""
+    p, size = 2, 8
+    tok = ImageTokenizer(_cfg(image_size=size, patch_size=p), hidden_size=3 * p * p)
+    with torch.no_grad():
+        tok.embedder.proj.weight.copy_(torch.eye(3 * p * p))
+        tok.embedder.proj.bias.zero_()
+        tok.embedder.time["mlp"].linear_2.weight.zero_()
+        tok.embedder.time["mlp"].linear_2.bias.zero_()
+        tok.predictor.proj.weight.copy_(torch.eye(3 * p * p))
+        x = _pixels(n=1, size=size)
+        tokens, aux = tok.embed(x, torch.tensor([7.0]))
+        gw = size // p
+        for k in range(tok.tokens_per_image):
+            r, col = k // gw, k % gw
+            torch.testing.assert_close(tokens[0, k], x[0, :, r * p:(r + 1) * p, col * p:(col + 1) * p].reshape(-1))
+        torch.testing.assert_close(tok.predict(tokens, aux), x)
+
+
+def test_missing_or_wrong_vae_path_names_it(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ValueError, match=str(missing)):
+        ImageTokenizer(_cfg(image_mode="vae", vae_path=str(missing)), HIDDEN)
+    with pytest.raises(ValueError, match="vae_path"):
+        ImageTokenizer(_cfg(image_mode="vae", vae_path=None), HIDDEN)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=str(empty)):
+        ImageTokenizer(_cfg(image_mode="vae", vae_path=str(empty)), HIDDEN)
+    other = tmp_path / "unet"
+    UNet2DModel(sample_size=8, block_out_channels=(32, 32), norm_num_groups=32,
+                down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1).save_pretrained(other)
+    with pytest.raises(ValueError, match=str(other)) as err:
+        ImageTokenizer(_cfg(image_mode="vae", vae_path=str(other)), HIDDEN)
+    assert "\n" not in str(err.value)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(ValueError, match=str(broken)) as err:
+        ImageTokenizer(_cfg(image_mode="vae", vae_path=str(broken)), HIDDEN)
+    assert "\n" not in str(err.value)
+
+
+def test_pipeline_directory_with_vae_subfolder(vae_dir, tmp_path):
+    import shutil
+    shutil.copytree(vae_dir, tmp_path / "pipe" / "vae")
+    tok = ImageTokenizer(_cfg(image_mode="vae", vae_path=str(tmp_path / "pipe")), HIDDEN)
+    assert tok.latent_shape == (4, 16, 16)
+
+
+@pytest.mark.parametrize("patcher", ["linear", "unet"])
+def test_gradients_reach_every_trainable_parameter_and_not_the_vae(vae_dir, patcher):
+    torch.manual_seed(0)
+    tok = ImageTokenizer(_cfg(image_mode="vae", vae_path=vae_dir, patcher=patcher), HIDDEN)
+    # Zero-init blocks gradients upstream of the last layer on the very first step; give
+    # it the small nonzero values one optimizer step would.
+    last = tok.predictor.proj if patcher == "linear" else tok.predictor.conv_out
+    with torch.no_grad():
+        last.weight.normal_(std=0.01)
+    latents = tok.encode_images(_pixels())
+    tokens, aux = tok.embed(latents, torch.tensor([10.0, 900.0]))
+    tok.predict(tokens, aux).square().mean().backward()
+    trainable = dict((n, p) for n, p in tok.named_parameters() if p.requires_grad)
+    assert trainable and all(not n.startswith("vae.") for n in trainable)
+    for name, p in trainable.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in tok.vae.parameters())
+
+
+def test_unet_keeps_the_token_grid_and_embed_predict_are_disjoint():
+    tok = ImageTokenizer(_cfg(patcher="unet", image_size=16), HIDDEN)
+    lin = ImageTokenizer(_cfg(patcher="linear", image_size=16), HIDDEN)
+    assert tok.tokens_per_image == lin.tokens_per_image == 64
+    emb = {id(p) for p in tok.embedder.parameters()}
+    assert not emb & {id(p) for p in tok.predictor.parameters()}
