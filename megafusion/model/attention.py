@@ -187,12 +187,15 @@ class AttentionLayout:
         if query_index.numel() == 0:
             return layout
         # Images: runs of equal image id (two images may touch). An image must be one
-        # contiguous run, else "prefix up to its last token" would not be its key set.
+        # contiguous run inside one document, else "the document prefix up to its last
+        # token" would not be its key set.
         run_ids, q_lens = torch.unique_consecutive(img[query_index], return_counts=True)
-        if run_ids.numel() != torch.unique(run_ids).numel():
-            raise ValueError("image_ids: every image must occupy one contiguous run of positions")
-        last = query_index[q_lens.cumsum(0) - 1]
+        ends = q_lens.cumsum(0)
+        first, last = query_index[ends - q_lens], query_index[ends - 1]
         key_start = first_of_doc[last]
+        if (run_ids.numel() != torch.unique(run_ids).numel()
+                or not torch.equal(last + 1 - first, q_lens) or not torch.equal(first_of_doc[first], key_start)):
+            raise ValueError("image_ids: every image must occupy one contiguous run of positions in one document")
         k_lens = last + 1 - key_start
         # Concatenated ranges [key_start, last] without a python loop.
         cu_k = cu(k_lens)

@@ -202,13 +202,6 @@ def test_flash_documents_never_cross_rows():
     assert layout.image_key_index.tolist() == [5, 6]
 
 
-def test_flash_rejects_split_image():
-    document_ids = torch.zeros(1, 6, dtype=torch.long)
-    image_ids = torch.tensor([[0, 0, -1, 0, -1, -1]])
-    with pytest.raises(ValueError, match="contiguous"):
-        build(document_ids, image_ids, "flash")
-
-
 def test_packed_batch_ids_through_all_cpu_backends():
     img = torch.zeros(1, 2, 2)
     docs0 = [
@@ -265,3 +258,19 @@ def test_select_backend_on_cuda_without_flash_attn(monkeypatch):
     assert select_backend("auto", "cuda") == "flex"
     monkeypatch.setattr(attention, "_flash_attn_error", lambda: None)
     assert select_backend("auto", "cuda") == "flash"
+
+
+@pytest.mark.parametrize("image_ids", [
+    [[0, 0, -1, 0, -1, -1]],  # interrupted by text
+    [[0, 1, 0, -1, -1, -1]],  # interrupted by another image
+])
+def test_flash_rejects_split_image_in_row(image_ids):
+    with pytest.raises(ValueError, match="contiguous"):
+        build(torch.zeros(1, 6, dtype=torch.long), torch.tensor(image_ids), "flash")
+
+
+def test_flash_rejects_image_across_documents():
+    document_ids = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    image_ids = torch.tensor([[-1, 0, 0, 0, -1, -1]])
+    with pytest.raises(ValueError, match="one document"):
+        build(document_ids, image_ids, "flash")
