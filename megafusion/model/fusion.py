@@ -7,6 +7,7 @@ reproduces the base model's computation exactly. The image tower starts as a dee
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -60,10 +61,10 @@ class Tower(nn.Module):
 
 
 class FusionDecoderLayer(nn.Module):
-    def __init__(self, llama_layer, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, llama_layer, num_heads: int, num_kv_heads: int, head_dim: int, clone=copy.deepcopy):
         super().__init__()
         self.text = Tower.from_llama_layer(llama_layer)
-        self.image = copy.deepcopy(self.text)
+        self.image = clone(self.text)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
 
@@ -100,9 +101,16 @@ class FusionOutput:
 
 
 class LMFusionModel(nn.Module):
-    def __init__(self, base_model, cfg: FusionConfig):
-        """base_model: a transformers LlamaForCausalLM whose modules become the text tower."""
+    def __init__(self, base_model, cfg: FusionConfig, clone=None, gather=None):
+        """base_model: a transformers LlamaForCausalLM whose modules become the text tower.
+
+        clone(module) makes an image-tower twin of a text-tower module and gather(params)
+        is a context in which partitioned parameters are whole; the defaults (deepcopy,
+        nothing to gather) are for unpartitioned models, megafusion/parallel supplies
+        ZeRO-3 versions."""
         super().__init__()
+        clone = clone or copy.deepcopy
+        gather = gather or (lambda params: contextlib.nullcontext())
         cfg.validate()
         self.cfg = cfg
         self.llama_config = lc = base_model.config
@@ -114,21 +122,21 @@ class LMFusionModel(nn.Module):
 
         self.embed_tokens = inner.embed_tokens
         self.layers = nn.ModuleList(
-            FusionDecoderLayer(layer, lc.num_attention_heads, lc.num_key_value_heads, head_dim) for layer in inner.layers
+            FusionDecoderLayer(layer, lc.num_attention_heads, lc.num_key_value_heads, head_dim, clone) for layer in inner.layers
         )
         self.text_norm = inner.norm
-        self.image_norm = copy.deepcopy(inner.norm)
+        self.image_norm = clone(inner.norm)
         self.lm_head = base_model.lm_head
         self.rotary_emb = inner.rotary_emb
         # New rows for BOI/EOI live beside the frozen vocabulary rather than in a resized
         # matrix, so the frozen rows stay bitwise untouched and need no gradient mask.
         # Initialised at the mean embedding (a common, stable choice for new tokens).
-        with torch.no_grad():
+        with torch.no_grad(), gather([self.embed_tokens.weight]):
             mean = self.embed_tokens.weight.float().mean(0, keepdim=True).to(self.embed_tokens.weight.dtype)
         self.image_token_embed = nn.Parameter(mean.repeat(NUM_IMAGE_TOKENS, 1).clone())
         self.tied_embeddings = bool(getattr(lc, "tie_word_embeddings", False))
         if not self.tied_embeddings:
-            with torch.no_grad():
+            with torch.no_grad(), gather([self.lm_head.weight]):
                 head_mean = self.lm_head.weight.float().mean(0, keepdim=True).to(self.lm_head.weight.dtype)
             self.image_token_head = nn.Parameter(head_mean.repeat(NUM_IMAGE_TOKENS, 1).clone())
 

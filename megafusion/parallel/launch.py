@@ -1,0 +1,69 @@
+"""Process-group setup that works under the deepspeed launcher, torchrun, srun and a
+plain `python megafusion/train.py` (one rank).
+
+DeepSpeed picks its accelerator at import time, so DS_ACCELERATOR must be settled before
+anything imports deepspeed: on a machine without a GPU it is set to "cpu" (gloo).
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+from megafusion.data.dist_env import DistEnv, init_dist_env
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_accelerator() -> str:
+    if "DS_ACCELERATOR" not in os.environ:
+        os.environ["DS_ACCELERATOR"] = "cuda" if has_cuda() else "cpu"
+    return os.environ["DS_ACCELERATOR"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_environment() -> DistEnv:
+    """Normalise the rank variables (see megafusion/data/dist_env.py) and the rendezvous
+    address; returns the rank layout."""
+    env = init_dist_env()
+    if env.world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    else:
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(name):
+                raise SystemExit(f"error: {name} is not set; launch with deepspeed, torchrun or the slurm/ scripts")
+    choose_accelerator()
+    # Keep the CPU's few cores for the ranks rather than oversubscribing them.
+    if os.environ["DS_ACCELERATOR"] == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+    return env
+
+
+def init_distributed(env: DistEnv):
+    import deepspeed
+    import torch
+
+    backend = "nccl" if os.environ.get("DS_ACCELERATOR") == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    return backend
+
+
+def device_for(env: DistEnv):
+    import torch
+
+    if os.environ.get("DS_ACCELERATOR") == "cuda":
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")

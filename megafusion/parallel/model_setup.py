@@ -1,0 +1,61 @@
+"""Building the fused model on every rank.
+
+Small models are built whole on each rank and partitioned by deepspeed.initialize. For
+large ones (parallel.zero_init, ZeRO-3) no rank ever holds the whole model:
+- the base model loads through transformers' DeepSpeed integration (an HfDeepSpeedConfig
+  alive during from_pretrained makes it construct under zero.Init and load each weight
+  through GatheredParameters), so the text tower is born partitioned;
+- each image-tower module is copied from its text twin one module at a time inside
+  GatheredParameters and partitioned right away with zero.Init(module=...), so the peak
+  is one decoder layer.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from megafusion.config import RunConfig
+from megafusion.model.fusion import LMFusionModel
+from megafusion.model.loading import load_base_model
+
+
+def model_dtype(cfg: RunConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+
+
+def build_model(cfg: RunConfig, ds_config: dict) -> LMFusionModel:
+    if cfg.parallel.zero_stage == 3 and getattr(cfg.parallel, "zero_init", False):
+        return _build_zero3_partitioned(cfg, ds_config)
+    base = load_base_model(cfg.model.base, dtype=torch.float32)
+    return LMFusionModel(base, cfg.model)
+
+
+def _fresh_parameters(module: torch.nn.Module) -> None:
+    """Replace every parameter by a plain tensor copy without ZeRO-3's ds_* attributes
+    (a deepcopy of a partitioned parameter would claim to be partitioned already)."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(p.data.clone(), requires_grad=True)
+
+
+def _build_zero3_partitioned(cfg: RunConfig, ds_config: dict) -> LMFusionModel:
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers reads it globally)
+    base = load_base_model(cfg.model.base, dtype=model_dtype(cfg))
+
+    def clone(module):
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            twin = copy.deepcopy(module)
+            _fresh_parameters(twin)
+        deepspeed.zero.Init(module=twin, config_dict_or_path=ds_config)
+        return twin
+
+    def gather(params):
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    return LMFusionModel(base, cfg.model, clone=clone, gather=gather)

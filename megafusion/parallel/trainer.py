@@ -1,0 +1,252 @@
+"""The training loop: one object that owns the engine, the loader, checkpoints, signals
+and logs. Rank 0 writes <run.dir>/metrics.jsonl (one line per optimiser step, losses
+averaged over ranks), tensorboard scalars and the progress bar."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megafusion.config import RunConfig, deepspeed_config, save_resolved
+from megafusion.parallel import checkpoint
+from megafusion.parallel.launch import device_for, init_distributed, setup_environment
+
+
+class StopSignal:
+    """SIGUSR1/SIGTERM: finish the current step, checkpoint, exit 0. A second signal
+    exits at once."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = 0
+        for s in self.SIGNALS:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received += 1
+        if self.received >= 2:
+            os._exit(128 + signum)
+        print(f"[rank {os.environ.get('RANK', 0)}] received {signal.Signals(signum).name}: "
+              "checkpointing at the next step boundary", file=sys.stderr, flush=True)
+
+    def anywhere(self) -> bool:
+        """True on every rank when any rank was signalled (ranks must stop together)."""
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _all_mean(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def _nan_injection_steps() -> set[int]:
+    # Test hook: make these optimiser steps' loss NaN on rank 0 (tests the skip path).
+    raw = os.environ.get("MEGAFUSION_INJECT_NAN_STEPS", "")
+    return {int(x) for x in raw.split(",") if x.strip()}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir).expanduser()
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # -- setup ------------------------------------------------------------------
+    def _setup(self):
+        cfg = self.cfg
+        self.env = setup_environment()
+        init_distributed(self.env)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = device_for(self.env)
+        torch.manual_seed(cfg.run.seed + self.rank)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, self.run_dir / "config.yaml")
+        self.ds_config = deepspeed_config(cfg, self.world)
+
+        from megafusion.model.loading import load_tokenizer
+        from megafusion.parallel.model_setup import build_model
+
+        self.tokenizer = load_tokenizer(cfg.model.base)
+        self.model = build_model(cfg, self.ds_config)
+        if cfg.parallel.pipeline_stages > 1:
+            from megafusion.parallel.pipeline import initialize_pipeline
+
+            self.engine, self.optimizer, self.scheduler = initialize_pipeline(self.model, cfg, self.ds_config)
+        else:
+            from megafusion.parallel.engine import initialize
+
+            self.engine, self.optimizer, self.scheduler = initialize(self.model, cfg, self.ds_config)
+
+        from megafusion.data.loader import build_train_loader
+
+        self.loader = build_train_loader(cfg.data, cfg.model, self.tokenizer, self.model.tokens_per_image)
+
+    def _log0(self, msg: str):
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    # -- the loop ---------------------------------------------------------------
+    def run(self) -> int:
+        self._setup()
+        cfg, t = self.cfg, self.cfg.train
+        start_step = 0
+        client = checkpoint.load_latest(self.engine, self.ckpt_dir, self.world) if cfg.run.resume != "never" else None
+        if client is not None:
+            self.loader.load_state_dict(client["loader"])
+            checkpoint.set_rng_state(client["rng"])
+            start_step = int(client["step"])
+            self._log0(f"resumed from {self.ckpt_dir / checkpoint.tag_for(start_step)} at step {start_step}")
+        self.bad_in_row = int(client.get("bad_in_row", 0)) if client else 0
+        self.skipped_total = int(client.get("skipped_steps", 0)) if client else 0
+        if start_step >= t.steps:
+            self._log0(f"nothing to do: run.dir already holds step {start_step} >= train.steps={t.steps}")
+            return 0
+
+        stop = StopSignal()
+        writer = self._tensorboard()
+        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
+        bar = self._progress(start_step)
+        inject = _nan_injection_steps()
+        it = iter(self.loader)
+        reported = False
+        step = start_step
+        last_saved = None
+        t_last, tokens_since, samples_since = time.time(), 0, 0
+        while step < t.steps:
+            losses, tokens, skipped_data, bad = [], 0, 0, False
+            for micro in range(t.gradient_accumulation):
+                batch = next(it, None)
+                if batch is None:  # epoch boundary: streaming starts the next epoch
+                    it = iter(self.loader)
+                    batch = next(it)
+                skipped_data += int(getattr(batch, "skipped", 0) or 0)
+                out = self.engine(batch.to(self.device))
+                loss = out.loss
+                if (step + 1) in inject and self.rank == 0:
+                    loss = loss * float("nan")
+                finite = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0])
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if finite.item() == 0:
+                    # Every rank skips this micro-batch together: no backward, no update.
+                    bad = True
+                    continue
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append([out.loss.item(), out.lm_loss.item(), out.diffusion_loss.item()])
+                tokens += batch.input_ids.numel()
+                samples_since += int(getattr(batch, "num_samples", batch.input_ids.shape[0]))
+            step += 1
+            if bad:
+                self.bad_in_row += 1
+                self.skipped_total += 1
+                self._log0(f"step {step}: non-finite loss, update skipped ({self.bad_in_row} in a row)")
+                if self.bad_in_row >= t.max_bad_steps:
+                    print(f"error: {self.bad_in_row} consecutive steps with a non-finite loss, the last at step {step}; stopping",
+                          file=sys.stderr, flush=True)
+                    return 1
+            else:
+                self.bad_in_row = 0
+            if not reported:
+                self._report_memory()
+                reported = True
+            mean = [sum(c) / len(losses) for c in zip(*losses)] if losses else [float("nan")] * 3
+            loss, lm, diff = _all_mean(mean)
+            tokens_since += tokens * self.world
+            lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
+            gnorm = self.engine.get_global_grad_norm() if not bad else None
+            gnorm = float(gnorm) if gnorm is not None else None
+            if metrics:
+                metrics.write(json.dumps({"step": step, "loss": loss, "lm_loss": lm, "diffusion_loss": diff,
+                                          "grad_norm": gnorm, "lr": lr, "skipped": bad, "skipped_samples": skipped_data}) + "\n")
+                metrics.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(lm=f"{lm:.3f}", diff=f"{diff:.4f}")
+            if writer and step % cfg.log.every == 0:
+                dt = max(time.time() - t_last, 1e-9)
+                self._scalars(writer, step, loss, lm, diff, gnorm, lr, tokens_since / dt, samples_since * self.world / dt, skipped_data)
+                t_last, tokens_since, samples_since = time.time(), 0, 0
+            stopping = stop.anywhere()
+            if stopping or step == t.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                self._save(step)
+                last_saved = step
+            if stopping:
+                self._log0(f"stopped by signal after step {step}; checkpoint written, exiting 0")
+                break
+        if bar is not None:
+            bar.close()
+        if writer:
+            writer.close()
+        if metrics:
+            metrics.close()
+        if last_saved != step:
+            self._save(step)
+        self._log0(f"done: step {step}; checkpoints in {self.ckpt_dir}, tensorboard in {self.run_dir / 'tensorboard'}")
+        dist.barrier()
+        return 0
+
+    # -- pieces -----------------------------------------------------------------
+    def _save(self, step: int):
+        client = {"loader": self.loader.state_dict(), "bad_in_row": self.bad_in_row,
+                  "skipped_steps": self.skipped_total}
+        checkpoint.save(self.engine, self.ckpt_dir, step, client, self.cfg.checkpoint.keep_last)
+
+    def _report_memory(self):
+        from megafusion.parallel.memory import report
+
+        text = report(self.engine, self.world)
+        self._log0(text)
+
+    def _tensorboard(self):
+        if self.rank != 0 or not self.cfg.log.tensorboard:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _progress(self, start):
+        if self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stdout)
+
+    def _scalars(self, w, step, loss, lm, diff, gnorm, lr, tok_s, samp_s, skipped):
+        w.add_scalar("loss/total", loss, step)
+        w.add_scalar("loss/lm", lm, step)
+        w.add_scalar("loss/diffusion", diff, step)
+        if gnorm is not None:
+            w.add_scalar("train/grad_norm", gnorm, step)
+        w.add_scalar("train/lr", lr, step)
+        w.add_scalar("throughput/tokens_per_s", tok_s, step)
+        w.add_scalar("throughput/samples_per_s", samp_s, step)
+        w.add_scalar("data/skipped_samples", skipped, step)
+        peak = self.cfg.log.peak_flops_per_device
+        if peak:
+            w.add_scalar("throughput/mfu", tok_s * self._flops_per_token() / (peak * self.world), step)
+
+    def _flops_per_token(self) -> float:
+        """6N for the tokens' tower (each token uses one tower: N is the dense model's
+        size) plus attention: 12 * layers * hidden * context per token (forward +
+        backward, causal-agnostic upper bound)."""
+        lc = self.model.llama_config
+        from megafusion.parallel.memory import parameter_counts
+
+        frozen, trainable = parameter_counts(self.model)
+        n_dense = frozen if not self.cfg.model.train_text_tower else (frozen + trainable) / 2
+        return 6 * n_dense + 12 * lc.num_hidden_layers * lc.hidden_size * self.cfg.data.seq_len
