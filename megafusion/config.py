@@ -17,7 +17,9 @@ Override values are parsed as YAML (`true`, `1e-4`, `[0.9, 0.95]`, `null`); a fi
 use `${VAR}` and `${VAR:-default}` (environment variables, as in a shell) and a leading
 `~` (the home directory), which is what Slurm scripts and per-machine paths need; an
 unset variable without a default is an error. A non-string field may be written as
-`${VAR:-3}`: the expanded text is then parsed as YAML.
+`${VAR:-3}`: the expanded text is then parsed as YAML. Inside a YAML flow collection
+(`[...]`, `{...}`) quote such strings: `["${A}/x"]`; override values are expanded before
+they are parsed, so `data.train=[${A}, ${B}]` needs no quotes.
 
 Every mistake (unknown key, wrong type, impossible combination) raises ConfigError with a
 one-line message naming the key; nothing is guessed and nothing is silently ignored.
@@ -170,6 +172,8 @@ def _validate_run(cfg: RunConfig) -> None:
 
     r, t, p, c, lg = cfg.run, cfg.train, cfg.parallel, cfg.checkpoint, cfg.log
     _check(bool(r.dir), "run.dir is empty; it names the run directory")
+    _check(r.seed >= 0, f"run.seed={r.seed}: must be >= 0")
+
     def need(ok: bool, name: str, rule: str) -> None:
         _check(ok, f"train.{name}={getattr(t, name)!r}: {rule}")
 
@@ -232,6 +236,20 @@ _Loader.add_implicit_resolver(
     ),
     list("-+0123456789."),
 )
+
+
+def _construct_mapping(loader, node, deep=False):
+    # A key written twice is a mistake that PyYAML would silently resolve to the last.
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} written twice", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _yaml_load(text: str):
@@ -324,9 +342,20 @@ def _show(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _expand_tree(value, key: str):
+    """Expand the strings inside an untyped value (model.extra, data.train's stream list)."""
+    if isinstance(value, str):
+        return expand(value, key)
+    if isinstance(value, dict):
+        return {k: _expand_tree(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_expand_tree(v, f"{key}[{i}]") for i, v in enumerate(value))
+    return value
+
+
 def _convert(value, tp, key, explicit):
     if tp is typing.Any:
-        return value
+        return _expand_tree(value, key)
     if _is_union(tp):
         args = typing.get_args(tp)
         if value is None:
@@ -371,13 +400,15 @@ def _convert(value, tp, key, explicit):
         if not isinstance(value, (list, tuple)):
             raise _Mismatch
         args = typing.get_args(tp)
-        return [(_coerce(v, args[0], f"{key}[{i}]", explicit) if args else v) for i, v in enumerate(value)]
+        if not args:
+            return _expand_tree(list(value), key)
+        return [_coerce(v, args[0], f"{key}[{i}]", explicit) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise _Mismatch
         args = typing.get_args(tp)
         if not args:
-            return dict(value)
+            return _expand_tree(dict(value), key)
         return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
@@ -440,11 +471,11 @@ def _build(cls, data: dict, prefix: str, explicit: set | None):
 # --------------------------------------------------------------------------- loading
 
 
-def config_from_dict(data: dict | None, overrides: typing.Iterable[str] = (), *, source: str = "config") -> RunConfig:
+def config_from_dict(data: dict | None, overrides: typing.Iterable[str] = (), *, source: str | None = None) -> RunConfig:
     """A validated RunConfig from a dict (the parsed YAML) and `section.field=value` overrides."""
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (run, model, data, ...), got {type(data).__name__}")
+        raise ConfigError(f"{source or 'run config'}: expected a mapping of sections (run, model, data, ...), got {type(data).__name__}")
     explicit: set[str] = set()
     try:
         for section, value in data.items():
@@ -452,6 +483,8 @@ def config_from_dict(data: dict | None, overrides: typing.Iterable[str] = (), *,
                 raise ConfigError(f"config key {section}: a section must be a mapping of fields, got {_show(value)}")
         cfg = _build(RunConfig, {k: (v or {}) for k, v in data.items()}, "", explicit)
     except ConfigError as exc:
+        if source is None:
+            raise
         raise ConfigError(f"{source}: {exc}") from None
     for text in overrides:
         _apply_override(cfg, text, explicit)
@@ -482,18 +515,21 @@ def _apply_override(cfg: RunConfig, text: str, explicit: set) -> None:
         raise ConfigError(f"override {text!r}: expected section.field=value")
     key, raw = text.split("=", 1)
     key = key.strip()
+    raw = expand(raw, key)  # before parsing, as a shell would: `x=[${A}, ${B}]` works
     parts = key.split(".")
-    if len(parts) < 2 or not all(parts):
-        if len(parts) == 1 and parts[0] in [f.name for f in dataclasses.fields(RunConfig)]:
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: expected section.field=value")
+    if len(parts) == 1:
+        if parts[0] in [f.name for f in dataclasses.fields(RunConfig)]:
             raise ConfigError(f"override {text!r}: {parts[0]} is a section; set {parts[0]}.<field>=value")
-        raise _unknown(key, [f.name for f in dataclasses.fields(RunConfig)]) if len(parts) == 1 else ConfigError(f"override {text!r}: expected section.field=value")
+        raise _unknown(key, [f.name for f in dataclasses.fields(RunConfig)])
     obj = cfg
     for depth, name in enumerate(parts):
         sub = ".".join(parts[: depth + 1])
         last = depth == len(parts) - 1
         if isinstance(obj, dict):  # free-form mapping such as model.extra
             if last:
-                obj[name] = _coerce(_yaml_load(raw) if raw.strip() else None, typing.Any, key)
+                obj[name] = _coerce(_parse_value(raw, text), typing.Any, key)
                 break
             obj = obj.setdefault(name, {})
             if not isinstance(obj, dict):
@@ -509,13 +545,23 @@ def _apply_override(cfg: RunConfig, text: str, explicit: set) -> None:
             if dataclasses.is_dataclass(tp):
                 raise ConfigError(f"override {text!r}: {sub} is a section; set {sub}.<field>=value")
             if _accepts_str(tp) and raw.strip().lower() not in ("null", "none", "~", ""):
-                value = raw if tp is str or _is_plain_str(raw) else _yaml_load(raw)
+                value = raw if tp is str or _is_plain_str(raw) else _parse_value(raw, text)
             else:
-                value = _yaml_load(raw) if raw.strip() else None
+                value = _parse_value(raw, text)
             setattr(obj, name, _coerce(value, tp, key))
             explicit.add(key)
         else:
             obj = getattr(obj, name)
+
+
+def _parse_value(raw: str, text: str):
+    if not raw.strip():
+        return None
+    try:
+        return _yaml_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from None
 
 
 def _is_plain_str(raw: str) -> bool:
@@ -566,6 +612,19 @@ def config_to_dict(cfg) -> dict:
     return plain(cfg)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Sections and mappings in block style, lists of scalars on one line."""
+
+
+def _represent_list(dumper, value):
+    flow = all(not isinstance(v, (list, tuple, dict)) for v in value)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)
+_Dumper.add_representer(dict, lambda dumper, value: dumper.represent_mapping("tag:yaml.org,2002:map", value, flow_style=False))
+
+
 def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config (environment expanded, overrides applied, derived values
     filled) as YAML; load_config() of that file gives the same RunConfig."""
@@ -578,7 +637,7 @@ def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write("# Resolved run config (what this run used); load with megafusion.config.load_config.\n")
-        yaml.safe_dump(data, f, sort_keys=False, default_flow_style=None, width=100)
+        yaml.dump(data, f, Dumper=_Dumper, sort_keys=False, width=100)
     os.replace(tmp, path)
     return path
 

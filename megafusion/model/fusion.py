@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.utils import ModelOutput
 
 from .attention import AttentionLayout, hybrid_attention, select_backend
 from .batch import IGNORE_INDEX, PackedBatch
@@ -89,12 +90,15 @@ class FusionDecoderLayer(nn.Module):
 
 
 @dataclass
-class FusionOutput:
-    loss: torch.Tensor
-    lm_loss: torch.Tensor
-    diffusion_loss: torch.Tensor
-    n_text_targets: int
-    n_noised_images: int
+class FusionOutput(ModelOutput):
+    """A dict subclass (transformers' ModelOutput): DeepSpeed's ZeRO-3 finds the tensors
+    in dicts, tuples and lists only, and needs them to re-gather parameters for backward."""
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    diffusion_loss: torch.Tensor | None = None
+    n_text_targets: int | None = None
+    n_noised_images: int | None = None
     logits: torch.Tensor | None = None  # [B, L, V+2] at text positions (0 at image positions)
     image_prediction: torch.Tensor | None = None  # [N, C, h, w]
     noisy_images: torch.Tensor | None = None

@@ -134,7 +134,8 @@ class Trainer:
                 if batch is None:  # epoch boundary: streaming starts the next epoch
                     it = iter(self.loader)
                     batch = next(it)
-                skipped_data += int(getattr(batch, "skipped", 0) or 0)
+                stats = getattr(batch, "stats", {}) or {}
+                skipped_data += int(stats.get("skipped", 0))
                 out = self.engine(batch.to(self.device))
                 loss = out.loss
                 if (step + 1) in inject and self.rank == 0:
@@ -148,7 +149,7 @@ class Trainer:
                 self.engine.backward(loss)
                 self.engine.step()
                 losses.append([out.loss.item(), out.lm_loss.item(), out.diffusion_loss.item()])
-                tokens += batch.input_ids.numel()
+                tokens += int(stats.get("tokens", batch.input_ids.numel()))
                 samples_since += int(getattr(batch, "num_samples", batch.input_ids.shape[0]))
             step += 1
             if bad:

