@@ -144,7 +144,10 @@ class HeadStage(_Stage):
             if bool(noised.any()):
                 diff = F.mse_loss(pred[noised].float(), target[noised])
         total = lm + f.cfg.diffusion_loss_weight * diff
-        return torch.stack([total, lm.detach(), diff.detach()])
+        out = torch.stack([total, lm.detach(), diff.detach()])
+        if hasattr(self, "records"):
+            self.records.append(out.detach())
+        return out
 
 
 def build_pipeline_module(fused: LMFusionModel, cfg: RunConfig, world_size: int):

@@ -122,35 +122,17 @@ class Trainer:
         metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
         bar = self._progress(start_step)
         inject = _nan_injection_steps()
-        it = iter(self.loader)
+        self._it = iter(self.loader)
         reported = False
         step = start_step
         last_saved = None
         t_last, tokens_since, samples_since = time.time(), 0, 0
         while step < t.steps:
-            losses, tokens, skipped_data, bad = [], 0, 0, False
-            for micro in range(t.gradient_accumulation):
-                batch = next(it, None)
-                if batch is None:  # epoch boundary: streaming starts the next epoch
-                    it = iter(self.loader)
-                    batch = next(it)
-                stats = getattr(batch, "stats", {}) or {}
-                skipped_data += int(stats.get("skipped", 0))
-                out = self.engine(batch.to(self.device))
-                loss = out.loss
-                if (step + 1) in inject and self.rank == 0:
-                    loss = loss * float("nan")
-                finite = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0])
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if finite.item() == 0:
-                    # Every rank skips this micro-batch together: no backward, no update.
-                    bad = True
-                    continue
-                self.engine.backward(loss)
-                self.engine.step()
-                losses.append([out.loss.item(), out.lm_loss.item(), out.diffusion_loss.item()])
-                tokens += int(stats.get("tokens", batch.input_ids.numel()))
-                samples_since += int(getattr(batch, "num_samples", batch.input_ids.shape[0]))
+            if cfg.parallel.pipeline_stages > 1:
+                losses, tokens, skipped_data, samples, bad = self._pipeline_step()
+            else:
+                losses, tokens, skipped_data, samples, bad = self._zero_step(step + 1 in inject)
+            samples_since += samples
             step += 1
             if bad:
                 self.bad_in_row += 1
@@ -166,7 +148,8 @@ class Trainer:
                 self._report_memory()
                 reported = True
             mean = [sum(c) / len(losses) for c in zip(*losses)] if losses else [float("nan")] * 3
-            loss, lm, diff = _all_mean(mean)
+            # Pipeline losses are already global (broadcast by the engine / reduced above).
+            loss, lm, diff = mean if cfg.parallel.pipeline_stages > 1 else _all_mean(mean)
             tokens_since += tokens * self.world
             lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
             gnorm = self.engine.get_global_grad_norm() if not bad else None
@@ -197,11 +180,101 @@ class Trainer:
             metrics.close()
         if last_saved != step:
             self._save(step)
+        if cfg.parallel.pipeline_stages == 1:
+            self._check_frozen()
         self._log0(f"done: step {step}; checkpoints in {self.ckpt_dir}, tensorboard in {self.run_dir / 'tensorboard'}")
         dist.barrier()
         return 0
 
+    def _next_batch(self):
+        batch = next(self._it, None)
+        if batch is None:  # epoch boundary: streaming starts the next epoch
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        return batch
+
+    def _zero_step(self, inject_nan: bool):
+        """One optimiser step of gradient_accumulation micro-batches. A micro-batch whose
+        loss is not finite on any rank is skipped by every rank (no backward, no update)."""
+        losses, tokens, skipped, samples, bad = [], 0, 0, 0, False
+        for _ in range(self.cfg.train.gradient_accumulation):
+            batch = self._next_batch()
+            stats = getattr(batch, "stats", {}) or {}
+            skipped += int(stats.get("skipped", 0))
+            out = self.engine(batch.to(self.device))
+            loss = out.loss * float("nan") if inject_nan and self.rank == 0 else out.loss
+            finite = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0])
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 0:
+                bad = True
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append([out.loss.item(), out.lm_loss.item(), out.diffusion_loss.item()])
+            tokens += int(stats.get("tokens", batch.input_ids.numel()))
+            samples += int(getattr(batch, "num_samples", batch.input_ids.shape[0]))
+        return losses, tokens, skipped, samples, bad
+
+    def _pipeline_step(self):
+        """DeepSpeed's pipeline engine runs forward, backward and the update in one call.
+        Every rank draws the step's micro-batches (ranks of one pipeline read the same
+        samples, streaming replication), so loader states advance alike; the first and
+        last stages feed them to the engine."""
+        from megafusion.parallel.pipeline import HeadStage, batch_to_inputs
+
+        batches = [self._next_batch() for _ in range(self.cfg.train.gradient_accumulation)]
+        heads = [m for m in self.engine.module.modules() if isinstance(m, HeadStage)]
+        for h in heads:
+            h.records = []
+        feed = iter([(batch_to_inputs(b.to(self.device)), torch.zeros(1)) for b in batches])
+        total = float(self.engine.train_batch(data_iter=feed))
+        stats = [getattr(b, "stats", {}) or {} for b in batches]
+        # lm / diffusion live on the last stage: sum over last-stage ranks, divide by
+        # their number (the data-parallel size); other ranks add zeros.
+        parts = torch.zeros(3, dtype=torch.float64)
+        if heads and heads[0].records:
+            parts[:2] = torch.stack(heads[0].records).double().mean(0)[1:]
+            parts[2] = 1.0
+        dist.all_reduce(parts)
+        lm, diff = (parts[:2] / parts[2]).tolist()
+        bad = not math.isfinite(total)
+        losses = [] if bad else [[total, lm, diff]]
+        return (losses, sum(int(s.get("tokens", b.input_ids.numel())) for s, b in zip(stats, batches)),
+                sum(int(s.get("skipped", 0)) for s in stats), sum(int(getattr(b, "num_samples", 0)) for b in batches), bad)
+
     # -- pieces -----------------------------------------------------------------
+    def _check_frozen(self):
+        """Frozen means frozen: every text-tower tensor equals the base model's, bitwise,
+        after training (the base is reloaded from disk as the reference)."""
+        import deepspeed
+
+        from megafusion.model.loading import load_base_model
+
+        base = load_base_model(self.cfg.model.base).state_dict()
+        prefix = {"embed_tokens.": "model.embed_tokens.", "text_norm.": "model.norm.", "lm_head.": "lm_head."}
+        layer_names = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
+                       "mlp": "mlp", "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
+                       "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj"}
+        mismatched, checked = [], 0
+        for name, p in self.model.named_parameters():
+            if name.startswith("layers.") and ".text." in name:
+                i, rest = name.split(".")[1], name.split(".text.", 1)[1]
+                head, tail = rest.split(".", 1)
+                key = f"model.layers.{i}.{layer_names[head]}.{tail}"
+            else:
+                key = next((v + name[len(k):] for k, v in prefix.items() if name.startswith(k)), None)
+            if key is None or key not in base:
+                continue
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=hasattr(p, "ds_id")):
+                if not torch.equal(p.detach().cpu(), base[key].to(p.dtype)):  # bf16 runs hold bf16 copies
+                    mismatched.append(name)
+            checked += 1
+        bad = torch.tensor([len(mismatched)])
+        dist.all_reduce(bad)
+        if bad.item():
+            raise SystemExit(f"error: frozen text tower changed during training: {mismatched[:5]}")
+        self._log0(f"frozen check: {checked} text-tower tensors bitwise equal to the base model")
+
     def _save(self, step: int):
         client = {"loader": self.loader.state_dict(), "bad_in_row": self.bad_in_row,
                   "skipped_steps": self.skipped_total}

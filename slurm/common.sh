@@ -1,0 +1,191 @@
+# shellcheck shell=bash
+# Shared body of slurm/train_*.sh; sourced after a script has set its defaults.
+#
+# What it does, in order:
+#   1. resolves CONFIG, DS_CONFIG, TRAIN_ENTRY, RUN_DIR and the Python interpreter, and
+#      fails with one line naming the culprit when one is missing;
+#   2. derives the rank layout from the allocation: GPUS_PER_NODE ranks on each of the
+#      job's nodes, MASTER_ADDR = address of the first node, MASTER_PORT from the job id;
+#   3. launches one srun task per rank, each exporting RANK, LOCAL_RANK, WORLD_SIZE,
+#      LOCAL_WORLD_SIZE (what DeepSpeed, torch.distributed and mosaicml-streaming read);
+#   4. turns SIGUSR1/SIGTERM sent to the batch shell (#SBATCH --signal=B:USR1@..., or
+#      `scancel --signal=USR1 --batch JOBID`) into SIGUSR1 for every rank: the trainer
+#      saves a checkpoint at the next step boundary and exits 0;
+#   5. then requeues the job (`scontrol requeue`): the rerun has the same job id and
+#      environment, so it finds the same RUN_DIR and resumes from its latest checkpoint.
+#
+# Variables (set in the environment of `sbatch`; the scripts set the defaults):
+#   CONFIG         run config YAML (configs/llama3_70b.yaml ...)
+#   DS_CONFIG      DeepSpeed engine JSON, passed as parallel.ds_config
+#   RUN_DIR        run directory (checkpoints/, tensorboard/), passed as run.dir
+#   GPUS_PER_NODE  ranks per node; default: the GPUs Slurm allocated per node
+#                  (--gpus-per-node), else 1. On a CPU cluster: CPU ranks per node.
+#   TRAIN_DATA     passed as data.train when set (shard directory or s3://... URL)
+#   BASE_MODEL     passed as model.base when set (Hugging Face Llama directory)
+#   OVERRIDES      extra section.key=value pairs, split on whitespace (write lists
+#                  without spaces: train.betas=[0.9,0.95]); arguments given to the
+#                  script after its name (sbatch slurm/train_8b.sh train.steps=10) are
+#                  appended after them, and later pairs win.
+#   PYTHON         interpreter; default: `python` of an active venv/conda env, else the
+#                  repository's .venv, else python3
+#   TRAIN_ENTRY    trainer script; default megafusion/train.py (tests swap in a stub)
+#   CPUS_PER_RANK  --cpus-per-task of each rank; default: CPUs of the node / ranks per node
+#   DS_ACCELERATOR exported as cpu when the node has no GPU (DeepSpeed's CPU accelerator)
+
+mf_log() { printf '[megafusion-slurm %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+mf_die() { printf 'megafusion-slurm: error: %s\n' "$*" >&2; exit 1; }
+
+# A path as given if it exists relative to the working directory, else relative to the
+# repository (so `sbatch /path/to/repo/slurm/train_8b.sh` works from anywhere).
+mf_resolve() {
+    local path=$1
+    if [[ $path != /* && ! -e $path && -e $REPO_DIR/$path ]]; then
+        path=$REPO_DIR/$path
+    fi
+    [[ -e $path ]] || return 1
+    (cd "$(dirname "$path")" && printf '%s/%s\n' "$(pwd)" "$(basename "$path")")
+}
+
+mf_pick_python() {
+    if [[ -n ${PYTHON:-} ]]; then
+        :
+    elif [[ -n ${VIRTUAL_ENV:-} || -n ${CONDA_PREFIX:-} ]]; then
+        PYTHON=python
+    elif [[ -x $REPO_DIR/.venv/bin/python ]]; then
+        PYTHON=$REPO_DIR/.venv/bin/python
+    else
+        PYTHON=python3
+    fi
+    command -v "$PYTHON" >/dev/null || mf_die "PYTHON=$PYTHON: no such interpreter"
+}
+
+# GPUs Slurm allocated per node: SLURM_GPUS_PER_NODE is "8" or "h100:8" (0 or unset on a
+# CPU allocation).
+mf_allocated_gpus() {
+    local gpus=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+    gpus=${gpus##*:}
+    [[ $gpus =~ ^[0-9]+$ ]] || gpus=0
+    echo "$gpus"
+}
+
+mf_has_gpu() {
+    { command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; } || [[ -e /dev/kfd ]]
+}
+
+mf_setup() {
+    [[ -n ${SLURM_JOB_ID:-} ]] || mf_die "not inside a Slurm job; submit with: sbatch ${MF_SCRIPT_NAME:-slurm/train_8b.sh}"
+
+    CONFIG=$(mf_resolve "$CONFIG") || mf_die "CONFIG=$CONFIG: no such file"
+    DS_CONFIG=$(mf_resolve "$DS_CONFIG") || mf_die "DS_CONFIG=$DS_CONFIG: no such file"
+    TRAIN_ENTRY=$(mf_resolve "${TRAIN_ENTRY:-megafusion/train.py}") || mf_die "TRAIN_ENTRY=${TRAIN_ENTRY:-megafusion/train.py}: no such file"
+    [[ -n $RUN_DIR ]] || mf_die "RUN_DIR is empty"
+    mkdir -p "$RUN_DIR" || mf_die "RUN_DIR=$RUN_DIR: cannot create"
+    RUN_DIR=$(cd "$RUN_DIR" && pwd)
+    mf_pick_python
+
+    NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+    if [[ -z ${GPUS_PER_NODE:-} ]]; then
+        GPUS_PER_NODE=$(mf_allocated_gpus)
+        if (( GPUS_PER_NODE == 0 )); then
+            GPUS_PER_NODE=1
+            mf_log "no GPUs allocated and GPUS_PER_NODE unset: one rank per node"
+        fi
+    fi
+    [[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]] || mf_die "GPUS_PER_NODE=$GPUS_PER_NODE: expected a positive integer"
+    local cpus=${SLURM_CPUS_ON_NODE:-$(nproc)}
+    CPUS_PER_RANK=${CPUS_PER_RANK:-$(( cpus / GPUS_PER_NODE > 0 ? cpus / GPUS_PER_NODE : 1 ))}
+
+    # Rendezvous: rank 0 runs on the first node of the allocation. Its NodeAddr is the
+    # address Slurm itself reaches it at (equal to the node name unless slurm.conf says
+    # otherwise). The port is a function of the job id: stable across requeues, and two
+    # jobs sharing a node rarely collide.
+    local first addr
+    first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    addr=$(scontrol show node "$first" -o 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+    export MASTER_ADDR=${addr:-$first}
+    export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))
+
+    export WORLD_SIZE=$(( NNODES * GPUS_PER_NODE ))
+    export LOCAL_WORLD_SIZE=$GPUS_PER_NODE
+    export LOCAL_SIZE=$GPUS_PER_NODE  # the deepspeed launcher's name for it
+    export NNODES GPUS_PER_NODE RUN_DIR
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS_PER_RANK}
+    if [[ -z ${DS_ACCELERATOR:-} ]] && ! mf_has_gpu; then
+        export DS_ACCELERATOR=cpu
+    fi
+    # `python megafusion/train.py` puts megafusion/ first on sys.path, not the repo.
+    export PYTHONPATH=$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}
+
+    MF_ARGS=(--config "$CONFIG" "run.dir=$RUN_DIR" "parallel.ds_config=$DS_CONFIG")
+    [[ -n ${TRAIN_DATA:-} ]] && MF_ARGS+=("data.train=$TRAIN_DATA")
+    [[ -n ${BASE_MODEL:-} ]] && MF_ARGS+=("model.base=$BASE_MODEL")
+    local -a extra=()
+    read -r -a extra <<< "${OVERRIDES:-}"  # whitespace split, no globbing of [..]
+    MF_ARGS+=("${extra[@]}" "$@")
+}
+
+# Signals to the batch shell: remember, and pass SIGUSR1 to the ranks through srun
+# (srun forwards USR1 to its tasks; a SIGTERM to srun would make it SIGKILL them).
+MF_SIGNAL=
+MF_SRUN_PID=
+MF_INTERRUPTED=
+mf_on_signal() {
+    MF_SIGNAL=$1
+    MF_INTERRUPTED=1
+    mf_log "got SIG$1: asking the ranks to checkpoint and exit"
+    if [[ -n $MF_SRUN_PID ]]; then
+        kill -USR1 "$MF_SRUN_PID" 2>/dev/null || true
+    fi
+}
+
+mf_requeue() {
+    mf_log "requeueing job $SLURM_JOB_ID; the rerun resumes from $RUN_DIR/checkpoints"
+    if scontrol requeue "$SLURM_JOB_ID"; then
+        exit 0
+    fi
+    mf_log "scontrol requeue failed; resubmit this script with the same RUN_DIR to resume"
+    exit 1
+}
+
+mf_main() {
+    trap 'mf_on_signal USR1' USR1
+    trap 'mf_on_signal TERM' TERM
+    mf_setup "$@"
+
+    mf_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $NNODES node(s) x $GPUS_PER_NODE rank(s), world size $WORLD_SIZE, $CPUS_PER_RANK CPU(s) per rank"
+    mf_log "rendezvous $MASTER_ADDR:$MASTER_PORT; DS_ACCELERATOR=${DS_ACCELERATOR:-auto}; run dir $RUN_DIR"
+    mf_log "command: $PYTHON $TRAIN_ENTRY ${MF_ARGS[*]}"
+    if [[ -n $MF_SIGNAL ]]; then
+        mf_requeue  # signalled before the ranks started: nothing to save
+    fi
+
+    # One task per rank, numbered node by node (--distribution=block), as
+    # mosaicml-streaming expects. RANK and LOCAL_RANK differ per task, so each task
+    # exports them itself before becoming the trainer.
+    srun --nodes="$NNODES" --ntasks="$WORLD_SIZE" --ntasks-per-node="$GPUS_PER_NODE" \
+        --cpus-per-task="$CPUS_PER_RANK" --distribution=block --kill-on-bad-exit=1 --label \
+        bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID; exec "$@"' \
+        megafusion-rank "$PYTHON" "$TRAIN_ENTRY" "${MF_ARGS[@]}" &
+    MF_SRUN_PID=$!
+
+    # `wait` returns early (status > 128) when a trapped signal arrives: wait again
+    # until it returns srun's own status (bash keeps it after reaping srun).
+    local rc
+    while :; do
+        MF_INTERRUPTED=
+        wait "$MF_SRUN_PID"
+        rc=$?
+        [[ -n $MF_INTERRUPTED ]] || break
+    done
+    MF_SRUN_PID=
+
+    if [[ -n $MF_SIGNAL ]]; then
+        if (( rc == 0 )); then
+            mf_requeue
+        fi
+        mf_log "ranks exited with status $rc after SIG$MF_SIGNAL; not requeueing"
+        exit "$rc"
+    fi
+    mf_log "ranks finished with status $rc"
+    exit "$rc"
+}

@@ -1,0 +1,33 @@
+"""Session-wide fixtures: the tiny random Llama that configs/tiny.yaml names, and
+synthetic shards."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MEGAFUSION_CACHE", Path.home() / ".cache" / "megafusion"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> str:
+    """configs/tiny.yaml's model.base (written once, idempotent)."""
+    from tools.make_tiny_llama import make_tiny_llama
+
+    out = cache_root() / "tiny-llama"
+    make_tiny_llama(str(out), seed=0)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("synthetic") / "train"
+    subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), "synthetic", "--out", str(out),
+                    "--n", "2000", "--seed", "0"], check=True, capture_output=True)
+    return str(out)

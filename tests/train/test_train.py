@@ -1,0 +1,207 @@
+"""The trainer through its real entry points: `deepspeed --num_gpus 2 megafusion/train.py`
+(two CPU ranks, gloo) and `python megafusion/train.py` (one rank). References are other
+runs: an uninterrupted run for resume, a single-process run for the pipeline, the base
+model on disk for frozen weights."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+TRAIN = str(REPO / "megafusion" / "train.py")
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(run_dir, shards, steps, *extra):
+    return [f"run.dir={run_dir}", f"data.train={shards}", f"data.run_id={Path(run_dir).name}-{os.getpid()}",
+            f"train.steps={steps}", "log.tensorboard=false", *extra]
+
+
+def launch(run_dir, shards, steps, *extra, ranks=2, env=None):
+    cmd = ([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), TRAIN] if ranks > 1
+           else [sys.executable, TRAIN])
+    cmd += ["--config", str(REPO / "configs" / "tiny.yaml"), *overrides(run_dir, shards, steps, *extra)]
+    full_env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def run(*args, timeout=600, **kw):
+    p = launch(*args, **kw)
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out
+
+
+def metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def by_step(rows):
+    """Last record per step (a resumed run appends the steps it redoes)."""
+    return {r["step"]: r for r in rows}
+
+
+def wait_for_step(run_dir, step, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if any(r["step"] >= step for r in metrics(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def rank_processes(launcher: subprocess.Popen):
+    return [p for p in psutil.Process(launcher.pid).children(recursive=True)
+            if any("train.py" in part for part in p.cmdline())]
+
+
+REF_STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_llama, synthetic_shards):
+    """An uninterrupted two-rank ZeRO-3 run, checkpointing every 5 steps."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    code, out = run(run_dir, synthetic_shards, REF_STEPS, "checkpoint.every=5", "checkpoint.keep_last=0")
+    assert code == 0, out[-4000:]
+    return run_dir, out
+
+
+def test_zero3_two_ranks_losses_fall(reference_run):
+    run_dir, out = reference_run
+    rows = by_step(metrics(run_dir))
+    assert sorted(rows) == list(range(1, REF_STEPS + 1))
+    first = [rows[s] for s in range(1, 6)]
+    last = [rows[s] for s in range(REF_STEPS - 4, REF_STEPS + 1)]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+    assert mean(last, "diffusion_loss") < 0.9 * mean(first, "diffusion_loss")
+    assert mean(last, "lm_loss") < mean(first, "lm_loss") - 0.05
+    assert (Path(run_dir) / "checkpoints" / "latest").read_text() == f"global_step{REF_STEPS}"
+    # Rank 0's start-up report and both ranks present.
+    assert "frozen" in out and "trainable" in out and "ZeRO-3 theory" in out
+
+
+def test_frozen_text_tower_is_bitwise_the_base(reference_run):
+    _, out = reference_run
+    assert "frozen check:" in out and "bitwise equal to the base model" in out
+
+
+def test_checkpoints_leave_out_the_frozen_tower(reference_run):
+    """A checkpoint stores the trainable image tower only (plus optimiser state)."""
+    import torch
+
+    run_dir, _ = reference_run
+    tag_dir = Path(run_dir) / "checkpoints" / f"global_step{REF_STEPS}"
+    states = torch.load(next(tag_dir.glob("*model_states.pt")), weights_only=False)
+    keys = set(states["module"]) if states.get("module") else set()
+    assert not any(".text." in k or k.startswith("embed_tokens") for k in keys)
+
+
+def test_resume_after_sigkill_is_bitwise_exact(reference_run, tmp_path, synthetic_shards):
+    ref_dir, _ = reference_run
+    ref = by_step(metrics(ref_dir))
+    run_dir = tmp_path / "run"
+    p = launch(run_dir, synthetic_shards, REF_STEPS, "checkpoint.every=5", "checkpoint.keep_last=0")
+    wait_for_step(run_dir, 13, p)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    resumed_from = int(latest.removeprefix("global_step"))
+    assert 10 <= resumed_from <= 15
+    code, out = run(run_dir, synthetic_shards, REF_STEPS, "checkpoint.every=5", "checkpoint.keep_last=0")
+    assert code == 0, out[-4000:]
+    assert f"resumed from" in out and f"at step {resumed_from}" in out
+    rows = metrics(run_dir)
+    redone = [r for r in rows if r["step"] > resumed_from][-(REF_STEPS - resumed_from):]
+    assert [r["step"] for r in redone] == list(range(resumed_from + 1, REF_STEPS + 1))
+    for r in redone:
+        for k in ("loss", "lm_loss", "diffusion_loss"):
+            assert r[k] == ref[r["step"]][k], (r["step"], k, r[k], ref[r["step"]][k])
+
+
+def test_sigterm_checkpoints_at_step_boundary_and_exits_zero(tmp_path, tiny_llama, synthetic_shards):
+    run_dir = tmp_path / "run"
+    p = launch(run_dir, synthetic_shards, 500, "checkpoint.every=0")
+    wait_for_step(run_dir, 3, p)
+    for rank in rank_processes(p):
+        rank.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-4000:]
+    assert "stopped by signal" in out
+    stopped_at = max(r["step"] for r in metrics(run_dir))
+    assert stopped_at < 500
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"global_step{stopped_at}"
+    code, out = run(run_dir, synthetic_shards, stopped_at + 2, "checkpoint.every=0")
+    assert code == 0, out[-4000:]
+    assert f"at step {stopped_at}" in out
+    assert max(r["step"] for r in metrics(run_dir)) == stopped_at + 2
+
+
+def test_nan_loss_step_is_skipped_and_counted(tmp_path, tiny_llama, synthetic_shards):
+    run_dir = tmp_path / "run"
+    code, out = run(run_dir, synthetic_shards, 5, ranks=1, env={"MEGAFUSION_INJECT_NAN_STEPS": "3"})
+    assert code == 0, out[-3000:]
+    rows = by_step(metrics(run_dir))
+    assert [rows[s]["skipped"] for s in range(1, 6)] == [False, False, True, False, False]
+    assert all(rows[s]["loss"] == rows[s]["loss"] for s in (1, 2, 4, 5))  # finite, not NaN
+    assert "step 3: non-finite loss, update skipped" in out
+
+
+def test_too_many_nan_steps_stop_the_run(tmp_path, tiny_llama, synthetic_shards):
+    run_dir = tmp_path / "run"
+    code, out = run(run_dir, synthetic_shards, 8, "train.max_bad_steps=2", ranks=1,
+                    env={"MEGAFUSION_INJECT_NAN_STEPS": "3,4,5"})
+    assert code != 0
+    assert "consecutive steps with a non-finite loss, the last at step 4" in out
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["parallel.pipeline_stages=2"], "parallel.pipeline_stages"),
+    (["model.base=/nonexistent/llama"], "/nonexistent/llama"),
+    (["data.train=/nonexistent/shards"], "/nonexistent/shards"),
+    (["train.stesp=3"], "train.stesp"),
+])
+def test_bad_setups_fail_fast_with_one_line(tmp_path, tiny_llama, synthetic_shards, extra, expect):
+    t0 = time.time()
+    code, out = run(tmp_path / "run", synthetic_shards, 2, *extra, ranks=1, timeout=120)
+    assert code != 0
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expect in errors[0], out[-2000:]
+    if "pipeline" in expect:
+        assert "zero_stage" in errors[0]
+    assert "Traceback" not in out
+    assert time.time() - t0 < 60
+
+
+def test_pipeline_two_stages_matches_single_process(tmp_path, tiny_llama, synthetic_shards):
+    steps = 8
+    pipe_dir, single_dir = tmp_path / "pipe", tmp_path / "single"
+    code, out = run(pipe_dir, synthetic_shards, steps, "parallel.pipeline_stages=2", "parallel.zero_stage=1",
+                    "parallel.ds_config=ds_configs/pipeline_zero1.json")
+    assert code == 0, out[-4000:]
+    code, out1 = run(single_dir, synthetic_shards, steps, "parallel.zero_stage=1",
+                     "parallel.ds_config=ds_configs/pipeline_zero1.json", ranks=1)
+    assert code == 0, out1[-4000:]
+    pipe, single = by_step(metrics(pipe_dir)), by_step(metrics(single_dir))
+    for s in range(1, 4):
+        for k in ("lm_loss", "diffusion_loss"):
+            assert abs(pipe[s][k] - single[s][k]) <= 1e-3 * max(1.0, abs(single[s][k])), (s, k, pipe[s][k], single[s][k])
+    assert pipe[steps]["diffusion_loss"] < pipe[1]["diffusion_loss"]
