@@ -14,14 +14,14 @@
 #   5. then requeues the job (`scontrol requeue`): the rerun has the same job id and
 #      environment, so it finds the same RUN_DIR and resumes from its latest checkpoint.
 #
-# Variables (set in the environment of `sbatch`; the scripts set the defaults):
+# Variables (set in the environment of `sbatch`; the scripts set the defaults; data and
+# base-model paths are environment variables that CONFIG itself reads, such as
+# MEGAFUSION_TRAIN_DATA and LLAMA3_70B, and sbatch passes the environment on):
 #   CONFIG         run config YAML (configs/llama3_70b.yaml ...)
 #   DS_CONFIG      DeepSpeed engine JSON, passed as parallel.ds_config
 #   RUN_DIR        run directory (checkpoints/, tensorboard/), passed as run.dir
 #   GPUS_PER_NODE  ranks per node; default: the GPUs Slurm allocated per node
 #                  (--gpus-per-node), else 1. On a CPU cluster: CPU ranks per node.
-#   TRAIN_DATA     passed as data.train when set (shard directory or s3://... URL)
-#   BASE_MODEL     passed as model.base when set (Hugging Face Llama directory)
 #   OVERRIDES      extra section.key=value pairs, split on whitespace (write lists
 #                  without spaces: train.betas=[0.9,0.95]); arguments given to the
 #                  script after its name (sbatch slurm/train_8b.sh train.steps=10) are
@@ -117,8 +117,6 @@ mf_setup() {
     export PYTHONPATH=$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}
 
     MF_ARGS=(--config "$CONFIG" "run.dir=$RUN_DIR" "parallel.ds_config=$DS_CONFIG")
-    [[ -n ${TRAIN_DATA:-} ]] && MF_ARGS+=("data.train=$TRAIN_DATA")
-    [[ -n ${BASE_MODEL:-} ]] && MF_ARGS+=("model.base=$BASE_MODEL")
     local -a extra=()
     read -r -a extra <<< "${OVERRIDES:-}"  # whitespace split, no globbing of [..]
     MF_ARGS+=("${extra[@]}" "$@")
@@ -136,6 +134,14 @@ mf_on_signal() {
     if [[ -n $MF_SRUN_PID ]]; then
         kill -USR1 "$MF_SRUN_PID" 2>/dev/null || true
     fi
+}
+
+# DeepSpeed's CPU shared-memory allreduce leaves 69 MB buffers per rank in /dev/shm,
+# named after the rendezvous; remove this job's on every node (GPU runs make none).
+mf_clean_shm() {
+    [[ ${DS_ACCELERATOR:-} == cpu ]] || return 0
+    srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task=1 --overlap \
+        bash -c 'rm -f /dev/shm/deepspeed_*_"$1"_"$2"_*' megafusion-clean "$MASTER_ADDR" "$MASTER_PORT" || true
 }
 
 mf_requeue() {
@@ -164,7 +170,9 @@ mf_main() {
     # exports them itself before becoming the trainer.
     srun --nodes="$NNODES" --ntasks="$WORLD_SIZE" --ntasks-per-node="$GPUS_PER_NODE" \
         --cpus-per-task="$CPUS_PER_RANK" --distribution=block --kill-on-bad-exit=1 --label \
-        bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID; exec "$@"' \
+        bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID
+                 echo "[megafusion-slurm] rank $RANK of $WORLD_SIZE (local $LOCAL_RANK) on $SLURMD_NODENAME"
+                 exec "$@"' \
         megafusion-rank "$PYTHON" "$TRAIN_ENTRY" "${MF_ARGS[@]}" &
     MF_SRUN_PID=$!
 
@@ -178,6 +186,7 @@ mf_main() {
         [[ -n $MF_INTERRUPTED ]] || break
     done
     MF_SRUN_PID=
+    mf_clean_shm
 
     if [[ -n $MF_SIGNAL ]]; then
         if (( rc == 0 )); then

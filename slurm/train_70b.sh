@@ -1,16 +1,18 @@
 #!/bin/bash
-# LMFusion pretraining on Llama-3-70B: frozen 70B text tower + trainable 70B image tower.
+# LMFusion pretraining on Llama-3-70B: frozen 70B text tower + trainable 70B image tower,
+# ZeRO-3 with activation checkpointing on 80 GB GPUs (configs/llama3_70b.yaml).
 #
-#   sbatch slurm/train_70b.sh                                  # defaults below
-#   sbatch --nodes=8 -p gpu -A myproj slurm/train_70b.sh       # site flags
-#   RUN_DIR=/scratch/me/r70 TRAIN_DATA=s3://bucket/mds sbatch slurm/train_70b.sh train.steps=50000
+#   sbatch slurm/train_70b.sh                                    # the defaults below
+#   sbatch --nodes=16 --partition=gpu --account=proj slurm/train_70b.sh
+#   RUN_DIR=/scratch/me/r70 LLAMA3_70B=/models/llama3-70b sbatch slurm/train_70b.sh train.steps=50000
 #
-# Every site value is an sbatch flag (nodes, partition, account, time) or an environment
-# variable (CONFIG, DS_CONFIG, RUN_DIR, GPUS_PER_NODE, TRAIN_DATA, BASE_MODEL, OVERRIDES;
-# see slurm/common.sh). Resubmitting with the same RUN_DIR resumes the run.
+# Site values are sbatch flags (--nodes, --partition, --account, --time, ...) or
+# environment variables (the block below; slurm/common.sh describes each). Resubmitting
+# with the same RUN_DIR resumes the run; USR1 before the time limit checkpoints it and
+# requeues the job, which resumes by itself.
 #
 #SBATCH --job-name=mf-llama3-70b
-#SBATCH --nodes=4
+#SBATCH --nodes=8
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
@@ -22,46 +24,52 @@
 #SBATCH --output=%x-%j.out
 #SBATCH --error=%x-%j.err
 #
-# The job takes whole nodes (--exclusive, --mem=0; one batch task per node); srun in
-# slurm/common.sh starts GPUS_PER_NODE ranks on each (default: the --gpus-per-node
-# allocation), each with --cpus-per-task = the node's CPUs / GPUS_PER_NODE. USR1 comes 10
-# minutes before the time limit: time to finish a step and write a 70B checkpoint
-# (~1.1 TB of trainable state in total) before the job requeues itself.
+# The job takes whole nodes (--exclusive, --mem=0, one batch task per node); srun in
+# slurm/common.sh then starts GPUS_PER_NODE ranks on each (default: the --gpus-per-node
+# allocation) with --cpus-per-task = the node's CPUs / GPUS_PER_NODE. USR1 comes 10
+# minutes before the limit: time to finish a step and write ~1.1 TB of trainable state.
+# --open-mode=append keeps the log of every requeued attempt in the same file.
 #
-# Memory per GPU (80 GB), N GPUs in total, ZeRO-3 (the default below):
-#   frozen text tower, bf16, partitioned:          2 B/param  x 70e9 / N
-#   trainable image tower, partitioned:           16 B/param  x 70e9 / N
-#     (bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam m 4 + Adam v 4)
-#   states = (2*70e9 + 16*70e9) / N = 1.26e12 B / N
-#     N=16:  78.8 GB  does not fit;   N=24: 52.5 GB  too tight;   N=32 (4 nodes): 39.4 GB
-#   plus, with activation checkpointing (model.activation_checkpointing=true), sequence
-#   4096, micro-batch 1: layer inputs kept 80 x 4096 x 8192 x 2 B = 5.4 GB; one layer
-#   recomputed ~34 x 4096 x 8192 B = 1.1 GB; logits and their gradient in fp32
-#   (4096 x 128256 x 4 B = 2.1 GB each, ~6 GB with softmax); ZeRO-3 gathered parameters,
-#   prefetch and reduce buckets ~4-5 GB; CUDA/NCCL context ~2-3 GB: ~20 GB in all.
-#   4 nodes x 8 GPUs: ~39 + ~20 = ~60 GB of 80 GB. Fewer than 4 nodes does not fit; more
-#   nodes only add data-parallel throughput (keep the global batch via
-#   train.gradient_accumulation).
+# Memory per 80 GB GPU with N GPUs, ZeRO-3 (every state partitioned over all N):
+#   frozen text tower, bf16 weights only                     2 B/param x 70e9
+#   trainable image tower: bf16 weight 2 + bf16 grad 2 +    16 B/param x 70e9
+#     fp32 master 4 + Adam m 4 + Adam v 4
+#   (2 x 70e9 + 16 x 70e9) / N = 1.26e12 B / N     (exact counts: 1.24e12, see the config)
+#     N = 16 (2 nodes): 78.8 GB  no room for anything else
+#     N = 32 (4 nodes): 39.4 GB  fits, tight with the working memory below
+#     N = 64 (8 nodes): 19.7 GB  the default: comfortable, and the config's batch
+#                                (2 x 2 x 64 = 256 sequences of 4096 tokens) assumes it
+#   plus working memory per GPU, activation checkpointing on, micro-batch 2 x 4096 tokens:
+#     checkpointed layer inputs  2 x 80 x 4096 x 8192 x 2 B         10.7 GB
+#     logits + fp32 loss         2 x 4096 x 128256 x (2 + 4) B       6.3 GB
+#     gathered + prefetched layer of both towers  2 x 2 x 0.86e9 x 2 B  6.8 GB
+#     recomputed layer's intermediates, reduce buckets, CUDA/NCCL   ~6 GB
+#   ~30 GB: ~50 GB per GPU at N = 64, ~70 GB at N = 32. Fewer than 4 nodes does not fit.
 #
-# Alternative: pipeline stages + ZeRO-1 (DeepSpeed's pipeline engine allows ZeRO <= 1).
-#   P stages, D = N / P data-parallel replicas per stage; a stage holds 80/P layers of
-#   both towers. ZeRO-1 partitions only optimizer states (over D):
-#     frozen bf16, replicated in the stage      2 x 70e9 / P
-#     trainable bf16 weights + grads            4 x 70e9 / P
-#     fp32 master + Adam m, v, partitioned     12 x 70e9 / (P x D)
-#   N=32, P=16 (5 layers a stage), D=2: 8.8 + 17.5 + 26.3 = 52.5 GB plus activations of
-#   the micro-batches in flight; P=8, D=4: 78.8 GB does not fit. Run it as
+# The alternative: pipeline stages + ZeRO-1 (DeepSpeed's pipeline engine refuses ZeRO-2/3).
+#   P stages, N = P x D; a stage keeps its 80/P layers of both towers whole, replicated
+#   over its D data-parallel replicas; ZeRO-1 partitions only the optimizer states:
+#     frozen bf16 2 B + trainable bf16 weight 2 B and fp32 accumulated grad 4 B, per stage:
+#       (2 + 2 + 4) x 70e9 / P
+#     fp32 master + Adam m, v (12 B), over all N:   12 x 70e9 / N
+#   N = 64: P = 16 (5 layers a stage): 35 + 13.1 = 48 GB;  P = 8: 70 + 13.1 = 83 GB, too much.
+#   Activations of the micro-batches in flight come on top; the bubble costs
+#   (P - 1) / (micro-batches + P - 1) of the time, so use gradient_accumulation >= 4 P:
 #     DS_CONFIG=ds_configs/pipeline_zero1.json \
-#       OVERRIDES="parallel.zero_stage=1 parallel.pipeline_stages=16" sbatch slurm/train_70b.sh
+#       OVERRIDES="parallel.zero_stage=1 parallel.pipeline_stages=16 train.gradient_accumulation=64" \
+#       sbatch slurm/train_70b.sh
 
-# ---------------------------------------------------------------- defaults (env wins)
-: "${CONFIG:=configs/llama3_70b.yaml}"
-: "${DS_CONFIG:=ds_configs/zero3.json}"
-: "${RUN_DIR:=runs/llama3_70b}"
-: "${GPUS_PER_NODE:=}"   # empty: the GPUs allocated per node (--gpus-per-node)
-: "${TRAIN_DATA:=}"      # empty: data.train of CONFIG
-: "${BASE_MODEL:=}"      # empty: model.base of CONFIG
-: "${OVERRIDES:=}"       # e.g. "train.steps=50000 log.every=1"
+# ------------------------------------------------- defaults: the environment wins
+: "${CONFIG:=configs/llama3_70b.yaml}"            # run config
+: "${DS_CONFIG:=ds_configs/zero3.json}"           # DeepSpeed engine tuning (parallel.ds_config)
+: "${RUN_DIR:=${MEGAFUSION_RUNS:-runs}/llama3_70b}"   # run.dir: checkpoints/, tensorboard/
+: "${GPUS_PER_NODE:=}"                            # ranks per node; empty: --gpus-per-node
+: "${OVERRIDES:=}"                                # more section.key=value pairs for the trainer
+# Paths that CONFIG reads from the environment (same defaults as the config):
+export LLAMA3_70B=${LLAMA3_70B:-/models/Meta-Llama-3-70B}       # model.base (HF directory)
+export VAE_PATH=${VAE_PATH:-/models/vae}                         # model.vae_path
+export MEGAFUSION_TRAIN_DATA=${MEGAFUSION_TRAIN_DATA:-/datasets/megafusion/image-caption-256/train}
+export MEGAFUSION_VAL_DATA=${MEGAFUSION_VAL_DATA:-/datasets/megafusion/image-caption-256/val}
 # ---------------------------------------------------------------------------------
 
 # Slurm runs a copy of this file from its spool directory: find the repository from the

@@ -1,16 +1,18 @@
 #!/bin/bash
-# LMFusion pretraining on Llama-3-8B: frozen 8B text tower + trainable 8B image tower.
+# LMFusion pretraining on Llama-3-8B: frozen 8B text tower + trainable 8B image tower,
+# ZeRO-3 with activation checkpointing (configs/llama3_8b.yaml).
 #
-#   sbatch slurm/train_8b.sh                                   # defaults below
-#   sbatch --nodes=4 -p gpu -A myproj slurm/train_8b.sh        # site flags
-#   RUN_DIR=/scratch/me/r8 TRAIN_DATA=s3://bucket/mds sbatch slurm/train_8b.sh train.steps=50000
+#   sbatch slurm/train_8b.sh                                     # the defaults below
+#   sbatch --nodes=8 --partition=gpu --account=proj slurm/train_8b.sh
+#   RUN_DIR=/scratch/me/r8 LLAMA3_8B=/models/llama3-8b sbatch slurm/train_8b.sh train.steps=50000
 #
-# Every site value is an sbatch flag (nodes, partition, account, time) or an environment
-# variable (CONFIG, DS_CONFIG, RUN_DIR, GPUS_PER_NODE, TRAIN_DATA, BASE_MODEL, OVERRIDES;
-# see slurm/common.sh). Resubmitting with the same RUN_DIR resumes the run.
+# Site values are sbatch flags (--nodes, --partition, --account, --time, ...) or
+# environment variables (the block below; slurm/common.sh describes each). Resubmitting
+# with the same RUN_DIR resumes the run; USR1 before the time limit checkpoints it and
+# requeues the job, which resumes by itself.
 #
 #SBATCH --job-name=mf-llama3-8b
-#SBATCH --nodes=1
+#SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
@@ -22,22 +24,27 @@
 #SBATCH --output=%x-%j.out
 #SBATCH --error=%x-%j.err
 #
-# The job takes whole nodes; srun in slurm/common.sh starts GPUS_PER_NODE ranks on each
-# (default: the --gpus-per-node allocation). USR1 comes 5 minutes before the time limit,
-# time to finish a step and checkpoint before the job requeues itself.
+# The job takes whole nodes (--exclusive, --mem=0, one batch task per node); srun in
+# slurm/common.sh then starts GPUS_PER_NODE ranks on each (default: the --gpus-per-node
+# allocation) with --cpus-per-task = the node's CPUs / GPUS_PER_NODE. USR1 comes 5
+# minutes before the limit, time to finish a step and checkpoint.
 #
-# Memory per GPU under ZeRO-3: (2 B frozen bf16 + 16 B trainable) x 8e9 / N = 144 GB / N,
-# 18 GB on one node of 8 GPUs, plus ~10-15 GB of activations, logits and ZeRO buffers at
-# sequence 4096: one 80 GB (or 40 GB) node fits; more nodes add data-parallel throughput.
+# Memory per GPU under ZeRO-3: (2 B frozen bf16 + 16 B trainable) x 8e9 / N = 144 GB / N:
+# 18 GB on one node of 8 GPUs, 4.5 GB on the default 4 nodes (whose 32 GPUs the config's
+# batch of 2 x 4 x 32 sequences assumes), plus ~10 GB of activations, logits and ZeRO
+# buffers at 2 x 4096 tokens. One node fits; nodes add data-parallel throughput.
 
-# ---------------------------------------------------------------- defaults (env wins)
-: "${CONFIG:=configs/llama3_8b.yaml}"
-: "${DS_CONFIG:=ds_configs/zero3.json}"
-: "${RUN_DIR:=runs/llama3_8b}"
-: "${GPUS_PER_NODE:=}"   # empty: the GPUs allocated per node (--gpus-per-node)
-: "${TRAIN_DATA:=}"      # empty: data.train of CONFIG
-: "${BASE_MODEL:=}"      # empty: model.base of CONFIG
-: "${OVERRIDES:=}"       # e.g. "train.steps=50000 log.every=1"
+# ------------------------------------------------- defaults: the environment wins
+: "${CONFIG:=configs/llama3_8b.yaml}"             # run config
+: "${DS_CONFIG:=ds_configs/zero3.json}"           # DeepSpeed engine tuning (parallel.ds_config)
+: "${RUN_DIR:=${MEGAFUSION_RUNS:-runs}/llama3_8b}"    # run.dir: checkpoints/, tensorboard/
+: "${GPUS_PER_NODE:=}"                            # ranks per node; empty: --gpus-per-node
+: "${OVERRIDES:=}"                                # more section.key=value pairs for the trainer
+# Paths that CONFIG reads from the environment (same defaults as the config):
+export LLAMA3_8B=${LLAMA3_8B:-/models/Meta-Llama-3-8B}          # model.base (HF directory)
+export VAE_PATH=${VAE_PATH:-/models/vae}                         # model.vae_path
+export MEGAFUSION_TRAIN_DATA=${MEGAFUSION_TRAIN_DATA:-/datasets/megafusion/image-caption-256/train}
+export MEGAFUSION_VAL_DATA=${MEGAFUSION_VAL_DATA:-/datasets/megafusion/image-caption-256/val}
 # ---------------------------------------------------------------------------------
 
 # Slurm runs a copy of this file from its spool directory: find the repository from the

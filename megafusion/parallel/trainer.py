@@ -108,7 +108,6 @@ class Trainer:
         client = checkpoint.load_latest(self.engine, self.ckpt_dir, self.world) if cfg.run.resume != "never" else None
         if client is not None:
             self.loader.load_state_dict(client["loader"])
-            checkpoint.set_rng_state(client["rng"])
             start_step = int(client["step"])
             self._log0(f"resumed from {self.ckpt_dir / checkpoint.tag_for(start_step)} at step {start_step}")
         self.bad_in_row = int(client.get("bad_in_row", 0)) if client else 0
@@ -122,7 +121,12 @@ class Trainer:
         metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
         bar = self._progress(start_step)
         inject = _nan_injection_steps()
+        # iter() draws DataLoader's base seed from the global RNG: create the iterator
+        # before restoring the RNG so that a resumed run continues the very same stream
+        # of random numbers (noise) as the uninterrupted one.
         self._it = iter(self.loader)
+        if client is not None:
+            checkpoint.set_rng_state(client["rng"])
         reported = False
         step = start_step
         last_saved = None
@@ -187,10 +191,14 @@ class Trainer:
         return 0
 
     def _next_batch(self):
-        batch = next(self._it, None)
-        if batch is None:  # epoch boundary: streaming starts the next epoch
-            self._it = iter(self.loader)
-            batch = next(self._it)
+        # Data loading must not touch the global RNG that draws the diffusion noise:
+        # DataLoader draws a base seed from it when an iterator starts (lazily, at the
+        # first next()), which a resumed run would do at a different step.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(self._it, None)
+            if batch is None:  # epoch boundary: streaming starts the next epoch
+                self._it = iter(self.loader)
+                batch = next(self._it)
         return batch
 
     def _zero_step(self, inject_nan: bool):

@@ -7,9 +7,10 @@ and MASTER_PORT (all required: checking the launch environment is the point), me
 other ranks through a gloo rendezvous at MASTER_ADDR:MASTER_PORT, trains `train.steps`
 steps of a small linear regression whose gradients are all-reduced (so every loss depends
 on every rank), writes checkpoints in DeepSpeed's layout (run.dir/checkpoints/global_stepN/
-plus a `latest` file), logs the loss to run.dir/tensorboard as `train/loss`, and resumes
-from `latest`. On SIGUSR1 or SIGTERM every rank checkpoints at the next step boundary and
-exits 0. Each step sleeps `stub.step_seconds` (default 0.2) so a test can signal mid-run.
+plus a `latest` file) every `checkpoint.every` steps and at the end, appends
+{"step", "loss"} lines to run.dir/metrics.jsonl as the trainer does, and resumes from
+`latest`. On SIGUSR1 or SIGTERM every rank checkpoints at the next step boundary and exits
+0. Each step sleeps $STUB_STEP_SECONDS (default 0.2) so that a test can signal mid-run.
 
 The loss sequence is a function of the step number only, so an interrupted and resumed
 run reproduces an uninterrupted one exactly.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import signal
 import socket
@@ -63,7 +65,8 @@ def main() -> int:
     settings = load_settings(args.config, args.overrides)
     run_dir = Path(os.path.expandvars(str(settings.get("run.dir", "runs/default"))))
     steps = int(settings.get("train.steps", 10))
-    step_seconds = float(settings.get("stub.step_seconds", 0.2))
+    every = int(settings.get("checkpoint.every", 0) or 0)
+    step_seconds = float(os.environ.get("STUB_STEP_SECONDS", "0.2"))
     ckpt_dir = run_dir / "checkpoints"
 
     stop = {"signal": None}
@@ -92,11 +95,10 @@ def main() -> int:
         weight, start = state["weight"], state["step"]
         print(f"stub_trainer: rank {rank} resumed from {tag} at step {start}", flush=True)
 
-    writer = None
+    metrics = None
     if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = open(run_dir / "metrics.jsonl", "a")
     target = torch.linspace(-1, 1, 8)
 
     def save(step: int) -> None:
@@ -128,9 +130,9 @@ def main() -> int:
         step += 1
         mean_loss = loss_sum.item() / world
         print(f"stub_trainer: rank {rank} step {step}/{steps} loss {mean_loss:.6f}", flush=True)
-        if writer is not None:
-            writer.add_scalar("train/loss", mean_loss, step)
-            writer.flush()
+        if metrics is not None:
+            metrics.write(json.dumps({"step": step, "loss": mean_loss}) + "\n")
+            metrics.flush()
         time.sleep(step_seconds)
         # Stop together: a signal may reach the ranks at different steps.
         flag = torch.tensor([1.0 if stop["signal"] else 0.0])
@@ -141,10 +143,12 @@ def main() -> int:
             save(step)
             dist.destroy_process_group()
             return 0
+        if every and step % every == 0 and step < steps:
+            save(step)
 
     save(step)
-    if writer is not None:
-        writer.close()
+    if metrics is not None:
+        metrics.close()
     print(f"stub_trainer: rank {rank} finished {steps} steps", flush=True)
     dist.destroy_process_group()
     return 0

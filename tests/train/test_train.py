@@ -73,7 +73,7 @@ def rank_processes(launcher: subprocess.Popen):
             if any("train.py" in part for part in p.cmdline())]
 
 
-REF_STEPS = 30
+REF_STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +90,11 @@ def test_zero3_two_ranks_losses_fall(reference_run):
     rows = by_step(metrics(run_dir))
     assert sorted(rows) == list(range(1, REF_STEPS + 1))
     first = [rows[s] for s in range(1, 6)]
-    last = [rows[s] for s in range(REF_STEPS - 4, REF_STEPS + 1)]
+    last = [rows[s] for s in range(REF_STEPS - 9, REF_STEPS + 1)]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
-    assert mean(last, "diffusion_loss") < 0.9 * mean(first, "diffusion_loss")
+    assert mean(last, "diffusion_loss") < 0.7 * mean(first, "diffusion_loss")
+    # The caption loss moves less: the random text tower is frozen, only what the image
+    # tower feeds the captions through attention can lower it.
     assert mean(last, "lm_loss") < mean(first, "lm_loss") - 0.05
     assert (Path(run_dir) / "checkpoints" / "latest").read_text() == f"global_step{REF_STEPS}"
     # Rank 0's start-up report and both ranks present.
