@@ -75,9 +75,14 @@ mf_has_gpu() {
 mf_setup() {
     [[ -n ${SLURM_JOB_ID:-} ]] || mf_die "not inside a Slurm job; submit with: sbatch ${MF_SCRIPT_NAME:-slurm/train_8b.sh}"
 
-    CONFIG=$(mf_resolve "$CONFIG") || mf_die "CONFIG=$CONFIG: no such file"
-    DS_CONFIG=$(mf_resolve "$DS_CONFIG") || mf_die "DS_CONFIG=$DS_CONFIG: no such file"
-    TRAIN_ENTRY=$(mf_resolve "${TRAIN_ENTRY:-megafusion/train.py}") || mf_die "TRAIN_ENTRY=${TRAIN_ENTRY:-megafusion/train.py}: no such file"
+    local path
+    path=$(mf_resolve "$CONFIG") || mf_die "CONFIG=$CONFIG: no such file"
+    CONFIG=$path
+    path=$(mf_resolve "$DS_CONFIG") || mf_die "DS_CONFIG=$DS_CONFIG: no such file"
+    DS_CONFIG=$path
+    TRAIN_ENTRY=${TRAIN_ENTRY:-megafusion/train.py}
+    path=$(mf_resolve "$TRAIN_ENTRY") || mf_die "TRAIN_ENTRY=$TRAIN_ENTRY: no such file"
+    TRAIN_ENTRY=$path
     [[ -n $RUN_DIR ]] || mf_die "RUN_DIR is empty"
     mkdir -p "$RUN_DIR" || mf_die "RUN_DIR=$RUN_DIR: cannot create"
     RUN_DIR=$(cd "$RUN_DIR" && pwd)

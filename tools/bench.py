@@ -10,24 +10,34 @@ registered in BENCHMARKS (name -> fn(ctx) -> dict); a later issue adds an entry 
     value      the headline number (a ratio for "*_vs_*" entries), null when skipped
     unit       "ratio", "samples/s", ...
     goal, met  for ratios: the goal is an upper bound, met = value <= goal
-    median_ms  {variant: median milliseconds} of the variants compared
+    median_ms  {variant: median milliseconds of CPU time} of the variants compared
+    spread     smallest and largest per-round ratio
+    median_wall_ms, wall_ratio   the same in wall-clock time
     reason     why value is null (a dependency module not importable yet, ...)
 
 Why the numbers can be trusted on a shared, noisy 2-core machine:
-  * Compared variants are interleaved within each repeat (A B, then B A, ...), after one
-    untimed warm-up of each, so slow drift of the machine load hits both alike; the ratio
-    is the ratio of the medians over the repeats. `spread` gives the smallest and largest
-    per-repeat ratio, which shows how noisy the run was.
-  * Threads: torch runs on all cores by default (2 here, `--threads`), as training would.
-    One thread would be less sensitive to a neighbour taking a core, but would measure a
-    configuration nobody trains in; interleaving handles the neighbour instead.
-    meta.loadavg shows how busy the machine was.
+  * Compared variants are interleaved within each round (A B C, then C B A, ...), after
+    one untimed warm-up of each, so drift of the machine's load hits all alike. The value
+    is the ratio of the medians over the rounds; `spread` gives the smallest and largest
+    per-round ratio, a direct view of the noise.
+  * One thread, and the process's CPU time as the clock. Measured here (2026-11, with
+    other jobs running, load average 3-4): with 2 threads a 3 s train step took anywhere
+    from 3 to 30 s, in wall clock and in CPU time alike (OpenMP threads spin while their
+    sibling is descheduled), and fused/dense ratios ranged 0.3-1.1 between rounds. With
+    one thread the CPU time of a step varied by ~5% while its wall clock varied 2x: CPU
+    time does not count the time a neighbour holds the core. On an idle machine one
+    thread's CPU time is its wall clock, so nothing is lost but speed. `--threads 2`
+    measures the two-core configuration (wall clock is then the number to read, on an
+    idle machine only); OMP_WAIT_POLICY defaults to PASSIVE here so that waiting threads
+    sleep instead of burning CPU time. Wall-clock medians are reported beside.
   * Random weights (timing does not depend on values), float32, SmolLM2-135M's
     dimensions from megafusion.model.loading.load_base_config("smollm2") (a built-in copy
     of them when the package is missing), at full depth: fewer layers would inflate the
-    share of the 49152-word LM head, which the fused model mostly skips, and flatter the
-    fused/dense ratio. A step therefore uses 512 tokens (one 256-token text run, one
-    256-token image) to stay at a few seconds; the attention entry uses 4096 tokens.
+    share of the 49152-word LM head, which the fused model mostly skips (frozen, and only
+    at text targets), and flatter the fused/dense ratio (measured: 0.59 with 6 layers, 0.77
+    with all 30). A step therefore uses 512 tokens (one 256-token text run, one 256-token
+    image) to stay at a few seconds; the attention entry uses 4096 tokens.
+  * A full run takes ~2.5 minutes of CPU time; its wall clock grows with the load.
 """
 from __future__ import annotations
 
@@ -46,6 +56,8 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Before torch loads OpenMP: with --threads > 1, idle threads sleep rather than spin.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -112,30 +124,47 @@ def benchmark(name: str):
 
 # ------------------------------------------------------------------------- measuring
 
+@dataclass
+class Timings:
+    """Seconds per call of each variant, in call order: CPU time of this process and wall
+    time."""
+    cpu: dict[str, list[float]]
+    wall: dict[str, list[float]]
+
+    def only(self, *names: str) -> "Timings":
+        return Timings({n: self.cpu[n] for n in names}, {n: self.wall[n] for n in names})
+
+
 def interleaved(variants: dict[str, Callable[[], None]], repeats: int,
-                setup: Callable[[], None] | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each variant: one untimed warm-up each, then `repeats` rounds,
-    the order reversed every other round (A B, B A, ...). `setup` runs untimed before
-    every call (e.g. dropping gradients)."""
+                setup: Callable[[], None] | None = None) -> Timings:
+    """Time each variant: one untimed warm-up each, then `repeats` rounds, the order
+    reversed every other round (A B C, C B A, ...). `setup` runs untimed before every
+    call (e.g. dropping gradients)."""
     names = list(variants)
-    times = {n: [] for n in names}
+    cpu, wall = {n: [] for n in names}, {n: [] for n in names}
     for r in range(repeats + 1):
         for n in (names if r % 2 == 0 else names[::-1]):
             if setup is not None:
                 setup()
             gc.collect()
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             variants[n]()
-            elapsed = time.perf_counter() - t0
+            c1, w1 = time.process_time(), time.perf_counter()
             if r > 0:
-                times[n].append(elapsed)
-    return times
+                cpu[n].append(c1 - c0)
+                wall[n].append(w1 - w0)
+    return Timings(cpu, wall)
 
 
-def ratio_entry(times: dict[str, list[float]], num: str, den: str, goal: float | None, **extra) -> dict:
-    med = {n: statistics.median(ts) for n, ts in times.items()}
+def median_ms(ts: list[float]) -> float:
+    return round(1e3 * statistics.median(ts), 2)
+
+
+def ratio_entry(t: Timings, num: str, den: str, goal: float | None, **extra) -> dict:
+    """value = median CPU time of `num` / median CPU time of `den`."""
+    med = {n: statistics.median(ts) for n, ts in t.cpu.items()}
     value = med[num] / med[den]
-    paired = [a / b for a, b in zip(times[num], times[den])]
+    paired = [a / b for a, b in zip(t.cpu[num], t.cpu[den])]
     out = {
         "value": round(value, 4),
         "unit": "ratio",
@@ -143,10 +172,12 @@ def ratio_entry(times: dict[str, list[float]], num: str, den: str, goal: float |
         "goal": goal,
         "met": None if goal is None else bool(value <= goal),
         "median_ms": {n: round(1e3 * m, 2) for n, m in med.items()},
+        # Smallest and largest per-round ratio: how noisy the run was.
         "spread": [round(min(paired), 4), round(max(paired), 4)],
-        # Load from neighbours only ever slows a call down: the ratio of the fastest calls
-        # is a second estimate, closer to an idle machine's.
-        "ratio_of_min": round(min(times[num]) / min(times[den]), 4),
+        # Wall clock: equal to CPU time on an idle machine with one thread; larger when
+        # neighbours take the core, which is why it is not the headline.
+        "median_wall_ms": {n: median_ms(ts) for n, ts in t.wall.items()},
+        "wall_ratio": round(statistics.median(t.wall[num]) / statistics.median(t.wall[den]), 4),
     }
     out.update(extra)
     return out
@@ -285,7 +316,7 @@ class BothTowersModel(LMFusionModel):
 STEP_BASELINES = {"routing_vs_dense_finetune": "dense", "routing_vs_both_towers": "both_towers"}
 
 
-def step_times(ctx: Context, entry: str) -> dict[str, list[float]]:
+def step_times(ctx: Context, entry: str) -> Timings:
     def build():
         batch, _, ids = step_inputs(ctx)
         models = {"fused": fused_model(ctx)}
@@ -318,7 +349,7 @@ def routing_vs_dense_finetune(ctx: Context) -> dict:
     patcher) / dense LlamaForCausalLM train step with every weight trainable and labels on
     all tokens, same number of tokens."""
     times = step_times(ctx, "routing_vs_dense_finetune")
-    return ratio_entry({n: times[n] for n in ("fused", "dense")}, "fused", "dense", goal=0.95, **step_meta(ctx))
+    return ratio_entry(times.only("fused", "dense"), "fused", "dense", goal=0.95, **step_meta(ctx))
 
 
 @benchmark("routing_vs_both_towers")
@@ -326,7 +357,7 @@ def routing_vs_both_towers(ctx: Context) -> dict:
     """Fused train step / the same model computing both towers on every token and
     selecting with torch.where (BothTowersModel)."""
     times = step_times(ctx, "routing_vs_both_towers")
-    return ratio_entry({n: times[n] for n in ("fused", "both_towers")}, "fused", "both_towers", goal=0.6,
+    return ratio_entry(times.only("fused", "both_towers"), "fused", "both_towers", goal=0.6,
                        **step_meta(ctx))
 
 
@@ -370,7 +401,10 @@ def prefix_chunk_attention(q, k, v, document_ids, image_ids, scale=None):
 def hybrid_vs_causal_attention(ctx: Context) -> dict:
     """hybrid_attention (sdpa backend: explicit bool mask) / SDPA is_causal=True, forward
     + backward, one document of alternating 256-token text runs and 256-token images,
-    SmolLM2's heads. Other ways to apply the same mask are timed beside it (variants)."""
+    SmolLM2's heads. Other ways to apply the same mask are timed beside it (variants).
+    Not timed: a float additive mask instead of the bool one, which measured the same as
+    the bool mask here (1.90-1.92 x causal, 2026-11): SDPA's CPU kernel skips no block
+    for either, and computes every (query, key) pair of the L x L square."""
     config = llama_config(ctx)
     L, Hq, Hkv = ctx.sizes.attention_tokens, config.num_attention_heads, config.num_key_value_heads
     d = getattr(config, "head_dim", None) or config.hidden_size // Hq
@@ -385,12 +419,10 @@ def hybrid_vs_causal_attention(ctx: Context) -> dict:
     grad_out = torch.randn(1, Hq, L, d, generator=g)
     bool_layout = AttentionLayout.build(document_ids, image_ids, "sdpa")
     flash_layout = AttentionLayout.build(document_ids, image_ids, "flash", primitive=sdpa_varlen_primitive)
-    float_mask = torch.zeros(bool_layout.mask.shape).masked_fill_(~bool_layout.mask, float("-inf"))
 
     forwards = {
         "hybrid_bool_mask": lambda: hybrid_attention(q, k, v, bool_layout),
         "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-        "hybrid_float_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask, enable_gqa=True),
         "flash_decomposition_sdpa": lambda: hybrid_attention(q, k, v, flash_layout),
         "prefix_chunks_sdpa": lambda: prefix_chunk_attention(q, k, v, document_ids, image_ids),
     }
@@ -408,14 +440,13 @@ def hybrid_vs_causal_attention(ctx: Context) -> dict:
             t.grad = None
 
     times = interleaved({n: fwd_bwd(f) for n, f in forwards.items()}, ctx.repeats, setup=setup)
-    causal_ms = statistics.median(times["causal"])
+    causal = statistics.median(times.cpu["causal"])
     variants = {
-        n: {"median_ms": round(1e3 * statistics.median(ts), 2),
-            "ratio_vs_causal": round(statistics.median(ts) / causal_ms, 4),
-            "max_abs_err_vs_bool_mask": errors.get(n)}
-        for n, ts in times.items() if n not in ("causal", "hybrid_bool_mask")
+        n: {"median_ms": median_ms(ts), "ratio_vs_causal": round(statistics.median(ts) / causal, 4),
+            "median_wall_ms": median_ms(times.wall[n]), "max_abs_err_vs_bool_mask": errors[n]}
+        for n, ts in times.cpu.items() if n not in ("causal", "hybrid_bool_mask")
     }
-    core = {n: times[n] for n in ("hybrid_bool_mask", "causal")}
+    core = times.only("hybrid_bool_mask", "causal")
     return ratio_entry(core, "hybrid_bool_mask", "causal", goal=1.3, tokens=L, images=int(image_ids.max()) + 1,
                        tokens_per_image=TOKENS_PER_IMAGE, heads=Hq, kv_heads=Hkv, head_dim=d,
                        what="attention alone, forward + backward, float32, enable_gqa", variants=variants)
@@ -489,7 +520,7 @@ def table(report: dict) -> str:
         met = {True: "yes", False: "NO", None: ""}[e.get("met")]
         if e.get("unit") == "ratio":
             med = ", ".join(f"{n} {fmt_ms(v)} ms" for n, v in e.get("median_ms", {}).items())
-            detail = f"{med}  (per repeat {e['spread'][0]:.3f}..{e['spread'][1]:.3f}; fastest/fastest {e['ratio_of_min']:.3f})"
+            detail = f"{med}  (per repeat {e['spread'][0]:.3f}..{e['spread'][1]:.3f}; wall clock {e['wall_ratio']:.3f})"
         else:
             detail = f"{e.get('unit', '')}" + (f"  (per repeat {e['spread'][0]:g}..{e['spread'][1]:g})" if "spread" in e else "")
         lines.append(f"{name:<28} {e['value']:>8.3f} {goal:>7}  {met:<4} {detail}")
@@ -504,7 +535,7 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per entry (default 5), after one warm-up")
     p.add_argument("--only", default=None, help="comma-separated entry names (default: all)")
     p.add_argument("--quick", action="store_true", help=f"small sizes for tests: {QUICK}")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: see the module docstring)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers in the train-step entries (default: full depth, 2 with --quick)")
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -535,6 +566,8 @@ def main(argv=None) -> int:
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "clock": "process CPU time (value, median_ms); wall clock beside (median_wall_ms, wall_ratio)",
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cpu_count": os.cpu_count(),
         "repeats": args.repeats,
         "warmup": 1,

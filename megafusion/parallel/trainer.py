@@ -94,7 +94,9 @@ class Trainer:
 
         from megafusion.data.loader import build_train_loader
 
-        self.loader = build_train_loader(cfg.data, cfg.model, self.tokenizer, self.model.tokens_per_image)
+        self.loader = build_train_loader(cfg.data, cfg.model, self.tokenizer, self.model.tokens_per_image,
+                                         self.env, vocab_size=self.model.vocab_size,
+                                         replication=cfg.parallel.pipeline_stages)
 
     def _log0(self, msg: str):
         if self.rank == 0:

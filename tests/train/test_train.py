@@ -69,8 +69,11 @@ def wait_for_step(run_dir, step, proc, timeout=300):
 
 
 def rank_processes(launcher: subprocess.Popen):
+    """The rank processes (not deepspeed's own launch.py, whose command line also names
+    train.py): what a scheduler signals."""
     return [p for p in psutil.Process(launcher.pid).children(recursive=True)
-            if any("train.py" in part for part in p.cmdline())]
+            if any(part.endswith("train.py") for part in p.cmdline())
+            and not any("deepspeed.launcher" in part for part in p.cmdline())]
 
 
 REF_STEPS = 40

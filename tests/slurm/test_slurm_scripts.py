@@ -1,0 +1,203 @@
+"""slurm/train_70b.sh and slurm/train_8b.sh under a real (private) Slurm cluster.
+
+The jobs run the tiny config on 2 CPU ranks: GPUS_PER_NODE=2 and --gpus-per-node=0 on
+the sbatch command line lift the scripts' GPU request, --nodes overrides their node
+count. The reference for preemption is an uninterrupted run of the same configuration: their
+per-step losses must be the same numbers.
+"""
+import json
+import math
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STUB = "tests/slurm/stub_trainer.py"
+# The trainer the Slurm jobs run (the scripts' TRAIN_ENTRY); STUB to test the scripts alone.
+TRAINER = "megafusion/train.py"
+
+STEPS = 40  # long enough (~13 s of steps on this CPU) to signal the job mid-run
+SIGNAL_AT_STEP = 5
+JOB_TIMEOUT = 420  # seconds for one sbatch --wait
+
+pytestmark = pytest.mark.slow
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def job_env(tmp: Path, shards: str, **extra) -> dict:
+    """What a user would export before sbatch: the tiny config on 2 CPU ranks."""
+    env = {
+        "CONFIG": "configs/tiny.yaml",
+        "RUN_DIR": str(tmp / "run"),
+        "GPUS_PER_NODE": "2",
+        "TRAIN_ENTRY": TRAINER,
+        "OVERRIDES": f"data.train={shards} data.cache_root={tmp / 'cache'} train.steps={STEPS} checkpoint.every=10",
+        "STUB_STEP_SECONDS": "0.3",  # read by the stub only
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(extra)
+    return env
+
+
+# Inherited by the job from the test process's environment, they would mask what the
+# scripts set.
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "OMP_NUM_THREADS", "DS_ACCELERATOR", "SLURM_JOB_ID")
+
+
+def submit_env(cluster, env: dict) -> dict:
+    full = {k: v for k, v in cluster.env.items() if k not in _LAUNCH_VARS}
+    full.update(env)
+    return full
+
+
+def sbatch_cmd(script: str, tmp: Path, name: str, *flags: str, args=()) -> list[str]:
+    return ["sbatch", "--wait", f"--job-name={name}", "--nodes=1", "--gpus-per-node=0",
+            f"--output={tmp}/%x-%j.out", f"--error={tmp}/%x-%j.err", *flags, str(REPO / script), *args]
+
+
+def job_log(tmp: Path, name: str) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(tmp.glob(f"{name}-*.*")))
+
+
+def submit(cluster, script: str, tmp: Path, env: dict, *flags: str, args=()) -> tuple[int, str]:
+    """sbatch --wait from the repository root; returns (exit code, job log)."""
+    name = f"mf-{uuid.uuid4().hex[:8]}"
+    try:
+        proc = subprocess.run(sbatch_cmd(script, tmp, name, *flags, args=args), cwd=REPO, env=submit_env(cluster, env),
+                              capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        cluster.run(["scancel", "--name", name], check=False)
+        pytest.fail(f"job did not finish in {JOB_TIMEOUT}s:\n{job_log(tmp, name)[-4000:]}\n{cluster.logs()}")
+    return proc.returncode, proc.stderr + job_log(tmp, name)
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """Per-step records of <run.dir>/metrics.jsonl, the last one of each step."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {r["step"]: r for r in rows}
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(step, row["loss"]) for step, row in sorted(metrics(run_dir).items())]
+
+
+def latest(run_dir: Path) -> str:
+    path = run_dir / "checkpoints" / "latest"
+    return path.read_text().strip() if path.exists() else ""
+
+
+def assert_finished(rc: int, log: str, run_dir: Path) -> None:
+    assert rc == 0, f"job exited {rc}:\n{log[-4000:]}"
+    assert latest(run_dir) == f"global_step{STEPS}", log[-4000:]
+    assert (run_dir / "checkpoints" / f"global_step{STEPS}").is_dir()
+    assert sorted(metrics(run_dir)) == list(range(1, STEPS + 1))
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def shards(synthetic_shards, tiny_llama):
+    return synthetic_shards  # tiny_llama: the base model configs/tiny.yaml names
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, shards, tmp_path_factory):
+    """sbatch --wait slurm/train_70b.sh, uninterrupted, one node, two ranks."""
+    tmp = tmp_path_factory.mktemp("slurm-reference")
+    rc, log = submit(slurm_cluster, "slurm/train_70b.sh", tmp, job_env(tmp, shards))
+    return rc, log, tmp / "run"
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_train_70b_runs_two_ranks_and_checkpoints(reference_run):
+    rc, log, run_dir = reference_run
+    assert_finished(rc, log, run_dir)
+    assert "1 node(s) x 2 rank(s), world size 2" in log
+    for rank in (0, 1):  # srun --label prefixes each rank's lines with "<rank>: "
+        assert f"{rank}: [megafusion-slurm] rank {rank} of 2 (local {rank})" in log, log[-3000:]
+    assert "DS_ACCELERATOR=cpu" in log
+
+
+def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shards, reference_run, tmp_path):
+    _, ref_log, ref_dir = reference_run
+    assert latest(ref_dir) == f"global_step{STEPS}", ref_log[-3000:]
+    run_dir = tmp_path / "run"
+    name = f"mf-{uuid.uuid4().hex[:8]}"
+    env = submit_env(slurm_cluster, job_env(tmp_path, shards))
+    proc = subprocess.Popen(sbatch_cmd("slurm/train_70b.sh", tmp_path, name), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + JOB_TIMEOUT
+        while max(metrics(run_dir), default=0) < SIGNAL_AT_STEP:
+            assert proc.poll() is None, f"job ended before step {SIGNAL_AT_STEP}:\n{job_log(tmp_path, name)[-4000:]}"
+            assert time.time() < deadline, f"no step {SIGNAL_AT_STEP} in {JOB_TIMEOUT}s:\n{job_log(tmp_path, name)[-4000:]}"
+            time.sleep(0.2)
+        job_id = slurm_cluster.run(["squeue", "-h", "--name", name, "-o", "%i"]).stdout.strip()
+        # What `#SBATCH --signal=B:USR1@600` does before the time limit: USR1 to the batch shell.
+        slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
+        rc = proc.wait(timeout=JOB_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            slurm_cluster.run(["scancel", "--name", name], check=False)
+            proc.kill()
+    log = proc.stdout.read() + job_log(tmp_path, name)
+
+    assert "got SIGUSR1" in log and f"requeueing job {job_id}" in log, log[-4000:]
+    assert f"job {job_id} (restart 1)" in log, log[-4000:]  # the rerun: same job, SLURM_RESTART_COUNT=1
+    assert_finished(rc, log, run_dir)
+    assert losses(run_dir) == losses(ref_dir)
+
+
+def test_two_nodes_one_rank_each(two_node_cluster, shards, tmp_path):
+    env = job_env(tmp_path, shards, GPUS_PER_NODE="1", CPUS_PER_RANK="1")
+    rc, log = submit(two_node_cluster, "slurm/train_70b.sh", tmp_path, env, "--nodes=2")
+    run_dir = tmp_path / "run"
+    assert_finished(rc, log, run_dir)
+    assert "on node[1-2]: 2 node(s) x 1 rank(s), world size 2" in log, log[-3000:]
+    node1_addr = two_node_cluster.nodes[0].addr
+    assert f"rendezvous {node1_addr}:" in log  # MASTER_ADDR: the first node's NodeAddr
+    assert "0: [megafusion-slurm] rank 0 of 2 (local 0) on node1" in log
+    assert "1: [megafusion-slurm] rank 1 of 2 (local 0) on node2" in log
+    # Not the reference's numbers: streaming assigns samples to ranks by node layout
+    # (2 nodes x 1 rank draws other samples per rank than 1 node x 2 ranks).
+    assert all(math.isfinite(loss) for _, loss in losses(run_dir))
+
+
+def test_launch_contract_with_stub_trainer(slurm_cluster, tmp_path):
+    """train_8b.sh exports what DeepSpeed and streaming read (the stub refuses to start
+    without RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
+    and passes run.dir, parallel.ds_config, OVERRIDES and the script's arguments in
+    that order."""
+    env = job_env(tmp_path, "unused", TRAIN_ENTRY=STUB, OVERRIDES="train.steps=3 train.betas=[0.9,0.99]",
+                  STUB_STEP_SECONDS="0")
+    rc, log = submit(slurm_cluster, "slurm/train_8b.sh", tmp_path, env, args=["checkpoint.every=2"])
+    assert rc == 0, log[-4000:]
+    run_dir = tmp_path / "run"
+    expected_args = (f"run.dir={run_dir} parallel.ds_config={REPO / 'ds_configs' / 'zero3.json'} "
+                     "train.steps=3 train.betas=[0.9,0.99] checkpoint.every=2")
+    for rank in (0, 1):
+        line = next((l for l in log.splitlines() if l.startswith(f"{rank}: stub_trainer: rank {rank}/2 local {rank}/2")), None)
+        assert line is not None, log[-3000:]
+        assert "DS_ACCELERATOR=cpu OMP_NUM_THREADS=1" in line
+        assert f"config={REPO / 'configs' / 'tiny.yaml'} overrides={expected_args}" in line, line
+    assert latest(run_dir) == "global_step3"
+    assert sorted(metrics(run_dir)) == [1, 2, 3]
+
+
+def test_bad_config_fails_in_one_line_without_requeue(slurm_cluster, tmp_path):
+    env = job_env(tmp_path, "unused", CONFIG="configs/no_such.yaml")
+    rc, log = submit(slurm_cluster, "slurm/train_70b.sh", tmp_path, env)
+    assert rc == 1
+    assert "megafusion-slurm: error: CONFIG=configs/no_such.yaml: no such file" in log
+    assert "requeue" not in log
