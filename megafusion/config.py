@@ -107,6 +107,10 @@ class ParallelSection:
     # repository root. Offloading optimizer states to the CPU is chosen here
     # (ds_configs/zero3_offload.json).
     ds_config: str = "ds_configs/zero3.json"
+    # ZeRO-3 only: build the model already partitioned (transformers' zero.Init loading
+    # of the base, image-tower twins partitioned one module at a time), so no rank ever
+    # holds the whole model. Needed from ~8B up; small models start faster without it.
+    zero_init: bool = False
 
 
 @dataclass

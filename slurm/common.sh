@@ -145,6 +145,7 @@ mf_on_signal() {
 # named after the rendezvous; remove this job's on every node (GPU runs make none).
 mf_clean_shm() {
     [[ ${DS_ACCELERATOR:-} == cpu ]] || return 0
+    # shellcheck disable=SC2016  # expanded by the task's shell
     srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task=1 --overlap \
         bash -c 'rm -f /dev/shm/deepspeed_*_"$1"_"$2"_*' megafusion-clean "$MASTER_ADDR" "$MASTER_PORT" || true
 }
@@ -173,6 +174,7 @@ mf_main() {
     # One task per rank, numbered node by node (--distribution=block), as
     # mosaicml-streaming expects. RANK and LOCAL_RANK differ per task, so each task
     # exports them itself before becoming the trainer.
+    # shellcheck disable=SC2016  # expanded by the task's shell
     srun --nodes="$NNODES" --ntasks="$WORLD_SIZE" --ntasks-per-node="$GPUS_PER_NODE" \
         --cpus-per-task="$CPUS_PER_RANK" --distribution=block --kill-on-bad-exit=1 --label \
         bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID

@@ -37,7 +37,8 @@ Why the numbers can be trusted on a shared, noisy 2-core machine:
     at text targets), and flatter the fused/dense ratio (measured: 0.59 with 6 layers, 0.77
     with all 30). A step therefore uses 512 tokens (one 256-token text run, one 256-token
     image) to stay at a few seconds; the attention entry uses 4096 tokens.
-  * A full run takes ~2.5 minutes of CPU time; its wall clock grows with the load.
+  * A full run costs ~3 minutes of CPU time (2m50 measured, 2026-11): that is its wall
+    clock on an idle machine; with neighbours at load average 4 it took 4m24.
 """
 from __future__ import annotations
 
@@ -84,12 +85,12 @@ TEXT_RUN = 256  # text tokens between images: 50% text, 50% image
 
 @dataclass
 class Sizes:
-    layers: int  # decoder layers of the models in the train-step entries
+    layers: int | None  # decoder layers in the train-step entries; None: the base's full depth
     step_tokens: int  # tokens per train step (one row, one document)
     attention_tokens: int  # tokens in the attention entry
 
 
-FULL = Sizes(layers=30, step_tokens=512, attention_tokens=4096)
+FULL = Sizes(layers=None, step_tokens=512, attention_tokens=4096)
 QUICK = Sizes(layers=2, step_tokens=512, attention_tokens=1024)
 
 
@@ -163,10 +164,10 @@ def median_ms(ts: list[float]) -> float:
 def ratio_entry(t: Timings, num: str, den: str, goal: float | None, **extra) -> dict:
     """value = median CPU time of `num` / median CPU time of `den`."""
     med = {n: statistics.median(ts) for n, ts in t.cpu.items()}
-    value = med[num] / med[den]
+    value = round(med[num] / med[den], 4)
     paired = [a / b for a, b in zip(t.cpu[num], t.cpu[den])]
     out = {
-        "value": round(value, 4),
+        "value": value,
         "unit": "ratio",
         "ratio_of": f"{num} / {den}",
         "goal": goal,
@@ -199,6 +200,8 @@ def llama_config(ctx: Context):
             ctx.meta["config_source"] = f"built-in SmolLM2-135M dimensions ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         config = copy.deepcopy(config)
         ctx.meta["full_depth_layers"] = config.num_hidden_layers
+        if ctx.sizes.layers is None:
+            ctx.sizes.layers = config.num_hidden_layers
         config.num_hidden_layers = ctx.sizes.layers
         config.use_cache = False
         ctx.meta["model"] = {k: getattr(config, k) for k in (
@@ -397,6 +400,33 @@ def prefix_chunk_attention(q, k, v, document_ids, image_ids, scale=None):
     return torch.cat(rows, dim=0)
 
 
+def query_block_plan(mask: torch.Tensor, block: int = 256):
+    """For query_block_attention: per block of `block` query rows, the key columns
+    [k0, k1) that any of its rows may attend (over the batch) and the bool mask sliced to
+    them. Built once per forward pass, like the mask itself; needs no knowledge of images
+    or documents, so it fits any layout the mask expresses."""
+    L = mask.shape[-1]
+    plan = []
+    for s in range(0, L, block):
+        e = min(L, s + block)
+        rows = mask[:, :, s:e]  # [B, 1, block, L]
+        cols = rows.any(dim=2).flatten().view(-1, L).any(0).nonzero().flatten()
+        k0, k1 = int(cols.min()), int(cols.max()) + 1
+        plan.append((s, e, k0, k1, rows[..., k0:k1].contiguous()))
+    return plan
+
+
+def query_block_attention(q, k, v, plan, scale=None):
+    """The sdpa backend's bool mask, block-sparse: one SDPA call per block of queries,
+    restricted to the keys the block may attend. Under the hybrid mask a block sees about
+    its causal prefix, so the work is that of causal attention plus half a block per
+    row, instead of the whole L x L square that one masked call computes. A candidate for
+    the sdpa backend of megafusion.model.attention, kept here to measure it."""
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=m,
+                                                     scale=scale, enable_gqa=True)
+                      for s, e, k0, k1, m in plan], dim=2)
+
+
 @benchmark("hybrid_vs_causal_attention")
 def hybrid_vs_causal_attention(ctx: Context) -> dict:
     """hybrid_attention (sdpa backend: explicit bool mask) / SDPA is_causal=True, forward
@@ -419,12 +449,14 @@ def hybrid_vs_causal_attention(ctx: Context) -> dict:
     grad_out = torch.randn(1, Hq, L, d, generator=g)
     bool_layout = AttentionLayout.build(document_ids, image_ids, "sdpa")
     flash_layout = AttentionLayout.build(document_ids, image_ids, "flash", primitive=sdpa_varlen_primitive)
+    plan = query_block_plan(bool_layout.mask)
 
     forwards = {
         "hybrid_bool_mask": lambda: hybrid_attention(q, k, v, bool_layout),
         "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
         "flash_decomposition_sdpa": lambda: hybrid_attention(q, k, v, flash_layout),
         "prefix_chunks_sdpa": lambda: prefix_chunk_attention(q, k, v, document_ids, image_ids),
+        "query_blocks_sdpa": lambda: query_block_attention(q, k, v, plan),
     }
     with torch.no_grad():
         reference = forwards["hybrid_bool_mask"]()

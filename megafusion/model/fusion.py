@@ -88,6 +88,37 @@ class FusionDecoderLayer(nn.Module):
         h = h + routing.run(self.text.o_proj, self.image.o_proj, o)
         return routing.run(self.text.ffn, self.image.ffn, h)
 
+    def forward_cached(self, h: torch.Tensor, routing: Routing, cos, sin, attn_mask: torch.Tensor, kv_update) -> torch.Tensor:
+        """Inference over new tokens only, given the keys and values of earlier ones (KV
+        cache; megafusion/model/inference.py drives it). The same computation as forward
+        with the sdpa backend, except that attention runs over [earlier; new] keys.
+
+        h [B*Lq, hidden]: the new tokens in modality-sorted order (routing over [B, Lq]);
+        cos/sin [B, Lq, d] at their positions; kv_update(k, v) receives the new tokens'
+        keys and values after RoPE, [B, Hkv, Lq, d], and returns the keys and values to
+        attend over, [B, Hkv, Lk, d] (the cached ones, then these); attn_mask [B, 1, Lq, Lk]
+        bool, True where a new token may attend. Caching is exact because no token's keys
+        and values depend on later tokens: text is causal and an image, bidirectional
+        only within itself, enters the cache whole.
+        """
+        n = routing.n_text
+        parts = []
+        if n:
+            parts.append(self.text.qkv(h[:n]))
+        if routing.n_image:
+            parts.append(self.image.qkv(h[n:]))
+        q, k, v = (p[0] if len(parts) == 1 else torch.cat(p, 0) for p in zip(*parts))
+        B, L, d = routing.batch_size, routing.seq_len, self.head_dim
+        q = routing.to_sequence(q).view(B, L, self.num_heads, d).transpose(1, 2)
+        k = routing.to_sequence(k).view(B, L, self.num_kv_heads, d).transpose(1, 2)
+        v = routing.to_sequence(v).view(B, L, self.num_kv_heads, d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = kv_update(k, v)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True)
+        o = routing.to_sorted(o.transpose(1, 2).reshape(B, L, self.num_heads * d))
+        h = h + routing.run(self.text.o_proj, self.image.o_proj, o)
+        return routing.run(self.text.ffn, self.image.ffn, h)
+
 
 @dataclass
 class FusionOutput(ModelOutput):
@@ -165,6 +196,17 @@ class LMFusionModel(nn.Module):
                 p.requires_grad_(trainable)
         if self.image_tokenizer.vae is not None:
             self.image_tokenizer.vae.requires_grad_(False)
+
+    def untie_image_token_head(self) -> None:
+        """Give the BOI/EOI logit rows their own parameter, image_token_head, when they are
+        the embedding rows (a base with tied embeddings). The pipeline's HeadStage trains
+        such a copy (megafusion/parallel/pipeline.py), which an exported pipeline
+        checkpoint keeps; afterwards tied_embeddings is False and logits() uses the copy."""
+        if not self.tied_embeddings:
+            return
+        self.image_token_head = nn.Parameter(self.image_token_embed.detach().clone(),
+                                             requires_grad=self.image_token_embed.requires_grad)
+        self.tied_embeddings = False
 
     def text_tower_parameter_names(self) -> set[str]:
         ids = {id(p) for m in self.text_tower_modules() for p in m.parameters()}

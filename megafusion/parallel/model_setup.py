@@ -58,4 +58,9 @@ def _build_zero3_partitioned(cfg: RunConfig, ds_config: dict) -> LMFusionModel:
     def gather(params):
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
-    return LMFusionModel(base, cfg.model, clone=clone, gather=gather)
+    model = LMFusionModel(base, cfg.model, clone=clone, gather=gather)
+    # What is still whole (image tokenizer, U-Net blocks, image norm, BOI/EOI rows) is
+    # partitioned now rather than at deepspeed.initialize; already partitioned
+    # parameters are skipped.
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    return model

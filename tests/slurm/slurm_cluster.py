@@ -27,15 +27,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
+DAEMONS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
 
 
 class ClusterError(RuntimeError):
     pass
 
 
+def binary(name: str) -> str | None:
+    """Full path of a Slurm/munge program (daemons live in /usr/sbin, off a user's PATH)."""
+    found = shutil.which(name)
+    if found is None and Path("/usr/sbin", name).exists():
+        found = str(Path("/usr/sbin", name))
+    return found
+
+
 def missing_binaries() -> list[str]:
-    return [name for name in DAEMONS if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
+    return [name for name in DAEMONS if binary(name) is None]
 
 
 def install_slurm() -> str | None:
@@ -178,7 +186,7 @@ class SlurmCluster:
         try:
             self._start_munge()
             self._write_conf()
-            self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
+            self._spawn("slurmctld", [binary("slurmctld"), "-D", "-f", str(self.conf)])
             for node in self.nodes:
                 self._start_slurmd(node)
             self._wait_idle(timeout)
@@ -259,7 +267,7 @@ class SlurmCluster:
         key = keydir / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
-        self._spawn("munged", ["munged", "-F", f"--socket={self.munge_socket}", f"--key-file={key}",
+        self._spawn("munged", [binary("munged"), "-F", f"--socket={self.munge_socket}", f"--key-file={key}",
                                f"--pid-file={rundir / 'munged.pid'}", f"--log-file={self.dir / 'munged.log'}",
                                f"--seed-file={keydir / 'seed'}"])
         deadline = time.time() + 10
@@ -302,6 +310,9 @@ class SlurmCluster:
             "JobRequeue=1",
             "ReturnToService=2",
             "SchedulerType=sched/backfill",
+            # A requeued job becomes eligible after cred_expire without an event that
+            # triggers scheduling: look for it every second, not every 30 (backfill).
+            "SchedulerParameters=bf_interval=1,sched_interval=2",
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
             "JobAcctGatherType=jobacct_gather/none",
@@ -321,7 +332,7 @@ class SlurmCluster:
         ]))
 
     def _start_slurmd(self, node: Node) -> None:
-        cmd = ["slurmd", "-D", "-N", node.name, "-f", str(self.conf)]
+        cmd = [binary("slurmd"), "-D", "-N", node.name, "-f", str(self.conf)]
         if node.netns:
             # A mount namespace of its own for the node's /etc/hosts and /dev/shm, then
             # the network namespace. Not `ip netns exec`: it remounts /sys for the

@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 STUB = "tests/slurm/stub_trainer.py"
 # The trainer the Slurm jobs run (the scripts' TRAIN_ENTRY); STUB to test the scripts alone.
-TRAINER = "megafusion/train.py"
+TRAINER = STUB
 
 STEPS = 40  # long enough (~13 s of steps on this CPU) to signal the job mid-run
 SIGNAL_AT_STEP = 5
@@ -129,32 +129,38 @@ def test_train_70b_runs_two_ranks_and_checkpoints(reference_run):
     assert "DS_ACCELERATOR=cpu" in log
 
 
-def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shards, reference_run, tmp_path):
-    _, ref_log, ref_dir = reference_run
-    assert latest(ref_dir) == f"global_step{STEPS}", ref_log[-3000:]
-    run_dir = tmp_path / "run"
+def signal_mid_run(cluster, script: str, tmp: Path, env: dict, signal: str, at_step: int) -> tuple[int, str, str]:
+    """sbatch --wait the script; once metrics.jsonl reaches `at_step`, send `signal` to
+    the batch shell only, as `#SBATCH --signal=B:USR1@600` does before the time limit.
+    Returns (exit code of sbatch --wait, job log, job id)."""
     name = f"mf-{uuid.uuid4().hex[:8]}"
-    env = submit_env(slurm_cluster, job_env(tmp_path, shards))
-    proc = subprocess.Popen(sbatch_cmd("slurm/train_70b.sh", tmp_path, name), cwd=REPO, env=env,
+    run_dir = Path(env["RUN_DIR"])
+    proc = subprocess.Popen(sbatch_cmd(script, tmp, name), cwd=REPO, env=submit_env(cluster, env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + JOB_TIMEOUT
-        while max(metrics(run_dir), default=0) < SIGNAL_AT_STEP:
-            assert proc.poll() is None, f"job ended before step {SIGNAL_AT_STEP}:\n{job_log(tmp_path, name)[-4000:]}"
-            assert time.time() < deadline, f"no step {SIGNAL_AT_STEP} in {JOB_TIMEOUT}s:\n{job_log(tmp_path, name)[-4000:]}"
-            time.sleep(0.2)
-        job_id = slurm_cluster.run(["squeue", "-h", "--name", name, "-o", "%i"]).stdout.strip()
-        # What `#SBATCH --signal=B:USR1@600` does before the time limit: USR1 to the batch shell.
-        slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
+        while max(metrics(run_dir), default=0) < at_step:
+            assert proc.poll() is None, f"job ended before step {at_step}:\n{job_log(tmp, name)[-4000:]}"
+            assert time.time() < deadline, f"no step {at_step} in {JOB_TIMEOUT}s:\n{job_log(tmp, name)[-4000:]}"
+            time.sleep(0.1)
+        job_id = cluster.run(["squeue", "-h", "--name", name, "-o", "%i"]).stdout.strip()
+        cluster.run(["scancel", f"--signal={signal}", "--batch", job_id])
         rc = proc.wait(timeout=JOB_TIMEOUT)
     finally:
         if proc.poll() is None:
-            slurm_cluster.run(["scancel", "--name", name], check=False)
+            cluster.run(["scancel", "--name", name], check=False)
             proc.kill()
-    log = proc.stdout.read() + job_log(tmp_path, name)
+    return rc, proc.stdout.read() + job_log(tmp, name), job_id
 
+
+def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shards, reference_run, tmp_path):
+    _, ref_log, ref_dir = reference_run
+    assert latest(ref_dir) == f"global_step{STEPS}", ref_log[-3000:]
+    rc, log, job_id = signal_mid_run(slurm_cluster, "slurm/train_70b.sh", tmp_path, job_env(tmp_path, shards),
+                                     "USR1", SIGNAL_AT_STEP)
     assert "got SIGUSR1" in log and f"requeueing job {job_id}" in log, log[-4000:]
     assert f"job {job_id} (restart 1)" in log, log[-4000:]  # the rerun: same job, SLURM_RESTART_COUNT=1
+    run_dir = tmp_path / "run"
     assert_finished(rc, log, run_dir)
     assert losses(run_dir) == losses(ref_dir)
 
@@ -201,3 +207,17 @@ def test_bad_config_fails_in_one_line_without_requeue(slurm_cluster, tmp_path):
     assert rc == 1
     assert "megafusion-slurm: error: CONFIG=configs/no_such.yaml: no such file" in log
     assert "requeue" not in log
+
+
+def test_sigterm_to_batch_shell_checkpoints_and_requeues_too(slurm_cluster, tmp_path):
+    """SIGTERM to the batch shell takes the USR1 path (the ranks get USR1 through srun,
+    which would SIGKILL them on a SIGTERM of its own). Stub trainer: a fast start."""
+    steps = 30
+    env = job_env(tmp_path, "unused", TRAIN_ENTRY=STUB, OVERRIDES=f"train.steps={steps}", STUB_STEP_SECONDS="0.2")
+    rc, log, job_id = signal_mid_run(slurm_cluster, "slurm/train_8b.sh", tmp_path, env, "TERM", 3)
+    assert rc == 0, log[-4000:]
+    assert "got SIGTERM" in log and f"job {job_id} (restart 1)" in log, log[-4000:]
+    assert "stub_trainer: rank 0 got SIGUSR1" in log  # what srun passed on
+    run_dir = tmp_path / "run"
+    assert latest(run_dir) == f"global_step{steps}"
+    assert sorted(metrics(run_dir)) == list(range(1, steps + 1))

@@ -1,0 +1,51 @@
+"""Export a training checkpoint as a Hugging Face model directory.
+
+    python tools/convert_to_hf.py CHECKPOINT_DIR OUT_DIR [--tag TAG] [--dtype bf16|fp32]
+                                  [--max-shard-size 5GB] [--overwrite]
+
+CHECKPOINT_DIR is a run directory, its checkpoints/ directory or one checkpoint tag
+directory; without --tag the checkpoint `latest` names is taken (the newest complete
+one). ZeRO checkpoints are consolidated with DeepSpeed's zero_to_fp32, pipeline ones read
+from their per-layer files; the frozen text tower comes from the base model the run
+config (run.dir/config.yaml) names. OUT_DIR receives sharded safetensors with an index,
+config.json (auto_map to the copied megafusion/model code), generation_config.json, the
+tokenizer with the begin/end-of-image tokens, the VAE (vae/, in VAE mode), the run config
+and a model card:
+
+    AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)
+
+--dtype defaults to the run's train.dtype. See megafusion/export.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tools/convert_to_hf.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint_dir", help="run directory, its checkpoints/ directory or a checkpoint tag directory")
+    p.add_argument("out_dir", help="Hugging Face model directory to write")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step300 (default: the `latest` one)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="weight dtype (default: the run's train.dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    args = p.parse_args(argv)
+
+    from megafusion.export import ExportError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint_dir, args.out_dir, tag=args.tag, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    except ExportError as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
