@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 STUB = "tests/slurm/stub_trainer.py"
 # The trainer the Slurm jobs run (the scripts' TRAIN_ENTRY); STUB to test the scripts alone.
-TRAINER = STUB
+TRAINER = "megafusion/train.py"
 
 STEPS = 40  # long enough (~13 s of steps on this CPU) to signal the job mid-run
 SIGNAL_AT_STEP = 5
@@ -58,7 +58,7 @@ def submit_env(cluster, env: dict) -> dict:
 
 
 def sbatch_cmd(script: str, tmp: Path, name: str, *flags: str, args=()) -> list[str]:
-    return ["sbatch", "--wait", f"--job-name={name}", "--nodes=1", "--gpus-per-node=0",
+    return ["sbatch", f"--job-name={name}", "--nodes=1", "--gpus-per-node=0",
             f"--output={tmp}/%x-%j.out", f"--error={tmp}/%x-%j.err", *flags, str(REPO / script), *args]
 
 
@@ -66,16 +66,56 @@ def job_log(tmp: Path, name: str) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted(tmp.glob(f"{name}-*.*")))
 
 
-def submit(cluster, script: str, tmp: Path, env: dict, *flags: str, args=()) -> tuple[int, str]:
-    """sbatch --wait from the repository root; returns (exit code, job log)."""
+def sbatch_wait(cluster, script: str, tmp: Path, env: dict, *flags: str, args=()) -> tuple[int, str]:
+    """`sbatch --wait` from the repository root, as a user runs it; (exit code, job log).
+    sbatch polls with a growing interval of up to 10 s, so the other tests poll faster."""
     name = f"mf-{uuid.uuid4().hex[:8]}"
     try:
-        proc = subprocess.run(sbatch_cmd(script, tmp, name, *flags, args=args), cwd=REPO, env=submit_env(cluster, env),
-                              capture_output=True, text=True, timeout=JOB_TIMEOUT)
+        proc = subprocess.run(sbatch_cmd(script, tmp, name, "--wait", *flags, args=args), cwd=REPO,
+                              env=submit_env(cluster, env), capture_output=True, text=True, timeout=JOB_TIMEOUT)
     except subprocess.TimeoutExpired:
         cluster.run(["scancel", "--name", name], check=False)
         pytest.fail(f"job did not finish in {JOB_TIMEOUT}s:\n{job_log(tmp, name)[-4000:]}\n{cluster.logs()}")
     return proc.returncode, proc.stderr + job_log(tmp, name)
+
+
+class Job:
+    """A submitted job, polled every 0.2 s through scontrol."""
+
+    FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+             "PREEMPTED"}
+
+    def __init__(self, cluster, script: str, tmp: Path, env: dict, *flags: str, args=()):
+        self.cluster, self.tmp = cluster, tmp
+        self.name = f"mf-{uuid.uuid4().hex[:8]}"
+        out = subprocess.run(sbatch_cmd(script, tmp, self.name, "--parsable", *flags, args=args), cwd=REPO,
+                             env=submit_env(cluster, env), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        self.id = out.stdout.strip().split(";")[0]
+
+    def log(self) -> str:
+        return job_log(self.tmp, self.name)
+
+    def wait(self, until=None) -> int | None:
+        """Exit code once the job is over (a requeued job is not), or None as soon as
+        `until()` is true."""
+        deadline = time.time() + JOB_TIMEOUT
+        while time.time() < deadline:
+            if until is not None and until():
+                return None
+            info = self.cluster.run(["scontrol", "show", "job", "-o", self.id]).stdout
+            fields = dict(tok.split("=", 1) for tok in info.split() if "=" in tok)
+            if fields.get("JobState") in self.FINAL:
+                return int(fields["ExitCode"].split(":")[0])
+            time.sleep(0.2)
+        self.cluster.run(["scancel", self.id], check=False)
+        pytest.fail(f"job {self.id} not done in {JOB_TIMEOUT}s:\n{self.log()[-4000:]}\n{self.cluster.logs()}")
+
+
+def submit(cluster, script: str, tmp: Path, env: dict, *flags: str, args=()) -> tuple[int, str]:
+    """Submit, wait for the end; (exit code, job log)."""
+    job = Job(cluster, script, tmp, env, *flags, args=args)
+    return job.wait(), job.log()
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
@@ -113,7 +153,7 @@ def shards(synthetic_shards, tiny_llama):
 def reference_run(slurm_cluster, shards, tmp_path_factory):
     """sbatch --wait slurm/train_70b.sh, uninterrupted, one node, two ranks."""
     tmp = tmp_path_factory.mktemp("slurm-reference")
-    rc, log = submit(slurm_cluster, "slurm/train_70b.sh", tmp, job_env(tmp, shards))
+    rc, log = sbatch_wait(slurm_cluster, "slurm/train_70b.sh", tmp, job_env(tmp, shards))
     return rc, log, tmp / "run"
 
 
@@ -130,27 +170,15 @@ def test_train_70b_runs_two_ranks_and_checkpoints(reference_run):
 
 
 def signal_mid_run(cluster, script: str, tmp: Path, env: dict, signal: str, at_step: int) -> tuple[int, str, str]:
-    """sbatch --wait the script; once metrics.jsonl reaches `at_step`, send `signal` to
-    the batch shell only, as `#SBATCH --signal=B:USR1@600` does before the time limit.
-    Returns (exit code of sbatch --wait, job log, job id)."""
-    name = f"mf-{uuid.uuid4().hex[:8]}"
+    """Submit the script; once metrics.jsonl reaches `at_step`, send `signal` to the
+    batch shell only, as `#SBATCH --signal=B:USR1@600` does before the time limit.
+    Returns (exit code, job log, job id)."""
+    job = Job(cluster, script, tmp, env)
     run_dir = Path(env["RUN_DIR"])
-    proc = subprocess.Popen(sbatch_cmd(script, tmp, name), cwd=REPO, env=submit_env(cluster, env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + JOB_TIMEOUT
-        while max(metrics(run_dir), default=0) < at_step:
-            assert proc.poll() is None, f"job ended before step {at_step}:\n{job_log(tmp, name)[-4000:]}"
-            assert time.time() < deadline, f"no step {at_step} in {JOB_TIMEOUT}s:\n{job_log(tmp, name)[-4000:]}"
-            time.sleep(0.1)
-        job_id = cluster.run(["squeue", "-h", "--name", name, "-o", "%i"]).stdout.strip()
-        cluster.run(["scancel", f"--signal={signal}", "--batch", job_id])
-        rc = proc.wait(timeout=JOB_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            cluster.run(["scancel", "--name", name], check=False)
-            proc.kill()
-    return rc, proc.stdout.read() + job_log(tmp, name), job_id
+    rc = job.wait(until=lambda: max(metrics(run_dir), default=0) >= at_step)
+    assert rc is None, f"job ended ({rc}) before step {at_step}:\n{job.log()[-4000:]}"
+    cluster.run(["scancel", f"--signal={signal}", "--batch", job.id])
+    return job.wait(), job.log(), job.id
 
 
 def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shards, reference_run, tmp_path):
