@@ -37,8 +37,8 @@ Why the numbers can be trusted on a shared, noisy 2-core machine:
     at text targets), and flatter the fused/dense ratio (measured: 0.59 with 6 layers, 0.77
     with all 30). A step therefore uses 512 tokens (one 256-token text run, one 256-token
     image) to stay at a few seconds; the attention entry uses 4096 tokens.
-  * A full run costs ~3 minutes of CPU time (2m50 measured, 2026-11): that is its wall
-    clock on an idle machine; with neighbours at load average 4 it took 4m24.
+  * A full run (4 rounds) costs ~2.5 minutes of CPU time, which is its wall clock on an
+    idle machine; with neighbours at load average 4, 5 rounds (3 CPU minutes) took 5 min.
 """
 from __future__ import annotations
 
@@ -452,14 +452,14 @@ def hybrid_vs_causal_attention(ctx: Context) -> dict:
     plan = query_block_plan(bool_layout.mask)
 
     forwards = {
-        "hybrid_bool_mask": lambda: hybrid_attention(q, k, v, bool_layout),
+        "hybrid_sdpa_backend": lambda: hybrid_attention(q, k, v, bool_layout),
         "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
         "flash_decomposition_sdpa": lambda: hybrid_attention(q, k, v, flash_layout),
         "prefix_chunks_sdpa": lambda: prefix_chunk_attention(q, k, v, document_ids, image_ids),
         "query_blocks_sdpa": lambda: query_block_attention(q, k, v, plan),
     }
     with torch.no_grad():
-        reference = forwards["hybrid_bool_mask"]()
+        reference = forwards["hybrid_sdpa_backend"]()
         errors = {n: float((f() - reference).abs().max()) for n, f in forwards.items() if n != "causal"}
 
     def fwd_bwd(f):
@@ -476,10 +476,10 @@ def hybrid_vs_causal_attention(ctx: Context) -> dict:
     variants = {
         n: {"median_ms": median_ms(ts), "ratio_vs_causal": round(statistics.median(ts) / causal, 4),
             "median_wall_ms": median_ms(times.wall[n]), "max_abs_err_vs_bool_mask": errors[n]}
-        for n, ts in times.cpu.items() if n not in ("causal", "hybrid_bool_mask")
+        for n, ts in times.cpu.items() if n not in ("causal", "hybrid_sdpa_backend")
     }
-    core = times.only("hybrid_bool_mask", "causal")
-    return ratio_entry(core, "hybrid_bool_mask", "causal", goal=1.3, tokens=L, images=int(image_ids.max()) + 1,
+    core = times.only("hybrid_sdpa_backend", "causal")
+    return ratio_entry(core, "hybrid_sdpa_backend", "causal", goal=1.3, tokens=L, images=int(image_ids.max()) + 1,
                        tokens_per_image=TOKENS_PER_IMAGE, heads=Hq, kv_heads=Hkv, head_dim=d,
                        what="attention alone, forward + backward, float32, enable_gqa", variants=variants)
 
@@ -564,7 +564,8 @@ def table(report: dict) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per entry (default 5), after one warm-up")
+    p.add_argument("--repeats", type=int, default=4,
+                   help="timed rounds per entry, after one warm-up (default 4: a full run in ~2.5 CPU minutes)")
     p.add_argument("--only", default=None, help="comma-separated entry names (default: all)")
     p.add_argument("--quick", action="store_true", help=f"small sizes for tests: {QUICK}")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: see the module docstring)")

@@ -98,6 +98,12 @@ def random_qkv(B, L, dtype=torch.float64, seed=0):
 
 
 def build(document_ids, image_ids, backend):
+    """backend "sdpa_blocked": the sdpa backend cut into blocks of 5 queries (its long
+    sequence path; 256 in production), so the small random packings exercise it."""
+    if backend == "sdpa_blocked":
+        layout = AttentionLayout.build(document_ids, image_ids, "sdpa", query_block=5)
+        assert layout.query_blocks or document_ids.shape[1] <= 5
+        return layout
     primitive = sdpa_varlen_primitive if backend == "flash" else None
     return AttentionLayout.build(document_ids, image_ids, backend, primitive=primitive)
 
@@ -119,7 +125,7 @@ def test_hybrid_mask_matches_brute_force(packing):
     assert torch.equal(hybrid_mask(document_ids, image_ids), brute_force_mask(labels))
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_blocked", "flash"])
 @FAST
 @given(packing=packings(), scale=st.sampled_from([None, 0.3]))
 def test_backend_matches_reference_outputs_and_grads(backend, packing, scale):
@@ -127,7 +133,7 @@ def test_backend_matches_reference_outputs_and_grads(backend, packing, scale):
     document_ids, image_ids, labels = ids_and_structure(rows, L)
     mask = brute_force_mask(labels)
     layout = build(document_ids, image_ids, backend)
-    assert layout.backend == backend
+    assert layout.backend == backend.removesuffix("_blocked")
     q, k, v = random_qkv(len(rows), L)
 
     ref_out, ref_grads = outputs_and_grads(lambda q, k, v: naive_attention(q, k, v, mask, scale), q, k, v)

@@ -24,7 +24,9 @@ def slurm_installed():
 
 @pytest.fixture(scope="session")
 def slurm_cluster(slurm_installed):
-    cluster = SlurmCluster([Node(socket.gethostname().split(".")[0])], name="mfone")
+    # Addresses given, not resolved: a CI container's hostname may not resolve.
+    cluster = SlurmCluster([Node(socket.gethostname().split(".")[0], addr="127.0.0.1")], name="mfone",
+                           control_addr="127.0.0.1")
     try:
         cluster.start()
     except ClusterError as exc:

@@ -1,13 +1,12 @@
 """slurm/train_70b.sh and slurm/train_8b.sh under a real (private) Slurm cluster.
 
-The jobs run the tiny config on 2 CPU ranks: GPUS_PER_NODE=2 and --gpus-per-node=0 on
-the sbatch command line lift the scripts' GPU request, --nodes overrides their node
-count. The reference for preemption is an uninterrupted run of the same configuration: their
-per-step losses must be the same numbers.
+The jobs run the tiny config on 2 CPU ranks: GPUS_PER_NODE=2, and --gpus-per-node=0 and
+--nodes on the sbatch command line lift the scripts' GPU request and node count. The
+reference for preemption is an uninterrupted run of the same configuration: the per-step
+losses must be the same numbers.
 """
 import json
 import math
-import os
 import subprocess
 import time
 import uuid
@@ -22,7 +21,7 @@ TRAINER = "megafusion/train.py"
 
 STEPS = 40  # long enough (~13 s of steps on this CPU) to signal the job mid-run
 SIGNAL_AT_STEP = 5
-JOB_TIMEOUT = 420  # seconds for one sbatch --wait
+JOB_TIMEOUT = 420  # seconds for one job, requeues included
 
 pytestmark = pytest.mark.slow
 
