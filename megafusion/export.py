@@ -9,7 +9,9 @@ What the trainer writes (megafusion/parallel/checkpoint.py) and how it is read b
 - Pipeline + ZeRO-1: one layer_XX-model_states.pt per PipelineModule layer, read with
   the loader DeepSpeed's PipelineModule.load_state_dir uses (SDLoaderFactory); layer 0
   is the embed stage, 1..N the decoder layers, N+1 the head stage, whose own copy of the
-  BOI/EOI logit rows (image_token_head) the exported model keeps.
+  BOI/EOI logit rows (image_token_head) the exported model keeps. These files hold the
+  module's own weights (what the pipeline engine ran: bf16 in a bf16 run, whose fp32
+  masters stay in the optimizer files).
 Checkpoints hold trainable parameters only (exclude_frozen_parameters): the frozen text
 tower comes from the base model the run config names, as at every training start. Every
 trainable parameter of the model must come from the checkpoint and every checkpoint
@@ -21,6 +23,7 @@ Every failure a user can cause is an ExportError with a one-line message.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -196,7 +199,8 @@ def load_trainable(fused, state: dict[str, torch.Tensor], where) -> None:
     """Copy checkpoint tensors onto the model's trainable parameters, strictly."""
     params = dict(fused.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
-    unknown = sorted(set(state) - set(params))
+    names = set(params) | {n for n, t in fused.state_dict(keep_vars=True).items() if isinstance(t, torch.nn.Parameter)}
+    unknown = sorted(set(state) - names)
     if unknown:
         raise ExportError(f"{where}: checkpoint tensors the model does not have: {', '.join(unknown[:4])}"
                           f"{' ...' if len(unknown) > 4 else ''} (run config and checkpoint disagree)")
@@ -204,13 +208,20 @@ def load_trainable(fused, state: dict[str, torch.Tensor], where) -> None:
     if missing:
         raise ExportError(f"{where}: checkpoint lacks trainable parameters: {', '.join(missing[:4])}"
                           f"{' ...' if len(missing) > 4 else ''}")
+    everything = fused.state_dict(keep_vars=True)  # shared parameters under each of their names
+    assigned = {}
     with torch.no_grad():
         for name, value in state.items():
-            p = params[name]
+            p = everything[name] if name in everything else params[name]
             if tuple(p.shape) != tuple(value.shape):
                 raise ExportError(f"{where}: {name} has shape {tuple(value.shape)} in the checkpoint, "
                                   f"{tuple(p.shape)} in the model")
+            if id(p) in assigned and not torch.equal(assigned[id(p)], value.to(p.dtype)):
+                # e.g. tied embeddings trained apart on two pipeline stages
+                raise ExportError(f"{where}: {name} is tied to another tensor in the model but differs from it "
+                                  "in the checkpoint")
             p.copy_(value.to(p.dtype))
+            assigned[id(p)] = value.to(p.dtype)
 
 
 def load_checkpoint_model(path: str | os.PathLike, tag: str | None = None):
@@ -243,6 +254,10 @@ def tokenizer_with_image_tokens(tokenizer, vocab_size: int):
     placeholders fill any gap between the tokenizer and the embedding matrix)."""
     from transformers import AddedToken
 
+    vocab = tokenizer.get_vocab()
+    if vocab.get(BOI_TOKEN) == vocab_size and vocab.get(EOI_TOKEN) == vocab_size + 1:
+        return tokenizer  # already one of ours
+    tokenizer = copy.deepcopy(tokenizer)
     n = len(tokenizer)
     if n > vocab_size:
         raise ExportError(f"the tokenizer has {n} tokens, more than the model's vocabulary of {vocab_size}")
@@ -307,11 +322,16 @@ def export_fused(fused, tokenizer, out_dir: str | os.PathLike, *, bos: int | Non
                               and not fused.tied_embeddings,
                               bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
     config.architectures = ["LMFusionForCausalLM"]
-    model = LMFusionForCausalLM(config, fused=fused.to(dtype)).eval()
+    vae = fused.image_tokenizer.vae
+    fused = fused.to(dtype)
+    if vae is not None:
+        vae.to(torch.float32)
+    model = LMFusionForCausalLM(config, fused=fused).eval()
     gen = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, max_new_tokens=64, do_sample=False,
                # transformers' generate() writes text only: it cannot draw an image after BOI.
                suppress_tokens=[V, V + 1], boi_token_id=V, eoi_token_id=V + 1,
-               num_inference_steps=50, guidance_scale=3.0)
+               # Not "guidance_scale": generate() would read it as its own text CFG.
+               image_num_inference_steps=50, image_guidance_scale=3.0)
     gen.update(generation_defaults or {})
     model.generation_config = GenerationConfig(**gen)
     model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
@@ -322,8 +342,9 @@ def export_fused(fused, tokenizer, out_dir: str | os.PathLike, *, bos: int | Non
                             "AutoModelForCausalLM": f"{ENTRY_MODULE}.LMFusionForCausalLM"}
     (out / "config.json").write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out)
-    if fused.image_tokenizer.vae is not None:
-        fused.image_tokenizer.vae.save_pretrained(out / VAE_SUBFOLDER, safe_serialization=True)
+    if fused.image_tokenizer.vae is not None:  # frozen, kept in its own precision (fp32)
+        vae = copy.deepcopy(fused.image_tokenizer.vae).to(torch.float32)
+        vae.save_pretrained(out / VAE_SUBFOLDER, safe_serialization=True)
     for name, text in (extra_files or {}).items():
         (out / name).write_text(text)
     if card is not None:
@@ -400,6 +421,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     (default: the run's train.dtype)."""
     from megafusion.model.loading import load_tokenizer, resolve_base
 
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError):
+        raise ExportError(f"--max-shard-size {max_shard_size}: expected a size such as 5GB or 500MB") from None
     ref = find_checkpoint(checkpoint, tag)
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:  # refuse before the slow part
@@ -418,4 +445,4 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     run_config = (ref.run_dir / "config.yaml").read_text()
     return export_fused(fused, tokenizer, out, bos=bos, eos=eos, dtype=torch_dtype, max_shard_size=max_shard_size,
                         overwrite=overwrite, card=card, extra_files={"run_config.yaml": run_config},
-                        generation_defaults={"num_inference_steps": cfg.log.sample_diffusion_steps})
+                        generation_defaults={"image_num_inference_steps": cfg.log.sample_diffusion_steps})

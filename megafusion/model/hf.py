@@ -178,8 +178,8 @@ class LMFusionForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _sampler_defaults(self, steps, guidance_scale):
         g = self.generation_config
-        steps = steps if steps is not None else getattr(g, "num_inference_steps", 50)
-        guidance_scale = guidance_scale if guidance_scale is not None else getattr(g, "guidance_scale", 3.0)
+        steps = steps if steps is not None else getattr(g, "image_num_inference_steps", 50)
+        guidance_scale = guidance_scale if guidance_scale is not None else getattr(g, "image_guidance_scale", 3.0)
         return int(steps), float(guidance_scale)
 
     @torch.no_grad()

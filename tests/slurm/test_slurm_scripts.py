@@ -196,6 +196,7 @@ def test_two_nodes_one_rank_each(two_node_cluster, shards, tmp_path):
     env = job_env(tmp_path, shards, GPUS_PER_NODE="1", CPUS_PER_RANK="1")
     rc, log = submit(two_node_cluster, "slurm/train_70b.sh", tmp_path, env, "--nodes=2")
     run_dir = tmp_path / "run"
+    assert rc == 0, f"job exited {rc}:\n{log[-4000:]}\n{two_node_cluster.logs()}"
     assert_finished(rc, log, run_dir)
     assert "on node[1-2]: 2 node(s) x 1 rank(s), world size 2" in log, log[-3000:]
     node1_addr = two_node_cluster.nodes[0].addr
