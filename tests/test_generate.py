@@ -6,7 +6,6 @@ generate()."""
 import copy
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -67,7 +67,12 @@ def sdpa_varlen_primitive(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
 def flash_attn_primitive(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          causal, scale=None):
     """The real thing (CUDA, fp16/bf16). flash-attn handles GQA natively."""
-    from flash_attn import flash_attn_varlen_func
+    # In try/except: transformers' remote-code loader scans every import of this file
+    # and refuses to load a Hub model whose imports are missing, unless they are guarded.
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise ValueError(f"attention backend 'flash' needs flash-attn ({e})") from None
 
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   softmax_scale=scale, causal=causal)

@@ -6,7 +6,6 @@ from the base plus DeepSpeed's own consolidation (zero_to_fp32) or the pipeline'
 stage modules loading their layer files, as DeepSpeed's PipelineModule does."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ def free_port() -> int:
 def train(run_dir, shards, *extra, ranks=2, config="configs/tiny.yaml", steps=2, timeout=600):
     cmd = ([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port())] if ranks > 1 else [PY])
     cmd += [str(REPO / "megafusion" / "train.py"), "--config", str(REPO / config), f"run.dir={run_dir}",
-            f"data.train={shards}", f"data.run_id={Path(run_dir).name}-{os.getpid()}", f"train.steps={steps}",
+            f"data.train={shards}", f"data.run_id={Path(run_dir).parent.name}-{Path(run_dir).name}-{os.getpid()}", f"train.steps={steps}",
             "log.tensorboard=false", *extra]
     p = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1"),
                        capture_output=True, text=True, timeout=timeout)
