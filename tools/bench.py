@@ -511,6 +511,18 @@ def loader_samples_per_s(ctx: Context) -> dict:
 LOADER_QUICK = {"num_samples": 512, "steps": 10}
 
 
+@benchmark("sampling_cached_vs_uncached")
+def sampling_cached_vs_uncached(ctx: Context) -> dict:
+    """A 50-step text-to-image sample with the prompt's KV cache / without it (demo
+    dimensions, 64-token prompt, 64 image tokens, CFG batched); also the per-step ratio.
+    From megafusion.generate (owned by sampling). Quick mode: 5 steps, 1 repeat."""
+    from megafusion.generate import sampling_cached_vs_uncached as measure
+
+    if ctx.quick:
+        return measure(steps=5, repeats=1, step_repeats=2)
+    return measure(repeats=max(1, min(ctx.repeats, 3)))
+
+
 @benchmark("loader_vs_train_step")
 def loader_vs_train_step(ctx: Context) -> dict:
     """Loader throughput / the samples per second one demo-config training step consumes,

@@ -43,6 +43,9 @@ def test_quick_json_has_every_entry_with_positive_ratios():
     # Depends on megafusion.data.bench_loader: a number, or null with the reason.
     loader = report["loader_samples_per_s"]
     assert positive(loader["value"]) or (loader["value"] is None and loader["reason"]), loader
+    assert positive(report["loader_vs_train_step"]["value"]), report["loader_vs_train_step"]
+    sampling = report["sampling_cached_vs_uncached"]
+    assert positive(sampling["value"]) and sampling["goal"] == 0.7, sampling
 
 
 def test_unknown_entry_is_a_one_line_error():
