@@ -15,6 +15,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("MEGAFUSION_CACHE", Path.home() / ".cache" / "megafusion"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def clean_deepspeed_shm():
+    """DeepSpeed's CPU launcher leaves ~69 MB allreduce buffers in /dev/shm per run;
+    remove the ones this session created."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_*")) if shm.is_dir() else set()
+    yield
+    for path in (set(shm.glob("deepspeed_*")) if shm.is_dir() else set()) - before:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> str:
     """configs/tiny.yaml's model.base (written once, idempotent)."""
