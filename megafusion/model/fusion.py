@@ -71,20 +71,24 @@ class FusionDecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, routing: Routing, cos, sin, layout: AttentionLayout) -> torch.Tensor:
         """h: [B*L, hidden] in modality-sorted order."""
-        n = routing.n_text
-        parts = []
-        if n:
-            parts.append(self.text.qkv(h[:n]))
-        if routing.n_image:
-            parts.append(self.image.qkv(h[n:]))
-        q, k, v = (p[0] if len(parts) == 1 else torch.cat(p, 0) for p in zip(*parts))
+        q, k, v = self._qkv(h, routing, cos, sin)
+        return self._finish(h, routing, hybrid_attention(q, k, v, layout, scale=self.scale))
+
+    def _qkv(self, h, routing: Routing, cos, sin):
+        """Each tower projects its own tokens; q/k/v go to sequence order, [B, H, L, d],
+        with RoPE applied."""
+        q, k, v = (torch.cat(p, 0) for p in zip(*(
+            tower.qkv(x) for tower, x in ((self.text, h[: routing.n_text]), (self.image, h[routing.n_text:])) if x.shape[0])))
         B, L, d = routing.batch_size, routing.seq_len, self.head_dim
         q = routing.to_sequence(q).view(B, L, self.num_heads, d).transpose(1, 2)
         k = routing.to_sequence(k).view(B, L, self.num_kv_heads, d).transpose(1, 2)
         v = routing.to_sequence(v).view(B, L, self.num_kv_heads, d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = hybrid_attention(q, k, v, layout, scale=self.scale)  # [B, H, L, d]
-        o = routing.to_sorted(o.transpose(1, 2).reshape(B, L, self.num_heads * d))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _finish(self, h, routing: Routing, o):
+        """Attention output [B, H, L, d] back to sorted order, o_proj, residual, MLP."""
+        B, L = routing.batch_size, routing.seq_len
+        o = routing.to_sorted(o.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
         h = h + routing.run(self.text.o_proj, self.image.o_proj, o)
         return routing.run(self.text.ffn, self.image.ffn, h)
 
@@ -101,23 +105,10 @@ class FusionDecoderLayer(nn.Module):
         and values depend on later tokens: text is causal and an image, bidirectional
         only within itself, enters the cache whole.
         """
-        n = routing.n_text
-        parts = []
-        if n:
-            parts.append(self.text.qkv(h[:n]))
-        if routing.n_image:
-            parts.append(self.image.qkv(h[n:]))
-        q, k, v = (p[0] if len(parts) == 1 else torch.cat(p, 0) for p in zip(*parts))
-        B, L, d = routing.batch_size, routing.seq_len, self.head_dim
-        q = routing.to_sequence(q).view(B, L, self.num_heads, d).transpose(1, 2)
-        k = routing.to_sequence(k).view(B, L, self.num_kv_heads, d).transpose(1, 2)
-        v = routing.to_sequence(v).view(B, L, self.num_kv_heads, d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._qkv(h, routing, cos, sin)
         k, v = kv_update(k, v)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True)
-        o = routing.to_sorted(o.transpose(1, 2).reshape(B, L, self.num_heads * d))
-        h = h + routing.run(self.text.o_proj, self.image.o_proj, o)
-        return routing.run(self.text.ffn, self.image.ffn, h)
+        return self._finish(h, routing, o)
 
 
 @dataclass
