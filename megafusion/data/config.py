@@ -1,0 +1,130 @@
+"""Configuration of the data pipeline (the `data` section of a run config).
+
+Standard library only, like megafusion/model/config.py, so the run-config loader can
+build it from YAML: `train` and `val` are a shard location (local directory or an
+object-store URL streaming understands: s3://, gs://, oci://, ...) or a list of streams
+`{remote: ..., proportion: ...}` mixed by proportion.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StreamSpec:
+    # Shard location: a local directory or a URL (s3://bucket/path, gs://...).
+    remote: str
+    # Share of each epoch drawn from this stream (streaming's Stream(proportion=...));
+    # None: its natural size. Proportions of all streams need not sum to 1.
+    proportion: float | None = None
+    # Name of its cache subdirectory; default: derived from `remote`.
+    name: str | None = None
+
+
+def _as_streams(value: Any, what: str) -> list[StreamSpec]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [StreamSpec(remote=str(value))]
+    if isinstance(value, StreamSpec):
+        return [value]
+    if isinstance(value, dict):
+        value = [value]
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, StreamSpec):
+            out.append(item)
+        elif isinstance(item, (str, os.PathLike)):
+            out.append(StreamSpec(remote=str(item)))
+        elif isinstance(item, dict):
+            unknown = set(item) - {"remote", "proportion", "name"}
+            if unknown or "remote" not in item:
+                raise ValueError(f"data.{what}[{i}]: expected keys remote, proportion, name; got {sorted(item)}")
+            out.append(StreamSpec(**item))
+        else:
+            raise ValueError(f"data.{what}[{i}]: expected a location or a {{remote, proportion}} mapping, got {type(item).__name__}")
+    return out
+
+
+@dataclass
+class DataConfig:
+    # Training shards: a location, or a list of streams (see StreamSpec).
+    train: Any = ""
+    # Held-out shards for evaluation (same forms); None: no validation data.
+    val: Any = None
+
+    # Every stream is read through a node-local cache directory:
+    # <cache_root>/<run_id>/node<N>/<stream name>. One directory per node and run keeps
+    # concurrent runs and the ranks of other nodes (on a shared filesystem) apart.
+    cache_root: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "megafusion-streaming"))
+    # Same on every rank of a run and stable across restarts of it (so a requeued job
+    # reuses its cache). None: $MEGAFUSION_RUN_ID, else $SLURM_JOB_ID, else "default".
+    run_id: str | None = None
+
+    # Packed sequence length and packed rows per rank per step (PackedBatch's B, L).
+    seq_len: int = 4096
+    batch_size: int = 1
+    # Samples each rank consumes per step, packed into those rows (fixed, which is what
+    # makes resume exact; samples that do not fit are dropped and counted). None:
+    # batch_size * seq_len // (tokens_per_image + 3 + text_tokens_estimate).
+    samples_per_step: int | None = None
+    text_tokens_estimate: int = 32
+
+    # Image-caption samples: caption then image (generation) with this probability,
+    # else image then caption (understanding, the image is a condition).
+    generation_ratio: float = 0.8
+    # Share of generation samples whose caption is replaced by the empty prompt
+    # (classifier-free guidance).
+    caption_drop: float = 0.1
+    # Captions longer than this many tokens are cut (None: only seq_len limits them).
+    max_caption_tokens: int | None = None
+
+    # Token ids that open and close every document; None: from the tokenizer
+    # (see megafusion.data.text_special_ids).
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    # Reading.
+    num_workers: int = 2
+    prefetch_factor: int | None = None
+    seed: int = 0
+    shuffle: bool = True
+    shuffle_algo: str = "py1e"
+    shuffle_block_size: int | None = None
+    num_canonical_nodes: int | None = None
+    predownload: int | None = None
+    cache_limit: str | None = None
+    epoch_size: int | None = None
+    # Use pre-encoded `latents` when every image stream has them and the model runs in
+    # VAE space; otherwise images are decoded to pixels and the model encodes them.
+    use_latents: bool = True
+
+    def train_streams(self) -> list[StreamSpec]:
+        return _as_streams(self.train, "train")
+
+    def val_streams(self) -> list[StreamSpec]:
+        return _as_streams(self.val, "val")
+
+    def validate(self, require_train: bool = True) -> None:
+        if require_train and not self.train_streams():
+            raise ValueError("data.train is empty: give a shard location (directory or URL) or a list of streams")
+        self.train_streams()
+        self.val_streams()
+        for name in ("seq_len", "batch_size", "text_tokens_estimate"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if self.samples_per_step is not None and self.samples_per_step < 1:
+            raise ValueError(f"data.samples_per_step={self.samples_per_step} must be >= 1 (or null for auto)")
+        for name in ("generation_ratio", "caption_drop"):
+            v = float(getattr(self, name))
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"data.{name}={v} outside [0, 1]")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.seed < 0:
+            raise ValueError(f"data.seed={self.seed} must be >= 0")
+        if self.max_caption_tokens is not None and self.max_caption_tokens < 0:
+            raise ValueError(f"data.max_caption_tokens={self.max_caption_tokens} must be >= 0")

@@ -1,0 +1,134 @@
+"""StreamingDataset whose items are ready-made documents (see sequence.py).
+
+Decoding, tokenising and the per-sample random choices happen here, in the DataLoader
+workers. A row that cannot be decoded becomes {"skip": reason} instead of raising: it
+still counts as consumed (so each step consumes a fixed number of rows) and the collate
+counts it in TrainBatch.stats.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from streaming import StreamingDataset
+
+from .images import ImageSkip, load_rgb, to_tensor
+from .sequence import (image_caption_document, image_token_ids, plan_sample, sample_timestep,
+                       text_documents)
+
+
+class SampleBuilder:
+    """Shard row (+ its global index and epoch) -> {"kind", "docs"} or {"skip"}."""
+
+    def __init__(self, *, tokenizer, tokens_per_image: int, vocab_size: int, bos: int | None, eos: int,
+                 seq_len: int, image_size: int, use_latents: bool, latent_shape: tuple | None,
+                 generation_ratio: float, caption_drop: float, max_caption_tokens: int | None,
+                 condition_t_cap: int, fusion_cfg, seed: int, vary_with_epoch: bool = True):
+        self.tokenizer = tokenizer
+        self.tokens_per_image = tokens_per_image
+        self.boi, self.eoi = image_token_ids(vocab_size)
+        self.bos, self.eos = bos, eos
+        self.seq_len = seq_len
+        self.image_size = image_size
+        self.use_latents = use_latents
+        self.latent_shape = latent_shape
+        self.generation_ratio = generation_ratio
+        self.caption_drop = caption_drop
+        self.max_caption_tokens = max_caption_tokens
+        self.cap = condition_t_cap
+        self.fusion_cfg = fusion_cfg
+        self.seed = seed
+        # False (validation): every pass draws the same orders, drops and timesteps.
+        self.vary_with_epoch = vary_with_epoch
+        self._objective = None
+
+    @property
+    def objective(self):
+        # Built lazily in each worker process rather than pickled.
+        if self._objective is None:
+            from megafusion.model.diffusion import make_objective
+
+            self._objective = make_objective(self.fusion_cfg)
+        return self._objective
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_objective"] = None
+        return state
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def image(self, row: dict) -> torch.Tensor:
+        if self.use_latents:
+            lat = np.asarray(row["latents"], dtype=np.float32)
+            if self.latent_shape is not None and tuple(lat.shape) != tuple(self.latent_shape):
+                raise ImageSkip("bad_latents", f"shape {lat.shape}")
+            return torch.from_numpy(lat.copy())
+        data = row.get("image")
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageSkip("missing_image")
+        return to_tensor(load_rgb(bytes(data), self.image_size))
+
+    def __call__(self, row: dict, index: int, epoch: int) -> dict:
+        try:
+            if "caption" in row and ("image" in row or "latents" in row):
+                return self.image_caption(row, index, epoch)
+            if "text" in row:
+                text = row["text"]
+                if not isinstance(text, str):
+                    return {"skip": "bad_text"}
+                return {"kind": "text", "docs": text_documents(self.tokenize(text), self.bos, self.eos, self.seq_len)}
+            return {"skip": "unknown_columns"}
+        except ImageSkip as e:
+            return {"skip": f"image_{e.reason}"}
+        except Exception as e:  # a bad row must never stop training
+            return {"skip": f"error_{type(e).__name__}"}
+
+    def image_caption(self, row: dict, index: int, epoch: int) -> dict:
+        caption = row["caption"]
+        if not isinstance(caption, str):
+            return {"skip": "bad_caption"}
+        image = self.image(row)
+        plan = plan_sample(self.seed, epoch if self.vary_with_epoch else 0, index, self.generation_ratio, self.caption_drop)
+        ids = [] if plan.drop_caption else self.tokenize(caption)
+        if self.max_caption_tokens is not None:
+            ids = ids[:self.max_caption_tokens]
+        t = sample_timestep(self.objective, plan.understanding, self.cap, plan.timestep_seed)
+        doc = image_caption_document(ids, image, plan, t, self.bos, self.eos, self.boi, self.eoi)
+        return {"kind": "image", "docs": [doc]}
+
+
+class FusionDataset(StreamingDataset):
+    """StreamingDataset that yields built samples; `builder` turns rows into documents."""
+
+    def __init__(self, *, builder: SampleBuilder | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.builder = builder
+        self.epoch = 0
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        # The one place streaming decides which epoch an iteration belongs to; remembered
+        # (per worker process) so per-sample randomness can depend on it.
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self.epoch = int(epoch)
+        return epoch, sample_in_epoch
+
+    def stream_of(self, index: int) -> int:
+        shard_id, _ = self.spanner[index]
+        return int(self.stream_per_shard[shard_id])
+
+    def stream_columns(self) -> list[dict[str, str]]:
+        """Per stream: column name -> MDS encoding (from the first shard of the stream)."""
+        out: dict[int, dict[str, str]] = {}
+        for shard_id, stream_id in enumerate(self.stream_per_shard):
+            if int(stream_id) not in out:
+                shard = self.shards[shard_id]
+                out[int(stream_id)] = dict(zip(getattr(shard, "column_names", []), getattr(shard, "column_encodings", [])))
+        return [out.get(i, {}) for i in range(len(self.streams))]
+
+    def __getitem__(self, index: int) -> dict:
+        row = super().__getitem__(index)
+        sample = self.builder(row, int(index), self.epoch) if self.builder is not None else {"row": row}
+        sample["index"] = int(index)
+        sample["stream"] = self.stream_of(int(index))
+        return sample

@@ -1,0 +1,199 @@
+"""Building the train / val loaders (see megafusion/data/__init__.py for the design)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from streaming import Stream
+from streaming.base import StreamingDataLoader
+
+from .config import DataConfig, StreamSpec
+from .dataset import FusionDataset, SampleBuilder
+from .dist_env import DistEnv, init_dist_env
+from .packing import PackCollate, TrainBatch
+from .sequence import text_special_ids
+
+_STALE_SHM_CLEANED = False
+
+
+class FusionLoader(StreamingDataLoader):
+    """StreamingDataLoader of TrainBatch. Its sample count (what state_dict() records)
+    is the rows consumed, TrainBatch.num_samples, not the packed rows of the batch."""
+
+    def _get_batch_size(self, batch) -> int:
+        if isinstance(batch, TrainBatch):
+            return batch.num_samples
+        return super()._get_batch_size(batch)
+
+
+def clean_stale_shared_memory_once() -> None:
+    """streaming.base.util.clean_stale_shared_memory(), once per process.
+
+    It removes the shared memory of crashed runs (the deepspeed launcher leaves some). It
+    runs on local rank 0 while the other local ranks wait at a barrier (torch.distributed
+    when initialised, else streaming initialises gloo from MASTER_ADDR/MASTER_PORT), so
+    all ranks call it before any of them builds a dataset. A second call in the same
+    process would delete the live datasets' memory, hence once.
+    """
+    global _STALE_SHM_CLEANED
+    if _STALE_SHM_CLEANED:
+        return
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    _STALE_SHM_CLEANED = True
+
+
+def _check_process_group(env: DistEnv) -> None:
+    import torch.distributed as dist
+
+    if env.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"WORLD_SIZE={env.world_size} but torch.distributed is not initialised: call "
+                         "deepspeed.init_distributed() or torch.distributed.init_process_group() before building "
+                         "the loader (left alone, streaming creates and destroys its own gloo group twice on "
+                         "MASTER_PORT, and a rank that joins the first one as it closes waits forever)")
+
+
+def resolve_run_id(cfg: DataConfig) -> str:
+    run_id = cfg.run_id or os.environ.get("MEGAFUSION_RUN_ID") or os.environ.get("SLURM_JOB_ID") or "default"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(run_id))
+
+
+def stream_cache_name(split: str, i: int, spec: StreamSpec) -> str:
+    """Cache subdirectory of a stream. It includes a hash of the location, and for local
+    shards of their index.json, so rewritten shards never meet a stale cache."""
+    if spec.name:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{split}-{spec.name}")
+    h = hashlib.sha1(spec.remote.rstrip("/").encode())
+    index = Path(spec.remote) / "index.json"
+    if "://" not in spec.remote and index.is_file():
+        h.update(index.read_bytes())
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(spec.remote.rstrip("/")) or "root")
+    return f"{split}-{i}-{base}-{h.hexdigest()[:10]}"
+
+
+def cache_dir(cfg: DataConfig, env: DistEnv, split: str, i: int, spec: StreamSpec) -> str:
+    """<cache_root>/<run_id>/node<N>/<stream name>: one per node and run."""
+    return os.path.join(cfg.cache_root, resolve_run_id(cfg), f"node{env.node}", stream_cache_name(split, i, spec))
+
+
+def default_samples_per_step(cfg: DataConfig, tokens_per_image: int) -> int:
+    if cfg.samples_per_step is not None:
+        return int(cfg.samples_per_step)
+    return max(1, cfg.batch_size * cfg.seq_len // (tokens_per_image + 3 + cfg.text_tokens_estimate))
+
+
+def _check_location(spec: StreamSpec, what: str) -> None:
+    if "://" in spec.remote:
+        return
+    if not (Path(spec.remote) / "index.json").is_file():
+        raise ValueError(f"data.{what}: {spec.remote} has no index.json (write shards with tools/prepare_data.py)")
+
+
+def _latent_shape(encoding: str | None):
+    m = re.fullmatch(r"ndarray:[a-z0-9]+:([\d,]+)", encoding or "")
+    return tuple(int(x) for x in m.group(1).split(",")) if m else None
+
+
+def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg, tokenizer,
+           tokens_per_image: int, env: DistEnv | None, vocab_size: int | None, shuffle: bool,
+           replication: int = 1) -> FusionLoader:
+    data_cfg.validate(require_train=(split == "train"))
+    if not specs:
+        raise ValueError(f"data.{split} is empty")
+    env = env or init_dist_env()
+    # The fork of DataLoader workers after the tokenizer ran in this process: keep the
+    # Rust tokenizer single-threaded instead of letting it warn (or deadlock).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for spec in specs:
+        _check_location(spec, split)
+    _check_process_group(env)
+    clean_stale_shared_memory_once()
+
+    samples_per_step = default_samples_per_step(data_cfg, tokens_per_image)
+    streams = [Stream(remote=s.remote, local=cache_dir(data_cfg, env, split, i, s), proportion=s.proportion)
+               for i, s in enumerate(specs)]
+    dataset = FusionDataset(
+        streams=streams,
+        batch_size=samples_per_step,
+        shuffle=shuffle,
+        shuffle_seed=data_cfg.seed,
+        shuffle_algo=data_cfg.shuffle_algo,
+        shuffle_block_size=data_cfg.shuffle_block_size,
+        num_canonical_nodes=data_cfg.num_canonical_nodes,
+        predownload=data_cfg.predownload,
+        cache_limit=data_cfg.cache_limit,
+        epoch_size=data_cfg.epoch_size,
+        replication=replication if replication > 1 else None,
+    )
+
+    columns = dataset.stream_columns()
+    image_streams = []
+    for spec, cols in zip(specs, columns):
+        if "caption" in cols and ("image" in cols or "latents" in cols):
+            image_streams.append(cols)
+        elif "text" not in cols:
+            raise ValueError(f"data.{split}: {spec.remote} has columns {sorted(cols)}; expected image+caption or text")
+    use_latents = bool(data_cfg.use_latents and fusion_cfg.image_mode == "vae" and image_streams
+                       and all("latents" in c for c in image_streams))
+    if not use_latents:
+        for spec, cols in zip(specs, columns):
+            if "caption" in cols and "image" not in cols:
+                raise ValueError(f"data.{split}: {spec.remote} has latents but no image column, and "
+                                 f"the model reads pixels (model.image_mode={fusion_cfg.image_mode})")
+    if use_latents:
+        shapes = {_latent_shape(c["latents"]) for c in image_streams}
+        if len(shapes) != 1:
+            raise ValueError(f"data.{split}: image streams have different latent shapes {sorted(map(str, shapes))}")
+        latent_shape = shapes.pop()
+        image_shape = latent_shape or (0, 0, 0)
+    else:
+        latent_shape = None
+        image_shape = (3, fusion_cfg.image_size, fusion_cfg.image_size)
+
+    bos, eos = text_special_ids(tokenizer)
+    if data_cfg.bos_token_id is not None:
+        bos = data_cfg.bos_token_id
+    if data_cfg.eos_token_id is not None:
+        eos = data_cfg.eos_token_id
+    dataset.builder = SampleBuilder(
+        tokenizer=tokenizer, tokens_per_image=tokens_per_image,
+        vocab_size=len(tokenizer) if vocab_size is None else vocab_size,
+        bos=bos, eos=eos, seq_len=data_cfg.seq_len, image_size=fusion_cfg.image_size,
+        use_latents=use_latents, latent_shape=latent_shape,
+        generation_ratio=data_cfg.generation_ratio, caption_drop=data_cfg.caption_drop,
+        max_caption_tokens=data_cfg.max_caption_tokens, condition_t_cap=fusion_cfg.condition_t_cap,
+        fusion_cfg=fusion_cfg, seed=data_cfg.seed, vary_with_epoch=(split == "train"),
+    )
+    collate = PackCollate(data_cfg.batch_size, data_cfg.seq_len, tokens_per_image, image_shape, use_latents)
+    kwargs = {}
+    if data_cfg.num_workers > 0 and data_cfg.prefetch_factor is not None:
+        kwargs["prefetch_factor"] = data_cfg.prefetch_factor
+    return FusionLoader(dataset, batch_size=samples_per_step, collate_fn=collate,
+                        num_workers=data_cfg.num_workers, drop_last=False, **kwargs)
+
+
+def build_train_loader(data_cfg: DataConfig, fusion_cfg, tokenizer, tokens_per_image: int,
+                       dist_env: DistEnv | None = None, vocab_size: int | None = None,
+                       replication: int = 1) -> FusionLoader:
+    """Loader over data_cfg.train yielding TrainBatch (a PackedBatch) per step.
+
+    With WORLD_SIZE > 1, torch.distributed must already be initialised (the trainer's
+    deepspeed.init_distributed()): streaming's ranks of a node meet at its barriers.
+    dist_env: from init_dist_env() (called here when None). vocab_size: the base model's
+    vocabulary size, BOI/EOI are vocab_size and vocab_size + 1 (default len(tokenizer)).
+    loader.state_dict() / load_state_dict() resume exactly (see the package docstring).
+    replication: consecutive ranks that receive the same samples (streaming's own
+    replication): the stages of one pipeline, which the trainer numbers consecutively.
+    """
+    return _build("train", data_cfg.train_streams(), data_cfg, fusion_cfg, tokenizer, tokens_per_image,
+                  dist_env, vocab_size, data_cfg.shuffle, replication)
+
+
+def build_val_loader(data_cfg: DataConfig, fusion_cfg, tokenizer, tokens_per_image: int,
+                     dist_env: DistEnv | None = None, vocab_size: int | None = None) -> FusionLoader:
+    """Same pipeline over data_cfg.val, unshuffled: the same batches on every call."""
+    return _build("val", data_cfg.val_streams(), data_cfg, fusion_cfg, tokenizer, tokens_per_image,
+                  dist_env, vocab_size, False)

@@ -1,0 +1,546 @@
+"""Writing MDS shards: the library behind tools/prepare_data.py.
+
+    prepare_data.py synthetic --out DIR --n N [--size 32] [--seed S] [--val-n M]
+    prepare_data.py images SOURCE... --out DIR [--size 256] [--vae PATH]
+    prepare_data.py text SOURCE.jsonl... --out DIR
+
+Image-caption shards: columns image (PNG, or JPEG above 128 px, bytes), caption (str),
+id (str), plus latents (float16 [C, h, w], AutoencoderKL latent_dist.mean *
+scaling_factor) with --vae, and meta (json ground truth) for synthetic data. Text
+shards: text, id. zstd compression, xxh64 hashes. `out` may be a local directory or a
+URL streaming can write to (s3://, gs://, ...).
+
+synthetic also writes a held-out split to OUT/val (indices from VAL_INDEX_OFFSET, so
+disjoint random streams), which evaluation reads.
+
+Bad input never stops a conversion: each skipped row is counted under a reason and the
+counts are printed and written to OUT/prepare_summary.json as
+{"written": N, "skipped": {reason: count}, "converted": {mode: count}}. The exit status is
+0 unless nothing was written.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import posixpath
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.parse
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .images import ImageSkip, decode_image, encode_image, resize_center_crop, to_rgb
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+SUMMARY_NAME = "prepare_summary.json"
+DEFAULT_SHARD_SIZE = 1 << 26
+COMPRESSION = "zstd"
+HASHES = ["xxh64"]
+
+
+class PrepareError(Exception):
+    """A fatal problem with the command line or an output location (one line)."""
+
+
+# ------------------------------------------------------------------------ bookkeeping
+
+@dataclass
+class Summary:
+    written: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    converted: Counter = field(default_factory=Counter)  # source image modes turned into RGB
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+
+    def as_dict(self) -> dict:
+        out = {"written": self.written, "skipped": dict(sorted(self.skipped.items()))}
+        if self.converted:
+            out["converted"] = dict(sorted(self.converted.items()))
+        return out
+
+    def line(self, out: str) -> str:
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"wrote {self.written} samples to {out}; skipped: {skipped}"
+
+
+def is_url(out: str) -> bool:
+    return urllib.parse.urlparse(str(out)).scheme not in ("", "file")
+
+
+def join_out(out: str, sub: str) -> str:
+    return out.rstrip("/") + "/" + sub if is_url(out) else os.path.join(out, sub)
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    if is_url(out):
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise PrepareError(f"--out {out}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise PrepareError(f"--out {out}: directory is not empty (pass --overwrite to replace it)")
+        shutil.rmtree(path)
+
+
+def write_summary(out: str, summary: Summary) -> None:
+    data = json.dumps(summary.as_dict(), indent=2) + "\n"
+    if not is_url(out):
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, SUMMARY_NAME), "w") as f:
+            f.write(data)
+        return
+    from streaming.base.storage.upload import CloudUploader
+
+    tmp = tempfile.mkdtemp()
+    try:
+        with open(os.path.join(tmp, SUMMARY_NAME), "w") as f:
+            f.write(data)
+        CloudUploader.get((tmp, out), keep_local=False).upload_file(SUMMARY_NAME)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _progress(desc: str, total: int | None = None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", mininterval=0.5, file=sys.stderr)
+
+
+def _mds_writer(out: str, columns: dict, shard_size: int):
+    from streaming import MDSWriter
+
+    return MDSWriter(out=out, columns=columns, compression=COMPRESSION, hashes=HASHES, size_limit=shard_size)
+
+
+def clean_caption(value) -> str:
+    """bytes/str/None -> stripped caption, or ImageSkip(reason)."""
+    if value is None:
+        raise ImageSkip("missing_caption")
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ImageSkip("caption_not_utf8") from None
+    if not isinstance(value, str):
+        raise ImageSkip("bad_caption")
+    try:
+        value.encode("utf-8")  # surrogates left by errors="surrogateescape"
+    except UnicodeEncodeError:
+        raise ImageSkip("caption_not_utf8") from None
+    value = value.replace("\x00", "").strip()
+    if not value:
+        raise ImageSkip("empty_caption")
+    return value
+
+
+# ---------------------------------------------------------------- image shard writer
+
+class ImageShardWriter:
+    """Buffers converted images so latents are encoded in batches, then writes rows."""
+
+    def __init__(self, out: str, size: int, vae_path: str | None = None, image_format: str = "auto",
+                 shard_size: int = DEFAULT_SHARD_SIZE, with_meta: bool = False, vae_batch: int = 16):
+        self.size = size
+        self.image_format = ("png" if size <= 128 else "jpeg") if image_format == "auto" else image_format
+        self.with_meta = with_meta
+        self.vae = None
+        self.vae_batch = vae_batch
+        columns = {"image": "bytes", "caption": "str", "id": "str"}
+        if with_meta:
+            columns["meta"] = "json"
+        if vae_path:
+            self.vae = load_vae(vae_path)
+            c, h, w = self._encode([_blank_image(size)])[0].shape
+            columns["latents"] = f"ndarray:float16:{c},{h},{w}"
+        self.pending: list[dict] = []
+        self.writer = _mds_writer(out, columns, shard_size)
+        self.written = 0
+
+    def _encode(self, images) -> list:
+        import numpy as np
+        import torch
+
+        from .images import to_tensor
+
+        x = torch.stack([to_tensor(im) for im in images]).to(self.vae.device)
+        with torch.no_grad():
+            latent = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        return [np.ascontiguousarray(t.float().cpu().numpy().astype(np.float16)) for t in latent]
+
+    def add(self, sample_id: str, image, caption: str, meta: dict | None = None) -> None:
+        row = {"image": encode_image(image, self.image_format), "caption": caption, "id": sample_id}
+        if self.with_meta:
+            row["meta"] = meta or {}
+        if self.vae is not None:
+            row["_pil"] = image
+        self.pending.append(row)
+        if self.vae is None or len(self.pending) >= self.vae_batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        if self.vae is not None:
+            latents = self._encode([r.pop("_pil") for r in self.pending])
+            for r, lat in zip(self.pending, latents):
+                r["latents"] = lat
+        for r in self.pending:
+            self.writer.write(r)
+            self.written += 1
+        self.pending = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.finish()
+
+
+def _blank_image(size: int):
+    from PIL import Image
+
+    return Image.new("RGB", (size, size), (128, 128, 128))
+
+
+def load_vae(path: str):
+    try:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(path)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise PrepareError(f"--vae {path}: cannot load a diffusers AutoencoderKL ({type(e).__name__}: {msg})") from None
+    import torch
+
+    return vae.eval().float().to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------- image sources
+
+@dataclass
+class RawItem:
+    id: str
+    image: bytes | None = None
+    caption: object = None  # bytes | str | None
+    skip: str | None = None  # reason found while reading the source
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _folder_items(root: Path) -> Iterator[RawItem]:
+    name = root.name or "source"
+    jsonl, csv_path = root / "captions.jsonl", root / "captions.csv"
+
+    def item(file: str, caption, where: str) -> RawItem:
+        if not isinstance(file, str) or not file:
+            return RawItem(id=f"{name}/{where}", skip="bad_record")
+        sample_id = f"{name}/{posixpath.splitext(file)[0]}"
+        path = root / file
+        if not path.is_file():
+            return RawItem(id=sample_id, skip="missing_image")
+        data = _read(path)
+        if data is None:
+            return RawItem(id=sample_id, skip="unreadable_image")
+        return RawItem(id=sample_id, image=data, caption=caption)
+
+    if jsonl.is_file():
+        for n, raw in enumerate(jsonl.read_bytes().splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+            except ValueError:
+                yield RawItem(id=f"{name}/line{n}", skip="bad_record")
+                continue
+            if not isinstance(rec, dict):
+                yield RawItem(id=f"{name}/line{n}", skip="bad_record")
+                continue
+            yield item(rec.get("file"), rec.get("caption"), f"line{n}")
+        return
+    if csv_path.is_file():
+        text = csv_path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        for n, row in enumerate(csv.reader(io.StringIO(text)), 1):
+            if not row or not any(c.strip() for c in row):
+                continue
+            if n == 1 and [c.strip().lower() for c in row[:2]] == ["file", "caption"]:
+                continue
+            if len(row) < 2:
+                yield item(row[0], None, f"line{n}")
+                continue
+            yield item(row[0], ",".join(row[1:]), f"line{n}")
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fname in sorted(filenames):
+            stem, ext = os.path.splitext(fname)
+            if ext.lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = Path(dirpath) / fname
+            rel = path.relative_to(root).with_suffix("").as_posix()
+            data = _read(path)
+            if data is None:
+                yield RawItem(id=f"{name}/{rel}", skip="unreadable_image")
+                continue
+            txt = Path(dirpath) / (stem + ".txt")
+            yield RawItem(id=f"{name}/{rel}", image=data, caption=_read(txt) if txt.is_file() else None)
+
+
+def _tar_items(path: Path, summary: Summary) -> Iterator[RawItem]:
+    """webdataset layout: members key.ext grouped by key (path up to the first dot)."""
+    name = path.name.split(".")[0] or "source"
+
+    def emit(key: str, files: dict) -> RawItem:
+        sample_id = f"{name}/{key}"
+        image = next((files[e] for e in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif") if e in files), None)
+        if image is None:
+            return RawItem(id=sample_id, skip="missing_image")
+        caption = files.get("txt")
+        if caption is None and "json" in files:
+            try:
+                rec = json.loads(files["json"].decode("utf-8", errors="surrogateescape"))
+                caption = rec.get("caption") if isinstance(rec, dict) else None
+            except ValueError:
+                return RawItem(id=sample_id, skip="bad_record")
+        return RawItem(id=sample_id, image=image, caption=caption)
+
+    key, files = None, {}
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                dirname, base = posixpath.split(member.name)
+                if "." not in base or base.startswith("."):
+                    continue
+                stem, ext = base.split(".", 1)
+                k = posixpath.join(dirname, stem)
+                data = tf.extractfile(member).read()  # ReadError when the data is cut short
+                if k != key and key is not None:
+                    yield emit(key, files)
+                    files = {}
+                key = k
+                files[ext.lower()] = data
+            # tarfile ends quietly at a header cut short; a sound archive ends in zero blocks.
+            tf.fileobj.seek(tf.offset)
+            damaged = any(tf.fileobj.read(1 << 16).strip(b"\0"))
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        damaged = True
+        files = {}  # the group being read when the damage was found is incomplete
+    if key is not None and files:
+        yield emit(key, files)
+    if damaged:
+        summary.skip("unreadable_archive")
+
+
+def image_items(sources: Iterable[str], summary: Summary) -> Iterator[RawItem]:
+    for src in sources:
+        path = Path(src)
+        if path.is_dir():
+            yield from _folder_items(path)
+        else:
+            yield from _tar_items(path, summary)
+
+
+def check_image_sources(sources: list[str]) -> None:
+    if not sources:
+        raise PrepareError("images: give at least one SOURCE (a folder or a webdataset .tar)")
+    for src in sources:
+        path = Path(src)
+        if not path.exists():
+            raise PrepareError(f"source {src}: no such file or directory")
+        if not (path.is_dir() or path.name.endswith(TAR_SUFFIXES) or tarfile.is_tarfile(path)):
+            raise PrepareError(f"source {src}: not a folder or a .tar file")
+
+
+def write_images(sources: list[str], out: str, size: int = 256, vae_path: str | None = None,
+                 image_format: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE) -> Summary:
+    check_image_sources(sources)
+    summary = Summary()
+    writer = ImageShardWriter(out, size, vae_path, image_format, shard_size)
+    seen: set[str] = set()
+    with _progress("images") as bar:
+        for raw in image_items(sources, summary):
+            bar.update(1)
+            if raw.skip:
+                summary.skip(raw.skip)
+                continue
+            if raw.id in seen:
+                summary.skip("duplicate_id")
+                continue
+            try:
+                caption = clean_caption(raw.caption)
+                img = decode_image(raw.image)
+                if img.mode != "RGB":
+                    summary.converted[img.mode] += 1
+                img = resize_center_crop(to_rgb(img), size)
+            except ImageSkip as e:
+                summary.skip(e.reason)
+                continue
+            seen.add(raw.id)
+            writer.add(raw.id, img, caption)
+    writer.close()
+    summary.written = writer.written
+    return summary
+
+
+# ------------------------------------------------------------------------- synthetic
+
+def write_synthetic(out: str, n: int, size: int = 32, seed: int = 0, split: str = "train",
+                    vae_path: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE) -> Summary:
+    from .synthetic import synthetic_samples
+
+    summary = Summary()
+    writer = ImageShardWriter(out, size, vae_path, "png", shard_size, with_meta=True)
+    with _progress(f"synthetic {split}", total=n) as bar:
+        for s in synthetic_samples(seed, n, size, split):
+            writer.add(s.id, s.image, s.caption, s.meta)
+            bar.update(1)
+    writer.close()
+    summary.written = writer.written
+    return summary
+
+
+# ------------------------------------------------------------------------------ text
+
+def write_text(sources: list[str], out: str, shard_size: int = DEFAULT_SHARD_SIZE) -> Summary:
+    if not sources:
+        raise PrepareError("text: give at least one SOURCE.jsonl")
+    for src in sources:
+        if not Path(src).is_file():
+            raise PrepareError(f"source {src}: no such file")
+    summary = Summary()
+    writer = _mds_writer(out, {"text": "str", "id": "str"}, shard_size)
+    seen: set[str] = set()
+    with _progress("text") as bar:
+        for src in sources:
+            stem = Path(src).name.split(".")[0] or "source"
+            with open(src, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    bar.update(1)
+                    try:
+                        rec = json.loads(raw.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        summary.skip("text_not_utf8")
+                        continue
+                    except ValueError:
+                        summary.skip("bad_record")
+                        continue
+                    if not isinstance(rec, dict):
+                        summary.skip("bad_record")
+                        continue
+                    text = rec.get("text")
+                    if not isinstance(text, str):
+                        summary.skip("missing_text")
+                        continue
+                    if not text.strip():
+                        summary.skip("empty_text")
+                        continue
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:  # lone surrogates from \ud800 escapes
+                        summary.skip("text_not_utf8")
+                        continue
+                    sample_id = str(rec["id"]) if rec.get("id") is not None else f"{stem}/{n}"
+                    if sample_id in seen:
+                        summary.skip("duplicate_id")
+                        continue
+                    seen.add(sample_id)
+                    writer.write({"text": text, "id": sample_id})
+                    summary.written += 1
+    writer.finish()
+    return summary
+
+
+# ------------------------------------------------------------------------------- CLI
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog: str = "prepare_data.py") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Write MDS shards for megafusion.")
+    sub = p.add_subparsers(dest="command", metavar="{synthetic,images,text}", parser_class=_Parser)
+
+    def common(sp):
+        sp.add_argument("--out", required=True, help="output directory or object-store URL")
+        sp.add_argument("--overwrite", action="store_true", help="replace a non-empty local --out")
+        sp.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="bytes per shard (before compression)")
+
+    s = sub.add_parser("synthetic", help="built-in coloured-shapes image-caption data")
+    common(s)
+    s.add_argument("--n", type=int, required=True, help="training samples")
+    s.add_argument("--size", type=int, default=32)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-n", type=int, default=None, help="held-out samples written to OUT/val (default n/10, at most 1000; 0: none)")
+    s.add_argument("--vae", default=None, help="AutoencoderKL directory: also store latents")
+
+    i = sub.add_parser("images", help="folders or webdataset .tar files of captioned images")
+    i.add_argument("sources", nargs="*", metavar="SOURCE")
+    common(i)
+    i.add_argument("--size", type=int, default=256)
+    i.add_argument("--vae", default=None, help="AutoencoderKL directory: also store latents")
+    i.add_argument("--image-format", choices=("auto", "png", "jpeg"), default="auto")
+
+    t = sub.add_parser("text", help="jsonl files with a `text` field")
+    t.add_argument("sources", nargs="*", metavar="SOURCE")
+    common(t)
+    return p
+
+
+def _report(summary: Summary, out: str) -> None:
+    write_summary(out, summary)
+    print(summary.line(out), flush=True)
+
+
+def main(argv: list[str] | None = None, prog: str = "prepare_data.py") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("missing subcommand: synthetic, images or text")
+    try:
+        if getattr(args, "size", 1) < 1:
+            raise PrepareError(f"--size {args.size}: must be >= 1")
+        if args.command == "images":
+            check_image_sources(args.sources)
+        check_out(args.out, args.overwrite)
+        if args.command == "synthetic":
+            if args.n < 1:
+                raise PrepareError(f"--n {args.n}: must be >= 1")
+            summary = write_synthetic(args.out, args.n, args.size, args.seed, "train", args.vae, args.shard_size)
+            _report(summary, args.out)
+            val_n = min(max(args.n // 10, 1), 1000) if args.val_n is None else args.val_n
+            if val_n > 0:
+                val_out = join_out(args.out, "val")
+                _report(write_synthetic(val_out, val_n, args.size, args.seed, "val", args.vae, args.shard_size), val_out)
+        elif args.command == "images":
+            summary = write_images(args.sources, args.out, args.size, args.vae, args.image_format, args.shard_size)
+            _report(summary, args.out)
+        else:
+            summary = write_text(args.sources, args.out, args.shard_size)
+            _report(summary, args.out)
+    except PrepareError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    if summary.written == 0:
+        print(f"{prog}: error: nothing written to {args.out} (every input row was skipped)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,71 @@
+"""Loader construction: latents or pixels, resizing, clear errors, throughput."""
+from __future__ import annotations
+
+import pytest
+from mf_data_helpers import IMAGE_SIZE, SINGLE, TOKENS_PER_IMAGE
+
+from megafusion.data import build_train_loader
+from megafusion.data.prepare import write_synthetic
+from megafusion.model.config import FusionConfig
+
+
+@pytest.fixture(scope="module")
+def latent_shards(tmp_path_factory):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8)
+    root = tmp_path_factory.mktemp("latents")
+    vae.save_pretrained(root / "vae")
+    write_synthetic(str(root / "shards"), 24, IMAGE_SIZE, seed=1, vae_path=str(root / "vae"))
+    return root
+
+
+def test_latents_when_model_is_in_vae_space(tokenizer, latent_shards, make_cfg):
+    import numpy as np
+    import torch
+
+    fusion = FusionConfig(image_size=IMAGE_SIZE, image_mode="vae", vae_path=str(latent_shards / "vae"))
+    cfg = make_cfg(str(latent_shards / "shards"), seq_len=64, batch_size=2, samples_per_step=2, shuffle=False)
+    loader = build_train_loader(cfg, fusion, tokenizer, 16, SINGLE)
+    batch = next(iter(loader))
+    assert batch.images_are_latents and batch.images.shape == (2, 4, 8, 8)
+    assert batch.images.dtype == torch.float32
+    expect = torch.from_numpy(np.asarray(loader.dataset.get_item(0)["latents"], dtype=np.float32))
+    assert torch.equal(batch.images[0], expect)
+
+
+def test_pixels_when_model_is_in_pixel_space(tokenizer, latent_shards, make_cfg):
+    fusion = FusionConfig(image_size=IMAGE_SIZE)
+    cfg = make_cfg(str(latent_shards / "shards"), seq_len=128, batch_size=1, samples_per_step=1)
+    batch = next(iter(build_train_loader(cfg, fusion, tokenizer, TOKENS_PER_IMAGE, SINGLE)))
+    assert not batch.images_are_latents and batch.images.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch.images.min() >= -1 and batch.images.max() <= 1
+
+
+def test_resized_when_shards_differ_from_model_size(tokenizer, latent_shards, make_cfg):
+    fusion = FusionConfig(image_size=8)
+    cfg = make_cfg(str(latent_shards / "shards"), seq_len=64, batch_size=1, samples_per_step=1)
+    batch = next(iter(build_train_loader(cfg, fusion, tokenizer, 16, SINGLE)))
+    assert batch.images.shape == (1, 3, 8, 8)
+
+
+def test_missing_shards_get_a_clear_error(tokenizer, tmp_path, make_cfg, fusion_cfg):
+    with pytest.raises(ValueError, match="no index.json"):
+        build_train_loader(make_cfg(str(tmp_path / "nowhere")), fusion_cfg, tokenizer, 16, SINGLE)
+
+
+def test_loader_throughput_is_measured(tokenizer):
+    from megafusion.data.bench_loader import loader_samples_per_s
+
+    rate = loader_samples_per_s(num_samples=128, image_size=16, seq_len=512, warmup_steps=1, tokenizer=tokenizer)
+    assert rate > 0
+
+
+def test_several_ranks_need_a_process_group(tokenizer, synthetic_dir, make_cfg, fusion_cfg):
+    from megafusion.data import DistEnv
+
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        build_train_loader(make_cfg(synthetic_dir), fusion_cfg, tokenizer, 16, DistEnv(0, 2, 0, 2))

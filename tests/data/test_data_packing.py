@@ -1,0 +1,212 @@
+"""Packed sequences: layout, labels, masks, and the packer's edge cases."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from megafusion.data import build_train_loader, image_token_ids, pack_documents, text_special_ids
+from megafusion.data.packing import PackCollate, fit_document
+from megafusion.model.batch import IGNORE_INDEX, IMAGE, TEXT, ImageSegment, TextSegment, document_length
+
+from mf_data_helpers import IMAGE_SIZE, SINGLE, TOKENS_PER_IMAGE
+
+
+def brute_force_layout(rows, seq_len, tpi):
+    """Per row: lists of (document, image or None, token id or None, label, position)."""
+    out = []
+    for docs in rows:
+        pos = []
+        for d, doc in enumerate(docs):
+            p = 0
+            for seg in doc:
+                if isinstance(seg, TextSegment):
+                    for t in seg.ids:
+                        pos.append((d, None, t, t if seg.loss else IGNORE_INDEX, p))
+                        p += 1
+                else:
+                    key = id(seg)
+                    for _ in range(tpi):
+                        pos.append((d, key, None, IGNORE_INDEX, p))
+                        p += 1
+        assert len(pos) <= seq_len
+        pad_doc = len(docs)
+        pos += [(pad_doc, None, None, IGNORE_INDEX, i) for i in range(seq_len - len(pos))]
+        out.append(pos)
+    return out
+
+
+def brute_force_mask(layout):
+    L = len(layout)
+    m = torch.zeros(L, L, dtype=torch.bool)
+    for i, (di, ii, *_ ) in enumerate(layout):
+        for j, (dj, ij, *_ ) in enumerate(layout):
+            m[i, j] = di == dj and (j <= i or (ii is not None and ii == ij))
+    return m
+
+
+def test_image_and_special_token_ids(tokenizer):
+    assert image_token_ids(49152) == (49152, 49153)
+    bos, eos = text_special_ids(tokenizer)
+    assert bos == tokenizer.bos_token_id
+    assert eos != bos and tokenizer.convert_ids_to_tokens(eos) == "<|im_end|>"
+
+
+def test_packed_batches_match_samples(tokenizer, synthetic_dir, fusion_cfg, make_cfg):
+    from megafusion.model.attention import hybrid_mask
+
+    seq_len, rows, per_step = 170, 2, 5
+    cfg = make_cfg(synthetic_dir, seq_len=seq_len, batch_size=rows, samples_per_step=per_step, shuffle=True)
+    loader = build_train_loader(cfg, fusion_cfg, tokenizer, TOKENS_PER_IMAGE, SINGLE)
+    batches = list(itertools.islice(loader, 12))
+
+    # The same samples, straight from a fresh dataset (same epoch 0) in loader order.
+    cfg2 = make_cfg(synthetic_dir, seq_len=seq_len, batch_size=rows, samples_per_step=per_step, shuffle=True)
+    ref = build_train_loader(cfg2, fusion_cfg, tokenizer, TOKENS_PER_IMAGE, SINGLE)
+    samples = list(itertools.islice(iter(ref.dataset), 12 * per_step))
+
+    bos, eos = text_special_ids(tokenizer)
+    boi, eoi = image_token_ids(len(tokenizer))
+    overflow = 0
+    for step, batch in enumerate(batches):
+        group = samples[step * per_step:(step + 1) * per_step]
+        assert batch.num_samples == per_step and batch.stats["samples"] == per_step
+        assert batch.input_ids.shape == (rows, seq_len)
+        assert batch.images.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and not batch.images_are_latents
+
+        # Reference packing, written independently: next-fit, drop when out of rows.
+        expect_rows, used, r = [[] for _ in range(rows)], [0] * rows, 0
+        for s in group:
+            (doc,) = s["docs"]
+            n = document_length(doc, TOKENS_PER_IMAGE)
+            if used[r] + n > seq_len and r + 1 < rows:
+                r += 1
+            if used[r] + n > seq_len:
+                overflow += 1
+                continue
+            expect_rows[r].append(doc)
+            used[r] += n
+        assert batch.stats["dropped_overflow"] == per_step - sum(map(len, expect_rows))
+
+        layout = brute_force_layout(expect_rows, seq_len, TOKENS_PER_IMAGE)
+        images = [seg for row in expect_rows for doc in row for seg in doc if isinstance(seg, ImageSegment)]
+        assert batch.num_images == len(images)
+        for k, seg in enumerate(images):
+            assert torch.equal(batch.images[k], seg.image)
+            assert batch.timesteps[k] == seg.timestep
+            assert bool(batch.image_is_condition[k]) == seg.is_condition
+        for b in range(rows):
+            lay = layout[b]
+            assert batch.document_ids[b].tolist() == [p[0] for p in lay]
+            assert batch.position_ids[b].tolist() == [p[4] for p in lay]
+            assert batch.modality[b].tolist() == [TEXT if p[1] is None else IMAGE for p in lay]
+            assert batch.labels[b].tolist() == [p[3] for p in lay]
+            text = [(p[2] if p[2] is not None else 0) for p in lay]
+            assert batch.input_ids[b].tolist() == text
+            # Image ids: one contiguous run per image, all inside this row.
+            img = batch.image_ids[b]
+            for k in img.unique().tolist():
+                if k >= 0:
+                    where = (img == k).nonzero().flatten()
+                    assert where.numel() == TOKENS_PER_IMAGE
+                    assert int(where[-1] - where[0]) == TOKENS_PER_IMAGE - 1
+            assert torch.equal(hybrid_mask(batch.document_ids[b:b + 1], batch.image_ids[b:b + 1])[0],
+                               brute_force_mask(lay))
+
+        # Token content: each document is BOS, caption, BOI, image, EOI, EOS or the
+        # understanding order, with the caption tokenised by the real tokenizer.
+        for s in group:
+            raw = ref.dataset.get_item(s["index"])
+            caption = tokenizer(raw["caption"], add_special_tokens=False)["input_ids"]
+            (doc,) = s["docs"]
+            ids = [t for seg in doc if isinstance(seg, TextSegment) for t in seg.ids]
+            image_seg = next(seg for seg in doc if isinstance(seg, ImageSegment))
+            if image_seg.is_condition:
+                assert ids == [bos, boi, eoi] + caption + [eos]
+                assert isinstance(doc[1], TextSegment) and isinstance(doc[2], ImageSegment)
+            elif ids == [bos, boi, eoi, eos]:
+                pass  # caption dropped
+            else:
+                assert ids == [bos] + caption + [boi, eoi, eos]
+    assert overflow > 0  # the configuration above does overflow: the path is exercised
+
+
+def test_labels_with_dropped_caption(tokenizer, synthetic_dir, fusion_cfg, make_cfg):
+    cfg = make_cfg(synthetic_dir, seq_len=100, batch_size=1, samples_per_step=1, caption_drop=1.0,
+                   generation_ratio=1.0)
+    loader = build_train_loader(cfg, fusion_cfg, tokenizer, TOKENS_PER_IMAGE, SINGLE)
+    bos, eos = text_special_ids(tokenizer)
+    boi, eoi = image_token_ids(len(tokenizer))
+    batch = next(iter(loader))
+    n = 3 + TOKENS_PER_IMAGE + 1
+    assert batch.input_ids[0, :2].tolist() == [bos, boi]
+    assert batch.labels[0, :n].tolist() == [IGNORE_INDEX, boi] + [IGNORE_INDEX] * TOKENS_PER_IMAGE + [eoi, eos]
+    assert batch.stats["tokens"] == n
+
+
+def doc(text_len, images=1, text_after=0, tpi=4):
+    out = [TextSegment(list(range(1, text_len + 1)))]
+    for _ in range(images):
+        out.append(ImageSegment(torch.zeros(3, 2, 2)))
+    if text_after:
+        out.append(TextSegment(list(range(1, text_after + 1))))
+    return out
+
+
+def test_fit_document_truncates_trailing_text_only():
+    d = doc(2, text_after=10)  # 2 + 4 + 10 = 16
+    assert fit_document(d, 16, 4) is d
+    cut = fit_document(d, 9, 4)
+    assert document_length(cut, 4) == 9 and isinstance(cut[1], ImageSegment)
+    assert fit_document(doc(8), 10, 4) is None  # the image would be cut
+
+
+def test_pack_documents_next_fit_overflow_and_counts():
+    from collections import Counter
+
+    stats = Counter()
+    docs = [doc(2), doc(2), doc(6), doc(1), doc(20), doc(30, images=0)]
+    # lengths: 6, 6, 10, 5, 24 (> 12: image cut -> too_long), 30 text-only -> truncated to 12
+    rows = pack_documents(docs, 2, 12, 4, stats)
+    assert [[document_length(d, 4) for d in row] for row in rows] == [[6, 6], [10]]
+    assert stats["too_long"] == 1 and stats["truncated"] == 1
+    assert stats["dropped_overflow"] == 2  # the 5 (no room left in row 1) and the 12
+    assert stats["documents"] == 3 and stats["tokens"] == 22
+
+
+def test_collate_counts_skips_and_keeps_image_shape():
+    collate = PackCollate(1, 16, 4, (3, 2, 2), images_are_latents=False)
+    batch = collate([{"skip": "image_unreadable_image"}, {"kind": "text", "docs": [[TextSegment([5, 6, 7])]]}])
+    assert batch.num_samples == 2
+    assert batch.stats["skipped"] == 1 and batch.stats["skipped/image_unreadable_image"] == 1
+    assert batch.images.shape == (0, 3, 2, 2)
+    assert batch.input_ids[0, :3].tolist() == [5, 6, 7]
+    moved = batch.to(dtype=torch.float64)
+    assert moved.num_samples == 2 and moved.stats == batch.stats
+    assert set(batch.as_dict()) == set(batch.packed().as_dict())
+
+
+@pytest.mark.parametrize("seq_len", [40, 300])
+def test_text_only_documents_are_chunked(tokenizer, tmp_path, fusion_cfg, make_cfg, seq_len):
+    import json
+
+    from megafusion.data.prepare import write_text
+
+    src = tmp_path / "t.jsonl"
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    src.write_text(json.dumps({"text": text}) + "\n")
+    write_text([str(src)], str(tmp_path / "text"))
+    cfg = make_cfg(str(tmp_path / "text"), seq_len=seq_len, batch_size=8, samples_per_step=1)
+    batch = next(iter(build_train_loader(cfg, fusion_cfg, tokenizer, TOKENS_PER_IMAGE, SINGLE)))
+    bos, eos = text_special_ids(tokenizer)
+    ids = [bos] + tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+    chunks = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    assert batch.stats["documents"] == len(chunks) and batch.num_images == 0
+    got = []
+    for b in range(batch.input_ids.shape[0]):
+        for d in batch.document_ids[b].unique().tolist():
+            sel = (batch.document_ids[b] == d) & (batch.labels[b] != IGNORE_INDEX)
+            if sel.any():
+                got.append(batch.input_ids[b][sel].tolist())
+    assert got == chunks

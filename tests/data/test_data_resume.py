@@ -1,0 +1,85 @@
+"""Exact resume on two ranks: batches after restoring the loader state at step k equal
+those of the uninterrupted run. Each phase runs two fresh processes, as after a restart."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("mf_resume_worker.py")
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(tmp_path, tag, args, launcher="torchrun"):
+    port = str(free_port())
+    procs = []
+    try:
+        for rank in range(WORLD):
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")}
+            env.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port, TOKENIZERS_PARALLELISM="false")
+            # The deepspeed launcher exports LOCAL_SIZE, not LOCAL_WORLD_SIZE: init_dist_env fills it in.
+            env["LOCAL_SIZE" if launcher == "deepspeed" else "LOCAL_WORLD_SIZE"] = str(WORLD)
+            out = tmp_path / f"{tag}-rank{rank}.pt"
+            log = open(tmp_path / f"{tag}-rank{rank}.log", "w")  # files, not pipes: a full pipe would block a rank
+            procs.append((subprocess.Popen([sys.executable, str(WORKER), *args[:3], str(out), *args[3:]], env=env,
+                                           stdout=log, stderr=subprocess.STDOUT), out, log))
+        results = []
+        for p, out, log in procs:
+            p.wait(timeout=200)
+            log.close()
+            text = Path(log.name).read_text()
+            assert p.returncode == 0, f"{tag} rank failed:\n{text[-3000:]}"
+            results.append(torch.load(out, weights_only=False))
+        return results
+    finally:
+        for p, _, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+
+
+def assert_same_batch(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.mark.slow
+def test_resume_two_ranks_is_exact(tmp_path, synthetic_dir):
+    """Run A: 6 steps uninterrupted (torchrun-style env, 2 loader workers), rank 0's loader
+    state saved after step 2 as a checkpoint would. Run B: fresh processes (deepspeed-
+    launcher env: LOCAL_SIZE only; 1 worker) load that state and run the last 4 steps."""
+    steps, k = 6, 2
+    common = [synthetic_dir, str(tmp_path / "cache"), "resume"]
+    state = tmp_path / "state.pt"
+    full = run_ranks(tmp_path, "full", common + ["--steps", str(steps), "--num-workers", "2",
+                                                 "--save-after", str(k), str(state)])
+    rest = run_ranks(tmp_path, "rest", common + ["--steps", str(steps - k), "--load", str(state),
+                                                 "--num-workers", "1"], launcher="deepspeed")
+    assert torch.load(state)["sample_in_epoch"] == k * 4 * WORLD
+    for rank in range(WORLD):
+        assert full[rank]["env"] == rest[rank]["env"] == (rank, WORLD, rank, WORLD)
+        fb, rb = full[rank]["batches"], rest[rank]["batches"]
+        assert len(fb) == steps and len(rb) == steps - k
+        for a, b in zip(fb[k:], rb):
+            assert_same_batch(a, b)
+    # The ranks saw different data, and the resumed run did not restart the epoch.
+    assert not torch.equal(full[0]["batches"][0]["input_ids"], full[1]["batches"][0]["input_ids"])
+    assert not torch.equal(full[0]["batches"][0]["input_ids"], rest[0]["batches"][0]["input_ids"])
