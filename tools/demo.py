@@ -1,8 +1,9 @@
 """`make demo`: the CPU demo end to end.
 
 Writes the synthetic shapes shards (once), trains configs/demo.yaml on two CPU ranks
-under the deepspeed launcher with ZeRO-3, and prints the first and last losses and where
-the logs and checkpoints are. Extra arguments are passed to the trainer as overrides
+under the deepspeed launcher with ZeRO-3, prints the first and last losses, exports the
+run as a Hugging Face directory (tools/convert_to_hf.py), samples a 4x4 grid for four
+fixed prompts, captions four held-out images, and prints where everything is. Extra arguments are passed to the trainer as overrides
 (for example `python tools/demo.py train.steps=50`).
 """
 from __future__ import annotations
@@ -37,6 +38,40 @@ def mean(rows, key):
     return sum(vals) / max(len(vals), 1)
 
 
+PROMPTS = ["a red circle", "a large blue square", "a green triangle above a small yellow circle",
+           "a small purple square"]
+
+
+def export_and_sample(run_dir: Path) -> None:
+    """Export the run, then sample from the export with plain megafusion.generate."""
+    hf_dir, samples = run_dir / "hf", run_dir / "samples"
+    subprocess.run([sys.executable, str(REPO / "tools/convert_to_hf.py"), str(run_dir), str(hf_dir), "--overwrite"],
+                   check=True)
+    sys.path.insert(0, str(REPO))
+    from streaming import StreamingDataset
+
+    from megafusion import generate as G
+    from PIL import Image
+    import io
+
+    gen = G.load(hf_dir)
+    samples.mkdir(parents=True, exist_ok=True)
+    images = G.generate_image(gen, PROMPTS, n=4, steps=50, seed=0)  # prompt-major: one row per prompt
+    G.image_grid([im.resize((96, 96), Image.NEAREST) for im in images], cols=4).save(samples / "grid.png")
+    val = StreamingDataset(local=str(DATA / "train" / "val"), shuffle=False, batch_size=1)
+    held_out = [val[i] for i in range(4)]
+    captions = G.caption(gen, [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in held_out],
+                         max_new_tokens=24)
+    lines = [f"prompts (grid rows, top to bottom): {PROMPTS}"]
+    for r, c in zip(held_out, captions):
+        lines.append(f"{r['id']}: true caption {r['caption']!r} -> model {c!r}")
+    (samples / "captions.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"exported model: {hf_dir}")
+    print(f"sample grid:    {samples / 'grid.png'}")
+    print(f"captions:       {samples / 'captions.txt'}")
+
+
 def main(argv: list[str]) -> int:
     ensure_shards()
     run_dir = REPO / "runs" / "demo"
@@ -56,6 +91,7 @@ def main(argv: list[str]) -> int:
     print()
     print(f"diffusion loss: {mean(first, 'diffusion_loss'):.4f} (first {k} steps) -> {mean(last, 'diffusion_loss'):.4f} (last {k})")
     print(f"caption (LM) loss: {mean(first, 'lm_loss'):.4f} (first {k} steps) -> {mean(last, 'lm_loss'):.4f} (last {k})")
+    export_and_sample(run_dir)
     print(f"tensorboard:  .venv/bin/tensorboard --logdir {run_dir / 'tensorboard'}")
     print(f"checkpoints:  {run_dir / 'checkpoints'}")
     print(f"metrics:      {run_dir / 'metrics.jsonl'}")
