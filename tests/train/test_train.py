@@ -117,7 +117,9 @@ def test_checkpoints_leave_out_the_frozen_tower(reference_run):
     tag_dir = Path(run_dir) / "checkpoints" / f"global_step{REF_STEPS}"
     states = torch.load(next(tag_dir.glob("*model_states.pt")), weights_only=False)
     keys = set(states["module"]) if states.get("module") else set()
+    assert any(".image." in k for k in keys), "the trainable image tower must be in the checkpoint"
     assert not any(".text." in k or k.startswith("embed_tokens") for k in keys)
+    assert not states.get("frozen_param_fragments"), "ZeRO's frozen-parameter fragments must not be stored"
 
 
 def test_resume_after_sigkill_is_bitwise_exact(reference_run, tmp_path, synthetic_shards):
