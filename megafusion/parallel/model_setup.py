@@ -18,6 +18,7 @@ import torch
 from megafusion.config import RunConfig
 from megafusion.model.fusion import LMFusionModel
 from megafusion.model.loading import load_base_model
+from megafusion.parallel.gather import gathered
 
 
 def model_dtype(cfg: RunConfig) -> torch.dtype:
@@ -49,16 +50,13 @@ def _build_zero3_partitioned(cfg: RunConfig, ds_config: dict) -> LMFusionModel:
 
     def clone(module):
         params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        with gathered(params):
             twin = copy.deepcopy(module)
             _fresh_parameters(twin)
         deepspeed.zero.Init(module=twin, config_dict_or_path=ds_config)
         return twin
 
-    def gather(params):
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-    model = LMFusionModel(base, cfg.model, clone=clone, gather=gather)
+    model = LMFusionModel(base, cfg.model, clone=clone, gather=gathered)
     # What is still whole (image tokenizer, U-Net blocks, image norm, BOI/EOI rows) is
     # partitioned now rather than at deepspeed.initialize; already partitioned
     # parameters are skipped.

@@ -18,10 +18,10 @@ def main():
     cfg = load_config(args[0], ["parallel.zero_init=true", *args[1:]])
     env = setup_environment()
     init_distributed(env)
-    import deepspeed
     import torch.distributed as dist
 
     from megafusion.model.loading import load_base_model
+    from megafusion.parallel.gather import gathered
     from megafusion.parallel.model_setup import build_model
 
     ds = deepspeed_config(cfg, env.world_size)
@@ -33,7 +33,7 @@ def main():
     base = load_base_model(cfg.model.base).state_dict()
     for i, layer in enumerate(model.layers):
         for (name, t), (_, im) in zip(layer.text.named_parameters(), layer.image.named_parameters()):
-            with deepspeed.zero.GatheredParameters([t, im], modifier_rank=None):
+            with gathered([t, im]):
                 assert torch.equal(t, im), f"layer {i} {name}: image twin differs"
                 key = f"model.layers.{i}." + ({"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
                                                 "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj"}
