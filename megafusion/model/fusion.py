@@ -77,8 +77,8 @@ class FusionDecoderLayer(nn.Module):
     def _qkv(self, h, routing: Routing, cos, sin):
         """Each tower projects its own tokens; q/k/v go to sequence order, [B, H, L, d],
         with RoPE applied."""
-        q, k, v = (torch.cat(p, 0) for p in zip(*(
-            tower.qkv(x) for tower, x in ((self.text, h[: routing.n_text]), (self.image, h[routing.n_text:])) if x.shape[0])))
+        # Both towers run even on an empty slice (see Routing.run).
+        q, k, v = (torch.cat(p, 0) for p in zip(self.text.qkv(h[: routing.n_text]), self.image.qkv(h[routing.n_text:])))
         B, L, d = routing.batch_size, routing.seq_len, self.head_dim
         q = routing.to_sequence(q).view(B, L, self.num_heads, d).transpose(1, 2)
         k = routing.to_sequence(k).view(B, L, self.num_kv_heads, d).transpose(1, 2)
@@ -211,8 +211,8 @@ class LMFusionModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         base = self.embed_tokens(ids.clamp(max=self.vocab_size - 1))
         is_new = ids >= self.vocab_size
-        if not bool(is_new.any()):
-            return base
+        # Always through torch.where, even without BOI/EOI here: the new rows then get a
+        # (zero) gradient on every rank, as ZeRO-3's gradient reduction expects.
         new = self.image_token_embed[(ids - self.vocab_size).clamp(min=0, max=NUM_IMAGE_TOKENS - 1)]
         return torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
 
@@ -258,59 +258,61 @@ class LMFusionModel(nn.Module):
         backend = select_backend(self.attention_backend, device, primitive=self.attention_primitive)
         layout = AttentionLayout.build(batch.document_ids, batch.image_ids, backend, primitive=self.attention_primitive)
 
+        # Both modalities' modules run even when this batch has none of one (on zero
+        # rows, see Routing.run), and every trainable parameter ends up in the loss's
+        # graph (with a zero weight where it has nothing to learn from): under ZeRO-3 the
+        # ranks gather parameters and reduce gradients collectively, so a rank whose
+        # batch is text-only must still take part in the image modules' collectives.
         text_pos = routing.text_positions
-        h_parts = []
-        if routing.n_text:
-            h_parts.append(self.embed(batch.input_ids.reshape(-1)[text_pos]))
+        h_text_in = self.embed(batch.input_ids.reshape(-1)[text_pos])
 
-        x0 = x_t = aux = None
         n_images = batch.images.shape[0]
-        if routing.n_image:
-            if routing.n_image != n_images * self.tokens_per_image:
-                raise ValueError(
-                    f"batch has {routing.n_image} image positions but {n_images} images x {self.tokens_per_image} tokens per image"
-                )
-            x0 = batch.images.to(device=device, dtype=dtype)
-            if not batch.images_are_latents:
-                x0 = self.image_tokenizer.encode_images(x0).to(dtype)
-            if noise is None:
-                noise = torch.randn_like(x0)
-            t = batch.timesteps.to(device)
-            x_t = self.objective.add_noise(x0, noise, t)
-            img_tokens, aux = self.image_tokenizer.embed(x_t, t)
-            h_parts.append(img_tokens.reshape(-1, img_tokens.shape[-1]).to(h_parts[0].dtype if h_parts else dtype))
-        h = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts, 0)
+        if routing.n_image != n_images * self.tokens_per_image:
+            raise ValueError(
+                f"batch has {routing.n_image} image positions but {n_images} images x {self.tokens_per_image} tokens per image"
+            )
+        x0 = batch.images.to(device=device, dtype=dtype)
+        if not batch.images_are_latents:
+            x0 = self.image_tokenizer.encode_images(x0).to(dtype)
+        if x0.shape[0] == 0:
+            x0 = x0.new_zeros((0, *self.image_tokenizer.latent_shape))
+        if noise is None:
+            noise = torch.randn_like(x0)
+        t = batch.timesteps.to(device).reshape(n_images)
+        x_t = self.objective.add_noise(x0, noise, t)
+        img_tokens, aux = self.image_tokenizer.embed(x_t, t)
+        h = torch.cat([h_text_in, img_tokens.reshape(-1, img_tokens.shape[-1]).to(h_text_in.dtype)], 0)
 
         cos, sin = self.rotary_emb(h, batch.position_ids.to(device))
         h = self._run_layers(h, routing, cos, sin, layout)
 
-        zero = h.new_zeros(())
-        lm_loss, n_targets, logits = zero, 0, None
-        if routing.n_text:
-            h_text = self.text_norm(h[: routing.n_text])
-            targets = self.lm_targets(batch).reshape(-1)[text_pos].to(device)
-            sel = targets != IGNORE_INDEX
-            n_targets = int(sel.sum())
-            if n_targets:
-                # Logits only where there is a target: the LM head is the largest matmul
-                # of a small model and most packed positions have no text target.
-                lm_loss = F.cross_entropy(self.logits(h_text[sel]).float(), targets[sel])
-            if return_logits:
-                full = self.logits(h_text)
-                logits = full.new_zeros(routing.n_tokens, full.shape[-1])
-                logits[text_pos] = full
-                logits = logits.view(routing.batch_size, routing.seq_len, -1)
+        h_text = self.text_norm(h[: routing.n_text])
+        targets = self.lm_targets(batch).reshape(-1)[text_pos].to(device)
+        sel = targets != IGNORE_INDEX
+        n_targets = int(sel.sum())
+        # Logits only where there is a target: the LM head is the largest matmul of a
+        # small model and most packed positions have no text target.
+        target_logits = self.logits(h_text[sel]).float()
+        lm_loss = F.cross_entropy(target_logits, targets[sel]) if n_targets else target_logits.sum() * 0.0
+        logits = None
+        if return_logits:
+            full = self.logits(h_text)
+            logits = full.new_zeros(routing.n_tokens, full.shape[-1])
+            logits[text_pos] = full
+            logits = logits.view(routing.batch_size, routing.seq_len, -1)
 
-        diffusion_loss, n_noised, pred = zero, 0, None
-        if routing.n_image:
-            h_img = self.image_norm(h[routing.n_text:]).view(n_images, self.tokens_per_image, -1)
-            pred = self.image_tokenizer.predict(h_img, aux)
-            # A clean image (t == 0, a condition for understanding) has no noise to
-            # predict; only noised images carry the diffusion loss.
-            noised = batch.timesteps.to(device) > 0
-            n_noised = int(noised.sum())
-            if n_noised:
-                diffusion_loss = self.objective.loss(pred[noised], x0[noised], noise[noised], t[noised])
+        h_img = self.image_norm(h[routing.n_text:]).view(n_images, self.tokens_per_image, h.shape[-1])
+        pred = self.image_tokenizer.predict(h_img, aux)
+        # A clean image (t == 0, a condition for understanding) has no noise to predict;
+        # only noised images carry the diffusion loss.
+        noised = t > 0
+        n_noised = int(noised.sum())
+        if n_noised:
+            diffusion_loss = self.objective.loss(pred[noised], x0[noised], noise[noised], t[noised])
+        else:
+            diffusion_loss = pred.sum() * 0.0
+        if not n_images:
+            pred = x_t = None
 
         loss = lm_loss + self.cfg.diffusion_loss_weight * diffusion_loss
         return FusionOutput(

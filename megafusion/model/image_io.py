@@ -268,6 +268,8 @@ class ImageTokenizer(nn.Module):
         """
         if self.vae is None:
             return pixels
+        if pixels.shape[0] == 0:  # diffusers' VAE attention cannot reshape zero images
+            return pixels.new_zeros((0, *self.latent_shape))
         vae = self.vae
         z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0

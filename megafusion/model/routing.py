@@ -59,10 +59,8 @@ class Routing:
         return x_seq.reshape(self.n_tokens, *x_seq.shape[2:]).index_select(0, self.perm)
 
     def run(self, text_fn, image_fn, x_sorted: torch.Tensor) -> torch.Tensor:
-        """Apply each tower's function to its contiguous slice; skip an empty modality."""
-        parts = []
-        if self.n_text:
-            parts.append(text_fn(x_sorted[: self.n_text]))
-        if self.n_image:
-            parts.append(image_fn(x_sorted[self.n_text:]))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        """Apply each tower's function to its contiguous slice. An empty modality still
+        runs, on zero rows (free): under ZeRO-3 every rank must call the same modules in
+        the same order, since each call gathers that module's parameters collectively and
+        each backward reduces its gradients, whatever this rank's batch holds."""
+        return torch.cat([text_fn(x_sorted[: self.n_text]), image_fn(x_sorted[self.n_text:])], 0)
