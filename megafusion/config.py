@@ -127,6 +127,11 @@ class LogSection:
     sample_every: int = 0
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle on a white background"])
     sample_diffusion_steps: int = 50
+    sample_per_prompt: int = 2  # images per prompt (one grid row per prompt)
+    sample_guidance: float = 3.0  # classifier-free guidance scale (1: none)
+    # Held-out images (the first of data.val) captioned at each sample step; 0: none.
+    sample_captions: int = 4
+    sample_caption_tokens: int = 32
     # Optimiser steps between validation losses on data.val; 0: never.
     val_every: int = 0
     val_batches: int = 8  # micro-batches per rank in one validation pass
@@ -212,6 +217,10 @@ def _validate_run(cfg: RunConfig) -> None:
     for key in ("sample_every", "val_every"):
         _check(getattr(lg, key) >= 0, f"log.{key}={getattr(lg, key)}: must be >= 0 (0: never)")
     _check(lg.sample_diffusion_steps >= 1, f"log.sample_diffusion_steps={lg.sample_diffusion_steps}: must be >= 1")
+    _check(lg.sample_per_prompt >= 1, f"log.sample_per_prompt={lg.sample_per_prompt}: must be >= 1")
+    _check(lg.sample_captions >= 0, f"log.sample_captions={lg.sample_captions}: must be >= 0")
+    _check(lg.sample_caption_tokens >= 1, f"log.sample_caption_tokens={lg.sample_caption_tokens}: must be >= 1")
+    _check(not lg.sample_every or lg.sample_prompts, "log.sample_every > 0 needs at least one log.sample_prompts entry")
     _check(lg.val_batches >= 1, f"log.val_batches={lg.val_batches}: must be >= 1")
     _check(lg.peak_flops_per_device >= 0, f"log.peak_flops_per_device={lg.peak_flops_per_device}: must be >= 0")
 

@@ -1,6 +1,7 @@
 """The training loop: one object that owns the engine, the loader, checkpoints, signals
 and logs. Rank 0 writes <run.dir>/metrics.jsonl (one line per optimiser step, losses
-averaged over ranks), tensorboard scalars and the progress bar."""
+averaged over ranks), val_metrics.jsonl (log.val_every), tensorboard scalars, samples
+(log.sample_every, parallel/sampling.py) and the progress bar."""
 from __future__ import annotations
 
 import json
@@ -171,6 +172,10 @@ class Trainer:
                 dt = max(time.time() - t_last, 1e-9)
                 self._scalars(writer, step, loss, lm, diff, gnorm, lr, tokens_since / dt, samples_since * self.world / dt, skipped_data)
                 t_last, tokens_since, samples_since = time.time(), 0, 0
+            if cfg.log.sample_every and step % cfg.log.sample_every == 0:
+                self._sample(step, writer)
+            if cfg.log.val_every and step % cfg.log.val_every == 0:
+                self._validate(step, writer)
             stopping = stop.anywhere()
             if stopping or step == t.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 self._save(step)
@@ -251,6 +256,71 @@ class Trainer:
         losses = [] if bad else [[total, lm, diff]]
         return (losses, sum(int(s.get("tokens", b.input_ids.numel())) for s, b in zip(stats, batches)),
                 sum(int(s.get("skipped", 0)) for s in stats), sum(int(getattr(b, "num_samples", 0)) for b in batches), bad)
+
+    # -- samples and validation ---------------------------------------------------
+    def _sample(self, step: int, writer):
+        """Every rank takes part (ZeRO-3 gathers are collective); rank 0 writes."""
+        if self.cfg.parallel.pipeline_stages > 1:
+            if not getattr(self, "_sample_note", False):
+                self._log0("note: log.sample_every is not run with pipeline stages (the model is split across "
+                           "ranks); sample from a checkpoint with tools/generate.py --model RUN_DIR")
+                self._sample_note = True
+            return
+        if getattr(self, "_sampler", None) is None:
+            from megafusion.parallel.sampling import TrainingSampler
+
+            self._sampler = TrainingSampler(self.cfg, self.engine.module, self.tokenizer, self.run_dir, self.rank)
+        t0 = time.time()
+        path = self._sampler(step, writer)
+        if path is not None:
+            self._log0(f"step {step}: samples in {path} ({time.time() - t0:.0f} s)")
+
+    def _validate(self, step: int, writer):
+        """Mean LM and diffusion loss over log.val_batches micro-batches per rank of
+        data.val, with fixed noise (seeded per batch and rank), so that successive values
+        are comparable; no gradients, the global RNG untouched."""
+        if self.cfg.parallel.pipeline_stages > 1 or not self.cfg.data.val_streams():
+            if not getattr(self, "_val_note", False):
+                self._log0("note: log.val_every needs data.val and no pipeline stages; validation skipped")
+                self._val_note = True
+            return
+        from megafusion.data.loader import build_val_loader
+
+        if getattr(self, "_val_loader", None) is None:
+            self._val_loader = build_val_loader(self.cfg.data, self.cfg.model, self.tokenizer,
+                                                self.model.tokens_per_image, self.env, vocab_size=self.model.vocab_size)
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                it = iter(self._val_loader)
+                for i in range(self.cfg.log.val_batches):
+                    batch = next(it, None)
+                    if batch is None:  # fewer val batches than asked: go round again
+                        it = iter(self._val_loader)
+                        batch = next(it, None)
+                        if batch is None:
+                            raise SystemExit(f"error: data.val yields no batches on rank {self.rank}")
+                    b = batch.to(self.device)
+                    g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + i * self.world + self.rank)
+                    shape = (b.images.shape[0], *module.image_tokenizer.latent_shape)
+                    noise = torch.randn(shape, generator=g).to(self.device)
+                    out = self.engine(b, noise=noise)
+                    sums += torch.tensor([out.lm_loss.item(), out.diffusion_loss.item(), 1.0], dtype=torch.float64)
+        finally:
+            module.train(was_training)
+        dist.all_reduce(sums)
+        lm, diff = (sums[:2] / sums[2]).tolist()
+        self._log0(f"step {step}: validation lm {lm:.4f} diffusion {diff:.4f}")
+        if writer:
+            writer.add_scalar("val/lm", lm, step)
+            writer.add_scalar("val/diffusion", diff, step)
+            writer.add_scalar("val/total", lm + self.cfg.model.diffusion_loss_weight * diff, step)
+        if self.rank == 0:
+            with open(self.run_dir / "val_metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "val_lm_loss": lm, "val_diffusion_loss": diff}) + "\n")
 
     # -- pieces -----------------------------------------------------------------
     def _check_frozen(self):

@@ -123,18 +123,24 @@ def test_checkpoints_leave_out_the_frozen_tower(reference_run):
 
 
 def test_resume_after_sigkill_is_bitwise_exact(reference_run, tmp_path, synthetic_shards):
+    """Also with samples and validation every few steps in the interrupted run only:
+    neither may change the training (the reference has neither)."""
     ref_dir, _ = reference_run
     ref = by_step(metrics(ref_dir))
     run_dir = tmp_path / "run"
-    p = launch(run_dir, synthetic_shards, REF_STEPS, "checkpoint.every=5", "checkpoint.keep_last=0")
+    extra = ("checkpoint.every=5", "checkpoint.keep_last=0", "log.sample_every=3", "log.sample_diffusion_steps=2",
+             "log.sample_per_prompt=1", "log.sample_captions=1", "log.sample_caption_tokens=3", "log.val_every=4",
+             "log.val_batches=1", f"data.val={Path(synthetic_shards) / 'val'}")
+    p = launch(run_dir, synthetic_shards, REF_STEPS, *extra)
     wait_for_step(run_dir, 13, p)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     latest = (run_dir / "checkpoints" / "latest").read_text()
     resumed_from = int(latest.removeprefix("global_step"))
     assert 10 <= resumed_from <= 15
-    code, out = run(run_dir, synthetic_shards, REF_STEPS, "checkpoint.every=5", "checkpoint.keep_last=0")
+    code, out = run(run_dir, synthetic_shards, REF_STEPS, *extra)
     assert code == 0, out[-4000:]
+    assert (run_dir / "samples" / "step_0000039.png").is_file() and "validation lm" in out
     assert f"resumed from" in out and f"at step {resumed_from}" in out
     rows = metrics(run_dir)
     redone = [r for r in rows if r["step"] > resumed_from][-(REF_STEPS - resumed_from):]
@@ -212,3 +218,44 @@ def test_pipeline_two_stages_matches_single_process(tmp_path, tiny_llama, synthe
         for k in ("lm_loss", "diffusion_loss"):
             assert abs(pipe[s][k] - single[s][k]) <= 1e-3 * max(1.0, abs(single[s][k])), (s, k, pipe[s][k], single[s][k])
     assert pipe[steps]["diffusion_loss"] < pipe[1]["diffusion_loss"]
+
+
+def test_training_samples_match_sampling_the_checkpoint(tmp_path, tiny_llama, synthetic_shards):
+    """The grid and captions the trainer writes at step N under two-rank ZeRO-3 are what
+    megafusion.generate gives for the step-N checkpoint (consolidated by zero_to_fp32, one
+    process): same prompts, seed, steps and guidance."""
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    prompts = ["a red circle", "a small blue square"]
+    code, out = run(run_dir, synthetic_shards, 4, "log.tensorboard=true", "log.sample_every=4",
+                    "log.sample_diffusion_steps=4", "log.sample_per_prompt=2", "log.sample_captions=2",
+                    "log.sample_caption_tokens=6", "log.sample_guidance=2.0", f"log.sample_prompts={json.dumps(prompts)}",
+                    f"data.val={Path(synthetic_shards) / 'val'}")
+    assert code == 0, out[-4000:]
+    png = run_dir / "samples" / "step_0000004.png"
+    trained = np.asarray(Image.open(png).convert("RGB")).astype(int)
+
+    sys.path.insert(0, str(REPO))
+    from megafusion import generate as G
+    from megafusion.parallel.sampling import held_out_images
+    from megafusion.config import load_config
+
+    gen = G.load(run_dir)
+    images = G.generate_image(gen, prompts, n=2, steps=4, cfg=2.0, seed=0, progress=False)
+    want = np.asarray(G.image_grid(images, cols=2)).astype(int)
+    assert trained.shape == want.shape
+    assert np.abs(trained - want).max() <= 1, "the trainer's grid differs from sampling its checkpoint"
+    cfg = load_config(str(run_dir / "config.yaml"))
+    held = held_out_images(cfg, 2)
+    captions = G.caption(gen, [im for _, im, _ in held], max_new_tokens=6)
+    text = png.with_suffix(".txt").read_text()
+    for (key, _, _), c in zip(held, captions):
+        assert f"{key}: " in text and f"-> model {c!r}" in text
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("samples/grid")] == [4]
+    assert any("samples/captions" in tag for tag in acc.Tags()["tensors"])

@@ -1,0 +1,128 @@
+"""Samples during training: every log.sample_every steps, a grid of images for the fixed
+prompts (log.sample_prompts, log.sample_per_prompt each, one row per prompt) and
+captions of the first log.sample_captions held-out images (data.val), written to
+tensorboard (samples/grid, samples/captions) and to <run.dir>/samples/step_NNNNNNN.{png,txt}.
+
+Under ZeRO-3 every rank runs the same sampling code on the same inputs, so the
+collectives match: DeepSpeed's forward hooks gather each submodule's parameters when it
+is called, as in training, and the root module's own parameters (the BOI/EOI rows, which
+its forward hook would gather) are gathered here. No rank ever holds the whole model, so
+this works for the 8B and 70B runs too. Identical inputs and weights make every rank's
+greedy decoding stop at the same token, which keeps them in step.
+
+The global RNG is left untouched (sampling draws from its own seeded generators), so a
+run with samples is bitwise the same run as one without.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from megafusion.config import RunConfig
+from megafusion.parallel.gather import gathered
+
+
+def held_out_images(cfg: RunConfig, n: int) -> list:
+    """The first n images of data.val's first stream as PIL RGB, read identically on every
+    rank (streaming's LocalDataset: no shared memory, no partitioning). [] when there is
+    no local val directory."""
+    from megafusion.data.images import load_rgb
+
+    streams = cfg.data.val_streams()
+    if n <= 0 or not streams or "://" in streams[0].remote or not Path(streams[0].remote, "index.json").is_file():
+        return []
+    from streaming import LocalDataset
+
+    with tempfile.TemporaryDirectory(prefix="megafusion-held-out-") as tmp:
+        _first_shards(Path(streams[0].remote), Path(tmp), n)
+        ds = LocalDataset(local=tmp)
+        out = []
+        for i in range(min(n, len(ds))):
+            row = ds[i]
+            if "image" in row:
+                out.append((str(row.get("id", i)), load_rgb(row["image"], cfg.model.image_size), row.get("caption", "")))
+    return out
+
+
+def _first_shards(src: Path, dst: Path, n: int) -> None:
+    """Copy (decompressing) the first shards of an MDS directory holding >= n samples into
+    dst with their own index.json: LocalDataset reads raw shards only, and the shards
+    prepare_data writes are zstd-compressed (StreamingDataset decompresses into its cache,
+    which would need the distributed machinery and shared memory)."""
+    from streaming.base.compression import decompress
+
+    index = json.loads((src / "index.json").read_text())
+    kept, total = [], 0
+    for shard in index["shards"]:
+        raw = shard["raw_data"]["basename"]
+        if (src / raw).is_file():
+            shutil.copyfile(src / raw, dst / raw)
+        else:
+            zipped = shard.get("zip_data") or {}
+            (dst / raw).write_bytes(decompress(shard["compression"], (src / zipped["basename"]).read_bytes()))
+        kept.append({**shard, "zip_data": None, "compression": None})
+        total += int(shard["samples"])
+        if total >= n:
+            break
+    (dst / "index.json").write_text(json.dumps({**index, "shards": kept}))
+
+
+class TrainingSampler:
+    def __init__(self, cfg: RunConfig, model, tokenizer, run_dir: Path, rank: int):
+        from megafusion.export import special_ids
+        from megafusion.generate import Generator
+
+        self.cfg, self.model, self.rank = cfg, model, rank
+        self.dir = run_dir / "samples"
+        bos, eos = special_ids(tokenizer, cfg.data)
+        self.gen = Generator(model, tokenizer, bos, eos, model.boi_id, model.eoi_id,
+                             steps=cfg.log.sample_diffusion_steps, guidance_scale=cfg.log.sample_guidance)
+        self.images = held_out_images(cfg, cfg.log.sample_captions)
+
+    def _root_parameters(self):
+        return [p for p in self.model.parameters(recurse=False)]
+
+    @torch.no_grad()
+    def __call__(self, step: int, writer=None) -> Path | None:
+        from megafusion import generate as G
+
+        log = self.cfg.log
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]), gathered(self._root_parameters()):
+                images = G.generate_image(self.gen, list(log.sample_prompts), n=log.sample_per_prompt,
+                                          seed=self.cfg.run.seed, progress=False)
+                captions = G.caption(self.gen, [im for _, im, _ in self.images], max_new_tokens=log.sample_caption_tokens) \
+                    if self.images else []
+        finally:
+            self.model.train(was_training)
+        if self.rank != 0:
+            return None
+        return self._write(step, images, captions, writer)
+
+    def _write(self, step, images, captions, writer) -> Path:
+        import numpy as np
+
+        from megafusion.generate import image_grid
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        grid = image_grid(images, cols=self.cfg.log.sample_per_prompt)
+        png = self.dir / f"step_{step:07d}.png"
+        grid.save(png)
+        lines = [f"step {step}", "grid rows (top to bottom): " + " | ".join(self.cfg.log.sample_prompts)]
+        lines += [f"{key}: true {true!r} -> model {got!r}" for (key, _, true), got in zip(self.images, captions)]
+        png.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+        if writer is not None:
+            writer.add_image("samples/grid", np.asarray(grid), step, dataformats="HWC")
+            table = "| image | true caption | model caption |\n|---|---|---|\n" + "".join(
+                f"| {key} | {true} | {got} |\n" for (key, _, true), got in zip(self.images, captions))
+            writer.add_text("samples/prompts", " / ".join(self.cfg.log.sample_prompts), step)
+            if captions:
+                writer.add_text("samples/captions", table, step)
+            writer.flush()
+        return png
