@@ -132,6 +132,10 @@ class LogSection:
     # Held-out images (the first of data.val) captioned at each sample step; 0: none.
     sample_captions: int = 4
     sample_caption_tokens: int = 32
+    # ZeRO-3: "whole" gathers the model on every rank while sampling (fast), "module"
+    # gathers one module at a time as it runs (never holds the whole model; 8B/70B),
+    # "auto" picks whole up to 4 GiB of parameters (megafusion/parallel/sampling.py).
+    sample_gather: str = "auto"
     # Optimiser steps between validation losses on data.val; 0: never.
     val_every: int = 0
     val_batches: int = 8  # micro-batches per rank in one validation pass
@@ -218,6 +222,7 @@ def _validate_run(cfg: RunConfig) -> None:
         _check(getattr(lg, key) >= 0, f"log.{key}={getattr(lg, key)}: must be >= 0 (0: never)")
     _check(lg.sample_diffusion_steps >= 1, f"log.sample_diffusion_steps={lg.sample_diffusion_steps}: must be >= 1")
     _check(lg.sample_per_prompt >= 1, f"log.sample_per_prompt={lg.sample_per_prompt}: must be >= 1")
+    _check(lg.sample_gather in ("auto", "whole", "module"), f"log.sample_gather={lg.sample_gather!r}: expected auto, whole or module")
     _check(lg.sample_captions >= 0, f"log.sample_captions={lg.sample_captions}: must be >= 0")
     _check(lg.sample_caption_tokens >= 1, f"log.sample_caption_tokens={lg.sample_caption_tokens}: must be >= 1")
     _check(not lg.sample_every or lg.sample_prompts, "log.sample_every > 0 needs at least one log.sample_prompts entry")

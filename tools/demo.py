@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def ensure_shards() -> None:
 
 
 def mean(rows, key):
-    vals = [r[key] for r in rows if r.get(key) == r.get(key)]
+    vals = [r[key] for r in rows if r.get(key) is not None and r.get(key) == r.get(key)]
     return sum(vals) / max(len(vals), 1)
 
 
@@ -74,7 +75,13 @@ def export_and_sample(run_dir: Path) -> None:
 
 def main(argv: list[str]) -> int:
     ensure_shards()
-    run_dir = REPO / "runs" / "demo"
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("run.dir=")]
+    run_dir = Path(given[-1]).expanduser().resolve() if given else REPO / "runs" / "demo"
+    if run_dir.exists() and not given:
+        # The demo is a fresh run each time (the trainer would otherwise resume it and
+        # find nothing left to do); real runs keep their directory to resume from.
+        print(f"demo: removing the previous demo run {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
     overrides = [f"data.train={DATA / 'train'}", f"data.val={DATA / 'train' / 'val'}", f"run.dir={run_dir}", *argv]
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
@@ -90,7 +97,10 @@ def main(argv: list[str]) -> int:
     first, last = rows[:k], rows[-k:]
     print()
     print(f"diffusion loss: {mean(first, 'diffusion_loss'):.4f} (first {k} steps) -> {mean(last, 'diffusion_loss'):.4f} (last {k})")
-    print(f"caption (LM) loss: {mean(first, 'lm_loss'):.4f} (first {k} steps) -> {mean(last, 'lm_loss'):.4f} (last {k})")
+    print(f"caption loss:   {mean(first, 'caption_loss'):.4f} (first {k} steps) -> {mean(last, 'caption_loss'):.4f} (last {k})"
+          "  (LM loss on text after an image: what the image tower can lower)")
+    print(f"all text (LM):  {mean(first, 'lm_loss'):.4f} (first {k} steps) -> {mean(last, 'lm_loss'):.4f} (last {k})"
+          "  (mostly captions before their image, read by the frozen text tower)")
     export_and_sample(run_dir)
     print(f"tensorboard:  .venv/bin/tensorboard --logdir {run_dir / 'tensorboard'}")
     print(f"checkpoints:  {run_dir / 'checkpoints'}")

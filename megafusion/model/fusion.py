@@ -120,6 +120,11 @@ class FusionOutput(ModelOutput):
     lm_loss: torch.Tensor | None = None
     diffusion_loss: torch.Tensor | None = None
     n_text_targets: int | None = None
+    # The LM loss over targets that follow an image of their own document (captioning,
+    # the part of the LM loss the image tower can lower; the rest is the frozen text
+    # tower's), and how many such targets there were. NaN when there were none.
+    caption_loss: torch.Tensor | None = None
+    n_caption_targets: int | None = None
     n_noised_images: int | None = None
     logits: torch.Tensor | None = None  # [B, L, V+2] at text positions (0 at image positions)
     image_prediction: torch.Tensor | None = None  # [N, C, h, w]
@@ -240,6 +245,18 @@ class LMFusionModel(nn.Module):
             ok &= nxt != self.boi_id
         return torch.where(ok, nxt, torch.full_like(nxt, IGNORE_INDEX))
 
+    @staticmethod
+    def after_image(batch: PackedBatch) -> torch.Tensor:
+        """[B, L] bool: an image of the same document comes before this position."""
+        B, L = batch.modality.shape
+        pos = torch.arange(L, device=batch.modality.device).expand(B, L)
+        last_image = torch.where(batch.modality != 0, pos, torch.full_like(pos, -1)).cummax(1).values
+        last_image = torch.cat([torch.full_like(last_image[:, :1], -1), last_image[:, :-1]], 1)  # strictly before
+        starts = torch.ones_like(batch.modality, dtype=torch.bool)
+        starts[:, 1:] = batch.document_ids[:, 1:] != batch.document_ids[:, :-1]
+        doc_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
+        return last_image >= doc_start
+
     def _run_layers(self, h, routing, cos, sin, layout):
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
@@ -294,6 +311,11 @@ class LMFusionModel(nn.Module):
         # small model and most packed positions have no text target.
         target_logits = self.logits(h_text[sel]).float()
         lm_loss = F.cross_entropy(target_logits, targets[sel]) if n_targets else target_logits.sum() * 0.0
+        with torch.no_grad():
+            captioned = self.after_image(batch).reshape(-1)[text_pos].to(device)[sel]
+            n_caption = int(captioned.sum())
+            caption_loss = (F.cross_entropy(target_logits[captioned], targets[sel][captioned]) if n_caption
+                            else torch.tensor(float("nan"), device=device))
         logits = None
         if return_logits:
             full = self.logits(h_text)
@@ -320,6 +342,8 @@ class LMFusionModel(nn.Module):
             lm_loss=lm_loss.detach(),
             diffusion_loss=diffusion_loss.detach(),
             n_text_targets=n_targets,
+            caption_loss=caption_loss,
+            n_caption_targets=n_caption,
             n_noised_images=n_noised,
             logits=logits,
             image_prediction=pred,

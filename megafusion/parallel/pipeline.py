@@ -56,9 +56,22 @@ class _Stage(nn.Module):
         object.__setattr__(self, "fused", fused)
 
     def routing_and_layout(self, modality, document_ids, image_ids):
+        """Routing and attention layout of a micro-batch, built once per stage: the
+        decoder stages of one pipeline rank hand the very same tensors along, so the
+        last result is reused while its inputs are the same objects (a FlexAttention
+        BlockMask or a 4096x4096 mask is not rebuilt for every layer; activation
+        recomputation in backward reuses it too). The cache holds the key tensors, so
+        their ids cannot be recycled while it does."""
         f = self.fused
+        key = (modality, document_ids, image_ids)
+        cached = getattr(f, "_pipeline_layout_cache", None)
+        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+            return cached[1]
         backend = select_backend(f.attention_backend, modality.device, primitive=f.attention_primitive)
-        return Routing.from_modality(modality), AttentionLayout.build(document_ids, image_ids, backend, primitive=f.attention_primitive)
+        value = (Routing.from_modality(modality),
+                 AttentionLayout.build(document_ids, image_ids, backend, primitive=f.attention_primitive))
+        object.__setattr__(f, "_pipeline_layout_cache", (key, value))
+        return value
 
 
 class EmbedStage(_Stage):

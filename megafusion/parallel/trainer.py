@@ -54,6 +54,14 @@ def _all_mean(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _caption_mean(parts: list[float]) -> float | None:
+    """Caption loss of one step over all ranks, weighted by caption targets (None if none)."""
+    t = torch.tensor(parts, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return (t[0] / t[1]).item() if t[1] > 0 else None
+
+
 def _nan_injection_steps() -> set[int]:
     # Test hook: make these optimiser steps' loss NaN on rank 0 (tests the skip path).
     raw = os.environ.get("MEGAFUSION_INJECT_NAN_STEPS", "")
@@ -137,8 +145,10 @@ class Trainer:
         while step < t.steps:
             if cfg.parallel.pipeline_stages > 1:
                 losses, tokens, skipped_data, samples, bad = self._pipeline_step()
+                caption = None  # the pipeline's last stage reports total, LM and diffusion only
             else:
-                losses, tokens, skipped_data, samples, bad = self._zero_step(step + 1 in inject)
+                losses, tokens, skipped_data, samples, bad, caption_parts = self._zero_step(step + 1 in inject)
+                caption = _caption_mean(caption_parts)
             samples_since += samples
             step += 1
             if bad:
@@ -163,6 +173,7 @@ class Trainer:
             gnorm = float(gnorm) if gnorm is not None else None
             if metrics:
                 metrics.write(json.dumps({"step": step, "loss": loss, "lm_loss": lm, "diffusion_loss": diff,
+                                          "caption_loss": caption,
                                           "grad_norm": gnorm, "lr": lr, "skipped": bad, "skipped_samples": skipped_data}) + "\n")
                 metrics.flush()
             if bar is not None:
@@ -171,6 +182,8 @@ class Trainer:
             if writer and step % cfg.log.every == 0:
                 dt = max(time.time() - t_last, 1e-9)
                 self._scalars(writer, step, loss, lm, diff, gnorm, lr, tokens_since / dt, samples_since * self.world / dt, skipped_data)
+                if caption is not None:
+                    writer.add_scalar("loss/caption", caption, step)
                 t_last, tokens_since, samples_since = time.time(), 0, 0
             if cfg.log.sample_every and step % cfg.log.sample_every == 0:
                 self._sample(step, writer)
@@ -212,6 +225,7 @@ class Trainer:
         """One optimiser step of gradient_accumulation micro-batches. A micro-batch whose
         loss is not finite on any rank is skipped by every rank (no backward, no update)."""
         losses, tokens, skipped, samples, bad = [], 0, 0, 0, False
+        caption = [0.0, 0.0]  # sum of caption-target losses, number of caption targets
         for _ in range(self.cfg.train.gradient_accumulation):
             batch = self._next_batch()
             stats = getattr(batch, "stats", {}) or {}
@@ -226,9 +240,12 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             losses.append([out.loss.item(), out.lm_loss.item(), out.diffusion_loss.item()])
+            if out.n_caption_targets:
+                caption[0] += out.caption_loss.item() * out.n_caption_targets
+                caption[1] += out.n_caption_targets
             tokens += int(stats.get("tokens", batch.input_ids.numel()))
             samples += int(getattr(batch, "num_samples", batch.input_ids.shape[0]))
-        return losses, tokens, skipped, samples, bad
+        return losses, tokens, skipped, samples, bad, caption
 
     def _pipeline_step(self):
         """DeepSpeed's pipeline engine runs forward, backward and the update in one call.
@@ -269,11 +286,11 @@ class Trainer:
         if getattr(self, "_sampler", None) is None:
             from megafusion.parallel.sampling import TrainingSampler
 
-            self._sampler = TrainingSampler(self.cfg, self.engine.module, self.tokenizer, self.run_dir, self.rank)
+            self._sampler = TrainingSampler(self.cfg, self.engine, self.tokenizer, self.run_dir, self.rank)
         t0 = time.time()
         path = self._sampler(step, writer)
         if path is not None:
-            self._log0(f"step {step}: samples in {path} ({time.time() - t0:.0f} s)")
+            self._log0(f"step {step}: samples in {path} ({time.time() - t0:.0f} s, weights: {self._sampler.mode})")
 
     def _validate(self, step: int, writer):
         """Mean LM and diffusion loss over log.val_batches micro-batches per rank of
@@ -292,7 +309,7 @@ class Trainer:
         module = self.engine.module
         was_training = module.training
         module.eval()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(5, dtype=torch.float64)  # lm, diffusion, batches, caption sum, caption targets
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 it = iter(self._val_loader)
@@ -308,19 +325,27 @@ class Trainer:
                     shape = (b.images.shape[0], *module.image_tokenizer.latent_shape)
                     noise = torch.randn(shape, generator=g).to(self.device)
                     out = self.engine(b, noise=noise)
-                    sums += torch.tensor([out.lm_loss.item(), out.diffusion_loss.item(), 1.0], dtype=torch.float64)
+                    n_cap = int(out.n_caption_targets or 0)
+                    cap = out.caption_loss.item() * n_cap if n_cap else 0.0
+                    sums += torch.tensor([out.lm_loss.item(), out.diffusion_loss.item(), 1.0, cap, n_cap],
+                                         dtype=torch.float64)
         finally:
             module.train(was_training)
         dist.all_reduce(sums)
         lm, diff = (sums[:2] / sums[2]).tolist()
-        self._log0(f"step {step}: validation lm {lm:.4f} diffusion {diff:.4f}")
+        caption = (sums[3] / sums[4]).item() if sums[4] > 0 else None
+        self._log0(f"step {step}: validation lm {lm:.4f} diffusion {diff:.4f}"
+                   + (f" caption {caption:.4f}" if caption is not None else ""))
         if writer:
             writer.add_scalar("val/lm", lm, step)
             writer.add_scalar("val/diffusion", diff, step)
             writer.add_scalar("val/total", lm + self.cfg.model.diffusion_loss_weight * diff, step)
+            if caption is not None:
+                writer.add_scalar("val/caption", caption, step)
         if self.rank == 0:
             with open(self.run_dir / "val_metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "val_lm_loss": lm, "val_diffusion_loss": diff}) + "\n")
+                f.write(json.dumps({"step": step, "val_lm_loss": lm, "val_diffusion_loss": diff,
+                                    "val_caption_loss": caption}) + "\n")
 
     # -- pieces -----------------------------------------------------------------
     def _check_frozen(self):

@@ -203,3 +203,36 @@ def test_bad_base_paths_give_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BaseModelError, match="config.json"):
         load_base_model(str(tmp_path / "empty"))
+
+
+def test_caption_loss_is_the_lm_loss_over_text_after_an_image(tiny_base_dir):
+    """after_image against a per-position loop, and caption_loss against cross-entropy of
+    the full logits at exactly those targets."""
+    import torch.nn.functional as F
+
+    from megafusion.model.fusion import LMFusionModel
+
+    torch.manual_seed(0)
+    cfg = pixel_cfg()
+    model = LMFusionModel(load_base_model(tiny_base_dir), cfg).eval()
+    tpi, shape = model.tokens_per_image, model.image_tokenizer.latent_shape
+    boi, eoi = model.boi_id, model.eoi_id
+    img = lambda t: ImageSegment(torch.rand(shape) * 2 - 1, timestep=t, is_condition=t == 0)  # noqa: E731
+    gen = [TextSegment([5, 6, 7, 8]), TextSegment([boi], loss=False), img(300.0), TextSegment([eoi], loss=False)]
+    und = [TextSegment([boi], loss=False), img(0.0), TextSegment([eoi, 9, 10, 11, 12])]
+    text = [TextSegment([13, 14, 15])]
+    batch = PackedBatch.from_rows([[gen, und], [text, und]], seq_len=2 * tpi + 20, tokens_per_image=tpi,
+                                  image_shape=shape)
+    got = LMFusionModel.after_image(batch)
+    for b in range(2):
+        for i in range(batch.modality.shape[1]):
+            doc = batch.document_ids[b, i]
+            want = any(batch.modality[b, j] != 0 and batch.document_ids[b, j] == doc for j in range(i))
+            assert bool(got[b, i]) == want, (b, i)
+    with torch.no_grad():
+        out = model(batch, return_logits=True)
+    targets = model.lm_targets(batch)
+    sel = (targets != -100) & got & (batch.modality == 0)
+    want = F.cross_entropy(out.logits[sel].float(), targets[sel])
+    assert out.n_caption_targets == int(sel.sum()) == 2 * 4  # eoi->9..12 in both rows
+    torch.testing.assert_close(out.caption_loss, want, rtol=1e-5, atol=1e-6)

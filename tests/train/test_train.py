@@ -220,10 +220,12 @@ def test_pipeline_two_stages_matches_single_process(tmp_path, tiny_llama, synthe
     assert pipe[steps]["diffusion_loss"] < pipe[1]["diffusion_loss"]
 
 
-def test_training_samples_match_sampling_the_checkpoint(tmp_path, tiny_llama, synthetic_shards):
+@pytest.mark.parametrize("gather", ["whole", "module"])
+def test_training_samples_match_sampling_the_checkpoint(tmp_path, tiny_llama, synthetic_shards, gather):
     """The grid and captions the trainer writes at step N under two-rank ZeRO-3 are what
     megafusion.generate gives for the step-N checkpoint (consolidated by zero_to_fp32, one
-    process): same prompts, seed, steps and guidance."""
+    process): same prompts, seed, steps and guidance. Both ways of having the weights:
+    the whole model gathered, and one module at a time through DeepSpeed's hooks."""
     import numpy as np
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -233,8 +235,10 @@ def test_training_samples_match_sampling_the_checkpoint(tmp_path, tiny_llama, sy
     code, out = run(run_dir, synthetic_shards, 4, "log.tensorboard=true", "log.sample_every=4",
                     "log.sample_diffusion_steps=4", "log.sample_per_prompt=2", "log.sample_captions=2",
                     "log.sample_caption_tokens=6", "log.sample_guidance=2.0", f"log.sample_prompts={json.dumps(prompts)}",
+                    f"log.sample_gather={gather}",
                     f"data.val={Path(synthetic_shards) / 'val'}")
     assert code == 0, out[-4000:]
+    assert f"weights: {gather}" in out
     png = run_dir / "samples" / "step_0000004.png"
     trained = np.asarray(Image.open(png).convert("RGB")).astype(int)
 
