@@ -230,15 +230,20 @@ def generate_image(gen: Generator, prompts: str | Sequence[str], *, n: int = 1, 
 
 @torch.no_grad()
 def caption(gen: Generator, images: ImageLike | Sequence[ImageLike], *, max_new_tokens: int = 64,
-            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, prompt: str = "") -> list[str]:
-    """Image to text: one caption per image."""
+            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, prompt: str = "",
+            min_new_tokens: int = 1) -> list[str]:
+    """Image to text: one caption per image. min_new_tokens=1 keeps EOS from being the
+    first token: in training, EOS follows the end-of-image token of every generation
+    sample (caption, then image), so an early model's greedy first token after an image
+    is often EOS, an empty caption."""
     images = _as_list(images)
     m = gen.model
     pixels = torch.stack([_pixels(gen, im) for im in images]).to(device=gen.device, dtype=m.image_token_embed.dtype)
     latents = m.image_tokenizer.encode_images(pixels)
     ids = inf.image_to_text(m, latents, bos=gen.bos, boi=gen.boi, eoi=gen.eoi, eos=gen.eos,
                             prompt=gen.tokenize(prompt) if prompt else (), max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(int(seed)))
+                            temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(int(seed)),
+                            min_new_tokens=min_new_tokens)
     return [gen.detokenize(x) for x in ids]
 
 
@@ -418,6 +423,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("caption", help="image to text")
     s.add_argument("--image", required=True)
     s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--min-new-tokens", type=int, default=1, help="tokens before EOS may end the caption")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
@@ -472,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             (images[0] if len(images) == 1 else image_grid(images)).save(out)
             print(out)
         elif args.task == "caption":
-            print(caption(gen, [args.image], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            print(caption(gen, [args.image], max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                          temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed)[0])
         elif args.task == "text":
             print(generate_text(gen, [args.prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -353,3 +353,19 @@ def test_command_line_refusals(args, expect, exported, tmp_path, capsys):
     code, _, err = run_cli(*args, capsys=capsys)
     errors = [x for x in err.splitlines() if x.startswith("error:")]
     assert code != 0 and len(errors) == 1 and expect in errors[0], err
+
+
+def test_caption_min_new_tokens_keeps_eos_out_of_the_first_steps(fused):
+    """With EOS set to the token greedy decoding would pick first, min_new_tokens=1 must
+    give the training forward's best other token, and min_new_tokens=0 an empty caption."""
+    boi, eoi = fused.boi_id, fused.eoi_id
+    img = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(41)) * 2 - 1
+    doc = [TextSegment([1, boi]), ImageSegment(img[0], timestep=0.0, is_condition=True), TextSegment([eoi])]
+    logits = training_forward(fused, [doc]).logits[0, -1].clone()
+    logits[[boi, eoi]] = float("-inf")
+    first = int(logits.argmax())
+    logits[first] = float("-inf")
+    second = int(logits.argmax())
+    assert inf.image_to_text(fused, img, bos=1, boi=boi, eoi=eoi, eos=first, max_new_tokens=2) == [[]]
+    got = inf.image_to_text(fused, img, bos=1, boi=boi, eoi=eoi, eos=first, max_new_tokens=1, min_new_tokens=1)
+    assert got == [[second]]

@@ -371,10 +371,12 @@ def _ban(logits: torch.Tensor, banned) -> torch.Tensor:
 @torch.no_grad()
 def decode_text(model, cache: KVCache, logits: torch.Tensor, *, max_new_tokens: int, eos_token_id: int,
                 banned: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
-                generator: Optional[torch.Generator] = None, logits_processor: Optional[Callable] = None):
+                generator: Optional[torch.Generator] = None, logits_processor: Optional[Callable] = None,
+                min_new_tokens: int = 0):
     """Continue every row until it emits EOS or max_new_tokens; returns the new ids of
     each row (EOS not included) and the final cache. logits_processor(new_ids, logits)
-    may rewrite the [B, V + 2] logits before a token is picked."""
+    may rewrite the [B, V + 2] logits before a token is picked. EOS cannot be picked
+    before min_new_tokens (as transformers' min_new_tokens)."""
     B = logits.shape[0]
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
@@ -382,7 +384,8 @@ def decode_text(model, cache: KVCache, logits: torch.Tensor, *, max_new_tokens: 
         lg = logits.float()
         if logits_processor is not None:
             lg = logits_processor(out, lg)
-        nxt = pick_tokens(_ban(lg, banned), temperature, top_p, generator).cpu()
+        ban = tuple(banned) + ((eos_token_id,) if step < min_new_tokens and 0 <= eos_token_id < lg.shape[-1] else ())
+        nxt = pick_tokens(_ban(lg, ban), temperature, top_p, generator).cpu()
         nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
         for b in range(B):
             if not done[b] and int(nxt[b]) != eos_token_id:
@@ -476,7 +479,7 @@ def text_to_image(model, prompts: Sequence[Sequence[int]], *, bos: Optional[int]
 def image_to_text(model, latents: torch.Tensor, *, bos: Optional[int], boi: int, eoi: int, eos: int,
                   prompt: Sequence[int] = (), max_new_tokens: int = 64, temperature: float = 0.0,
                   top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-                  logits_processor: Optional[Callable] = None) -> list:
+                  logits_processor: Optional[Callable] = None, min_new_tokens: int = 0) -> list:
     """Caption ids for each clean latent [N, C, h, w]: the understanding layout of the data
     pipeline, [BOS][BOI] image [EOI] (then `prompt`, if any), decoded with the KV cache
     until EOS. BOI and EOI are never sampled."""
@@ -484,7 +487,8 @@ def image_to_text(model, latents: torch.Tensor, *, bos: Optional[int], boi: int,
     rows = [head + [boi, latents[i], eoi] + list(prompt) for i in range(latents.shape[0])]
     cache, logits = prefill(model, rows)
     out, _ = decode_text(model, cache, logits, max_new_tokens=max_new_tokens, eos_token_id=eos, banned=(boi, eoi),
-                         temperature=temperature, top_p=top_p, generator=generator, logits_processor=logits_processor)
+                         temperature=temperature, top_p=top_p, generator=generator, logits_processor=logits_processor,
+                         min_new_tokens=min_new_tokens)
     return out
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -137,8 +138,19 @@ class TrainingSampler:
         from megafusion import generate as G
 
         log = self.cfg.log
-        was_training = self.model.training
+        # With the whole model on every rank (or no partitioning) sampling needs no
+        # collectives, so rank 0 samples alone; on the CPU it borrows the waiting local
+        # ranks' threads. Per-module gathering needs every rank in step.
+        alone = self.mode in ("whole", "none")
+        if alone and self.rank != 0:
+            with weights_for_sampling(self.engine, self.mode):  # the gathers are collective
+                pass
+            return None
+        was_training, threads = self.model.training, torch.get_num_threads()
         self.model.eval()
+        if alone and self.model.image_token_embed.device.type == "cpu":
+            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            torch.set_num_threads(max(threads, min(threads * local, os.cpu_count() or 1)))
         try:
             with torch.random.fork_rng(devices=[]), weights_for_sampling(self.engine, self.mode):
                 images = G.generate_image(self.gen, list(log.sample_prompts), n=log.sample_per_prompt,
@@ -147,6 +159,7 @@ class TrainingSampler:
                     if self.images else []
         finally:
             self.model.train(was_training)
+            torch.set_num_threads(threads)
         if self.rank != 0:
             return None
         return self._write(step, images, captions, writer)
