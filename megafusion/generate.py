@@ -420,29 +420,28 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1, help="images; more than one are written as a grid")
     s.add_argument("--out", required=True, help="PNG file")
 
+    def decoding(s, max_new_tokens):
+        s.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+        s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        s.add_argument("--top-p", type=float, default=1.0)
+
     s = sub.add_parser("caption", help="image to text")
     s.add_argument("--image", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    decoding(s, 64)
     s.add_argument("--min-new-tokens", type=int, default=1, help="tokens before EOS may end the caption")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("text", help="text to text")
     s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-p", type=float, default=1.0)
+    decoding(s, 64)
     s.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("interleave", help="text and images")
     s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=256)
+    decoding(s, 256)
     s.add_argument("--max-images", type=int, default=4)
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--cfg", type=float, default=None)
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="markdown file (.md), or HTML (.html); images beside it")
     return p
