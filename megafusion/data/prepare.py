@@ -5,10 +5,11 @@
     prepare_data.py text SOURCE.jsonl... --out DIR
 
 Image-caption shards: columns image (PNG, or JPEG above 128 px, bytes), caption (str),
-id (str), plus latents (float16 [C, h, w], AutoencoderKL latent_dist.mean *
-scaling_factor) with --vae, and meta (json ground truth) for synthetic data. Text
-shards: text, id. zstd compression, xxh64 hashes. `out` may be a local directory or a
-URL streaming can write to (s3://, gs://, ...).
+id (str), plus latents with --vae (float16 [C, h, w] from megafusion.model.image_io's
+vae_encode, the model's own encoder: posterior mean, shift_factor and scaling_factor
+applied), and meta (json ground truth) for synthetic data. Text shards: text, id. zstd
+compression, xxh64 hashes. `out` may be a local directory or a URL streaming can write
+to (s3://, gs://, ...).
 
 synthetic also writes a held-out split to OUT/val (indices from VAL_INDEX_OFFSET, so
 disjoint random streams), which evaluation reads.
@@ -171,11 +172,11 @@ class ImageShardWriter:
         import numpy as np
         import torch
 
+        from megafusion.model.image_io import vae_encode
+
         from .images import to_tensor
 
-        x = torch.stack([to_tensor(im) for im in images]).to(self.vae.device)
-        with torch.no_grad():
-            latent = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        latent = vae_encode(self.vae, torch.stack([to_tensor(im) for im in images]))
         return [np.ascontiguousarray(t.float().cpu().numpy().astype(np.float16)) for t in latent]
 
     def add(self, sample_id: str, image, caption: str, meta: dict | None = None) -> None:

@@ -102,6 +102,32 @@ def load_vae(path: str | None) -> AutoencoderKL:
     return vae.eval()
 
 
+@torch.no_grad()
+def vae_encode(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """pixels [N,3,H,W] in [-1,1] -> normalised latents [N,C,h,w] (the VAE's device and
+    dtype). The one encoder of the project: ImageTokenizer.encode_images and the latents
+    tools/prepare_data.py --vae stores both call it, so pre-encoded shards and on-the-fly
+    encoding give the same numbers.
+
+    The posterior mean, not a sample: deterministic, so a shard is reproducible and
+    matches what the model computes from the same pixels. Then diffusers' normalisation
+    (z - shift_factor) * scaling_factor; shift_factor only where the VAE's config has one
+    (SD3 and FLUX VAEs do; SD1/SDXL's do not)."""
+    z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+    return (z - _shift_factor(vae)) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def vae_decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Inverse of vae_encode's normalisation, then the decoder: -> pixels, nominally in [-1,1]."""
+    z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + _shift_factor(vae)
+    return vae.decode(z).sample
+
+
+def _shift_factor(vae: AutoencoderKL) -> float:
+    return getattr(vae.config, "shift_factor", None) or 0.0
+
+
 def image_latent_shape(cfg: FusionConfig) -> tuple[int, int, int]:
     """(C, h, w) of what the transformer's image path sees, from the config alone (reads
     the VAE's config.json, not its weights): for the data pipeline and the packer."""
@@ -262,28 +288,21 @@ class ImageTokenizer(nn.Module):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [N,3,H,W] in [-1,1] -> latents [N,C,h,w] in the input's dtype.
 
-        VAE: the posterior mean (deterministic, so pre-encoded shards and on-the-fly
-        encoding agree), then diffusers' normalisation (z - shift_factor) * scaling_factor
-        (shift_factor only where the VAE's config has one, e.g. SD3's). Pixel mode: identity.
+        VAE: vae_encode (the same function that writes pre-encoded shards). Pixel mode:
+        identity.
         """
         if self.vae is None:
             return pixels
         if pixels.shape[0] == 0:  # diffusers' VAE attention cannot reshape zero images
             return pixels.new_zeros((0, *self.latent_shape))
-        vae = self.vae
-        z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * vae.config.scaling_factor).to(pixels.dtype)
+        return vae_encode(self.vae, pixels).to(pixels.dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [N,C,h,w] -> pixels [N,3,H,W], nominally in [-1,1] (not clamped)."""
         if self.vae is None:
             return latents
-        vae = self.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
-        return vae.decode(z).sample.to(latents.dtype)
+        return vae_decode(self.vae, latents).to(latents.dtype)
 
     def embed(self, noisy: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """noisy latents [N,C,h,w], t [N] (our convention, 0 = clean) ->

@@ -273,6 +273,37 @@ def test_vae_latents_are_stored(tmp_path, tiny_vae):
         np.testing.assert_allclose(r["latents"].astype(np.float32), e.astype(np.float32), atol=2e-3)
 
 
+def test_vae_latents_are_the_models_own_encoding(tmp_path):
+    """An SD3-like VAE (shift_factor 0.0609, scaling_factor 1.5305): the stored latents are
+    what the model's ImageTokenizer computes from the same image, shift included."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from megafusion.data.images import to_tensor
+    from megafusion.model.config import FusionConfig
+    from megafusion.model.image_io import ImageTokenizer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16,
+                        shift_factor=0.0609, scaling_factor=1.5305)
+    vae.save_pretrained(tmp_path / "sd3_vae")
+    out = tmp_path / "syn"
+    assert prepare_main(["synthetic", "--out", str(out), "--n", "5", "--size", "16", "--val-n", "0",
+                         "--vae", str(tmp_path / "sd3_vae")]) == 0
+    rows = read_shards(out)
+    tok = ImageTokenizer(FusionConfig(image_mode="vae", vae_path=str(tmp_path / "sd3_vae"), image_size=16,
+                                      patch_size=2, patcher="linear"), hidden_size=8)
+    x = torch.stack([to_tensor(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in rows])
+    expect = tok.encode_images(x)
+    assert expect.abs().max() > 0.5  # not degenerate: the shift (0.09 after scaling) would show
+    got = torch.stack([torch.from_numpy(r["latents"].astype(np.float32)) for r in rows])
+    # Shards store float16: equal to the model's fp32 encoding rounded to float16 (same
+    # batch, same device, so the same fp32 numbers before rounding).
+    assert (got - expect.half().float()).abs().max().item() <= 1e-5
+
+
 # ---------------------------------------------------------------------------- errors
 
 def test_command_line_errors_are_one_line(tmp_path):
