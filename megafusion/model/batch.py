@@ -70,14 +70,13 @@ class PackedBatch:
         return int(self.images.shape[0])
 
     def to(self, device=None, dtype=None) -> "PackedBatch":
+        """Every tensor to `device`; only `images` to `dtype`. Timesteps stay fp32: they
+        are times and table indices, and bf16 cannot hold them (999 rounds to 1000)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
-                if v.is_floating_point():
-                    v = v.to(device=device, dtype=dtype or v.dtype)
-                else:
-                    v = v.to(device=device)
+                v = v.to(device=device, dtype=dtype if f.name == "images" and dtype is not None else v.dtype)
             out[f.name] = v
         return PackedBatch(**out)
 
