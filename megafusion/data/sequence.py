@@ -5,9 +5,12 @@ Image-caption row, one document:
   generation     BOS caption BOI image EOI EOS        (generation_ratio of rows)
   understanding  BOS BOI image EOI caption EOS        (the rest; the image is a condition)
 
-Loss: caption tokens, EOI and EOS are targets; BOI is a TextSegment whose target the
-model itself masks (FusionConfig.lm_loss_on_boi); BOS is never a target (nothing precedes
-it). For caption_drop of the generation rows the caption is the empty prompt (classifier-
+Loss: caption tokens and EOS are targets. EOI is labelled but never a target: the
+position that would predict it is the image's last token, and image positions predict
+nothing (LMFusionModel.lm_targets; an image is always followed by EOI, so sampling
+appends it rather than asking the model). BOI is a TextSegment whose target the model
+itself masks (FusionConfig.lm_loss_on_boi); BOS is never a target (nothing precedes it).
+For caption_drop of the generation rows the caption is the empty prompt (classifier-
 free guidance); EOS stays a target. Generation images get the objective's training
 timesteps; condition images t <= FusionConfig.condition_t_cap.
 
