@@ -132,7 +132,11 @@ def load(path: str | os.PathLike, tag: str | None = None, device: str | torch.de
         tokenizer = load_tokenizer(cfg.model.base)
         bos, eos = special_ids(tokenizer, cfg.data)
         if dtype is not None:
-            fused = fused.to(dtype)
+            # Parameters only, as from_pretrained(dtype=) does for an export: module.to()
+            # would cast fp32 buffers too, and RoPE's inv_freq in bf16 puts the angle at
+            # position 4095 off by radians.
+            for param in fused.parameters():
+                param.data = param.data.to(dtype)
         gen = Generator(fused, tokenizer, bos, eos, fused.boi_id, fused.eoi_id,
                         steps=cfg.log.sample_diffusion_steps, source=str(p))
     gen.model.to(device)

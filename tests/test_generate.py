@@ -301,6 +301,32 @@ def test_python_api_on_an_exported_model(exported, fused, base):
     assert text_ids == (ref[:ref.index(2)] if 2 in ref else ref)
 
 
+@pytest.mark.parametrize("source", ["export", "checkpoint"])
+def test_load_in_bf16_casts_parameters_and_keeps_fp32_buffers(source, exported, fused, tiny_llama, tmp_path,
+                                                               monkeypatch):
+    """dtype=bf16: every parameter bf16, every buffer that was fp32 still fp32 with the
+    same values (RoPE's inv_freq in bf16 would put the angle at position 4095 off by
+    radians). The checkpoint's reading is stubbed (the round trip in
+    tests/tools/test_convert_to_hf.py reads a real one); the cast is what is tested."""
+    import megafusion.export as E
+    from megafusion.config import load_config
+
+    if source == "export":
+        path = exported
+    else:
+        cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.base={tiny_llama}"])
+        monkeypatch.setattr(E, "find_checkpoint", lambda p, tag=None: None)
+        monkeypatch.setattr(E, "load_checkpoint_model", lambda p, tag=None: (copy.deepcopy(fused), cfg, None))
+        path = tmp_path
+    fp32_buffers = {n: b for n, b in fused.named_buffers() if b.dtype == torch.float32}
+    assert "rotary_emb.inv_freq" in fp32_buffers
+    model = G.load(path, dtype=torch.bfloat16).model
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    buffers = dict(model.named_buffers())
+    for name, ref in fp32_buffers.items():
+        assert buffers[name].dtype == torch.float32 and torch.equal(buffers[name], ref), name
+
+
 def run_cli(*args, capsys):
     code = G.main([str(a) for a in args])
     c = capsys.readouterr()
