@@ -8,12 +8,13 @@ Three backends sit behind one call, `hybrid_attention(q, k, v, layout)`:
   sdpa   torch SDPA with an explicit [B, 1, L, L] boolean mask. Runs everywhere, has a
          backward on the CPU, and is the reference the others are tested against.
   flex   FlexAttention with a BlockMask (CUDA; on the CPU forward only, torch 2.14).
-  flash  flash-attn varlen, which cannot express the mask in one call; two calls do
-         (see `_flash_attention`). Written against a small `attend` primitive so the
-         CPU tests check the decomposition with SDPA standing in for flash-attn.
+  flash  flash-attn varlen (CUDA, fp16/bf16 only), which cannot express the mask in one
+         call; two calls do (see `_flash_attention`). Written against a small `attend`
+         primitive so the CPU tests check the decomposition with SDPA standing in.
 
-The layout (masks, index tensors) depends only on document_ids / image_ids, so it is
-built once per forward pass and shared by every layer.
+"auto" is resolved by `choose_backend` from the device and the activations' dtype, once
+per forward pass. The layout (masks, index tensors) depends only on document_ids /
+image_ids, so it is built once per forward pass too and shared by every layer.
 
 This file ships as Hugging Face remote code: it imports nothing from deepspeed or from
 megafusion outside megafusion/model, and flash_attn / flex imports stay lazy.
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "sdpa", "flex", "flash")
+# flash-attn's kernels exist for these only; fp32 inputs raise inside flash-attn.
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 # attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 # in flash-attn's varlen layout: q [total_q, Hq, d], k/v [total_k, Hkv, d], cu_seqlens
@@ -67,6 +70,8 @@ def sdpa_varlen_primitive(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
 def flash_attn_primitive(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          causal, scale=None):
     """The real thing (CUDA, fp16/bf16). flash-attn handles GQA natively."""
+    if q.dtype not in FLASH_DTYPES:  # a caller that chose the backend without knowing the dtype
+        raise ValueError(_flash_dtype_error(q.dtype))
     # In try/except: transformers' remote-code loader scans every import of this file
     # and refuses to load a Hub model whose imports are missing, unless they are guarded.
     try:
@@ -80,6 +85,14 @@ def flash_attn_primitive(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 # ------------------------------------------------------------------- backend selection
 
+def _flash_dtype_error(dtype) -> str:
+    return (f"model.attention_backend=flash: flash-attn takes fp16 or bf16 inputs, got {dtype}; "
+            "use auto (flex or sdpa for fp32), flex or sdpa")
+
+
+# Whether a package imports does not change within a process: probe once (select_backend
+# runs on every forward pass).
+@functools.lru_cache(maxsize=None)
 def _flash_attn_error() -> Optional[str]:
     try:
         import flash_attn  # noqa: F401
@@ -88,6 +101,7 @@ def _flash_attn_error() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _flex_error() -> Optional[str]:
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
@@ -96,38 +110,57 @@ def _flex_error() -> Optional[str]:
     return None
 
 
-def select_backend(requested: str, device, primitive: Optional[AttendFn] = None) -> str:
-    """Resolve "auto" and check that an explicit backend can run on `device`.
+def choose_backend(requested: str, device_type: str, dtype: Optional[torch.dtype],
+                   flash_error: Optional[str], flex_error: Optional[str], stand_in: bool = False) -> str:
+    """The backend for `requested` in a given environment; pure, so every case is
+    testable on the CPU. flash_error / flex_error: why that kernel cannot be imported
+    (None: it can). dtype: what q/k/v will be, None when the caller does not know.
 
-    "auto" picks flash on CUDA with flash-attn, else flex on CUDA, else sdpa. "flash" is
-    accepted anywhere when a stand-in `primitive` is given (CPU tests). "flex" is
-    accepted on the CPU, where it runs forward only (torch has no CPU backward for it).
+    "auto": flash on CUDA for fp16/bf16 with flash-attn (it has no fp32 kernels), else
+    flex on CUDA, else sdpa; with the dtype unknown it never guesses flash. "flash" is
+    accepted anywhere with a `stand_in` primitive (CPU tests; the stand-in takes any
+    dtype), else it needs CUDA and flash-attn and refuses a dtype known to be neither
+    fp16 nor bf16. "flex" is accepted on the CPU, where it runs forward only (torch has
+    no CPU backward for it).
     """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
+    cuda = device_type == "cuda"
     if requested == "auto":
-        if cuda and _flash_attn_error() is None:
+        if cuda and dtype in FLASH_DTYPES and flash_error is None:
             return "flash"
-        if cuda and _flex_error() is None:
+        if cuda and flex_error is None:
             return "flex"
         return "sdpa"
     if requested == "sdpa":
         return "sdpa"
     if requested == "flash":
-        if primitive is not None:
+        if stand_in:
             return "flash"
         if not cuda:
-            raise ValueError(f"attention backend 'flash' needs a CUDA device, got {device}; use 'sdpa' or 'auto'")
-        err = _flash_attn_error()
-        if err is not None:
-            raise ValueError(f"attention backend 'flash' unavailable: {err}; use 'sdpa', 'flex' or 'auto'")
+            raise ValueError(f"attention backend 'flash' needs a CUDA device, got {device_type}; use 'sdpa' or 'auto'")
+        if flash_error is not None:
+            raise ValueError(f"attention backend 'flash' unavailable: {flash_error}; use 'sdpa', 'flex' or 'auto'")
+        if dtype is not None and dtype not in FLASH_DTYPES:
+            raise ValueError(_flash_dtype_error(dtype))
         return "flash"
     if requested == "flex":
-        err = _flex_error()
-        if err is not None:
-            raise ValueError(f"attention backend 'flex' unavailable: {err}; use 'sdpa' or 'auto'")
+        if flex_error is not None:
+            raise ValueError(f"attention backend 'flex' unavailable: {flex_error}; use 'sdpa' or 'auto'")
         return "flex"
     raise ValueError(f"unknown attention backend {requested!r}: expected one of {', '.join(BACKENDS)}")
+
+
+def select_backend(requested: str, device, primitive: Optional[AttendFn] = None,
+                   dtype: Optional[torch.dtype] = None) -> str:
+    """choose_backend in this process's environment. dtype: the activations' dtype
+    (autocast's where autocast is on for the device, as that is what q/k/v will be)."""
+    device = torch.device(device)
+    if dtype is not None and torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    cuda = device.type == "cuda"
+    return choose_backend(requested, device.type, dtype,
+                          flash_error=_flash_attn_error() if cuda else None,
+                          flex_error=_flex_error() if cuda or requested == "flex" else None,
+                          stand_in=primitive is not None)
 
 
 # ------------------------------------------------------------------------------ layout

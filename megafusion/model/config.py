@@ -16,8 +16,8 @@ class FusionConfig:
     # shared attention) is implemented.
     tower_mode: str = "lmfusion"
 
-    # Attention backend: "auto" (flash on CUDA with flash-attn, else sdpa), "sdpa",
-    # "flex" or "flash".
+    # Attention backend: "auto" (on CUDA flash-attn for fp16/bf16 when installed, else
+    # flex; sdpa on the CPU), "sdpa", "flex" or "flash" (fp16/bf16 only).
     attention_backend: str = "auto"
     # Recompute each decoder layer in the backward pass (saves activations).
     activation_checkpointing: bool = False

@@ -272,7 +272,11 @@ class LMFusionModel(nn.Module):
         device = self.embed_tokens.weight.device
         dtype = self.image_token_embed.dtype
         routing = Routing.from_modality(batch.modality)
-        backend = select_backend(self.attention_backend, device, primitive=self.attention_primitive)
+        # The hidden states (hence q/k/v) are in the embedding's dtype: "auto" picks
+        # flash-attn only where it has kernels (fp16/bf16), and an explicit flash with
+        # fp32 fails here in one line rather than inside flash-attn.
+        backend = select_backend(self.attention_backend, device, primitive=self.attention_primitive,
+                                 dtype=self.embed_tokens.weight.dtype)
         layout = AttentionLayout.build(batch.document_ids, batch.image_ids, backend, primitive=self.attention_primitive)
 
         # Both modalities' modules run even when this batch has none of one (on zero

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from megafusion.model.attention import (
     AttentionLayout,
+    choose_backend,
     hybrid_attention,
     hybrid_mask,
     sdpa_varlen_primitive,
@@ -261,9 +262,73 @@ def test_select_backend_on_cuda_without_flash_attn(monkeypatch):
     with pytest.raises(ValueError, match="'flash'.*flash-attn") as info:
         select_backend("flash", "cuda")
     assert "\n" not in str(info.value)
-    assert select_backend("auto", "cuda") == "flex"
+    assert select_backend("auto", "cuda", dtype=torch.bfloat16) == "flex"
     monkeypatch.setattr(attention, "_flash_attn_error", lambda: None)
-    assert select_backend("auto", "cuda") == "flash"
+    assert select_backend("auto", "cuda", dtype=torch.bfloat16) == "flash"
+    assert select_backend("auto", "cuda", dtype=torch.float32) == "flex"  # flash-attn has no fp32 kernels
+
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+MISSING = "not importable (ImportError)"
+
+
+@pytest.mark.parametrize("device, dtype, flash_error, flex_error, expect", [
+    ("cuda", BF16, None, None, "flash"),
+    ("cuda", FP16, None, None, "flash"),
+    ("cuda", FP32, None, None, "flex"),        # flash-attn takes fp16/bf16 only
+    ("cuda", FP32, None, MISSING, "sdpa"),
+    ("cuda", BF16, MISSING, None, "flex"),
+    ("cuda", BF16, MISSING, MISSING, "sdpa"),
+    ("cuda", None, None, None, "flex"),        # dtype unknown: never guess flash
+    ("cpu", BF16, None, None, "sdpa"),
+    ("cpu", FP32, None, None, "sdpa"),
+])
+def test_auto_picks_by_device_and_dtype(device, dtype, flash_error, flex_error, expect):
+    assert choose_backend("auto", device, dtype, flash_error, flex_error) == expect
+
+
+def test_explicit_flash_with_fp32_is_a_one_line_error():
+    with pytest.raises(ValueError) as info:
+        choose_backend("flash", "cuda", FP32, None, None)
+    msg = str(info.value)
+    assert "\n" not in msg and "model.attention_backend" in msg and "float32" in msg
+    assert choose_backend("flash", "cuda", BF16, None, None) == "flash"
+    assert choose_backend("flash", "cuda", None, None, None) == "flash"  # dtype unknown: the primitive checks
+    assert choose_backend("flash", "cpu", FP32, None, None, stand_in=True) == "flash"  # SDPA stand-in: any dtype
+    with pytest.raises(ValueError, match="model.attention_backend.*float32"):
+        attention_module().flash_attn_primitive(*(torch.zeros(2, 1, 4),) * 3, None, None, 2, 2, causal=True)
+
+
+def attention_module():
+    import megafusion.model.attention as attention
+
+    return attention
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+def test_forward_resolves_the_backend_with_the_models_dtype(dtype, tiny_base_dir, monkeypatch):
+    """The model asks for its backend knowing the dtype of its activations (and
+    autocast's, where autocast is on)."""
+    from megafusion.model.config import FusionConfig
+    from megafusion.model.fusion import LMFusionModel
+    from megafusion.model.loading import load_base_model
+
+    attention = attention_module()
+    asked = []
+    real = attention.choose_backend
+    monkeypatch.setattr(attention, "choose_backend", lambda *a, **kw: asked.append(a[:3]) or real(*a, **kw))
+    cfg = FusionConfig(image_mode="pixel", image_size=8, patch_size=4, patcher="linear", attention_backend="auto")
+    model = LMFusionModel(load_base_model(tiny_base_dir), cfg).to(dtype)
+    doc = [TextSegment([1, 5, model.boi_id]), ImageSegment(torch.zeros(3, 8, 8), timestep=10.0),
+           TextSegment([model.eoi_id])]
+    batch = PackedBatch.from_rows([[doc]], seq_len=8, tokens_per_image=4).to(dtype=dtype)
+    with torch.no_grad():
+        model(batch)
+        assert ("auto", "cpu", dtype) in asked
+        asked.clear()
+        with torch.autocast("cpu", dtype=BF16):
+            model(batch)
+        assert ("auto", "cpu", BF16) in asked
 
 
 @pytest.mark.parametrize("image_ids", [
