@@ -1,15 +1,41 @@
 """The DeepSpeed engine around the fused model: parameter groups, optimiser, schedule.
 
 Frozen parameters never enter an optimiser group, so under ZeRO-3 they stay 16-bit
-partitions with no gradient, no fp32 master copy and no Adam state. The optimiser is a
-plain torch AdamW created here (DeepSpeed wraps it): this keeps its settings in the run
-config and avoids compiling FusedAdam on machines without CUDA.
+partitions with no gradient, no fp32 master copy and no Adam state. The optimiser is
+created here (DeepSpeed wraps it) rather than from the DeepSpeed JSON, so its settings
+live in the run config; which implementation steps it depends on where the optimizer
+states live (choose_optimizer).
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from megafusion.config import RunConfig, lr_multiplier
+from megafusion.config import RunConfig, lr_multiplier, optimizer_offloaded
+
+# Parameters that are rows of an embedding table although they are not an nn.Embedding:
+# the begin/end-of-image rows beside the frozen vocabulary and, for untied heads, their
+# logit rows (megafusion/model/fusion.py). Decaying them pulls BOI/EOI towards zero while
+# every other token's row is untouched.
+EMBEDDING_ROWS = ("image_token_embed", "image_token_head")
+
+
+def _shape(p: torch.Tensor) -> tuple:
+    # A ZeRO-3 partitioned parameter's .data is an empty 1-D placeholder; ds_shape is
+    # its real shape (with parallel.zero_init every parameter is partitioned by now).
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def decays(module: torch.nn.Module, attr: str, p: torch.Tensor) -> bool:
+    """Weight decay only on weight matrices and convolution kernels: never on norms,
+    biases, embedding tables or embedding rows, which decay would shrink towards zero
+    without regularising anything (their scale is what they encode)."""
+    if attr in EMBEDDING_ROWS or isinstance(module, torch.nn.Embedding):
+        return False
+    if attr == "bias" or "norm" in type(module).__name__.lower():
+        return False
+    return len(_shape(p)) >= 2
 
 
 def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
@@ -17,13 +43,18 @@ def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
     if hasattr(model, "text_tower_parameter_names"):
         names = model.text_tower_parameter_names()
         text_ids = {id(p) for n, p in model.named_parameters() if n in names}
+    # A tied parameter has two owners (embedding and LM head): it decays only if both
+    # say so. Dicts keep the order of first appearance, so groups are deterministic.
+    params, decay = {}, {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None and p.requires_grad:
+                params[id(p)] = p
+                decay[id(p)] = decay.get(id(p), True) and decays(module, attr, p)
     groups = {("image", True): [], ("image", False): [], ("text", True): [], ("text", False): []}
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        tower = "text" if id(p) in text_ids else "image"
-        decay = p.dim() >= 2  # no weight decay on norms, biases, single embeddings rows
-        groups[(tower, decay)].append(p)
+    for key, p in params.items():
+        tower = "text" if key in text_ids else "image"
+        groups[(tower, decay[key])].append(p)
     t = cfg.train
     out = []
     for (tower, decay), params in groups.items():
@@ -39,10 +70,53 @@ def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
     return out
 
 
-def build_optimizer(groups: list[dict], cfg: RunConfig) -> torch.optim.Optimizer:
+def choose_optimizer(offloaded: bool, device_type: str) -> str:
+    """Which AdamW steps the trainable parameters:
+
+    - "cpu_adam": optimizer states offloaded (ZeRO-Offload, CPU or NVMe): the step runs
+      on the CPU over fp32 master weights, where DeepSpeed's vectorised C++ Adam is
+      2-5x faster than torch's;
+    - "fused": on a GPU (torch's single-kernel AdamW, fused=True);
+    - "foreach": another accelerator (multi-tensor kernels where no fused one is known);
+    - "plain": on the CPU without offload (torch's per-tensor loop: DeepSpeed hands the
+      optimizer a few flat fp32 partitions, so foreach has nothing to batch).
+    """
+    if offloaded:
+        return "cpu_adam"
+    if device_type == "cuda":
+        return "fused"
+    if device_type == "cpu":
+        return "plain"
+    return "foreach"
+
+
+def build_optimizer(groups: list[dict], cfg: RunConfig, ds_config: dict | None = None,
+                    device_type: str | None = None) -> torch.optim.Optimizer:
     t = cfg.train
-    # foreach=False: DeepSpeed's ZeRO swaps the groups' params for flat fp32 partitions.
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, foreach=False)
+    if device_type is None:
+        from deepspeed.accelerator import get_accelerator
+
+        device_type = get_accelerator().device_name()
+    kind = choose_optimizer(optimizer_offloaded(ds_config or {}), device_type)
+    common = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    if kind == "cpu_adam":
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            # The first use JIT-compiles DeepSpeed's cpu_adam op (ninja + a C++
+            # compiler, about 2 minutes on 2 cores); later runs load the cached build.
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **common)
+        except Exception as exc:  # no compiler / op not buildable here
+            # zero_force_ds_cpu_optimizer is false in ds_configs/zero3_offload.json so
+            # that DeepSpeed accepts torch's AdamW in that case; say so, it is slower.
+            print(f"warning: DeepSpeedCPUAdam unavailable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                  "stepping the offloaded optimizer with torch.optim.AdamW (slower)", file=sys.stderr, flush=True)
+            kind = "plain"
+    if kind == "fused":
+        return torch.optim.AdamW(groups, fused=True, **common)
+    if kind == "foreach":
+        return torch.optim.AdamW(groups, foreach=True, **common)
+    return torch.optim.AdamW(groups, foreach=False, **common)
 
 
 def build_scheduler(cfg: RunConfig):
@@ -56,7 +130,7 @@ def initialize(model, cfg: RunConfig, ds_config: dict):
     import deepspeed
 
     groups = parameter_groups(model, cfg)
-    optimizer = build_optimizer(groups, cfg)
+    optimizer = build_optimizer(groups, cfg, ds_config)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg), config=ds_config,
     )

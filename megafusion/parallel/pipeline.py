@@ -186,7 +186,7 @@ def initialize_pipeline(fused: LMFusionModel, cfg: RunConfig, ds_config: dict):
     import torch.distributed as dist
 
     module = build_pipeline_module(fused, cfg, dist.get_world_size())
-    optimizer = build_optimizer(parameter_groups(module, cfg), cfg)
+    optimizer = build_optimizer(parameter_groups(module, cfg), cfg, ds_config)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
                                                            lr_scheduler=build_scheduler(cfg), config=ds_config)
     return engine, optimizer, scheduler

@@ -1,0 +1,150 @@
+"""The optimiser the engine builds: its parameter groups (which parameters decay) and
+which AdamW implementation steps them.
+
+References: a rule written on parameter *names* (the engine decides by module type and
+shape), and, for the offloaded optimiser, a run of the same config with torch's AdamW."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "tiny.yaml")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from param_groups_worker import describe  # noqa: E402
+
+
+# --------------------------------------------------------------------------- decision
+
+
+@pytest.mark.parametrize("offloaded,device,expect", [
+    (True, "cpu", "cpu_adam"),
+    (True, "cuda", "cpu_adam"),  # states on the host: the step runs there whatever the GPU
+    (False, "cuda", "fused"),
+    (False, "xpu", "foreach"),
+    (False, "cpu", "plain"),
+])
+def test_choose_optimizer(offloaded, device, expect):
+    from megafusion.parallel.engine import choose_optimizer
+
+    assert choose_optimizer(offloaded, device) == expect
+
+
+@pytest.mark.parametrize("device,fused,foreach", [("cuda", True, None), ("xpu", None, True), ("cpu", None, False)])
+def test_build_optimizer_without_offload_on_each_device(device, fused, foreach):
+    """What build_optimizer makes of a fake device (construction only: torch checks
+    fused kernels' devices at the first step)."""
+    import torch
+
+    from megafusion.config import load_config
+    from megafusion.parallel.engine import build_optimizer
+
+    cfg = load_config(TINY)
+    p = torch.nn.Parameter(torch.zeros(3, 3))
+    opt = build_optimizer([{"params": [p]}], cfg, {"zero_optimization": {"stage": 3}}, device_type=device)
+    assert type(opt) is torch.optim.AdamW
+    assert opt.defaults["fused"] == fused and opt.defaults["foreach"] == foreach
+
+
+# --------------------------------------------------------------------------- weight decay
+
+
+def decays_by_name(name: str) -> bool:
+    """Brute force on names: no decay for biases, anything inside a *norm* module, the
+    token embedding table and the BOI/EOI rows (image_token_embed, image_token_head)."""
+    parts = name.split(".")
+    owner = parts[-2] if len(parts) > 1 else ""
+    if parts[-1] == "bias" or "norm" in owner or owner == "embed_tokens":
+        return False
+    return name not in ("image_token_embed", "image_token_head")
+
+
+def check_groups(described: dict, weight_decay: float) -> None:
+    groups, trainable = described["groups"], described["trainable"]
+    seen = [n for g in groups.values() for n in g["params"]]
+    assert sorted(seen) == trainable, "each trainable parameter in exactly one group"
+    for g in groups.values():
+        for name in g["params"]:
+            want = weight_decay if decays_by_name(name) else 0.0
+            assert g["weight_decay"] == want, (name, g["weight_decay"], want)
+    # The rule has both outcomes here (otherwise the comparison above proves little).
+    assert any(decays_by_name(n) for n in trainable) and not all(decays_by_name(n) for n in trainable)
+
+
+@pytest.mark.parametrize("extra", [
+    ["model.patcher=linear"],
+    ["model.patcher=unet"],
+    ["model.train_text_tower=true", "train.text_lr=1e-4"],  # tied embedding + LM head trainable
+])
+def test_weight_decay_groups_follow_name_rule(tiny_llama, extra):
+    from megafusion.config import load_config
+
+    cfg = load_config(TINY, ["train.weight_decay=0.1", *extra])
+    described = describe(cfg)
+    check_groups(described, 0.1)
+    assert "image_token_embed" in described["trainable"]
+
+
+def test_weight_decay_spares_untied_boi_eoi_head_rows(tiny_llama_untied):
+    from megafusion.config import load_config
+
+    cfg = load_config(TINY, ["train.weight_decay=0.1", f"model.base={tiny_llama_untied}",
+                             "model.train_text_tower=true", "train.text_lr=1e-4"])
+    described = describe(cfg)
+    check_groups(described, 0.1)
+    assert {"image_token_head", "lm_head.weight"} <= set(described["trainable"])
+
+
+@pytest.mark.slow
+def test_weight_decay_groups_under_zero_init(tiny_llama):
+    """parallel.zero_init (the 8B/70B configs) hands the engine partitioned parameters
+    whose .data is an empty 1-D placeholder: the rule must see their real shapes."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    out = subprocess.run([sys.executable, str(REPO / "tests/parallel/param_groups_worker.py"), TINY,
+                          "parallel.zero_init=true", "model.patcher=unet", "train.weight_decay=0.1"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("GROUPS "))
+    check_groups(json.loads(line[len("GROUPS "):]), 0.1)
+
+
+# --------------------------------------------------------------------------- offload
+
+
+def train_one_rank(tmp_path: Path, shards: str, ds_config: str, steps: int = 4) -> tuple[str, list[dict]]:
+    run_dir = tmp_path / Path(ds_config).stem
+    env = dict(os.environ, DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               PYTHONUNBUFFERED="1")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    out = subprocess.run([sys.executable, str(REPO / "tests/parallel/trainer_worker.py"), TINY, f"run.dir={run_dir}",
+                          f"data.train={shards}", f"data.run_id={run_dir.name}-{os.getpid()}", f"train.steps={steps}",
+                          "log.tensorboard=false", "checkpoint.every=0", f"parallel.ds_config={ds_config}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return text, rows
+
+
+@pytest.mark.slow
+def test_offload_config_steps_with_deepspeed_cpu_adam(tmp_path, tiny_llama, synthetic_shards):
+    """ds_configs/zero3_offload.json: the engine's ZeRO-3 optimizer steps DeepSpeedCPUAdam
+    (its C++ op JIT-compiled here on first use), and the run trains as torch's AdamW
+    does on ds_configs/zero3.json: same losses to float rounding."""
+    text, offloaded = train_one_rank(tmp_path, synthetic_shards, "ds_configs/zero3_offload.json")
+    assert ("ENGINE_OPTIMIZER deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam wrapped_by "
+            "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3") in text, text[-3000:]
+    text, reference = train_one_rank(tmp_path, synthetic_shards, "ds_configs/zero3.json")
+    assert "ENGINE_OPTIMIZER torch.optim.adamw.AdamW" in text, text[-3000:]
+    assert [r["step"] for r in offloaded] == [r["step"] for r in reference] == [1, 2, 3, 4]
+    for a, b in zip(offloaded, reference):
+        for key in ("loss", "lm_loss", "diffusion_loss"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), (a["step"], key, a[key], b[key])
+    assert offloaded[-1]["diffusion_loss"] < offloaded[0]["diffusion_loss"]
