@@ -21,7 +21,7 @@ How the model is asked (megafusion/model/inference.py does the work, with a KV c
   sample; classifier-free guidance against the dropped caption [BOS][BOI] (what the
   data pipeline's caption_drop trains), conditional and unconditional rows in one
   forward; the prompts' keys and values are computed once and every denoising step runs
-  the image tokens only. DDIM (epsilon objective) or Euler (rectified flow) through
+  the image tokens only. DPM-Solver++(2M) (epsilon objective) or Euler (rectified flow) through
   megafusion.model.diffusion.make_sampler_scheduler.
 - caption: [BOS][BOI] clean image [EOI], then greedy (or sampled) text until the EOS the
   data pipeline closes documents with (megafusion.data.sequence.text_special_ids).

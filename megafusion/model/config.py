@@ -39,6 +39,10 @@ class FusionConfig:
     # Images that serve as a condition (image before its caption) are noised at most to
     # this timestep; 0 means they are always clean.
     condition_t_cap: int = 500
+    # Share of condition images shown exactly clean (t = 0); the rest are noised up to
+    # condition_t_cap. Captioning at inference always sees a clean image, and X-Fusion
+    # found clean condition images best for both tasks.
+    condition_clean_share: float = 0.0
     # Total loss = lm + diffusion_loss_weight * diffusion.
     diffusion_loss_weight: float = 5.0
     # Transfusion puts no loss on the begin-of-image token; turn on to let the model
@@ -67,3 +71,5 @@ class FusionConfig:
             raise ValueError("model.image_mode=vae needs model.vae_path (an AutoencoderKL directory)")
         if not 0 <= self.condition_t_cap <= self.num_train_timesteps:
             raise ValueError(f"model.condition_t_cap={self.condition_t_cap} outside [0, {self.num_train_timesteps}]")
+        if not 0.0 <= self.condition_clean_share <= 1.0:
+            raise ValueError(f"model.condition_clean_share={self.condition_clean_share} outside [0, 1]")

@@ -322,7 +322,7 @@ def uncached_denoiser(model, rows: Sequence[Sequence]) -> Denoiser:
 def sample_latents(model, denoiser: Denoiser, n: int, steps: int = 50, guidance_scale: float = 1.0,
                    generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
                    progress: Callable = lambda it: it) -> torch.Tensor:
-    """n clean latents [n, C, h, w] by the model's sampler (make_sampler_scheduler: DDIM
+    """n clean latents [n, C, h, w] by the model's sampler (make_sampler_scheduler: DPM-Solver++
     for the epsilon objective, Euler for rectified flow).
 
     With guidance_scale != 1 the denoiser's rows are n conditional then n unconditional

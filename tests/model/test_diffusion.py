@@ -126,7 +126,9 @@ def test_timestep_sampling_and_condition_cap(objective):
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_sampler_with_oracle_recovers_x0(objective):
-    cfg = FusionConfig(objective=objective)
+    # The sampler's time and noise conventions are the objective's: an oracle that knows
+    # x0 is led back to it. (Latent space: pixel sampling would clip this randn x0.)
+    cfg = FusionConfig(objective=objective, image_mode="vae", vae_path="unused")
     obj = make_objective(cfg)
     x0, noise = _fixed(n=3, shape=(4, 8, 8), seed=7)
     sched = make_sampler_scheduler(cfg, num_inference_steps=10)
@@ -150,6 +152,118 @@ def test_sampler_with_oracle_recovers_x0(objective):
     torch.testing.assert_close(oracle(x_mid, ts[len(ts) // 2]), obj.target(x0, noise, t_mid), rtol=0, atol=1e-4)
 
 
-def test_sampler_refuses_steps_that_reach_clean():
+def test_epsilon_sampler_never_asks_about_clean_or_near_zero_snr():
+    obj = DDPMEpsilon()
+    for n in (1, 2, 25, 50, 250, 1000):
+        ts = make_sampler_scheduler(FusionConfig(objective="ddpm"), n).timesteps.tolist()
+        assert ts == sorted(set(ts), reverse=True) and 1 <= len(ts) <= n
+        assert min(ts) == (1 if n > 1 else max(ts)) and min(ts) >= 1  # t = 0 means clean
+        # The first step: alpha-bar ~ 1e-3 (SNR e^-7), not the 2.4e-9 of t = 999.
+        assert 5e-4 < float(obj.alphas_cumprod[max(ts)]) < 2e-3
+
+
+# --- the epsilon sampler on data whose optimal epsilon is known in closed form ----------
+#
+# x0 ~ N(0, s^2 I), x_t = a x0 + b eps (a^2 = alpha-bar, b^2 = 1 - a^2): E[eps | x_t] =
+# b x_t / (a^2 s^2 + b^2). Fed that (with a small error), a sound sampler returns samples
+# with std s. With guidance g the two branches are data of std s (prompt) and s_u (no
+# prompt); in the variables z = x / a, sigma = b / a, the guided probability-flow ODE is
+# dz/dsigma = sigma z (g / (s^2 + sigma^2) - (g - 1) / (s_u^2 + sigma^2)), whose exact
+# solution from sigma_max to 0 scales z by (s^2 / (s^2 + sm^2))^(g/2) ((s_u^2 + sm^2) / s_u^2)^((g-1)/2).
+
+def _optimal_epsilon(alphas_cumprod, x_t, t, data_std):
+    ab = alphas_cumprod.double()[int(t)]
+    return ((1 - ab).sqrt() * x_t.double() / (ab * data_std ** 2 + 1 - ab)).float()
+
+
+def _guided_std(alphas_cumprod, t_start, s, s_u, g):
+    ab = float(alphas_cumprod.double()[int(t_start)])
+    sm2 = (1 - ab) / ab
+    return ab ** -0.5 * (s * s / (s * s + sm2)) ** (g / 2) * ((s_u * s_u + sm2) / (s_u * s_u)) ** ((g - 1) / 2)
+
+
+ERRORS = {
+    "plus_0.5%": lambda e: e * 1.005,
+    "minus_0.5%": lambda e: e * 0.995,
+    "bf16": lambda e: e.bfloat16().float(),
+}
+
+
+@pytest.mark.parametrize("error", list(ERRORS))
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [25, 50, 250])
+@pytest.mark.parametrize("data_std", [0.18, 1.0])  # pixel images in [-1, 1]; scaled VAE latents
+def test_epsilon_sampler_is_well_conditioned(data_std, steps, guidance, error):
+    # Latent space (no clipping): the closed form holds for unbounded Gaussian data.
+    cfg = FusionConfig(objective="ddpm", image_mode="vae", vae_path="unused")
+    sched = make_sampler_scheduler(cfg, steps)
+    ac = DDPMEpsilon().alphas_cumprod
+    perturb = ERRORS[error]
+    s_u = 1.5 * data_std
+    x = torch.randn(8192, 4, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        cond = perturb(_optimal_epsilon(ac, x, t, data_std))
+        if guidance == 1.0:
+            eps = cond
+        else:  # both branches carry the error, as a network's would
+            uncond = perturb(_optimal_epsilon(ac, x, t, s_u))
+            eps = uncond + guidance * (cond - uncond)
+        x = denoise_step(sched, eps, t, x)
+    expected = data_std if guidance == 1.0 else _guided_std(ac, sched.timesteps[0], data_std, s_u, guidance)
+    assert torch.isfinite(x).all()
+    assert abs(x.std().item() / expected - 1) < 0.05, (x.std().item(), expected)
+
+
+def test_pixel_sampler_clips_the_x0_estimate_to_the_image_range():
+    # A useless network (epsilon 0 everywhere) makes every x0 estimate x_t / alpha, ~30x
+    # the noise at the first step; for pixel images the sampler keeps samples in [-1, 1].
+    cfg = FusionConfig(objective="ddpm", image_mode="pixel")
+    sched = make_sampler_scheduler(cfg, 10)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        x = denoise_step(sched, torch.zeros_like(x), t, x)
+    assert x.abs().max() <= 1.0 + 1e-6 and x.abs().max() > 0.5
+
+
+# --- bf16 noising -----------------------------------------------------------------------
+
+def test_bf16_noising_keeps_its_coefficients():
+    T = 1000
+    obj = DDPMEpsilon(T)
+    ac = obj.alphas_cumprod.double()
+    t = torch.arange(1, T, dtype=torch.float32)
+    ones, zeros = torch.ones(T - 1, 1, dtype=torch.bfloat16), torch.zeros(T - 1, 1, dtype=torch.bfloat16)
+    noise_coef = obj.add_noise(zeros, ones, t).double().squeeze(1)  # x0 = 0, noise = 1
+    signal_coef = obj.add_noise(ones, zeros, t).double().squeeze(1)  # x0 = 1, noise = 0
+    torch.testing.assert_close(noise_coef, (1 - ac[1:]).sqrt(), rtol=0.01, atol=0)
+    torch.testing.assert_close(signal_coef, ac[1:].sqrt(), rtol=0.01, atol=0)
+    x0 = torch.randn(T - 1, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    noise = torch.randn(T - 1, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    x_t = obj.add_noise(x0, noise, t)
+    assert x_t.dtype == torch.bfloat16
+    assert (x_t != x0).any(1).all()  # every t adds noise, t = 1 included
+
+
+def test_bf16_rectified_flow_keeps_its_coefficients():
+    T = 1000
+    obj = RectifiedFlow(T)
+    t = torch.cat([torch.arange(1, T, dtype=torch.float32), torch.tensor([999.5, 999.9])])
+    sigma = t.double() / T
+    n = t.shape[0]
+    ones, zeros = torch.ones(n, 1, dtype=torch.bfloat16), torch.zeros(n, 1, dtype=torch.bfloat16)
+    torch.testing.assert_close(obj.add_noise(zeros, ones, t).double().squeeze(1), sigma, rtol=0.01, atol=0)
+    torch.testing.assert_close(obj.add_noise(ones, zeros, t).double().squeeze(1), 1 - sigma, rtol=0.01, atol=0)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_condition_clean_share(objective):
+    obj = make_objective(FusionConfig(objective=objective, condition_clean_share=0.25))
+    is_cond = torch.arange(8000) % 2 == 0
+    t = obj.sample_timesteps(is_cond, cap=500, generator=torch.Generator().manual_seed(0))
+    clean = (t[is_cond] == 0).float().mean().item()
+    noisy = t[is_cond][t[is_cond] > 0]
+    assert abs(clean - 0.25 - (0.75 / 501 if objective == "ddpm" else 0.0)) < 0.02
+    assert noisy.max() > 450 and noisy.min() < 50  # the rest still fills [0, cap]
+    assert (t[~is_cond] > 0).all()  # generation images are never clean
     with pytest.raises(ValueError):
-        make_sampler_scheduler(FusionConfig(objective="ddpm"), 1000)
+        make_objective(FusionConfig(objective=objective, condition_clean_share=1.5))
