@@ -7,9 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import megafusion.model.attention as attention
 from megafusion.model.attention import (
     AttentionLayout,
     choose_backend,
+    flash_attn_primitive,
     hybrid_attention,
     hybrid_mask,
     sdpa_varlen_primitive,
@@ -256,8 +258,6 @@ def test_select_backend():
 
 def test_select_backend_on_cuda_without_flash_attn(monkeypatch):
     # Pure logic: no CUDA needed to ask about a cuda device.
-    import megafusion.model.attention as attention
-
     monkeypatch.setattr(attention, "_flash_attn_error", lambda: "flash-attn is not importable (ImportError)")
     with pytest.raises(ValueError, match="'flash'.*flash-attn") as info:
         select_backend("flash", "cuda")
@@ -295,14 +295,12 @@ def test_explicit_flash_with_fp32_is_a_one_line_error():
     assert choose_backend("flash", "cuda", BF16, None, None) == "flash"
     assert choose_backend("flash", "cuda", None, None, None) == "flash"  # dtype unknown: the primitive checks
     assert choose_backend("flash", "cpu", FP32, None, None, stand_in=True) == "flash"  # SDPA stand-in: any dtype
+    # A caller that chose flash without knowing the dtype gets the same error from the
+    # real primitive, before flash-attn is imported (so this runs on the CPU).
+    q = k = v = torch.zeros(2, 1, 4)
+    cu = torch.tensor([0, 2], dtype=torch.int32)
     with pytest.raises(ValueError, match="model.attention_backend.*float32"):
-        attention_module().flash_attn_primitive(*(torch.zeros(2, 1, 4),) * 3, None, None, 2, 2, causal=True)
-
-
-def attention_module():
-    import megafusion.model.attention as attention
-
-    return attention
+        flash_attn_primitive(q, k, v, cu, cu, 2, 2, causal=True)
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16])
@@ -313,7 +311,6 @@ def test_forward_resolves_the_backend_with_the_models_dtype(dtype, tiny_base_dir
     from megafusion.model.fusion import LMFusionModel
     from megafusion.model.loading import load_base_model
 
-    attention = attention_module()
     asked = []
     real = attention.choose_backend
     monkeypatch.setattr(attention, "choose_backend", lambda *a, **kw: asked.append(a[:3]) or real(*a, **kw))
