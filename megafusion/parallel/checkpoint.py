@@ -9,13 +9,22 @@
   other ranks have finished, so a crash at that moment leaves a `latest` that names a
   half-written checkpoint. Here it moves (atomic rename) only after a barrier that every
   rank reaches once its files are on disk.
+- "On disk" means fsynced: each rank fsyncs the files it wrote (DeepSpeed's, through its
+  checkpoint engine, and its client file), rank 0 the tag directory, then `latest` moves
+  and the checkpoints directory is fsynced. Without that a power loss or node crash can
+  leave a durable `latest` naming files whose data never reached the disk.
+- A tag directory newer than `latest` is a save that never finished (every rank killed
+  mid-save): it is removed at the next start and never counted towards keep_last.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +63,71 @@ def read_latest(ckpt_dir: Path) -> str | None:
     return tag if tag and (Path(ckpt_dir) / tag).is_dir() else None
 
 
+def _step_of(tag: str) -> int | None:
+    m = TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_latest(ckpt_dir: Path, tag: str) -> None:
     tmp = Path(ckpt_dir) / f".{LATEST}.tmp"
-    tmp.write_text(tag)
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, Path(ckpt_dir) / LATEST)
+    _fsync(Path(ckpt_dir))  # the rename itself survives a crash only once its directory is synced
+
+
+@contextlib.contextmanager
+def _recording_writes(engine):
+    """Paths DeepSpeed writes on this rank while inside: every file of a save goes
+    through engine.checkpoint_engine.save(state_dict, path)."""
+    written: list[str] = []
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None or not hasattr(ce, "save"):
+        yield None  # unknown engine: the caller syncs the whole tag directory
+        return
+    original, own = ce.save, "save" in vars(ce)
+
+    def save(state_dict, path, *args, **kwargs):
+        result = original(state_dict, path, *args, **kwargs)
+        written.append(str(path))
+        return result
+
+    ce.save = save
+    try:
+        yield written
+    finally:
+        if own:
+            ce.save = original
+        else:
+            del ce.save  # back to the class's method
+
+
+def _hold_for_test(step: int, rank: int) -> None:
+    """Test hook: MEGAFUSION_TEST_HOLD_SAVE=STEP:DIR makes the save of STEP stop after
+    DeepSpeed's files and before this rank's client file (a torn checkpoint): the rank
+    touches DIR/held.rank<R> and waits until DIR/release exists (tests kill it there)."""
+    spec = os.environ.get("MEGAFUSION_TEST_HOLD_SAVE", "")
+    if not spec:
+        return
+    at, _, where = spec.partition(":")
+    if int(at) != step:
+        return
+    where = Path(where)
+    (where / f"held.rank{rank}").touch()
+    print(f"[rank {rank}] test hook: holding the save of step {step} open", file=sys.stderr, flush=True)
+    while not (where / "release").exists():
+        time.sleep(0.1)
 
 
 def client_path(ckpt_dir: Path, tag: str, rank: int) -> Path:
@@ -69,15 +139,25 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, keep_last: int) -> str
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
-                           exclude_frozen_parameters=True)
+    with _recording_writes(engine) as written:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
+                               exclude_frozen_parameters=True)
+    _hold_for_test(step, rank)
     state = dict(client, step=step, rng=rng_state())
     tmp = client_path(ckpt_dir, tag, rank).with_suffix(".tmp")
     torch.save(state, tmp)
+    _fsync(tmp)
     os.replace(tmp, client_path(ckpt_dir, tag, rank))
+    # Each rank syncs what it wrote: on a cluster filesystem a file's dirty pages live on
+    # the node that wrote it, and another node's fsync does not reach them.
+    if written is None:
+        written = [p for p in (ckpt_dir / tag).rglob("*") if p.is_file()]
+    for path in written:
+        _fsync(Path(path))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        _fsync(ckpt_dir / tag)  # the entries of every rank's files (created, renamed)
         _write_latest(ckpt_dir, tag)
         _prune(ckpt_dir, keep_last, keep=tag)
     if dist.is_initialized():
@@ -85,23 +165,60 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, keep_last: int) -> str
     return tag
 
 
-def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    if keep_last <= 0:
-        return
-    tags = sorted((int(m.group(1)), p.name) for p in ckpt_dir.iterdir()
+def _tags(ckpt_dir: Path) -> list[tuple[int, str]]:
+    return sorted((int(m.group(1)), p.name) for p in ckpt_dir.iterdir()
                   if p.is_dir() and (m := TAG_RE.match(p.name)))
-    for _, name in tags[:-keep_last]:
-        if name != keep:
-            shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+
+
+def remove_torn(ckpt_dir: Path) -> list[str]:
+    """Remove tag directories whose save never finished: those newer than `latest` (or
+    all of them when no `latest` was ever written). Rank 0 only, before anything reads
+    them. Returns the removed tags. A `latest` naming a missing directory is left for
+    a person to look at: nothing is removed then."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    if (ckpt_dir / LATEST).is_file():
+        tag = read_latest(ckpt_dir)
+        if tag is None or _step_of(tag) is None:
+            return []
+        newest = _step_of(tag)
+    else:
+        newest = -1
+    torn = [name for step, name in _tags(ckpt_dir) if step > newest]
+    for name in torn:
+        shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+    if torn:
+        _fsync(ckpt_dir)
+    return torn
+
+
+def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
+    """Called right after `latest` moved to `keep`: anything newer is a torn leftover,
+    removed and not counted; of the complete ones the keep_last newest stay."""
+    newest = _step_of(keep)
+    tags = _tags(ckpt_dir)
+    complete = [name for step, name in tags if step <= newest]
+    doomed = [name for step, name in tags if step > newest]
+    if keep_last > 0:
+        doomed += [name for name in complete[:-keep_last] if name != keep]
+    for name in doomed:
+        shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
 def load_latest(engine, ckpt_dir: Path, world_size: int) -> dict | None:
     """Restore the newest complete checkpoint; returns this rank's client state."""
     ckpt_dir = Path(ckpt_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        for name in remove_torn(ckpt_dir):
+            print(f"removed incomplete checkpoint {ckpt_dir / name} (newer than {LATEST}: its save never finished)",
+                  flush=True)
+    if dist.is_initialized():
+        dist.barrier()
     tag = read_latest(ckpt_dir)
     if tag is None:
         return None
-    rank = dist.get_rank() if dist.is_initialized() else 0
     cpath = client_path(ckpt_dir, tag, rank)
     if not cpath.is_file():
         n = len(list((ckpt_dir / tag).glob("megafusion_client_rank*.pt")))
