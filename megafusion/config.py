@@ -111,6 +111,12 @@ class ParallelSection:
     # of the base, image-tower twins partitioned one module at a time), so no rank ever
     # holds the whole model. Needed from ~8B up; small models start faster without it.
     zero_init: bool = False
+    # Minutes a collective waits for its slowest rank before the process group raises
+    # (with NCCL's async error handling the rank aborts): a hung or dead rank then ends
+    # the job, which slurm/ requeues if it made progress, instead of idling every GPU
+    # until the time limit. Longer than the slowest legitimate wait: ranks sit in a
+    # barrier while the base model loads and while a 70B checkpoint is written.
+    collective_timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -214,6 +220,8 @@ def _validate_run(cfg: RunConfig) -> None:
         "parallel.zero_stage=1, or set parallel.pipeline_stages=1 for ZeRO-3",
     )
     ds_config_path(cfg)  # exists and is readable
+    _check(p.collective_timeout_minutes > 0,
+           f"parallel.collective_timeout_minutes={p.collective_timeout_minutes}: must be > 0")
 
     _check(c.every >= 0, f"checkpoint.every={c.every}: must be >= 0 (0: only at the end)")
     _check(c.keep_last >= 0, f"checkpoint.keep_last={c.keep_last}: must be >= 0 (0 keeps all)")

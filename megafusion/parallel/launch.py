@@ -50,12 +50,17 @@ def setup_environment() -> DistEnv:
     return env
 
 
-def init_distributed(env: DistEnv):
+def init_distributed(env: DistEnv, timeout_minutes: float | None = None):
+    """timeout_minutes: how long a collective waits (parallel.collective_timeout_minutes;
+    None: DeepSpeed's default, $DEEPSPEED_TIMEOUT or 10 minutes)."""
+    import datetime
+
     import deepspeed
     import torch
 
     backend = "nccl" if os.environ.get("DS_ACCELERATOR") == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
     return backend

@@ -78,7 +78,7 @@ class Trainer:
     def _setup(self):
         cfg = self.cfg
         self.env = setup_environment()
-        init_distributed(self.env)
+        init_distributed(self.env, cfg.parallel.collective_timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = device_for(self.env)
         torch.manual_seed(cfg.run.seed + self.rank)
