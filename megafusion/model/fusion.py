@@ -132,13 +132,14 @@ class FusionOutput(ModelOutput):
 
 
 class LMFusionModel(nn.Module):
-    def __init__(self, base_model, cfg: FusionConfig, clone=None, gather=None):
+    def __init__(self, base_model, cfg: FusionConfig, clone=None, gather=None, image_tokenizer=None):
         """base_model: a transformers LlamaForCausalLM whose modules become the text tower.
 
         clone(module) makes an image-tower twin of a text-tower module and gather(params)
         is a context in which partitioned parameters are whole; the defaults (deepcopy,
         nothing to gather) are for unpartitioned models, megafusion/parallel supplies
-        ZeRO-3 versions."""
+        ZeRO-3 versions. image_tokenizer: one built by the caller (pipeline stages build
+        its sides separately); by default both sides are built here."""
         super().__init__()
         clone = clone or copy.deepcopy
         gather = gather or (lambda params: contextlib.nullcontext())
@@ -171,7 +172,7 @@ class LMFusionModel(nn.Module):
                 head_mean = self.lm_head.weight.float().mean(0, keepdim=True).to(self.lm_head.weight.dtype)
             self.image_token_head = nn.Parameter(head_mean.repeat(NUM_IMAGE_TOKENS, 1).clone())
 
-        self.image_tokenizer = ImageTokenizer(cfg, hidden)
+        self.image_tokenizer = image_tokenizer if image_tokenizer is not None else ImageTokenizer(cfg, hidden)
         self.objective = make_objective(cfg)
         self.attention_backend = cfg.attention_backend
         self.attention_primitive = None  # test hook: flash decomposition with a stand-in
@@ -257,14 +258,18 @@ class LMFusionModel(nn.Module):
         doc_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
         return last_image >= doc_start
 
+    def run_layer(self, layer: FusionDecoderLayer, h, routing, cos, sin, layout):
+        """One decoder layer; with cfg.activation_checkpointing (and the layer training)
+        only its inputs are kept and it runs again in backward. Pipeline stages call this
+        too, so both paths recompute the same way."""
+        if self.cfg.activation_checkpointing and layer.training and torch.is_grad_enabled():
+            fn = self.checkpoint_fn or (lambda f, *a: checkpoint(f, *a, use_reentrant=False))
+            return fn(layer, h, routing, cos, sin, layout)
+        return layer(h, routing, cos, sin, layout)
+
     def _run_layers(self, h, routing, cos, sin, layout):
-        ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if ckpt:
-                fn = self.checkpoint_fn or (lambda f, *a: checkpoint(f, *a, use_reentrant=False))
-                h = fn(layer, h, routing, cos, sin, layout)
-            else:
-                h = layer(h, routing, cos, sin, layout)
+            h = self.run_layer(layer, h, routing, cos, sin, layout)
         return h
 
     # -- forward ----------------------------------------------------------------

@@ -253,30 +253,54 @@ class UNetPredictor(nn.Module):
 # --- the tokenizer ----------------------------------------------------------------------
 
 class ImageTokenizer(nn.Module):
-    """VAE (frozen, optional) + trainable patcher in and out. See the module docstring."""
+    """VAE (frozen, optional) + trainable patcher in and out. See the module docstring.
 
-    def __init__(self, cfg: FusionConfig, hidden_size: int):
+    `sides` builds the input side ("embedder", with the VAE) and/or the output side
+    ("predictor"); a pipeline stage builds only the side it owns (build_side). Each side
+    draws its initial weights from its own seed, both derived from side_seed (by default
+    one draw of the global RNG, draw_seed), so one side built alone equals that side of
+    the whole tokenizer.
+    """
+
+    SIDES = ("embedder", "predictor")
+
+    def __init__(self, cfg: FusionConfig, hidden_size: int, sides: tuple[str, ...] = SIDES,
+                 side_seed: int | None = None):
         super().__init__()
         if cfg.patcher not in ("linear", "unet"):
             raise ValueError(f"model.patcher={cfg.patcher!r}: expected one of linear, unet")
+        if cfg.patcher == "unet" and not tuple(cfg.unet_channels):
+            raise ValueError("model.unet_channels is empty")
+        self.cfg = cfg
         self.latent_shape = image_latent_shape(cfg)
-        # Registered as a submodule so .to() moves it, but frozen: requires_grad False,
-        # always in eval mode, never among the trainable parameters.
-        self.vae: AutoencoderKL | None = load_vae(cfg.vae_path) if cfg.image_mode == "vae" else None
+        self.vae: AutoencoderKL | None = None
         c, h, w = self.latent_shape
         p = self.patch_size = cfg.patch_size
         self.grid = (h // p, w // p)
         self.tokens_per_image = self.grid[0] * self.grid[1]
         self.hidden_size = hidden_size
-        if cfg.patcher == "linear":
-            self.embedder = LinearEmbedder(c, p, hidden_size)
-            self.predictor = LinearPredictor(c, p, hidden_size, h, w)
-        else:
-            channels = tuple(int(x) for x in cfg.unet_channels)
-            if not channels:
-                raise ValueError("model.unet_channels is empty")
-            self.embedder = UNetEmbedder(c, p, hidden_size, channels, cfg.unet_layers_per_block)
-            self.predictor = UNetPredictor(c, p, hidden_size, channels, cfg.unet_layers_per_block, h, w)
+        self._side_seed = self.draw_seed() if side_seed is None else int(side_seed)
+        for side in sides:
+            self.build_side(side)
+
+    @staticmethod
+    def draw_seed() -> int:
+        return int(torch.randint(0, 2**62, (), device="cpu").item())
+
+    def build_side(self, side: str) -> None:
+        cfg, (c, h, w), p, hidden = self.cfg, self.latent_shape, self.patch_size, self.hidden_size
+        channels = tuple(int(x) for x in cfg.unet_channels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._side_seed + self.SIDES.index(side))
+            if side == "embedder":
+                # Registered as a submodule so .to() moves it, but frozen: requires_grad
+                # False, always in eval mode, never among the trainable parameters.
+                self.vae = load_vae(cfg.vae_path) if cfg.image_mode == "vae" else None
+                self.embedder = (LinearEmbedder(c, p, hidden) if cfg.patcher == "linear"
+                                 else UNetEmbedder(c, p, hidden, channels, cfg.unet_layers_per_block))
+            else:
+                self.predictor = (LinearPredictor(c, p, hidden, h, w) if cfg.patcher == "linear"
+                                  else UNetPredictor(c, p, hidden, channels, cfg.unet_layers_per_block, h, w))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -29,12 +29,21 @@ def held_bytes(engine) -> dict:
         params += _bytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _bytes(p.data)
     opt = engine.optimizer
     master = 0
-    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+    # ZeRO-3, ZeRO-1/2, and BF16_Optimizer (bf16 with fp32 gradient accumulation at ZeRO-1,
+    # the pipeline's optimizer).
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
         for t in getattr(opt, name, None) or []:
             master += _bytes(t)
     grads = 0
     for name in ("grad_partitions_flat_buffer",):
         grads += _bytes(getattr(opt, name, None))
+    # BF16_Optimizer: an fp32 accumulation buffer for all of this rank's trainable
+    # parameters (not partitioned), plus the bf16 param.grad, which lives from the first
+    # backward of a step to the end of the step (None when this runs after a step).
+    for t in getattr(opt, "fp32_groups_gradients_flat", None) or []:
+        grads += _bytes(t)
+    for group in getattr(opt, "bf16_groups", None) or []:
+        grads += sum(_bytes(p.grad) for p in group)
     if not grads:
         for t in getattr(opt, "averaged_gradients", {}).values() if isinstance(getattr(opt, "averaged_gradients", None), dict) else []:
             grads += sum(_bytes(g) for g in t) if isinstance(t, list) else _bytes(t)

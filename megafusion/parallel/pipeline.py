@@ -5,13 +5,35 @@ positions, document and image ids, LM targets) travels as integer tensors; the d
 target and the timesteps, which the last stage needs but which must not receive
 gradients, travel bit-cast to integers (DeepSpeed sends gradients back for every
 floating-point tensor a stage emits). Each stage rebuilds Routing and the attention
-layout from the ids, which costs an argsort and a mask per layer and keeps the wire
-format simple.
+layout from the ids, which costs an argsort and a mask per stage and keeps the wire
+format simple. Every tensor a stage emits is on the stage's device: DeepSpeed sends
+them as they are, and NCCL's p2p serves CUDA tensors only.
 
-Layers: [embed] + [one per decoder layer] + [head with both losses], partitioned by
-trainable parameters (DeepSpeed's "parameters" method). The topology puts the pipeline
-axis fastest (ranks 0..P-1 are one pipeline), so the data loader can give consecutive
-ranks the same samples with streaming's `replication`.
+Layers: [embed] + [one per decoder layer] + [head with both losses], given to DeepSpeed
+as LayerSpecs, so each rank builds the layers of its own stage only. Every rank holds a
+skeleton of the fused model on the meta device (every module and shape, no storage); a
+stage's constructor gives real tensors, in the training dtype, to the skeleton modules
+it owns: text-tower weights read key by key from the base's safetensors files, image-tower
+twins copied from them, its side of the image tokenizer built from that side's own seed
+(so the weights equal a single-process run's). Layers of other stages stay on the meta
+device and are never read. Peak host memory is one stage's weights plus the tensor being
+read (70B, P stages: about 282 GB / P in bf16, instead of the whole fused model in fp32).
+
+Partitioning gives every stage the same number of decoder layers (DeepSpeed's
+"type:DecoderStage"); its "parameters" method would build every layer on every rank just
+to count parameters. The topology puts the pipeline axis fastest (ranks 0..P-1 are one
+pipeline), so the data loader can give consecutive ranks the same samples with
+streaming's `replication`.
+
+Activation checkpointing (model.activation_checkpointing): each DecoderStage runs its
+layer through LMFusionModel.run_layer, i.e. torch's non-reentrant checkpoint around the
+one decoder layer, as the non-pipeline model does; not the PipelineModule's
+activation_checkpoint_interval. Reasons: the same recomputation in both paths; Routing,
+the attention layout and RoPE tables go into the checkpoint as arguments, so the
+recompute in backward reuses them, where a checkpoint around the whole stage call would
+rebuild the mask in every layer's recompute (under 1F1B the stage's one-entry layout
+cache holds a later micro-batch by then); and DeepSpeed's default function is reentrant,
+which needs an input that requires grad and a global checkpointing configuration.
 
 Tied embeddings: the new begin/end-of-image rows are used by the embedding (first
 stage) and by the LM head (last stage); across stages they are untied (the head gets
@@ -20,18 +42,21 @@ lm_loss_on_boi=False, so the head copy receives no gradient anyway.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from megafusion.config import RunConfig
 from megafusion.model.attention import AttentionLayout, select_backend
+from megafusion.model.base_weights import BaseWeights, materialize, skeleton_base_model
 from megafusion.model.batch import IGNORE_INDEX, PackedBatch
-from megafusion.model.fusion import LMFusionModel
+from megafusion.model.fusion import NUM_IMAGE_TOKENS, LMFusionModel
+from megafusion.model.image_io import ImageTokenizer
 from megafusion.model.routing import Routing
 
 _INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-_FLOAT_CODES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}
 
 
 def _to_bits(x: torch.Tensor) -> torch.Tensor:
@@ -44,24 +69,81 @@ def _from_bits(x: torch.Tensor, dtype) -> torch.Tensor:
 
 def batch_to_inputs(batch: PackedBatch) -> tuple:
     images = batch.images if batch.images.numel() or batch.images.dim() == 4 else batch.images.reshape(0, 1, 1, 1)
+    device = batch.input_ids.device
     return (batch.input_ids, batch.labels, batch.modality, batch.position_ids, batch.document_ids, batch.image_ids,
-            _to_bits(images.float()), torch.tensor(list(images.shape), dtype=torch.long),
-            _to_bits(batch.timesteps.float()), torch.tensor([int(batch.images_are_latents)]))
+            _to_bits(images.float()), torch.tensor(list(images.shape), dtype=torch.long, device=device),
+            _to_bits(batch.timesteps.float()), torch.tensor([int(batch.images_are_latents)], device=device))
+
+
+class StageSource:
+    """What the stages of one rank are built from: the fused model's skeleton on the meta
+    device, the base's tensors on disk and the training dtype."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+        self.weights = BaseWeights(cfg.model.base)
+        self.base = skeleton_base_model(self.weights.config)
+        # The image tokenizer's seed is the draw a single-process run makes (its rank 0
+        # draws it right after torch.manual_seed(run.seed), nothing random before), so a
+        # stage's side starts equal to that run's. This rank's own stream then advances by
+        # that one draw, as building the whole model advances it, so the diffusion noise
+        # drawn next is the stream a non-pipeline run draws. No side is built yet.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed)
+            seed = ImageTokenizer.draw_seed()
+        ImageTokenizer.draw_seed()
+        tokenizer = ImageTokenizer(cfg.model, self.weights.config.hidden_size, sides=(), side_seed=seed)
+        self.fused = LMFusionModel(self.base, cfg.model, image_tokenizer=tokenizer)
+        self._rotary = None
+
+    def __repr__(self) -> str:  # LayerSpec logs its arguments
+        return f"StageSource({self.cfg.model.base})"
+
+    def load(self, module: nn.Module, prefix: str) -> None:
+        materialize(module, prefix, self.weights, self.dtype)
+
+    def cast(self, module: nn.Module) -> nn.Module:
+        """Floating-point parameters to the training dtype; buffers (RoPE's inv_freq)
+        stay as they are, as DeepSpeed's own cast leaves them."""
+        for p in module.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(self.dtype)
+        return module
+
+    def keep_tie(self, other: nn.Module, built: nn.Module) -> None:
+        """A tied base's embedding and head are one tensor. When this rank builds one of
+        them, the skeleton's other (not owned here, still on the meta device) shares it
+        again, so the skeleton counts the tensor once, as the whole model does."""
+        if getattr(self.weights.config, "tie_word_embeddings", False) and other.weight.is_meta:
+            other.weight = built.weight
+
+    def rotary(self) -> nn.Module:
+        """RoPE (no weights, an fp32 inv_freq buffer), shared by this rank's decoder stages."""
+        if self._rotary is None:
+            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+            self._rotary = self.fused.rotary_emb = LlamaRotaryEmbedding(config=self.weights.config)
+        return self._rotary
+
+
+def _mean_rows(weight: torch.Tensor) -> torch.Tensor:
+    """The BOI/EOI rows' initial value, as LMFusionModel computes it: the mean row, in fp32."""
+    return weight.float().mean(0, keepdim=True).repeat(NUM_IMAGE_TOKENS, 1)
 
 
 class _Stage(nn.Module):
-    def __init__(self, fused: LMFusionModel):
+    def __init__(self, source: StageSource):
         super().__init__()
         # A plain attribute, not a submodule: stages must not own each other's weights.
-        object.__setattr__(self, "fused", fused)
+        object.__setattr__(self, "fused", source.fused)
 
     def routing_and_layout(self, modality, document_ids, image_ids):
         """Routing and attention layout of a micro-batch, built once per stage: the
         decoder stages of one pipeline rank hand the very same tensors along, so the
         last result is reused while its inputs are the same objects (a FlexAttention
-        BlockMask or a 4096x4096 mask is not rebuilt for every layer; activation
-        recomputation in backward reuses it too). The cache holds the key tensors, so
-        their ids cannot be recycled while it does."""
+        BlockMask or a 4096x4096 mask is not rebuilt for every layer). The cache holds
+        the key tensors, so their ids cannot be recycled while it does."""
         f = self.fused
         key = (modality, document_ids, image_ids)
         cached = getattr(f, "_pipeline_layout_cache", None)
@@ -75,19 +157,29 @@ class _Stage(nn.Module):
 
 
 class EmbedStage(_Stage):
-    def __init__(self, fused: LMFusionModel):
-        super().__init__(fused)
-        self.embed_tokens = fused.embed_tokens
-        self.image_token_embed = fused.image_token_embed
-        self.embedder = fused.image_tokenizer.embedder
-        self.vae = fused.image_tokenizer.vae
+    def __init__(self, source: StageSource):
+        super().__init__(source)
+        f = self.fused
+        raw = source.weights.get("model.embed_tokens.weight")
+        f.embed_tokens.weight = nn.Parameter(raw.to(source.dtype), requires_grad=f.embed_tokens.weight.requires_grad)
+        f.image_token_embed = nn.Parameter(_mean_rows(raw).to(source.dtype))
+        del raw
+        source.keep_tie(f.lm_head, f.embed_tokens)
+        tok = f.image_tokenizer
+        tok.build_side("embedder")
+        self.embed_tokens = f.embed_tokens
+        self.image_token_embed = f.image_token_embed
+        self.embedder = source.cast(tok.embedder)
+        self.vae = source.cast(tok.vae) if tok.vae is not None else None
 
     def forward(self, inputs):
         input_ids, labels, modality, position_ids, document_ids, image_ids, img_bits, img_shape, t_bits, are_latents = inputs
         f = self.fused
+        device = self.embed_tokens.weight.device
         routing = Routing.from_modality(modality)
+        empty = torch.empty(0, device=device)
         batch = PackedBatch(input_ids, labels, modality, position_ids, document_ids, image_ids,
-                            images=torch.empty(0), timesteps=torch.empty(0), image_is_condition=torch.empty(0))
+                            images=empty, timesteps=empty, image_is_condition=empty)
         targets = f.lm_targets(batch)
         dtype = self.image_token_embed.dtype
         parts = [f.embed(input_ids.reshape(-1)[routing.text_positions])] if routing.n_text else []
@@ -97,42 +189,58 @@ class EmbedStage(_Stage):
             if not bool(are_latents.item()):
                 x0 = f.image_tokenizer.encode_images(x0).to(dtype)
             noise = torch.randn_like(x0)
+            # The objective's own noising and target (no copy of the formulas here), so
+            # the pipeline computes them exactly as the non-pipeline model does.
             x_t = f.objective.add_noise(x0, noise, t)
             tokens, _ = f.image_tokenizer.embed(x_t, t)
             parts.append(tokens.reshape(-1, tokens.shape[-1]).to(parts[0].dtype if parts else dtype))
             target = f.objective.target(x0, noise, t).float()
         else:
-            target = torch.zeros(0, 1, 1, 1)
+            target = torch.zeros(0, 1, 1, 1, device=device)
         h = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-        return (h, modality, position_ids, document_ids, image_ids, targets,
-                _to_bits(target.contiguous()), torch.tensor(list(target.shape), dtype=torch.long), t_bits)
+        return (h, modality, position_ids, document_ids, image_ids, targets, _to_bits(target.contiguous()),
+                torch.tensor(list(target.shape), dtype=torch.long, device=device), t_bits)
 
 
 class DecoderStage(_Stage):
-    def __init__(self, fused: LMFusionModel, index: int):
-        super().__init__(fused)
-        self.layer = fused.layers[index]
-        self.rotary_emb = fused.rotary_emb
+    def __init__(self, source: StageSource, index: int):
+        super().__init__(source)
+        layer = self.fused.layers[index]
+        source.load(source.base.model.layers[index], f"model.layers.{index}.")  # the text tower's modules
+        layer.image = copy.deepcopy(layer.text).requires_grad_(True)
+        self.layer = layer
+        self.rotary_emb = source.rotary()
 
     def forward(self, inputs):
         h, modality, position_ids, document_ids, image_ids, *rest = inputs
         routing, layout = self.routing_and_layout(modality, document_ids, image_ids)
         cos, sin = self.rotary_emb(h, position_ids)
-        h = self.layer(h, routing, cos, sin, layout)
+        h = self.fused.run_layer(self.layer, h, routing, cos, sin, layout)
         return (h, modality, position_ids, document_ids, image_ids, *rest)
 
 
 class HeadStage(_Stage):
     """Both losses; returns [total, lm, diffusion] (the engine's loss_fn takes [0])."""
 
-    def __init__(self, fused: LMFusionModel):
-        super().__init__(fused)
-        self.text_norm = fused.text_norm
-        self.lm_head = fused.lm_head
-        self.image_norm = fused.image_norm
-        self.predictor = fused.image_tokenizer.predictor
-        head = fused.image_token_embed if fused.tied_embeddings else fused.image_token_head
-        self.image_token_head = nn.Parameter(head.detach().clone())
+    def __init__(self, source: StageSource):
+        super().__init__(source)
+        f = self.fused
+        source.load(f.text_norm, "model.norm.")
+        raw = source.weights.get("lm_head.weight")  # the embedding when tied
+        f.lm_head.weight = nn.Parameter(raw.to(source.dtype), requires_grad=f.lm_head.weight.requires_grad)
+        # LMFusionModel's BOI/EOI logit rows start at the mean row of the output matrix
+        # (the embedding's when tied).
+        self.image_token_head = nn.Parameter(_mean_rows(raw).to(source.dtype))
+        if not f.tied_embeddings:  # the skeleton's own BOI/EOI logit rows are these
+            f.image_token_head = self.image_token_head
+        del raw
+        source.keep_tie(f.embed_tokens, f.lm_head)
+        f.image_norm = copy.deepcopy(f.text_norm).requires_grad_(True)
+        f.image_tokenizer.build_side("predictor")
+        self.text_norm = f.text_norm
+        self.lm_head = f.lm_head
+        self.image_norm = f.image_norm
+        self.predictor = source.cast(f.image_tokenizer.predictor)
 
     def forward(self, inputs):
         h, modality, position_ids, document_ids, image_ids, targets, tgt_bits, tgt_shape, t_bits = inputs
@@ -163,30 +271,49 @@ class HeadStage(_Stage):
         return out
 
 
-def build_pipeline_module(fused: LMFusionModel, cfg: RunConfig, world_size: int):
+def layer_specs(source: StageSource) -> list:
+    from deepspeed.pipe import LayerSpec
+
+    n = source.weights.config.num_hidden_layers
+    return ([LayerSpec(EmbedStage, source)] + [LayerSpec(DecoderStage, source, i) for i in range(n)]
+            + [LayerSpec(HeadStage, source)])
+
+
+def build_pipeline_module(source: StageSource, world_size: int):
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
-    P = cfg.parallel.pipeline_stages
+    P = source.cfg.parallel.pipeline_stages
     if world_size % P:
         raise SystemExit(f"error: parallel.pipeline_stages={P} does not divide the world size {world_size}")
-    layers = [EmbedStage(fused)] + [DecoderStage(fused, i) for i in range(len(fused.layers))] + [HeadStage(fused)]
     topo = ProcessTopology(axes=["data", "pipe"], dims=[world_size // P, P])
-    module = PipelineModule(layers=layers, topology=topo, loss_fn=lambda out, _labels: out[0],
-                            partition_method="parameters", dynamic_shape=True)
-    module.tokens_per_image = fused.tokens_per_image
-    module.llama_config = fused.llama_config
+    module = PipelineModule(layers=layer_specs(source), topology=topo, loss_fn=lambda out, _labels: out[0],
+                            partition_method="type:DecoderStage", dynamic_shape=True)
+    f = source.fused
+    module.tokens_per_image = f.tokens_per_image
+    module.llama_config = f.llama_config
+    # parameter_groups gives text-tower parameters train.text_lr (train_text_tower runs).
+    text_ids = {id(p) for m in f.text_tower_modules() for p in m.parameters()}
+    names = {n for n, p in module.named_parameters() if id(p) in text_ids}
+    module.text_tower_parameter_names = lambda: names
     return module
 
 
-def initialize_pipeline(fused: LMFusionModel, cfg: RunConfig, ds_config: dict):
+def initialize_pipeline(cfg: RunConfig, ds_config: dict):
+    """(the fused skeleton, engine, optimizer, scheduler). The skeleton holds this rank's
+    stage modules with real tensors and everything else on the meta device; it answers
+    what the trainer asks of the model (tokens_per_image, vocab_size, parameter counts)."""
     import deepspeed
-
-    from megafusion.parallel.engine import build_optimizer, build_scheduler, parameter_groups
     import torch.distributed as dist
 
-    module = build_pipeline_module(fused, cfg, dist.get_world_size())
+    from megafusion.parallel.engine import build_optimizer, build_scheduler, parameter_groups
+
+    if (ds_config.get("pipeline") or {}).get("activation_checkpoint_interval", 0):
+        raise SystemExit("error: the DeepSpeed config sets pipeline.activation_checkpoint_interval; set "
+                         "model.activation_checkpointing=true instead (the decoder stages recompute each layer)")
+    source = StageSource(cfg)
+    module = build_pipeline_module(source, dist.get_world_size())
     optimizer = build_optimizer(parameter_groups(module, cfg), cfg, ds_config)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
                                                            lr_scheduler=build_scheduler(cfg), config=ds_config)
-    return engine, optimizer, scheduler
+    return source.fused, engine, optimizer, scheduler

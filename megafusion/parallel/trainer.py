@@ -91,14 +91,15 @@ class Trainer:
         from megafusion.parallel.model_setup import build_model
 
         self.tokenizer = load_tokenizer(cfg.model.base)
-        self.model = build_model(cfg, self.ds_config)
         if cfg.parallel.pipeline_stages > 1:
             from megafusion.parallel.pipeline import initialize_pipeline
 
-            self.engine, self.optimizer, self.scheduler = initialize_pipeline(self.model, cfg, self.ds_config)
+            # Each rank builds its own stage only; the rest of self.model stays on the meta device.
+            self.model, self.engine, self.optimizer, self.scheduler = initialize_pipeline(cfg, self.ds_config)
         else:
             from megafusion.parallel.engine import initialize
 
+            self.model = build_model(cfg, self.ds_config)
             self.engine, self.optimizer, self.scheduler = initialize(self.model, cfg, self.ds_config)
 
         from megafusion.data.loader import build_train_loader

@@ -111,12 +111,12 @@ def pipeline_reference(run_dir):
     """The trainer's model: base + the pipeline's own stage modules, each loading its
     layer file as DeepSpeed's PipelineModule.load_state_dir does."""
     from megafusion.config import load_config
-    from megafusion.model.fusion import LMFusionModel
-    from megafusion.parallel.pipeline import DecoderStage, EmbedStage, HeadStage
+    from megafusion.parallel.pipeline import DecoderStage, EmbedStage, HeadStage, StageSource
 
     cfg = load_config(Path(run_dir) / "config.yaml")
-    fused = LMFusionModel.from_base(cfg.model.base, cfg.model)
-    stages = [EmbedStage(fused)] + [DecoderStage(fused, i) for i in range(len(fused.layers))] + [HeadStage(fused)]
+    source = StageSource(cfg)  # every stage built in this process: the skeleton becomes the whole model
+    fused = source.fused
+    stages = [EmbedStage(source)] + [DecoderStage(source, i) for i in range(len(fused.layers))] + [HeadStage(source)]
     tag_dir = Path(run_dir) / "checkpoints" / (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
     frozen = {id(p) for p in fused.parameters() if not p.requires_grad}
     for i, stage in enumerate(stages):

@@ -1,0 +1,80 @@
+"""Run under `deepspeed --num_gpus 2`: the real trainer on two pipeline stages (ZeRO-1),
+then, on every rank, an inventory of what the rank holds, written as JSON to
+<out>/rank<R>.json. Usage: pipeline_worker.py CONFIG OUT_DIR [overrides...]
+
+Recorded: the decoder layers this rank's stage modules are, which skeleton parameters
+have real storage, parameter bytes and dtypes, the base tensors read from disk, and how
+often a whole base model was loaded (it must be never)."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main():
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    config, out_dir, overrides = args[0], Path(args[1]), args[2:]
+
+    import transformers
+
+    from megafusion.config import load_config
+    from megafusion.model import base_weights
+    from megafusion.parallel.memory import held_bytes, parameter_counts
+    from megafusion.parallel.pipeline import DecoderStage
+    from megafusion.parallel.trainer import Trainer
+
+    whole_loads = []
+    real_from_pretrained = transformers.LlamaForCausalLM.from_pretrained.__func__
+
+    def counting_from_pretrained(cls, *a, **k):
+        whole_loads.append(str(a[0]) if a else "")
+        return real_from_pretrained(cls, *a, **k)
+
+    transformers.LlamaForCausalLM.from_pretrained = classmethod(counting_from_pretrained)
+    reads = []
+    real_get = base_weights.BaseWeights.get
+
+    def recording_get(self, name):
+        reads.append(self.key_for(name))
+        return real_get(self, name)
+
+    base_weights.BaseWeights.get = recording_get
+
+    cfg = load_config(config, overrides)
+    trainer = Trainer(cfg)
+    code = trainer.run()
+    assert code == 0, code
+
+    import torch.distributed as dist
+
+    module, skeleton = trainer.engine.module, trainer.model
+    owned = sorted(i for m in module.modules() if isinstance(m, DecoderStage)
+                   for i, layer in enumerate(skeleton.layers) if m.layer is layer)
+    real = sorted({n.split(".")[1] for n, p in skeleton.named_parameters() if n.startswith("layers.") and not p.is_meta})
+    held = {n: p for n, p in module.named_parameters()}
+    result = {
+        "rank": dist.get_rank(),
+        "stage": trainer.engine.stage_id,
+        "decoder_layers": owned,
+        "skeleton_layers_with_storage": [int(i) for i in real],
+        "module_children": sorted(type(m).__name__ for m in module.children()),
+        "parameter_names": sorted(held),
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in held.values()),
+        "parameter_dtypes": sorted({str(p.dtype) for p in held.values()}),
+        "fused_model_parameters": sum(p.numel() for p in skeleton.parameters()),
+        "base_tensors_read": sorted(set(reads)),
+        "whole_base_loads": whole_loads,
+        "non_meta_skeleton_tensors": sum(not p.is_meta for p in skeleton.parameters()),
+        "optimizer": type(trainer.engine.optimizer).__name__,
+        "held_bytes": held_bytes(trainer.engine),
+        "frozen_trainable": parameter_counts(module),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"rank{result['rank']}.json").write_text(json.dumps(result, indent=1))
+    dist.barrier()
+    print(f"PIPELINE_WORKER_OK rank {result['rank']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Pipeline stages (megafusion/parallel/pipeline.py) against independent references: the
+device their parameters are on (a stand-in accelerator, tests/parallel/fake_accelerator.py),
+the same stages without activation checkpointing, the base checkpoint on disk, and two
+real pipeline ranks reporting what they hold."""
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megafusion.config import load_config
+from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment
+from megafusion.model.loading import load_base_model
+from megafusion.parallel.pipeline import DecoderStage, EmbedStage, HeadStage, StageSource, batch_to_inputs
+
+from fake_accelerator import FAKE, fake_accelerator, move_to_fake, tensors_in
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_cfg(base, *overrides):
+    return load_config(REPO / "configs" / "tiny.yaml", [f"model.base={base}", *overrides])
+
+
+def all_stages(cfg):
+    """Every stage of the model built in one process, as a one-stage pipeline would."""
+    source = StageSource(cfg)
+    n = source.weights.config.num_hidden_layers
+    return source, [EmbedStage(source)] + [DecoderStage(source, i) for i in range(n)] + [HeadStage(source)]
+
+
+def mixed_batch(fused, seed=0):
+    """Generation (caption, image) and understanding (clean image, caption) documents."""
+    g = torch.Generator().manual_seed(seed)
+    C, h, w = fused.image_tokenizer.latent_shape
+    img = lambda t, cond=False: ImageSegment(torch.randn(C, h, w, generator=g), timestep=t, is_condition=cond)
+    txt = lambda n: TextSegment(torch.randint(3, 300, (n,), generator=g).tolist())
+    boi, eoi = TextSegment([fused.boi_id]), TextSegment([fused.eoi_id])
+    rows = [[[txt(5), boi, img(700.0), eoi], [txt(3)]],
+            [[boi, img(0.0, True), eoi, txt(6)], [txt(4), boi, img(999.0), eoi, txt(2)]]]
+    T = fused.tokens_per_image
+    return PackedBatch.from_rows(rows, seq_len=3 * T + 20, tokens_per_image=T)
+
+
+def text_batch(fused):
+    T = fused.tokens_per_image
+    return PackedBatch.from_rows([[[TextSegment(list(range(3, 40)))]]], seq_len=40, tokens_per_image=T,
+                                 image_shape=fused.image_tokenizer.latent_shape)
+
+
+@pytest.mark.parametrize("kind", ["mixed", "text_only"])
+def test_every_tensor_a_stage_emits_is_on_the_stage_device(tiny_llama, kind):
+    """DeepSpeed sends a stage's outputs as they are (NCCL: CUDA tensors only). On the
+    stand-in accelerator, every emitted tensor must be where the stage's parameters are;
+    the inputs are moved there first, as the engine's micro-batch loader does."""
+    source, stages = all_stages(tiny_cfg(tiny_llama))
+    batch = mixed_batch(source.fused) if kind == "mixed" else text_batch(source.fused)
+    with fake_accelerator():
+        for stage in stages:
+            move_to_fake(stage)
+        x = tuple(t.to(FAKE) for t in batch_to_inputs(batch))
+        for stage in stages:
+            device = next(stage.parameters()).device
+            assert device == FAKE
+            x = stage(x)
+            off = [(i, str(t.device)) for i, t in enumerate(tensors_in(x)) if t.device != device]
+            assert not off, f"{type(stage).__name__} emits tensors off its device: {off}"
+    assert torch.isfinite(x.elem).all()
+
+
+def run_stages(stages, batch, seed):
+    """Forward + backward through the stages; returns (losses, grads, what the decoder
+    stages saved for backward: [bytes of each tensor])."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    torch.manual_seed(seed)  # the diffusion noise
+    x = batch_to_inputs(batch)
+    for stage in stages:
+        stage.train()
+        hooks = (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if isinstance(stage, DecoderStage)
+                 else contextlib.nullcontext())
+        with hooks:
+            x = stage(x)
+    x[0].backward()
+    grads = {f"{i}.{n}": p.grad for i, s in enumerate(stages) for n, p in s.named_parameters() if p.grad is not None}
+    return x.detach(), grads, saved
+
+
+def test_activation_checkpointing_recomputes_decoder_stages(tiny_llama):
+    """With model.activation_checkpointing the decoder stages keep (almost) nothing for
+    backward and recompute; gradients equal those of the same stages without it."""
+    _, plain = all_stages(tiny_cfg(tiny_llama, "model.activation_checkpointing=false"))
+    _, ckpt = all_stages(tiny_cfg(tiny_llama, "model.activation_checkpointing=true"))
+    batch = mixed_batch(plain[0].fused)
+    loss_p, grads_p, saved_p = run_stages(plain, batch, seed=3)
+    loss_c, grads_c, saved_c = run_stages(ckpt, batch, seed=3)
+    assert torch.equal(loss_p, loss_c)
+    assert grads_p.keys() == grads_c.keys() and any(".layer.image." in k for k in grads_p)
+    for k in grads_p:
+        assert torch.equal(grads_p[k], grads_c[k]), k
+    print(f"decoder stages saved {len(saved_p)} tensors / {sum(saved_p)} bytes without checkpointing, "
+          f"{len(saved_c)} / {sum(saved_c)} with")
+    assert sum(saved_c) * 10 < sum(saved_p) and len(saved_c) * 10 < len(saved_p)
+
+
+def test_stages_start_as_the_whole_model_and_leave_the_noise_stream_alone(tiny_llama):
+    """Stages built one by one (each image-tokenizer side from its own seed) equal the
+    whole model a single-process run builds after torch.manual_seed(run.seed), and the
+    global RNG (the diffusion noise drawn next) is where that build leaves it."""
+    cfg = tiny_cfg(tiny_llama)
+    torch.manual_seed(cfg.run.seed)
+    source, stages = all_stages(cfg)
+    after_stages = torch.rand(4)
+    from megafusion.model.fusion import LMFusionModel
+
+    torch.manual_seed(cfg.run.seed)
+    whole = LMFusionModel(load_base_model(tiny_llama), cfg.model)
+    after_whole = torch.rand(4)
+    assert torch.equal(after_stages, after_whole)
+    mine, ref = source.fused.state_dict(), whole.state_dict()
+    assert mine.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(mine[k], ref[k]), k
+
+
+def test_stages_hold_the_base_weights_in_the_training_dtype(tiny_llama):
+    """Each stage's text tower equals the base checkpoint (cast to bf16), its image tower
+    starts equal to it, and nothing a stage holds is fp32."""
+    source, stages = all_stages(tiny_cfg(tiny_llama, "train.dtype=bf16"))
+    base = load_base_model(tiny_llama).state_dict()
+    dec = [s for s in stages if isinstance(s, DecoderStage)]
+    for i, stage in enumerate(dec):
+        for name, p in source.base.model.layers[i].named_parameters():
+            assert torch.equal(p.detach(), base[f"model.layers.{i}.{name}"].to(torch.bfloat16)), (i, name)
+        for (n, t), (_, im) in zip(stage.layer.text.named_parameters(), stage.layer.image.named_parameters()):
+            assert torch.equal(t, im) and im.requires_grad and not t.requires_grad, (i, n)
+    assert torch.equal(stages[0].embed_tokens.weight, base["model.embed_tokens.weight"].to(torch.bfloat16))
+    assert {p.dtype for s in stages for p in s.parameters()} == {torch.bfloat16}
+    assert all(b.dtype == torch.float32 for b in dec[0].rotary_emb.buffers())  # RoPE stays fp32
+
+
+@pytest.mark.slow
+def test_two_stages_build_only_their_own_layers(run_two_ranks, synthetic_shards, tmp_path):
+    """Two pipeline stages on two gloo ranks in the large configs' settings (bf16,
+    activation checkpointing, ZeRO-1 with the BF16 optimizer): each rank holds and reads
+    only its stage's layers, never loads the whole base, and trains."""
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    run_two_ranks("pipeline_worker.py", str(out), f"run.dir={run_dir}", f"data.train={synthetic_shards}",
+                  f"data.run_id=pipe-{tmp_path.name}", "train.steps=6", "log.tensorboard=false", "checkpoint.every=0",
+                  "parallel.pipeline_stages=2", "parallel.zero_stage=1", "parallel.ds_config=ds_configs/pipeline_zero1.json",
+                  "train.dtype=bf16", "model.activation_checkpointing=true")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    layer_keys = lambda r, i: {k for k in r["base_tensors_read"] if k.startswith(f"model.layers.{i}.")}
+    for r, mine, other in ((ranks[0], 0, 1), (ranks[1], 1, 0)):
+        assert r["stage"] == mine and r["decoder_layers"] == [mine], r
+        assert r["skeleton_layers_with_storage"] == [mine], r
+        names = r["parameter_names"]
+        assert all(f".layer.text." in n or ".layer.image." in n for n in names if ".layer." in n)
+        assert len({n.split(".")[0] for n in names if ".layer." in n}) == 1, names
+        assert len(layer_keys(r, mine)) == 9 and not layer_keys(r, other), r["base_tensors_read"]
+        assert r["whole_base_loads"] == [], r["whole_base_loads"]
+        assert r["parameter_dtypes"] == ["torch.bfloat16"], r["parameter_dtypes"]
+        # DeepSpeed's BF16_Optimizer (one replica per stage here, so nothing to partition):
+        # bf16 weights, fp32 master 4 B, Adam 8 B and fp32 gradient accumulation 4 B per
+        # trainable parameter (configs/llama3_70b.yaml's pipeline arithmetic).
+        held, (frozen, trainable) = r["held_bytes"], r["frozen_trainable"]
+        assert r["optimizer"] == "BF16_Optimizer" and held["params"] == 2 * (frozen + trainable), r
+        assert 0 <= held["master"] - 4 * trainable <= 64 and 0 <= held["optimizer_state"] - 8 * trainable <= 128, r
+        assert held["grads"] >= 4 * trainable, r
+        print(f"rank {r['rank']}: {r['parameter_bytes']} parameter bytes, children {r['module_children']}")
+    assert "EmbedStage" in ranks[0]["module_children"] and "HeadStage" not in ranks[0]["module_children"]
+    assert "HeadStage" in ranks[1]["module_children"] and "EmbedStage" not in ranks[1]["module_children"]
+    assert "model.norm.weight" not in ranks[0]["base_tensors_read"]
+    rows = {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == list(range(1, 7))
+    for m in rows.values():
+        assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "lm_loss", "diffusion_loss")), m
+    assert rows[6]["loss"] < rows[1]["loss"] and rows[6]["diffusion_loss"] < rows[1]["diffusion_loss"]
