@@ -40,6 +40,16 @@ def tiny_llama() -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_untied() -> str:
+    """The same tiny Llama with a separate output head (Llama 3 8B/70B are untied)."""
+    from tools.make_tiny_llama import make_tiny_llama
+
+    out = cache_root() / "tiny-llama-untied"
+    make_tiny_llama(str(out), seed=0, untied=True)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("synthetic") / "train"
     subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), "synthetic", "--out", str(out),

@@ -1,12 +1,14 @@
 """Save a tiny randomly initialised Llama with the SmolLM2 tokenizer, for tests and
 configs/tiny.yaml.
 
-    python tools/make_tiny_llama.py OUT_DIR [--seed 0]
+    python tools/make_tiny_llama.py OUT_DIR [--seed 0] [--untied]
 
 2 layers, hidden 64, 4 heads over 2 KV heads (grouped-query attention, as in Llama 3),
 MLP 128, Llama 3 rope scaling, tied embeddings over SmolLM2's 49152-token vocabulary
-(3.1M of its 3.3M parameters are the embedding). The weights depend only on the seed;
-a second call with the same seed finds the directory and returns at once.
+(3.1M of its 3.3M parameters are the embedding). --untied gives it a separate output
+head, as Llama 3 8B/70B have (tied bases hide bugs where the head is assumed to be the
+embedding). The weights depend only on the seed; a second call with the same seed (and
+the same --untied) finds the directory and returns at once.
 """
 from __future__ import annotations
 
@@ -42,13 +44,14 @@ TINY = dict(
 )
 
 
-def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, untied: bool = False) -> Path:
     """Write the tiny model and tokenizer to out_dir (if not already there) and return it."""
     out = Path(out_dir).expanduser()
+    arch = dict(TINY, tie_word_embeddings=not untied)
     marker = out / MARKER
     if marker.is_file():
         made = json.loads(marker.read_text())
-        if made.get("seed") == seed and made.get("config") == _jsonable(TINY):
+        if made.get("seed") == seed and made.get("config") == _jsonable(arch):
             return out
         raise SystemExit(f"{out}: already holds a tiny Llama made with seed {made.get('seed')}; remove it or choose another directory")
     if out.exists() and any(out.iterdir()):
@@ -67,7 +70,7 @@ def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         bos_token_id=smol.bos_token_id,
         eos_token_id=smol.eos_token_id,
         pad_token_id=smol.pad_token_id,
-        **TINY,
+        **arch,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -79,7 +82,7 @@ def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps({"seed": seed, "config": _jsonable(TINY)}, indent=1) + "\n")
+        (tmp / MARKER).write_text(json.dumps({"seed": seed, "config": _jsonable(arch)}, indent=1) + "\n")
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private
@@ -101,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="directory to write (a Hugging Face LlamaForCausalLM directory)")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    parser.add_argument("--untied", action="store_true", help="a separate output head (tie_word_embeddings false)")
     args = parser.parse_args(argv)
-    print(make_tiny_llama(args.out_dir, seed=args.seed))
+    print(make_tiny_llama(args.out_dir, seed=args.seed, untied=args.untied))
     return 0
 
 

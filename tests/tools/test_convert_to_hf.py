@@ -183,19 +183,27 @@ def check_layout(export_dir, run_dir, sharded=True):
 
 # -------------------------------------------------------------------------- tests
 
-@pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory, tiny_llama, synthetic_shards):
-    return train(tmp_path_factory.mktemp("z3") / "run", synthetic_shards)
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def tiny_base(request):
+    """Both kinds of base: tied embeddings (SmolLM2-like) and a Llama-3-style untied
+    output head (rope scaling and GQA in both)."""
+    return request.getfixturevalue("tiny_llama" if request.param == "tied" else "tiny_llama_untied")
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, tiny_llama, synthetic_shards):
+def zero3_run(tmp_path_factory, tiny_base, synthetic_shards):
+    return train(tmp_path_factory.mktemp("z3") / "run", synthetic_shards, f"model.base={tiny_base}")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_base, synthetic_shards):
     return train(tmp_path_factory.mktemp("pp") / "run", synthetic_shards, "parallel.pipeline_stages=2",
-                 "parallel.zero_stage=1", "parallel.ds_config=ds_configs/pipeline_zero1.json")
+                 "parallel.zero_stage=1", "parallel.ds_config=ds_configs/pipeline_zero1.json",
+                 f"model.base={tiny_base}")
 
 
 @pytest.mark.slow
-def test_zero3_round_trip(zero3_run, tmp_path, tiny_llama):
+def test_zero3_round_trip(zero3_run, tmp_path, tiny_base):
     # The run directory as CHECKPOINT_DIR (newest complete checkpoint); an existing,
     # non-empty OUT_DIR is refused, then replaced with --overwrite.
     out = tmp_path / "zero3_export"
@@ -208,7 +216,7 @@ def test_zero3_round_trip(zero3_run, tmp_path, tiny_llama):
     assert not (out / "keep.txt").exists()
     check_layout(out, zero3_run)
     fused, cfg = zero_reference(zero3_run)
-    _, inputs, ref_logits, ref_pred = check_round_trip(out, fused, cfg, tmp_path / "load", tiny_llama)
+    _, inputs, ref_logits, ref_pred = check_round_trip(out, fused, cfg, tmp_path / "load", tiny_base)
     # megafusion.generate reads the run directory directly too.
     from megafusion import generate as G
 
@@ -218,15 +226,18 @@ def test_zero3_round_trip(zero3_run, tmp_path, tiny_llama):
 
 
 @pytest.mark.slow
-def test_pipeline_round_trip(pipeline_run, tmp_path, tiny_llama):
+def test_pipeline_round_trip(pipeline_run, tmp_path, tiny_base):
     # One tag directory as CHECKPOINT_DIR, fp32 explicitly.
     out = tmp_path / "pipeline_export"
     p = convert(pipeline_run / "checkpoints" / "global_step2", out, "--max-shard-size", "2MB", "--dtype", "fp32")
     assert p.returncode == 0, p.stderr[-3000:]
     check_layout(out, pipeline_run)
-    assert json.loads((out / "config.json").read_text())["untied_image_token_head"] is True
+    # A tied base's BOI/EOI logit rows were trained apart on the head stage; an untied
+    # base has its own head rows from the start.
+    tied = json.loads((Path(tiny_base) / "config.json").read_text())["tie_word_embeddings"]
+    assert json.loads((out / "config.json").read_text())["untied_image_token_head"] is tied
     fused, cfg = pipeline_reference(pipeline_run)
-    check_round_trip(out, fused, cfg, tmp_path / "load", tiny_llama)
+    check_round_trip(out, fused, cfg, tmp_path / "load", tiny_base)
 
 
 # ----------------------------------------------------------------------- refusals
