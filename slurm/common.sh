@@ -12,7 +12,12 @@
 #      `scancel --signal=USR1 --batch JOBID`) into SIGUSR1 for every rank: the trainer
 #      saves a checkpoint at the next step boundary and exits 0;
 #   5. then requeues the job (`scontrol requeue`): the rerun has the same job id and
-#      environment, so it finds the same RUN_DIR and resumes from its latest checkpoint.
+#      environment, so it finds the same RUN_DIR and resumes from its latest checkpoint;
+#   6. when the ranks fail on their own (a crash: NCCL timeout, GPU fault, OOM kill),
+#      requeues the job too, but only if this attempt moved the latest checkpoint
+#      forward and at most MAX_CRASH_REQUEUES times per job: a run that crashes before
+#      its first new checkpoint (bad config, broken node, a deterministic bug) fails
+#      instead of looping.
 #
 # Variables (set in the environment of `sbatch`; the scripts set the defaults; data and
 # base-model paths are environment variables that CONFIG itself reads, such as
@@ -31,6 +36,30 @@
 #   TRAIN_ENTRY    trainer script; default megafusion/train.py (tests swap in a stub)
 #   CPUS_PER_RANK  --cpus-per-task of each rank; default: CPUs of the node / ranks per node
 #   DS_ACCELERATOR exported as cpu when the node has no GPU (DeepSpeed's CPU accelerator)
+#   MAX_CRASH_REQUEUES, NCCL_*, TORCH_NCCL_*: the site defaults block below.
+#
+# The collective timeout (how long a rank waits in an all-reduce for a dead peer) is a
+# run-config value, parallel.collective_timeout_minutes.
+
+# ----------------------------------------------- site defaults: the environment wins
+# Crash requeues per job (0: none). Each needs progress: a new checkpoint since the
+# attempt started.
+: "${MAX_CRASH_REQUEUES:=3}"
+# A failed or timed-out NCCL collective raises and ends the rank (torch >= 2.2 reads the
+# TORCH_ name, older releases the other) instead of leaving every GPU spinning until the
+# time limit; the crash requeue above then restarts from the last checkpoint.
+: "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
+: "${NCCL_ASYNC_ERROR_HANDLING:=1}"
+# InfiniBand: retransmission timeout 4.096 us x 2^22 (about 17 s) and 7 retries, so a
+# congested or flapping link at hundreds of GPUs is retried rather than fatal.
+: "${NCCL_IB_TIMEOUT:=22}"
+: "${NCCL_IB_RETRY_CNT:=7}"
+: "${NCCL_DEBUG:=WARN}"  # NCCL's own warnings in the job log; INFO when debugging
+export TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_ASYNC_ERROR_HANDLING NCCL_IB_TIMEOUT NCCL_IB_RETRY_CNT NCCL_DEBUG
+# Fabric-specific, no portable default; set them here or in the environment of sbatch:
+#   NCCL_SOCKET_IFNAME (bootstrap interface, e.g. ^lo,docker), NCCL_IB_HCA (e.g. mlx5),
+#   NCCL_IB_GID_INDEX (RoCE), NCCL_IB_SL / NCCL_IB_TC (fabric QoS).
+# ------------------------------------------------------------------------------------
 
 mf_log() { printf '[megafusion-slurm %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 mf_die() { printf 'megafusion-slurm: error: %s\n' "$*" >&2; exit 1; }
@@ -72,6 +101,15 @@ mf_has_gpu() {
     { command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; } || [[ -e /dev/kfd ]]
 }
 
+# The rendezvous port, a function of the job id: stable across requeues, and two jobs
+# sharing a node rarely collide. 20000-29999 lies below Linux's ephemeral range
+# (32768-60999), from which the kernel hands out every outgoing connection's local port
+# (NCCL's and gloo's thousands of sockets among them): a port there can already be taken
+# when rank 0 binds it.
+mf_master_port() {
+    echo $(( 20000 + $1 % 10000 ))
+}
+
 mf_setup() {
     [[ -n ${SLURM_JOB_ID:-} ]] || mf_die "not inside a Slurm job; submit with: sbatch ${MF_SCRIPT_NAME:-slurm/train_8b.sh}"
 
@@ -102,13 +140,13 @@ mf_setup() {
 
     # Rendezvous: rank 0 runs on the first node of the allocation. Its NodeAddr is the
     # address Slurm itself reaches it at (equal to the node name unless slurm.conf says
-    # otherwise). The port is a function of the job id: stable across requeues, and two
-    # jobs sharing a node rarely collide.
+    # otherwise).
     local first addr
     first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     addr=$(scontrol show node "$first" -o 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
     export MASTER_ADDR=${addr:-$first}
-    export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))
+    MASTER_PORT=$(mf_master_port "$SLURM_JOB_ID")
+    export MASTER_PORT
 
     export WORLD_SIZE=$(( NNODES * GPUS_PER_NODE ))
     export LOCAL_WORLD_SIZE=$GPUS_PER_NODE
@@ -159,6 +197,42 @@ mf_requeue() {
     exit 1
 }
 
+# Step of RUN_DIR's latest complete checkpoint (the trainer's `latest` names
+# global_step<N>), -1 when there is none.
+mf_latest_step() {
+    local tag
+    tag=$(cat "$RUN_DIR/checkpoints/latest" 2>/dev/null) || { echo -1; return; }
+    [[ $tag =~ ^global_step([0-9]+)$ ]] && echo "${BASH_REMATCH[1]}" || echo -1
+}
+
+# Crash requeues this job has had: RUN_DIR/slurm_crash_requeues holds "JOBID COUNT"
+# (a new job, such as a resubmission, starts from 0). A file, because a requeued job
+# keeps the environment it was submitted with.
+mf_crash_requeues() {
+    local job count
+    read -r job count 2>/dev/null < "$RUN_DIR/slurm_crash_requeues" || true
+    [[ $job == "$SLURM_JOB_ID" && $count =~ ^[0-9]+$ ]] && echo "$count" || echo 0
+}
+
+# The ranks failed without being asked to stop: requeue when this attempt made progress
+# (a newer checkpoint than when it started) and the job has requeues left; else fail.
+mf_after_crash() {
+    local rc=$1 before=$2 after used
+    after=$(mf_latest_step)
+    used=$(mf_crash_requeues)
+    if (( after <= before )); then
+        mf_log "ranks failed with status $rc and wrote no new checkpoint (latest step $before before and after); not requeueing"
+        exit "$rc"
+    fi
+    if (( used >= MAX_CRASH_REQUEUES )); then
+        mf_log "ranks failed with status $rc after progress (checkpoint step $before -> $after), but the job has had $used crash requeue(s), MAX_CRASH_REQUEUES=$MAX_CRASH_REQUEUES; not requeueing"
+        exit "$rc"
+    fi
+    printf '%s %s\n' "$SLURM_JOB_ID" $(( used + 1 )) > "$RUN_DIR/slurm_crash_requeues"
+    mf_log "ranks failed with status $rc after progress (checkpoint step $before -> $after): crash requeue $(( used + 1 )) of $MAX_CRASH_REQUEUES"
+    mf_requeue
+}
+
 mf_main() {
     trap 'mf_on_signal USR1' USR1
     trap 'mf_on_signal TERM' TERM
@@ -170,6 +244,9 @@ mf_main() {
     if [[ -n $MF_SIGNAL ]]; then
         mf_requeue  # signalled before the ranks started: nothing to save
     fi
+
+    local before
+    before=$(mf_latest_step)
 
     # One task per rank, numbered node by node (--distribution=block), as
     # mosaicml-streaming expects. RANK and LOCAL_RANK differ per task, so each task
@@ -201,6 +278,9 @@ mf_main() {
         fi
         mf_log "ranks exited with status $rc after SIG$MF_SIGNAL; not requeueing"
         exit "$rc"
+    fi
+    if (( rc != 0 )); then
+        mf_after_crash "$rc" "$before"
     fi
     mf_log "ranks finished with status $rc"
     exit "$rc"

@@ -12,6 +12,11 @@ plus a `latest` file) every `checkpoint.every` steps and at the end, appends
 `latest`. On SIGUSR1 or SIGTERM every rank checkpoints at the next step boundary and exits
 0. Each step sleeps $STUB_STEP_SECONDS (default 0.2) so that a test can signal mid-run.
 
+A crash, as a GPU fault or an NCCL timeout ends a rank (a non-zero exit, no signal):
+$STUB_CRASH_AFTER_STEPS=K makes rank $STUB_CRASH_RANK (default 1) exit with status 3
+after K steps of the current attempt, in attempts whose SLURM_RESTART_COUNT is below
+$STUB_CRASH_ATTEMPTS (default: every attempt).
+
 The loss sequence is a function of the step number only, so an interrupted and resumed
 run reproduces an uninterrupted one exactly.
 """
@@ -82,6 +87,7 @@ def main() -> int:
           f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
           f"DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR', '')} "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} "
+          f"nccl={','.join(f'{k}={v}' for k, v in sorted(os.environ.items()) if 'NCCL' in k)} "
           f"config={args.config} overrides={' '.join(args.overrides)}", flush=True)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
 
@@ -113,8 +119,16 @@ def main() -> int:
         dist.barrier()
         print(f"stub_trainer: rank {rank} saved checkpoint {tag}", flush=True)
 
+    crash_after = int(os.environ.get("STUB_CRASH_AFTER_STEPS", "0") or 0)
+    attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    crash = (crash_after > 0 and rank == int(os.environ.get("STUB_CRASH_RANK", "1"))
+             and attempt < int(os.environ.get("STUB_CRASH_ATTEMPTS", "1000000")))
+
     step = start
     while step < steps:
+        if crash and step - start == crash_after:
+            print(f"stub_trainer: rank {rank} crashing at step {step} (attempt {attempt})", flush=True)
+            os._exit(3)
         # Each rank draws its own batch for this step; the data depend only on (step, rank).
         gen = torch.Generator().manual_seed(1000 * step + rank)
         x = torch.randn(4, 8, generator=gen)
