@@ -50,6 +50,20 @@ def setup_environment() -> DistEnv:
     return env
 
 
+def process_group_backend(accelerator: str) -> str:
+    """The torch.distributed backend for DS_ACCELERATOR's value. NCCL serves CUDA tensors
+    only, and not everything a rank reduces lives on the GPU (a CPU-side flag, an
+    offloaded optimizer's values, a library's own small collectives); with gloo
+    registered for the CPU beside it, such a collective works instead of failing with
+    "No backend type associated with device type cpu". The trainer's own collectives
+    still put their tensors on the GPU (megafusion/parallel/collectives.py)."""
+    if accelerator == "cuda":
+        return "cpu:gloo,cuda:nccl"
+    if accelerator == "cpu":
+        return "gloo"
+    raise ValueError(f"DS_ACCELERATOR={accelerator}: expected cuda or cpu")
+
+
 def init_distributed(env: DistEnv, timeout_minutes: float | None = None):
     """timeout_minutes: how long a collective waits (parallel.collective_timeout_minutes;
     None: DeepSpeed's default, $DEEPSPEED_TIMEOUT or 10 minutes)."""
@@ -58,11 +72,12 @@ def init_distributed(env: DistEnv, timeout_minutes: float | None = None):
     import deepspeed
     import torch
 
-    backend = "nccl" if os.environ.get("DS_ACCELERATOR") == "cuda" else "gloo"
+    accelerator = os.environ.get("DS_ACCELERATOR") or choose_accelerator()
+    backend = process_group_backend(accelerator)
+    if accelerator == "cuda":
+        torch.cuda.set_device(env.local_rank)  # before the group binds its device
     kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
-    if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
     return backend
 
 

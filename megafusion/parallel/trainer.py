@@ -4,6 +4,7 @@ averaged over ranks), val_metrics.jsonl (log.val_every), tensorboard scalars, sa
 (log.sample_every, parallel/sampling.py) and the progress bar."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megafusion.config import RunConfig, deepspeed_config, save_resolved
-from megafusion.parallel import checkpoint
+from megafusion.parallel import checkpoint, frozen
+from megafusion.parallel.collectives import any_rank, any_rank_tensor, mean_over_ranks, sum_over_ranks
 from megafusion.parallel.launch import device_for, init_distributed, setup_environment
 
 
@@ -38,34 +40,51 @@ class StopSignal:
         print(f"[rank {os.environ.get('RANK', 0)}] received {signal.Signals(signum).name}: "
               "checkpointing at the next step boundary", file=sys.stderr, flush=True)
 
-    def anywhere(self) -> bool:
+    def anywhere(self, device) -> bool:
         """True on every rank when any rank was signalled (ranks must stop together)."""
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(bool(self.received), device)
 
 
-def _all_mean(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
-
-
-def _caption_mean(parts: list[float]) -> float | None:
+def _caption_mean(parts: list[float], device) -> float | None:
     """Caption loss of one step over all ranks, weighted by caption targets (None if none)."""
-    t = torch.tensor(parts, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return (t[0] / t[1]).item() if t[1] > 0 else None
+    total, n = sum_over_ranks(parts, device)
+    return total / n if n > 0 else None
 
 
-def _nan_injection_steps() -> set[int]:
-    # Test hook: make these optimiser steps' loss NaN on rank 0 (tests the skip path).
-    raw = os.environ.get("MEGAFUSION_INJECT_NAN_STEPS", "")
-    return {int(x) for x in raw.split(",") if x.strip()}
+def _nan_injection_steps() -> dict[int, set[int] | None]:
+    """Test hook: MEGAFUSION_INJECT_NAN_STEPS="3,5.2" makes rank 0's loss NaN in every
+    micro-batch of optimiser step 3 and in the second micro-batch of step 5 (tests the
+    skip path, also where only part of a step is bad)."""
+    steps: dict[int, set[int] | None] = {}
+    for item in filter(None, (x.strip() for x in os.environ.get("MEGAFUSION_INJECT_NAN_STEPS", "").split(","))):
+        step, _, micro = item.partition(".")
+        if not micro:
+            steps[int(step)] = None
+        elif steps.get(int(step), set()) is not None:
+            steps.setdefault(int(step), set()).add(int(micro))
+    return steps
+
+
+@contextlib.contextmanager
+def _update_skipped(engine, skip: bool):
+    """Around the boundary engine.step(): with skip, DeepSpeed's own overflow path
+    (what fp16 loss scaling uses) drops the update whole: the ZeRO optimiser clears the
+    gradients and returns before touching weights or Adam's state, and the engine
+    counts a skipped step and leaves the lr schedule where it was. In bf16 and fp32 the
+    ZeRO optimisers never recompute `overflow` themselves, so it is set here and reset
+    after the step."""
+    if not skip:
+        yield
+        return
+    opt = engine.optimizer
+    if not hasattr(opt, "overflow"):
+        raise SystemExit(f"error: a non-finite step cannot be skipped with {type(opt).__name__} "
+                         "(parallel.zero_stage=0); use ZeRO stage 1, 2 or 3")
+    opt.overflow = True
+    try:
+        yield
+    finally:
+        opt.overflow = False
 
 
 class Trainer:
@@ -127,6 +146,9 @@ class Trainer:
         if start_step >= t.steps:
             self._log0(f"nothing to do: run.dir already holds step {start_step} >= train.steps={t.steps}")
             return 0
+        # Each rank's own frozen shares, hashed before any training step (see frozen.py);
+        # checkpoints do not carry them, so the resume above left them as built.
+        frozen_before = frozen.digest(self.engine.module)
 
         stop = StopSignal()
         writer = self._tensorboard()
@@ -140,6 +162,7 @@ class Trainer:
         if client is not None:
             checkpoint.set_rng_state(client["rng"])
         reported = False
+        stopping = False
         step = start_step
         last_saved = None
         t_last, tokens_since, samples_since = time.time(), 0, 0
@@ -148,8 +171,8 @@ class Trainer:
                 losses, tokens, skipped_data, samples, bad = self._pipeline_step()
                 caption = None  # the pipeline's last stage reports total, LM and diffusion only
             else:
-                losses, tokens, skipped_data, samples, bad, caption_parts = self._zero_step(step + 1 in inject)
-                caption = _caption_mean(caption_parts)
+                losses, tokens, skipped_data, samples, bad, caption_parts = self._zero_step(inject.get(step + 1, set()))
+                caption = _caption_mean(caption_parts, self.device)
             samples_since += samples
             step += 1
             if bad:
@@ -167,7 +190,7 @@ class Trainer:
                 reported = True
             mean = [sum(c) / len(losses) for c in zip(*losses)] if losses else [float("nan")] * 3
             # Pipeline losses are already global (broadcast by the engine / reduced above).
-            loss, lm, diff = mean if cfg.parallel.pipeline_stages > 1 else _all_mean(mean)
+            loss, lm, diff = mean if cfg.parallel.pipeline_stages > 1 else mean_over_ranks(mean, self.device)
             tokens_since += tokens * self.world
             lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
             gnorm = self.engine.get_global_grad_norm() if not bad else None
@@ -190,7 +213,7 @@ class Trainer:
                 self._sample(step, writer)
             if cfg.log.val_every and step % cfg.log.val_every == 0:
                 self._validate(step, writer)
-            stopping = stop.anywhere()
+            stopping = stop.anywhere(self.device)
             if stopping or step == t.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 self._save(step)
                 last_saved = step
@@ -205,8 +228,13 @@ class Trainer:
             metrics.close()
         if last_saved != step:
             self._save(step)
-        if cfg.parallel.pipeline_stages == 1:
-            self._check_frozen()
+        if stopping:
+            # A preemption's signal window is for the checkpoint alone; the next
+            # attempt checks its own frozen shares at its end.
+            dist.barrier()
+            return 0
+        checked = frozen.check_unchanged(self.engine.module, frozen_before, self.device)
+        self._log0(f"frozen check: {checked} frozen tensors on rank 0 bitwise unchanged since start-up (all ranks agree)")
         self._log0(f"done: step {step}; checkpoints in {self.ckpt_dir}, tensorboard in {self.run_dir / 'tensorboard'}")
         dist.barrier()
         return 0
@@ -222,30 +250,42 @@ class Trainer:
                 batch = next(self._it)
         return batch
 
-    def _zero_step(self, inject_nan: bool):
-        """One optimiser step of gradient_accumulation micro-batches. A micro-batch whose
-        loss is not finite on any rank is skipped by every rank (no backward, no update)."""
-        losses, tokens, skipped, samples, bad = [], 0, 0, 0, False
+    def _zero_step(self, inject_nan: set[int] | None):
+        """One optimiser step of gradient_accumulation micro-batches.
+
+        Every micro-batch runs forward, backward and engine.step() on every rank,
+        whatever its loss, so DeepSpeed's accumulation boundary (its own micro-step
+        counter, not saved in checkpoints) stays on the optimiser step. The verdict is
+        taken once per optimiser step over all ranks: if any micro-batch of the step had
+        a non-finite loss anywhere, the update at the boundary is skipped whole."""
+        losses, tokens, skipped, samples = [], 0, 0, 0
         caption = [0.0, 0.0]  # sum of caption-target losses, number of caption targets
-        for _ in range(self.cfg.train.gradient_accumulation):
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        n = self.cfg.train.gradient_accumulation
+        bad = False
+        for i in range(n):
             batch = self._next_batch()
             stats = getattr(batch, "stats", {}) or {}
             skipped += int(stats.get("skipped", 0))
             out = self.engine(batch.to(self.device))
-            loss = out.loss * float("nan") if inject_nan and self.rank == 0 else out.loss
-            finite = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0])
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() == 0:
-                bad = True
-                continue
+            nan = self.rank == 0 and (inject_nan is None or i + 1 in inject_nan)
+            loss = out.loss * float("nan") if nan else out.loss
+            nonfinite |= ~torch.isfinite(loss.detach())
             self.engine.backward(loss)
-            self.engine.step()
+            if i == n - 1:
+                bad = any_rank_tensor(nonfinite)
+                with _update_skipped(self.engine, bad):
+                    self.engine.step()
+            else:
+                self.engine.step()
             losses.append([out.loss.item(), out.lm_loss.item(), out.diffusion_loss.item()])
             if out.n_caption_targets:
                 caption[0] += out.caption_loss.item() * out.n_caption_targets
                 caption[1] += out.n_caption_targets
             tokens += int(stats.get("tokens", batch.input_ids.numel()))
             samples += int(getattr(batch, "num_samples", batch.input_ids.shape[0]))
+        if bad:
+            losses, caption = [], [0.0, 0.0]
         return losses, tokens, skipped, samples, bad, caption
 
     def _pipeline_step(self):
@@ -264,12 +304,11 @@ class Trainer:
         stats = [getattr(b, "stats", {}) or {} for b in batches]
         # lm / diffusion live on the last stage: sum over last-stage ranks, divide by
         # their number (the data-parallel size); other ranks add zeros.
-        parts = torch.zeros(3, dtype=torch.float64)
+        parts = [0.0, 0.0, 0.0]
         if heads and heads[0].records:
-            parts[:2] = torch.stack(heads[0].records).double().mean(0)[1:]
-            parts[2] = 1.0
-        dist.all_reduce(parts)
-        lm, diff = (parts[:2] / parts[2]).tolist()
+            parts = [*torch.stack(heads[0].records).double().mean(0)[1:].tolist(), 1.0]
+        parts = sum_over_ranks(parts, self.device)
+        lm, diff = parts[0] / parts[2], parts[1] / parts[2]
         bad = not math.isfinite(total)
         losses = [] if bad else [[total, lm, diff]]
         return (losses, sum(int(s.get("tokens", b.input_ids.numel())) for s, b in zip(stats, batches)),
@@ -310,7 +349,7 @@ class Trainer:
         module = self.engine.module
         was_training = module.training
         module.eval()
-        sums = torch.zeros(5, dtype=torch.float64)  # lm, diffusion, batches, caption sum, caption targets
+        sums = [0.0] * 5  # lm, diffusion, batches, caption sum, caption targets
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 it = iter(self._val_loader)
@@ -328,13 +367,12 @@ class Trainer:
                     out = self.engine(b, noise=noise)
                     n_cap = int(out.n_caption_targets or 0)
                     cap = out.caption_loss.item() * n_cap if n_cap else 0.0
-                    sums += torch.tensor([out.lm_loss.item(), out.diffusion_loss.item(), 1.0, cap, n_cap],
-                                         dtype=torch.float64)
+                    sums = [a + b for a, b in zip(sums, [out.lm_loss.item(), out.diffusion_loss.item(), 1.0, cap, n_cap])]
         finally:
             module.train(was_training)
-        dist.all_reduce(sums)
-        lm, diff = (sums[:2] / sums[2]).tolist()
-        caption = (sums[3] / sums[4]).item() if sums[4] > 0 else None
+        sums = sum_over_ranks(sums, self.device)
+        lm, diff = sums[0] / sums[2], sums[1] / sums[2]
+        caption = sums[3] / sums[4] if sums[4] > 0 else None
         self._log0(f"step {step}: validation lm {lm:.4f} diffusion {diff:.4f}"
                    + (f" caption {caption:.4f}" if caption is not None else ""))
         if writer:
@@ -349,38 +387,6 @@ class Trainer:
                                     "val_caption_loss": caption}) + "\n")
 
     # -- pieces -----------------------------------------------------------------
-    def _check_frozen(self):
-        """Frozen means frozen: every text-tower tensor equals the base model's, bitwise,
-        after training (the base is reloaded from disk as the reference)."""
-        import deepspeed
-
-        from megafusion.model.loading import load_base_model
-
-        base = load_base_model(self.cfg.model.base).state_dict()
-        prefix = {"embed_tokens.": "model.embed_tokens.", "text_norm.": "model.norm.", "lm_head.": "lm_head."}
-        layer_names = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
-                       "mlp": "mlp", "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
-                       "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj"}
-        mismatched, checked = [], 0
-        for name, p in self.model.named_parameters():
-            if name.startswith("layers.") and ".text." in name:
-                i, rest = name.split(".")[1], name.split(".text.", 1)[1]
-                head, tail = rest.split(".", 1)
-                key = f"model.layers.{i}.{layer_names[head]}.{tail}"
-            else:
-                key = next((v + name[len(k):] for k, v in prefix.items() if name.startswith(k)), None)
-            if key is None or key not in base:
-                continue
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=hasattr(p, "ds_id")):
-                if not torch.equal(p.detach().cpu(), base[key].to(p.dtype)):  # bf16 runs hold bf16 copies
-                    mismatched.append(name)
-            checked += 1
-        bad = torch.tensor([len(mismatched)])
-        dist.all_reduce(bad)
-        if bad.item():
-            raise SystemExit(f"error: frozen text tower changed during training: {mismatched[:5]}")
-        self._log0(f"frozen check: {checked} text-tower tensors bitwise equal to the base model")
-
     def _save(self, step: int):
         client = {"loader": self.loader.state_dict(), "bad_in_row": self.bad_in_row,
                   "skipped_steps": self.skipped_total}

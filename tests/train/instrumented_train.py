@@ -1,0 +1,51 @@
+"""megafusion/train.py with two test hooks, for tests/train/test_train.py:
+
+- every call of megafusion.model.loading.load_base_model is counted; each rank prints
+  `BASE_LOADS rank=<rank> n=<calls>` when it exits normally;
+- MEGAFUSION_TEST_SIGUSR1_AT_STEP=N: every rank sends itself SIGUSR1 as its N-th
+  optimiser step starts (what a scheduler's preemption signal does, at a known step).
+"""
+import atexit
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import megafusion.model.loading as loading  # noqa: E402
+import megafusion.parallel.model_setup as model_setup  # noqa: E402
+from megafusion.parallel.trainer import Trainer  # noqa: E402
+
+calls = 0
+real_load = loading.load_base_model
+
+
+def counted_load(*args, **kwargs):
+    global calls
+    calls += 1
+    return real_load(*args, **kwargs)
+
+
+loading.load_base_model = counted_load
+model_setup.load_base_model = counted_load
+atexit.register(lambda: print(f"BASE_LOADS rank={os.environ.get('RANK', '0')} n={calls}", flush=True))
+
+signal_at = int(os.environ.get("MEGAFUSION_TEST_SIGUSR1_AT_STEP", "0"))
+if signal_at:
+    real_step = Trainer._zero_step
+    steps_run = 0
+
+    def signalled_step(self, *args, **kwargs):
+        global steps_run
+        steps_run += 1
+        if steps_run == signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_step(self, *args, **kwargs)
+
+    Trainer._zero_step = signalled_step
+
+from megafusion.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
