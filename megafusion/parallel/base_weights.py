@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .loading import load_base_config, resolve_base
+from megafusion.model.loading import load_base_config, resolve_base
 
 
 class BaseWeights:

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from megafusion.config import RunConfig
 from megafusion.model.attention import AttentionLayout, select_backend
-from megafusion.model.base_weights import BaseWeights, materialize, skeleton_base_model
+from megafusion.parallel.base_weights import BaseWeights, materialize, skeleton_base_model
 from megafusion.model.batch import IGNORE_INDEX, PackedBatch
 from megafusion.model.fusion import NUM_IMAGE_TOKENS, LMFusionModel
 from megafusion.model.image_io import ImageTokenizer

@@ -19,7 +19,7 @@ def main():
     import transformers
 
     from megafusion.config import load_config
-    from megafusion.model import base_weights
+    from megafusion.parallel import base_weights
     from megafusion.parallel.memory import held_bytes, parameter_counts
     from megafusion.parallel.pipeline import DecoderStage
     from megafusion.parallel.trainer import Trainer
