@@ -1,0 +1,84 @@
+"""Model FLOPs of one training step (forward + backward), for MFU.
+
+Counted: the matmuls of the decoder layers (q/k/v/o projections and the MLP), the LM
+head at the positions where logits are computed, attention over the (query, key) pairs
+the mask allows, and whatever image in/out FLOPs the caller passes (e.g.
+linear_patcher_flops). Not counted:
+norms, RoPE, softmax, embedding lookups, the per-image timestep MLPs and the two BOI/EOI
+logit columns (together well under 0.1% of a 1B model's step).
+
+A linear layer with W weights costs 2W FLOPs per token forward; backward costs 2W for the
+input gradient and 2W for the weight gradient. A token through a trainable tower costs
+6W, through a frozen one 4W: autograd still propagates the input gradient through the
+frozen text tower (image tokens downstream need it) but computes no weight gradient. That
+is the frozen tower's saving, and why a dense 6N count would overstate the fused model's
+work on text tokens by half.
+
+Attention, per allowed pair and query head of dimension d: 2d for Q.K and 2d for P.V
+forward, twice that backward (dP and dV, then dQ and dK): 12d. Kernels that recompute
+scores in the backward pass (flash) do more hardware FLOPs; MFU counts model FLOPs.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import hybrid_mask
+
+FORMULA = (
+    "flops = L*P*(w_text*text_tokens + 6*image_tokens) + w_text*hidden*vocab*logit_tokens "
+    "+ 12*L*heads*head_dim*attention_pairs + image_io; "
+    "P = matmul weights of one decoder layer (q,k,v,o + gate,up,down), L = layers; "
+    "w_text = 4 when the text tower is frozen (forward 2 + input gradient 2, no weight gradient), "
+    "else 6; attention_pairs = (query, key) pairs the mask allows, summed over rows; "
+    "image_io = linear patcher 10*patch_dim*hidden per image token (in: 4, its input is data; out: 6); "
+    "MFU = flops / (step seconds * peak FLOP/s)"
+)
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_matmul_params(config) -> int:
+    """Weights of one Llama decoder layer's matmuls (biases and norms excluded)."""
+    h, d = config.hidden_size, head_dim(config)
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    return h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size
+
+
+def causal_pairs(batch: int, seq_len: int) -> int:
+    """Pairs of plain causal attention over `batch` rows of `seq_len` tokens."""
+    return batch * seq_len * (seq_len + 1) // 2
+
+
+def attention_pairs(document_ids: torch.Tensor, image_ids: torch.Tensor) -> int:
+    """Pairs the hybrid mask allows (causal text, bidirectional images, per document)."""
+    return int(sum(hybrid_mask(document_ids[b:b + 1], image_ids[b:b + 1]).sum() for b in range(document_ids.shape[0])))
+
+
+def linear_patcher_flops(patch_dim: int, hidden: int, image_tokens: int) -> int:
+    """The linear patcher's in and out projections (patch_dim <-> hidden) over image_tokens:
+    the input projection has no input gradient (its input is the noisy image), so 4 x its
+    weights; the output projection 6 x."""
+    return 10 * patch_dim * hidden * image_tokens
+
+
+def train_step_flops(config, *, text_tokens: int, logit_tokens: int, attention_pairs: int,
+                     image_tokens: int = 0, frozen_text: bool = False, image_io: int = 0) -> dict:
+    """FLOPs of one forward + backward pass, by part (see FORMULA).
+
+    A dense Llama step: text_tokens = logit_tokens = B * L, image_tokens = 0,
+    frozen_text False, attention_pairs = causal_pairs(B, L). The fused model with its
+    frozen text tower: frozen_text True, logit_tokens = text targets (it computes logits
+    there only), attention_pairs from the hybrid mask.
+    """
+    w_text = 4 if frozen_text else 6
+    layers = config.num_hidden_layers
+    parts = {
+        "layers": layers * layer_matmul_params(config) * (w_text * text_tokens + 6 * image_tokens),
+        "lm_head": w_text * config.hidden_size * config.vocab_size * logit_tokens,
+        "attention": 12 * layers * config.num_attention_heads * head_dim(config) * attention_pairs,
+        "image_io": image_io,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
