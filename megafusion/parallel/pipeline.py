@@ -50,11 +50,11 @@ import torch.nn.functional as F
 
 from megafusion.config import RunConfig
 from megafusion.model.attention import AttentionLayout, select_backend
-from megafusion.parallel.base_weights import BaseWeights, materialize, skeleton_base_model
 from megafusion.model.batch import IGNORE_INDEX, PackedBatch
 from megafusion.model.fusion import NUM_IMAGE_TOKENS, LMFusionModel
 from megafusion.model.image_io import ImageTokenizer
 from megafusion.model.routing import Routing
+from megafusion.parallel.base_weights import BaseWeights, materialize, skeleton_base_model
 
 _INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
