@@ -17,7 +17,7 @@ every check passed. Under 8 minutes on one H200.
               the GPU): 10 steps uninterrupted against 5 plus a resume to 10, on metrics.jsonl.
   throughput  the fused train step of a Llama-3.2-1B-sized random model on 4096 tokens (half
               image) against the dense HF LlamaForCausalLM step: tokens/s and MFU of each, the
-              frozen text tower counted at 4N (megafusion/model/flops.py states the formula).
+              frozen text tower counted at 4N (megafusion/flops.py states the formula).
 
 --cpu: bf16 attention with SDPA standing in for flash-attn and flex skipped (no CPU
 backward), the deepspeed runs with DS_ACCELERATOR=cpu (gloo), a 2-layer model for
@@ -272,7 +272,7 @@ def check_throughput(device, s, peak: float | None) -> dict:
     from megafusion.model.attention import select_backend
     from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment
     from megafusion.model.config import FusionConfig
-    from megafusion.model.flops import FORMULA, attention_pairs, causal_pairs, linear_patcher_flops, train_step_flops
+    from megafusion.flops import FORMULA, attention_pairs, causal_pairs, linear_patcher_flops, train_step_flops
     from megafusion.model.fusion import LMFusionModel
 
     cuda, dtype = device.type == "cuda", s["dtype"]

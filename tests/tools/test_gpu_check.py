@@ -49,7 +49,7 @@ import deepspeed.runtime.bf16_optimizer, deepspeed.runtime.activation_checkpoint
 from streaming import MDSWriter, StreamingDataset, Stream, LocalDataset
 from streaming.base import StreamingDataLoader
 import streaming.base.compression
-import megafusion.model.fusion, megafusion.model.flops, megafusion.data.loader, megafusion.data.prepare
+import megafusion.model.fusion, megafusion.flops, megafusion.data.loader, megafusion.data.prepare
 import megafusion.parallel.trainer, megafusion.parallel.engine, megafusion.parallel.model_setup, megafusion.train
 import tools.gpu_check, tools.prepare_data
 print("imports ok")

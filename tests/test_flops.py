@@ -1,4 +1,4 @@
-"""megafusion.model.flops against torch's FlopCounterMode on real training steps (the
+"""megafusion.flops against torch's FlopCounterMode on real training steps (the
 matmuls autograd actually runs, frozen weights included) and against closed-form pair
 counts."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment
 from megafusion.model.config import FusionConfig
-from megafusion.model.flops import (
+from megafusion.flops import (
     attention_pairs,
     causal_pairs,
     layer_matmul_params,

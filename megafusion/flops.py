@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import hybrid_mask
+from megafusion.model.attention import hybrid_mask
 
 FORMULA = (
     "flops = L*P*(w_text*text_tokens + 6*image_tokens) + w_text*hidden*vocab*logit_tokens "
