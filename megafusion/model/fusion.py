@@ -176,7 +176,6 @@ class LMFusionModel(nn.Module):
         self.objective = make_objective(cfg)
         self.attention_backend = cfg.attention_backend
         self.attention_primitive = None  # test hook: flash decomposition with a stand-in
-        self.checkpoint_fn = None  # the trainer may install deepspeed's checkpointing
         self.set_text_tower_trainable(cfg.train_text_tower)
 
     # -- parameters -------------------------------------------------------------
@@ -263,8 +262,7 @@ class LMFusionModel(nn.Module):
         only its inputs are kept and it runs again in backward. Pipeline stages call this
         too, so both paths recompute the same way."""
         if self.cfg.activation_checkpointing and layer.training and torch.is_grad_enabled():
-            fn = self.checkpoint_fn or (lambda f, *a: checkpoint(f, *a, use_reentrant=False))
-            return fn(layer, h, routing, cos, sin, layout)
+            return checkpoint(layer, h, routing, cos, sin, layout, use_reentrant=False)
         return layer(h, routing, cos, sin, layout)
 
     def _run_layers(self, h, routing, cos, sin, layout):

@@ -138,7 +138,7 @@ class _Stage(nn.Module):
         # A plain attribute, not a submodule: stages must not own each other's weights.
         object.__setattr__(self, "fused", source.fused)
 
-    def routing_and_layout(self, modality, document_ids, image_ids):
+    def routing_and_layout(self, modality, document_ids, image_ids, dtype):
         """Routing and attention layout of a micro-batch, built once per stage: the
         decoder stages of one pipeline rank hand the very same tensors along, so the
         last result is reused while its inputs are the same objects (a FlexAttention
@@ -149,7 +149,9 @@ class _Stage(nn.Module):
         cached = getattr(f, "_pipeline_layout_cache", None)
         if cached is not None and all(a is b for a, b in zip(cached[0], key)):
             return cached[1]
-        backend = select_backend(f.attention_backend, modality.device, primitive=f.attention_primitive)
+        # dtype: the hidden states' (auto picks flash-attn only for fp16/bf16), as the
+        # single-process forward does.
+        backend = select_backend(f.attention_backend, modality.device, primitive=f.attention_primitive, dtype=dtype)
         value = (Routing.from_modality(modality),
                  AttentionLayout.build(document_ids, image_ids, backend, primitive=f.attention_primitive))
         object.__setattr__(f, "_pipeline_layout_cache", (key, value))
@@ -213,7 +215,7 @@ class DecoderStage(_Stage):
 
     def forward(self, inputs):
         h, modality, position_ids, document_ids, image_ids, *rest = inputs
-        routing, layout = self.routing_and_layout(modality, document_ids, image_ids)
+        routing, layout = self.routing_and_layout(modality, document_ids, image_ids, h.dtype)
         cos, sin = self.rotary_emb(h, position_ids)
         h = self.fused.run_layer(self.layer, h, routing, cos, sin, layout)
         return (h, modality, position_ids, document_ids, image_ids, *rest)

@@ -181,3 +181,25 @@ def test_two_stages_build_only_their_own_layers(run_two_ranks, synthetic_shards,
     for m in rows.values():
         assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "lm_loss", "diffusion_loss")), m
     assert rows[6]["loss"] < rows[1]["loss"] and rows[6]["diffusion_loss"] < rows[1]["diffusion_loss"]
+
+
+def test_stages_choose_the_attention_backend_with_their_activations_dtype(tiny_llama, monkeypatch):
+    """attention_backend auto picks flash-attn only for fp16/bf16 activations: a stage must
+    pass its hidden states' dtype, as the single-process forward does (without it, a bf16
+    pipeline on CUDA fell back from flash to flex)."""
+    import megafusion.parallel.pipeline as pipeline
+
+    seen = []
+    real = pipeline.select_backend
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "select_backend", spy)
+    source, stages = all_stages(tiny_cfg(tiny_llama, "train.dtype=bf16"))
+    x = batch_to_inputs(mixed_batch(source.fused))
+    with torch.no_grad():
+        for stage in stages:
+            x = stage(x)
+    assert seen and all(d == torch.bfloat16 for d in seen), seen
