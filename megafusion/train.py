@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `import megafusion` work
@@ -47,6 +48,10 @@ def main(argv=None) -> int:
     from megafusion.parallel.preflight import preflight
 
     preflight(cfg)  # one-line errors before any process group or model exists
+
+    # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.14 deprecates, once per
+    # rank and step kind: nothing a user can act on, and it buries the progress bar.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..* is deprecated")
 
     from megafusion.parallel.trainer import Trainer
 

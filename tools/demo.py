@@ -85,7 +85,8 @@ def main(argv: list[str]) -> int:
     overrides = [f"data.train={DATA / 'train'}", f"data.val={DATA / 'train' / 'val'}", f"run.dir={run_dir}", *argv]
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "megafusion/train.py"),
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "--log_level", "warning",
+           str(REPO / "megafusion/train.py"),
            "--config", str(REPO / "configs/demo.yaml"), *overrides]
     print("+", " ".join(cmd), flush=True)
     code = subprocess.call(cmd, cwd=REPO, env=env)

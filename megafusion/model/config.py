@@ -35,6 +35,11 @@ class FusionConfig:
 
     # Diffusion: "ddpm" (epsilon prediction, cosine schedule) or "rectified_flow".
     objective: str = "ddpm"
+    # What the network predicts under ddpm: "epsilon" (the noise: LMFusion, Transfusion)
+    # or "v_prediction" (v = sqrt(ab) noise - sqrt(1 - ab) x0: well conditioned at high
+    # noise, where epsilon's x0 estimate divides errors by sqrt(ab)). Rectified flow
+    # always predicts its velocity, noise - x0.
+    prediction_type: str = "epsilon"
     num_train_timesteps: int = 1000
     # Images that serve as a condition (image before its caption) are noised at most to
     # this timestep; 0 means they are always clean.
@@ -62,6 +67,7 @@ class FusionConfig:
             "image_mode": ("vae", "pixel"),
             "patcher": ("linear", "unet"),
             "objective": ("ddpm", "rectified_flow"),
+            "prediction_type": ("epsilon", "v_prediction"),
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -69,6 +75,9 @@ class FusionConfig:
                 raise ValueError(f"model.{name}={value!r}: expected one of {', '.join(allowed)}")
         if self.image_mode == "vae" and not self.vae_path:
             raise ValueError("model.image_mode=vae needs model.vae_path (an AutoencoderKL directory)")
+        if self.objective == "rectified_flow" and self.prediction_type != "epsilon":
+            raise ValueError(f"model.prediction_type={self.prediction_type!r} is for objective ddpm; "
+                             "rectified flow always predicts its velocity")
         if not 0 <= self.condition_t_cap <= self.num_train_timesteps:
             raise ValueError(f"model.condition_t_cap={self.condition_t_cap} outside [0, {self.num_train_timesteps}]")
         if not 0.0 <= self.condition_clean_share <= 1.0:

@@ -11,6 +11,8 @@ are left out of the loss.
 
   DDPMEpsilon    DDPM, cosine schedule (diffusers "squaredcos_cap_v2", 1000 steps),
                  epsilon prediction: LMFusion / Transfusion.
+  DDPMVelocity   the same noising, v prediction (v = sqrt(ab) noise - sqrt(1 - ab) x0,
+                 Salimans & Ho): model.prediction_type v_prediction.
   RectifiedFlow  sigma = t / T, x_t = (1 - sigma) x0 + sigma noise, velocity target
                  noise - x0, logit-normal training timesteps: X-Fusion / SD3.
 """
@@ -129,6 +131,21 @@ class DDPMEpsilon(DiffusionObjective):
         return noise
 
 
+class DDPMVelocity(DDPMEpsilon):
+    """DDPM noising as DDPMEpsilon, but the network predicts v = sqrt(ab) noise -
+    sqrt(1 - ab) x0 (Salimans & Ho, 2022). The sampler recovers x0 = sqrt(ab) x_t -
+    sqrt(1 - ab) v: at high noise that is the network's output itself (no division by
+    sqrt(ab) ~ 0.03), so a young model's errors stay its own size instead of being
+    multiplied thirty-fold, and an untrained output of 0 means "the mean image" rather
+    than noise. At low noise v ~ noise, as epsilon prediction. Same schedule, same t.
+    """
+
+    def target(self, x0, noise, t):
+        idx = torch.as_tensor(t, device=x0.device).round().long()
+        ac = _rows(self.alphas_cumprod.to(device=x0.device, dtype=torch.float32)[idx], x0)
+        return (ac.sqrt() * noise.float() - (1 - ac).sqrt() * x0.float()).to(x0.dtype)
+
+
 class RectifiedFlow(DiffusionObjective):
     """Rectified flow (SD3 / X-Fusion): sigma = t / T, x_t = (1 - sigma) x0 + sigma noise,
     the network predicts the velocity dx_t/dsigma = noise - x0.
@@ -165,7 +182,8 @@ class RectifiedFlow(DiffusionObjective):
 def make_objective(cfg: FusionConfig) -> DiffusionObjective:
     share = float(getattr(cfg, "condition_clean_share", 0.0))
     if cfg.objective == "ddpm":
-        return DDPMEpsilon(cfg.num_train_timesteps, share)
+        velocity = getattr(cfg, "prediction_type", "epsilon") == "v_prediction"
+        return (DDPMVelocity if velocity else DDPMEpsilon)(cfg.num_train_timesteps, share)
     if cfg.objective == "rectified_flow":
         return RectifiedFlow(cfg.num_train_timesteps, share)
     raise ValueError(f"model.objective={cfg.objective!r}: expected one of ddpm, rectified_flow")
@@ -209,7 +227,8 @@ def make_sampler_scheduler(cfg: FusionConfig, num_inference_steps: int):
     are exactly our t (feed them to the model as they are):
 
     ddpm: DPM-Solver++(2M) (DPMSolverMultistepScheduler, algorithm "dpmsolver++", data
-      prediction: the solver Lu et al. designed for guided sampling) on the training
+      prediction: the solver Lu et al. designed for guided sampling; the model's epsilon
+      or v, per model.prediction_type, is converted to x0 by the scheduler) on the training
       schedule, over epsilon_sampler_timesteps: from log-SNR -3.5 (t = 979), never the
       ill-conditioned t ~ 999, down to t = 1, then to sigma 0 (the predicted x0). Measured
       on Gaussian data with the optimal epsilon (tests/model/test_diffusion.py): sample std
@@ -232,8 +251,8 @@ def make_sampler_scheduler(cfg: FusionConfig, num_inference_steps: int):
     if cfg.objective == "ddpm":
         pixel = getattr(cfg, "image_mode", "vae") == "pixel"
         sched = DPMSolverMultistepScheduler(
-            num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
-            algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", lower_order_final=True,
+            num_train_timesteps=T, beta_schedule="squaredcos_cap_v2",
+            prediction_type=getattr(cfg, "prediction_type", "epsilon"), algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", lower_order_final=True,
             thresholding=pixel, sample_max_value=1.0, dynamic_thresholding_ratio=0.995)
         sched.set_timesteps(timesteps=epsilon_sampler_timesteps(sched.alphas_cumprod, num_inference_steps))
         return sched

@@ -171,9 +171,16 @@ def test_epsilon_sampler_never_asks_about_clean_or_near_zero_snr():
 # dz/dsigma = sigma z (g / (s^2 + sigma^2) - (g - 1) / (s_u^2 + sigma^2)), whose exact
 # solution from sigma_max to 0 scales z by (s^2 / (s^2 + sm^2))^(g/2) ((s_u^2 + sm^2) / s_u^2)^((g-1)/2).
 
-def _optimal_epsilon(alphas_cumprod, x_t, t, data_std):
+def _optimal_prediction(alphas_cumprod, x_t, t, data_std, prediction="epsilon"):
+    """E[eps | x_t], or E[v | x_t] = a E[eps | x_t] - b E[x0 | x_t] with
+    E[x0 | x_t] = a s^2 x_t / (a^2 s^2 + b^2)."""
     ab = alphas_cumprod.double()[int(t)]
-    return ((1 - ab).sqrt() * x_t.double() / (ab * data_std ** 2 + 1 - ab)).float()
+    var = ab * data_std ** 2 + 1 - ab
+    eps = (1 - ab).sqrt() * x_t.double() / var
+    if prediction == "epsilon":
+        return eps.float()
+    x0 = ab.sqrt() * data_std ** 2 * x_t.double() / var
+    return (ab.sqrt() * eps - (1 - ab).sqrt() * x0).float()
 
 
 def _guided_std(alphas_cumprod, t_start, s, s_u, g):
@@ -193,25 +200,37 @@ ERRORS = {
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 @pytest.mark.parametrize("steps", [25, 50, 250])
 @pytest.mark.parametrize("data_std", [0.18, 1.0])  # pixel images in [-1, 1]; scaled VAE latents
-def test_epsilon_sampler_is_well_conditioned(data_std, steps, guidance, error):
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ddpm_sampler_is_well_conditioned(prediction, data_std, steps, guidance, error):
     # Latent space (no clipping): the closed form holds for unbounded Gaussian data.
-    cfg = FusionConfig(objective="ddpm", image_mode="vae", vae_path="unused")
+    cfg = FusionConfig(objective="ddpm", image_mode="vae", vae_path="unused", prediction_type=prediction)
     sched = make_sampler_scheduler(cfg, steps)
     ac = DDPMEpsilon().alphas_cumprod
     perturb = ERRORS[error]
     s_u = 1.5 * data_std
     x = torch.randn(8192, 4, generator=torch.Generator().manual_seed(0))
     for t in sched.timesteps:
-        cond = perturb(_optimal_epsilon(ac, x, t, data_std))
+        cond = perturb(_optimal_prediction(ac, x, t, data_std, prediction))
         if guidance == 1.0:
             eps = cond
         else:  # both branches carry the error, as a network's would
-            uncond = perturb(_optimal_epsilon(ac, x, t, s_u))
+            uncond = perturb(_optimal_prediction(ac, x, t, s_u, prediction))
             eps = uncond + guidance * (cond - uncond)
         x = denoise_step(sched, eps, t, x)
     expected = data_std if guidance == 1.0 else _guided_std(ac, sched.timesteps[0], data_std, s_u, guidance)
     assert torch.isfinite(x).all()
     assert abs(x.std().item() / expected - 1) < 0.05, (x.std().item(), expected)
+
+
+def test_v_prediction_target_is_diffusers_velocity():
+    x0, noise = _fixed()
+    obj = make_objective(FusionConfig(objective="ddpm", prediction_type="v_prediction"))
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    t = torch.tensor([1, 17, 250, 500, 999])
+    torch.testing.assert_close(obj.target(x0, noise, t.float()), ref.get_velocity(x0, noise, t), rtol=0, atol=1e-6)
+    torch.testing.assert_close(obj.add_noise(x0, noise, t.float()), ref.add_noise(x0, noise, t), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError):
+        FusionConfig(objective="rectified_flow", prediction_type="v_prediction").validate()
 
 
 def test_pixel_sampler_clips_the_x0_estimate_to_the_image_range():
