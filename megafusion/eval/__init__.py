@@ -1,0 +1,1 @@
+"""Quality metrics for megafusion models (tools/evaluate.py calls these)."""
