@@ -149,12 +149,21 @@ def choose_backend(requested: str, device_type: str, dtype: Optional[torch.dtype
     raise ValueError(f"unknown attention backend {requested!r}: expected one of {', '.join(BACKENDS)}")
 
 
+def _autocast_on(device_type: str) -> bool:
+    # torch raises for device types autocast does not know (meta, a test's stand-in
+    # accelerator); there is no autocast on them.
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def select_backend(requested: str, device, primitive: Optional[AttendFn] = None,
                    dtype: Optional[torch.dtype] = None) -> str:
     """choose_backend in this process's environment. dtype: the activations' dtype
     (autocast's where autocast is on for the device, as that is what q/k/v will be)."""
     device = torch.device(device)
-    if dtype is not None and torch.is_autocast_enabled(device.type):
+    if dtype is not None and _autocast_on(device.type):
         dtype = torch.get_autocast_dtype(device.type)
     cuda = device.type == "cuda"
     return choose_backend(requested, device.type, dtype,
