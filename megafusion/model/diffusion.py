@@ -118,14 +118,20 @@ class DDPMEpsilon(DiffusionObjective):
         return torch.randint(0, hi + 1, (n,), generator=generator,
                              device=generator.device if generator is not None else "cpu").float()
 
+    def coefficients(self, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha-bar) and sqrt(1 - alpha-bar) at t, float32, [N, 1, ...] against
+        `like`. Always float32, whatever the latents' dtype: in bf16 alpha-bar(t <= 20)
+        rounds to 1, so sqrt(1 - alpha-bar) would be exactly 0 (no noise at all) and
+        many larger t would be 2-21% off."""
+        idx = torch.as_tensor(t, device=like.device).round().long()
+        ac = _rows(self.alphas_cumprod.to(device=like.device, dtype=torch.float32)[idx], like)
+        return ac.sqrt(), (1 - ac).sqrt()
+
     def add_noise(self, x0, noise, t):
-        # Coefficients and x_t in float32 whatever the latents' dtype, then cast: in bf16
-        # alpha-bar(t <= 20) rounds to 1, so sqrt(1 - alpha-bar) would be exactly 0 (no
-        # noise at all) and many larger t would be 2-21% off.
-        idx = torch.as_tensor(t, device=x0.device).round().long()
-        ac = self.alphas_cumprod.to(device=x0.device, dtype=torch.float32)[idx]
-        x_t = _rows(ac ** 0.5, x0) * x0.float() + _rows((1 - ac) ** 0.5, x0) * noise.float()
-        return torch.where(_rows(idx == 0, x0), x0, x_t.to(x0.dtype))
+        a, b = self.coefficients(t, x0)
+        x_t = (a * x0.float() + b * noise.float()).to(x0.dtype)
+        clean = _rows(torch.as_tensor(t, device=x0.device).round() == 0, x0)
+        return torch.where(clean, x0, x_t)
 
     def target(self, x0, noise, t):
         return noise
@@ -141,9 +147,8 @@ class DDPMVelocity(DDPMEpsilon):
     """
 
     def target(self, x0, noise, t):
-        idx = torch.as_tensor(t, device=x0.device).round().long()
-        ac = _rows(self.alphas_cumprod.to(device=x0.device, dtype=torch.float32)[idx], x0)
-        return (ac.sqrt() * noise.float() - (1 - ac).sqrt() * x0.float()).to(x0.dtype)
+        a, b = self.coefficients(t, x0)
+        return (a * noise.float() - b * x0.float()).to(x0.dtype)
 
 
 class RectifiedFlow(DiffusionObjective):
