@@ -16,6 +16,13 @@ stop at the same token). Two ways to have the weights, chosen by log.sample_gath
   call, i.e. per layer and denoising step.
 - auto (default): whole when the model's parameters take at most 4 GiB, else module.
 
+When the run's data is the synthetic shapes task (its shards carry the generator's `meta`),
+each sample point also scores what it drew and said with the shapes analyser
+(megafusion/eval): grid images whose prompt is in the task's grammar against that prompt,
+captions against the held-out images' meta; accuracies go to tensorboard as
+shapes/{generation,captioning}/<attribute>. A handful of samples, so a cheap trend line;
+tools/evaluate.py shapes gives the number.
+
 The global RNG is left untouched (sampling draws from its own seeded generators), so a
 run with samples is bitwise the same run as one without.
 """
@@ -34,9 +41,10 @@ from megafusion.config import RunConfig
 from megafusion.parallel.gather import gathered
 
 
-def held_out_images(cfg: RunConfig, n: int) -> list:
-    """The first n images of data.val's first stream as PIL RGB, read identically on every
-    rank (streaming's LocalDataset: no shared memory, no partitioning). [] when there is
+def held_out_images(cfg: RunConfig, n: int, with_meta: bool = False) -> list:
+    """The first n images of data.val's first stream as (key, PIL RGB, caption), read
+    identically on every rank (streaming's LocalDataset: no shared memory, no
+    partitioning); with_meta appends the row's meta (None without one). [] when there is
     no local val directory."""
     from megafusion.data.images import load_rgb
 
@@ -52,8 +60,24 @@ def held_out_images(cfg: RunConfig, n: int) -> list:
         for i in range(min(n, len(ds))):
             row = ds[i]
             if "image" in row:
-                out.append((str(row.get("id", i)), load_rgb(row["image"], cfg.model.image_size), row.get("caption", "")))
+                item = (str(row.get("id", i)), load_rgb(row["image"], cfg.model.image_size), row.get("caption", ""))
+                out.append(item + (row.get("meta"),) if with_meta else item)
     return out
+
+
+def is_synthetic(cfg: RunConfig) -> bool:
+    """Whether the run's data is the synthetic shapes task: the first local stream of
+    data.val (else data.train) has the `meta` column tools/prepare_data.py synthetic writes."""
+    for streams in (cfg.data.val_streams(), cfg.data.train_streams()):
+        for spec in streams:
+            if "://" in spec.remote:
+                continue
+            try:
+                index = json.loads(Path(spec.remote, "index.json").read_text())
+            except (OSError, ValueError):
+                continue
+            return any("meta" in (shard.get("column_names") or ()) for shard in index.get("shards", [])[:1])
+    return False
 
 
 def _first_shards(src: Path, dst: Path, n: int) -> None:
@@ -131,7 +155,10 @@ class TrainingSampler:
         bos, eos = special_ids(tokenizer, cfg.data)
         self.gen = Generator(model, tokenizer, bos, eos, model.boi_id, model.eoi_id,
                              steps=cfg.log.sample_diffusion_steps, guidance_scale=cfg.log.sample_guidance)
-        self.images = held_out_images(cfg, cfg.log.sample_captions)
+        held = held_out_images(cfg, cfg.log.sample_captions, with_meta=True)
+        self.images = [h[:3] for h in held]
+        self.metas = [h[3] for h in held]
+        self.synthetic = is_synthetic(cfg)
 
     @torch.no_grad()
     def __call__(self, step: int, writer=None) -> Path | None:
@@ -175,8 +202,12 @@ class TrainingSampler:
         grid.save(png)
         lines = [f"step {step}", "grid rows (top to bottom): " + " | ".join(self.cfg.log.sample_prompts)]
         lines += [f"{key}: true {true!r} -> model {got!r}" for (key, _, true), got in zip(self.images, captions)]
+        scores = self.shapes_scores(images, captions)
+        lines += [f"{k}: {v:.3f}" for k, v in scores.items()]
         png.with_suffix(".txt").write_text("\n".join(lines) + "\n")
         if writer is not None:
+            for key, value in scores.items():
+                writer.add_scalar(key, value, step)
             writer.add_image("samples/grid", np.asarray(grid), step, dataformats="HWC")
             table = "| image | true caption | model caption |\n|---|---|---|\n" + "".join(
                 f"| {key} | {true} | {got} |\n" for (key, _, true), got in zip(self.images, captions))
@@ -185,3 +216,18 @@ class TrainingSampler:
                 writer.add_text("samples/captions", table, step)
             writer.flush()
         return png
+
+    def shapes_scores(self, images, captions) -> dict[str, float]:
+        """Shapes accuracies of one sample point ({} unless the data is the synthetic task):
+        the grid images whose prompt parses, the captions of held-out rows with meta."""
+        if not self.synthetic:
+            return {}
+        from megafusion.eval.run_shapes import score_prompt, shapes_scalars
+        from megafusion.eval.shapes import score_caption, summarise
+
+        per = self.cfg.log.sample_per_prompt
+        drawn = [score_prompt(im, self.cfg.log.sample_prompts[k // per]) for k, im in enumerate(images)]
+        drawn = [s for s in drawn if s is not None]
+        said = [score_caption(c, m) for c, m in zip(captions, self.metas) if isinstance(m, dict) and "kind" in m]
+        return shapes_scalars(dict(generation=summarise(drawn) if drawn else None,
+                                   captioning=summarise(said) if said else None))
