@@ -42,7 +42,7 @@ def test_a_changed_text_tower_shows(tmp_path, tiny_llama):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import export, make_fused
+    from eval_models import export, make_fused
 
     fused = make_fused(tiny_llama)
     with torch.no_grad():

@@ -1,0 +1,88 @@
+"""The training sampler scores its grid and held-out captions with the shapes analyser
+when the run's data is the synthetic task, and logs them to tensorboard; with other data
+it logs none. One process, no DeepSpeed (an unpartitioned model samples as is); the model
+is replaced by an oracle that draws the generator's renders and says its captions."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "eval"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from megafusion.data.prepare import ImageShardWriter, write_synthetic
+    from megafusion.data.synthetic import synthetic_samples
+
+    root = tmp_path_factory.mktemp("sampling_shapes")
+    write_synthetic(str(root / "val"), 8, 32, seed=0, split="val")
+    plain = ImageShardWriter(str(root / "plain"), 32, with_meta=False)  # image-caption data without ground truth
+    for s in synthetic_samples(1, 4, 32):
+        plain.add(s.id, s.image, s.caption)
+    plain.close()
+    return root
+
+
+def sampler(tmp_path, tiny_llama, data, prompts):
+    from transformers import AutoTokenizer
+
+    from eval_models import make_fused  # tests/eval/eval_models.py
+    from megafusion.config import load_config
+    from megafusion.parallel.sampling import TrainingSampler
+
+    cfg = load_config(str(REPO / "configs/tiny.yaml"), [
+        f"model.base={tiny_llama}", "model.image_size=16", "model.patch_size=4", f"data.train={data}",
+        f"data.val={data}", f"run.dir={tmp_path}", "log.sample_every=3", f"log.sample_prompts={json.dumps(prompts)}",
+        "log.sample_per_prompt=2", "log.sample_captions=4", "log.sample_diffusion_steps=2", "log.sample_caption_tokens=3"])
+
+    class Engine:
+        module = make_fused(tiny_llama)
+        optimizer = None
+
+    return TrainingSampler(cfg, Engine(), AutoTokenizer.from_pretrained(tiny_llama), tmp_path, rank=0)
+
+
+def test_synthetic_run_logs_shapes_scores(tmp_path, tiny_llama, shards, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from megafusion import generate as G
+    from megafusion.data.synthetic import synthetic_samples
+
+    truth = list(synthetic_samples(0, 8, 32, "val"))
+    prompts = [truth[0].caption, "a photo of a dog", truth[1].caption]  # the middle one is no shapes prompt
+    renders = {s.caption: s.image for s in truth}
+    s = sampler(tmp_path, tiny_llama, shards / "val", prompts)
+    assert s.synthetic and [m["kind"] for m in s.metas] == [t.meta["kind"] for t in truth[:4]]
+    monkeypatch.setattr(G, "generate_image", lambda gen, ps, n=1, **kw: [renders.get(p, truth[5].image) for p in ps for _ in range(n)])
+    monkeypatch.setattr(G, "caption", lambda gen, ims, **kw: [t.caption for t in truth[:len(ims)]])
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    s(3, writer)
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "shapes/generation/colour" in tags and "shapes/captioning/colour" in tags
+    for tag in tags:
+        assert [(e.step, e.value) for e in acc.Scalars(tag)] == [(3, 1.0)], tag
+    # 4 grid images from the two shapes prompts, none from the dog
+    n_gen = sum(1 for p in (truth[0], truth[1]) for _ in range(2))
+    scores = s.shapes_scores([renders[truth[0].caption]] * 2 + [truth[5].image] * 2 + [renders[truth[1].caption]] * 2,
+                             [t.caption for t in truth[:4]])
+    assert scores == {t: 1.0 for t in tags} and n_gen == 4
+    text = (tmp_path / "samples" / "step_0000003.txt").read_text()
+    assert "shapes/generation/colour: 1.000" in text
+    # a wrong drawing shows
+    wrong = s.shapes_scores([truth[5].image] * 6, ["a photo of a dog"] * 4)
+    assert wrong["shapes/captioning/colour"] == 0.0 and wrong.get("shapes/generation/all", 0.0) < 1.0
+
+
+def test_other_data_logs_no_shapes_scores(tmp_path, tiny_llama, shards):
+    s = sampler(tmp_path, tiny_llama, shards / "plain", ["a red circle in the center"])
+    assert not s.synthetic and s.metas == [None] * 4
+    assert s.shapes_scores([], ["a red circle"] * 4) == {}
