@@ -150,7 +150,7 @@ def run_fid(args) -> tuple[dict, str]:
                        progress=not args.no_progress)
     result.update(real=str(args.real), fake=str(args.fake) if args.fake else None, model=args.model,
                   inception_weights=str(args.inception_weights), dims=args.dims)
-    text = table([["FID", f"{result['fid']:.4f}"], ["real images", result["n_real"]], ["generated images", result["n_fake"]],
+    text = table([["FID", f"{max(result['fid'], 0.0):.4f}"], ["real images", result["n_real"]], ["generated images", result["n_fake"]],
                   ["Inception feature", args.dims]], ["metric", "value"])
     return result, text
 
@@ -231,8 +231,12 @@ COMMANDS = dict(shapes=run_shapes, text=run_text, fid=run_fid, clip=run_clip, ci
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
     from megafusion.eval.rows import write_json
 
+    # transformers' advisories (slow image processor, ...) are not results.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = _parser().parse_args(argv)
     try:
         _check_out(args.out)

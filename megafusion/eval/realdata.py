@@ -137,6 +137,26 @@ def simple_tokenize(text: str) -> str:
     return " ".join(w for w in words if w not in _PTB_PUNCTUATION)
 
 
+class _stderr_to_devnull:
+    """Silence file descriptor 2 (a child process's stderr too) for the duration."""
+
+    def __enter__(self):
+        import os
+        import sys
+
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        import os
+
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
 def tokenize_captions(captions: dict[str, list[str]], tokenizer: str = "auto") -> tuple[dict[str, list[str]], str]:
     """{id: [caption, ...]} -> tokenised, and the tokenizer used."""
     if tokenizer not in ("auto", "ptb", "simple"):
@@ -145,7 +165,8 @@ def tokenize_captions(captions: dict[str, list[str]], tokenizer: str = "auto") -
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         try:
-            out = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+            with _stderr_to_devnull():  # the Java tokenizer reports its speed on stderr
+                out = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
             if all(len(out.get(k, ())) == len(v) for k, v in captions.items()):
                 return out, "ptb"
         except OSError:
