@@ -121,7 +121,8 @@ def format_shapes(result: dict) -> str:
     def chance(row):
         if row["attribute"] != "all":
             return f"{row['chance']:.3f}"
-        return " / ".join(f"{c:.4f}" for c in (row["chance_generation"], row["chance_captioning"]) if c is not None)
+        values = [f"{c:.4f}" for c in (row["chance_generation"], row["chance_captioning"]) if c is not None]
+        return " / ".join(dict.fromkeys(values))  # one number when both directions share it
 
     rows = [[r["attribute"] if r["attribute"] != "all" else "all (every attribute right)",
              cell(r["generation"], r["generation_n"]), cell(r["captioning"], r["captioning_n"]), chance(r)]
