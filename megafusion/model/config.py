@@ -25,6 +25,12 @@ class FusionConfig:
     # Image space: "vae" (diffusers AutoencoderKL from vae_path) or "pixel" (raw RGB).
     image_mode: str = "pixel"
     vae_path: str | None = None
+    # Pixel mode only: images enter as pixels in [-1, 1] times this factor, the pixel
+    # twin of a VAE's scaling_factor (latents with about unit variance). The synthetic
+    # shapes are flat colours on grey, std ~0.19 in [-1, 1]: unscaled, the noise
+    # overwhelms them at a fifth of the way into the schedule, and most training
+    # timesteps teach nothing about the shapes (configs/demo.yaml has the measurement).
+    pixel_scale: float = 1.0
     image_size: int = 32  # pixels, square
     # Patching: "linear" (2x2 patches + timestep embedding) or "unet" (LMFusion's
     # U-Net down blocks in, up blocks out).
@@ -81,5 +87,7 @@ class FusionConfig:
                              "rectified flow always predicts its velocity")
         if not 0 <= self.condition_t_cap <= self.num_train_timesteps:
             raise ValueError(f"model.condition_t_cap={self.condition_t_cap} outside [0, {self.num_train_timesteps}]")
+        if not self.pixel_scale > 0:
+            raise ValueError(f"model.pixel_scale={self.pixel_scale} must be > 0")
         if not 0.0 <= self.condition_clean_share <= 1.0:
             raise ValueError(f"model.condition_clean_share={self.condition_clean_share} outside [0, 1]")

@@ -239,8 +239,8 @@ def make_sampler_scheduler(cfg: FusionConfig, num_inference_steps: int):
       on Gaussian data with the optimal epsilon (tests/model/test_diffusion.py): sample std
       within 1% of the data's at 25-250 steps, within 3% with a 0.5% error or bf16
       rounding of epsilon, guided or not; DDIM with "trailing" spacing gave 2-5x the
-      data's std with a 0.5% error. For pixel images (in [-1, 1]) the x0 estimate is
-      clipped to [-1, 1] (diffusers' dynamic thresholding with sample_max_value 1),
+      data's std with a 0.5% error. For pixel images (in [-1, 1] x model.pixel_scale)
+      the x0 estimate is clipped to that range (diffusers' dynamic thresholding),
       which is where a model's early errors go; VAE latents are unbounded and unclipped.
     rectified_flow: FlowMatchEulerDiscreteScheduler (shift 1) with equally spaced sigmas
       1, 1 - 1/steps, ..., 1/steps, then 0. Its timesteps are sigma * T, i.e. our t, and
@@ -255,10 +255,11 @@ def make_sampler_scheduler(cfg: FusionConfig, num_inference_steps: int):
         raise ValueError(f"num_inference_steps={num_inference_steps} is more than the {T} training timesteps")
     if cfg.objective == "ddpm":
         pixel = getattr(cfg, "image_mode", "vae") == "pixel"
-        sched = DPMSolverMultistepScheduler(
+        sched = _PixelScaledDPMSolver(
             num_train_timesteps=T, beta_schedule="squaredcos_cap_v2",
             prediction_type=getattr(cfg, "prediction_type", "epsilon"), algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", lower_order_final=True,
             thresholding=pixel, sample_max_value=1.0, dynamic_thresholding_ratio=0.995)
+        sched.pixel_scale = float(getattr(cfg, "pixel_scale", 1.0))
         sched.set_timesteps(timesteps=epsilon_sampler_timesteps(sched.alphas_cumprod, num_inference_steps))
         return sched
     if cfg.objective == "rectified_flow":
@@ -267,6 +268,17 @@ def make_sampler_scheduler(cfg: FusionConfig, num_inference_steps: int):
         sched.set_timesteps(sigmas=[1.0 - i / n for i in range(n)])
         return sched
     raise ValueError(f"model.objective={cfg.objective!r}: expected one of ddpm, rectified_flow")
+
+
+class _PixelScaledDPMSolver(DPMSolverMultistepScheduler):
+    """diffusers' dynamic thresholding, applied to the pixels rather than to what the
+    model sees (pixels x model.pixel_scale): it clips to [-s, s] and divides by s, which
+    on scaled pixels would shrink every image to [-1, 1]."""
+
+    pixel_scale = 1.0
+
+    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        return super()._threshold_sample(sample / self.pixel_scale) * self.pixel_scale
 
 
 def denoise_step(scheduler, model_output: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:

@@ -274,6 +274,7 @@ class ImageTokenizer(nn.Module):
         self.cfg = cfg
         self.latent_shape = image_latent_shape(cfg)
         self.vae: AutoencoderKL | None = None
+        self.pixel_scale = float(getattr(cfg, "pixel_scale", 1.0))
         c, h, w = self.latent_shape
         p = self.patch_size = cfg.patch_size
         self.grid = (h // p, w // p)
@@ -313,10 +314,10 @@ class ImageTokenizer(nn.Module):
         """pixels [N,3,H,W] in [-1,1] -> latents [N,C,h,w] in the input's dtype.
 
         VAE: vae_encode (the same function that writes pre-encoded shards). Pixel mode:
-        identity.
+        pixels times model.pixel_scale.
         """
         if self.vae is None:
-            return pixels
+            return pixels * self.pixel_scale if self.pixel_scale != 1.0 else pixels
         if pixels.shape[0] == 0:  # diffusers' VAE attention cannot reshape zero images
             return pixels.new_zeros((0, *self.latent_shape))
         return vae_encode(self.vae, pixels).to(pixels.dtype)
@@ -325,7 +326,7 @@ class ImageTokenizer(nn.Module):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [N,C,h,w] -> pixels [N,3,H,W], nominally in [-1,1] (not clamped)."""
         if self.vae is None:
-            return latents
+            return latents / self.pixel_scale if self.pixel_scale != 1.0 else latents
         return vae_decode(self.vae, latents).to(latents.dtype)
 
     def embed(self, noisy: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -244,6 +244,17 @@ def test_pixel_sampler_clips_the_x0_estimate_to_the_image_range():
     assert x.abs().max() <= 1.0 + 1e-6 and x.abs().max() > 0.5
 
 
+def test_pixel_sampler_clips_to_the_scaled_image_range():
+    # With model.pixel_scale s the images the model sees span [-s, s]: the clip must
+    # follow, or every shape's colour would be cut to a fifth of its value at s = 5.
+    cfg = FusionConfig(objective="ddpm", image_mode="pixel", pixel_scale=5.0)
+    sched = make_sampler_scheduler(cfg, 10)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        x = denoise_step(sched, torch.zeros_like(x), t, x)
+    assert x.abs().max() <= 5.0 + 1e-5 and x.abs().max() > 2.5
+
+
 # --- bf16 noising -----------------------------------------------------------------------
 
 def test_bf16_noising_keeps_its_coefficients():

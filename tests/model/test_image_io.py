@@ -79,6 +79,15 @@ def test_pixel_mode_round_trip_and_shapes(patcher):
     assert tok.predict(tokens, aux).shape == (3, 3, 16, 16)
 
 
+def test_pixel_scale_multiplies_what_the_model_sees_and_decode_undoes_it():
+    tok = ImageTokenizer(_cfg(image_mode="pixel", image_size=16, pixel_scale=5.0), HIDDEN)
+    x = _pixels(n=2, size=16)
+    torch.testing.assert_close(tok.encode_images(x), 5.0 * x)
+    torch.testing.assert_close(tok.decode_latents(tok.encode_images(x)), x)
+    with pytest.raises(ValueError, match="pixel_scale"):
+        _cfg(pixel_scale=0.0).validate()
+
+
 def test_patchify_raster_order_brute_force():
     n, c, h, w, p = 2, 3, 8, 12, 2
     x = torch.randn(n, c, h, w)
