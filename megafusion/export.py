@@ -6,6 +6,10 @@ What the trainer writes (megafusion/parallel/checkpoint.py) and how it is read b
 - ZeRO (stage 3, or 1/2 without pipeline stages): DeepSpeed's partitioned optimizer
   files, consolidated by deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
   (fp32 master weights, keys are LMFusionModel's parameter names).
+- Stage 0 (DeepSpeed's plain data parallelism, the CPU demo's setting): one
+  mp_rank_00_model_states.pt whose `module` holds the weights the engine ran (fp32 on
+  the CPU); with tied embeddings it also names the frozen head, which is dropped here
+  (it comes from the base).
 - Pipeline + ZeRO-1: one layer_XX-model_states.pt per PipelineModule layer, read with
   the loader DeepSpeed's PipelineModule.load_state_dir uses (SDLoaderFactory); layer 0
   is the embed stage, 1..N the decoder layers, N+1 the head stage, whose own copy of the
@@ -39,6 +43,7 @@ MODEL_CODE_DIR = Path(__file__).resolve().parent / "model"
 ENTRY_MODULE = "hf"  # megafusion/model/hf.py: the auto_map target
 BOI_TOKEN, EOI_TOKEN = "<|begin_of_image|>", "<|end_of_image|>"
 LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
+PLAIN_FILE = "mp_rank_00_model_states.pt"  # stage 0: model and optimizer in one file
 
 
 class ExportError(ValueError):
@@ -52,7 +57,7 @@ class CheckpointRef:
     run_dir: Path
     ckpt_dir: Path
     tag: str
-    kind: str  # "zero" or "pipeline"
+    kind: str  # "zero", "plain" (stage 0) or "pipeline"
 
     @property
     def tag_dir(self) -> Path:
@@ -70,6 +75,8 @@ def _kind(tag_dir: Path) -> str | None:
         return "pipeline"
     if any(n.endswith("_optim_states.pt") for n in names) and any(n.endswith("model_states.pt") for n in names):
         return "zero"
+    if PLAIN_FILE in names:
+        return "plain"
     return None
 
 
@@ -139,6 +146,16 @@ def consolidate_zero(ref: CheckpointRef) -> dict[str, torch.Tensor]:
             return get_fp32_state_dict_from_zero_checkpoint(str(ref.ckpt_dir), tag=ref.tag, exclude_frozen_parameters=True)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise ExportError(f"{ref.tag_dir}: cannot consolidate the ZeRO checkpoint ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def plain_states(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The module weights of a stage-0 checkpoint (DeepSpeed's own `module` entry)."""
+    try:
+        saved = torch.load(ref.tag_dir / PLAIN_FILE, map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
+    except (OSError, RuntimeError, KeyError, EOFError) as exc:
+        raise ExportError(f"{ref.tag_dir / PLAIN_FILE}: cannot read the stage-0 checkpoint ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
@@ -239,6 +256,11 @@ def load_checkpoint_model(path: str | os.PathLike, tag: str | None = None):
         raise ExportError(f"{ref.run_dir / 'config.yaml'}: {str(exc).splitlines()[0]}") from None
     if ref.kind == "zero":
         state = consolidate_zero(ref)
+    elif ref.kind == "plain":
+        frozen = {n for n, p in fused.named_parameters() if not p.requires_grad}
+        frozen |= {n for n, t in fused.state_dict(keep_vars=True).items()
+                   if isinstance(t, torch.nn.Parameter) and not t.requires_grad}
+        state = {k: v for k, v in plain_states(ref).items() if k not in frozen}
     else:
         state = pipeline_to_fusion_names(pipeline_layer_states(ref), len(fused.layers), ref.tag_dir)
         # The head stage trains its own copy of the BOI/EOI logit rows.
@@ -396,7 +418,7 @@ one shared attention with the hybrid mask (causal, bidirectional inside an image
 
 - Base model: `{mc.base}` ({base_resolved}); text-only input gives exactly its logits.
 - Training run: `{ref.run_dir}` (`{cfg.run.name}`), checkpoint `{ref.tag}`, step {ref.step if ref.step is not None else "n/a"}
-  ({"pipeline + ZeRO-1" if ref.kind == "pipeline" else "ZeRO"}); its resolved config is `run_config.yaml`.
+  ({ {"pipeline": "pipeline + ZeRO-1", "plain": "DeepSpeed stage 0"}.get(ref.kind, "ZeRO")}); its resolved config is `run_config.yaml`.
 - Losses at that step (metrics.jsonl): total {fmt("loss")}, LM {fmt("lm_loss")}, diffusion {fmt("diffusion_loss")}.
 - Images: {mc.image_mode} space, {mc.image_size}x{mc.image_size} pixels, {mc.patcher} patcher with {mc.patch_size}x{mc.patch_size} patches,
   objective {mc.objective} ({mc.num_train_timesteps} steps).

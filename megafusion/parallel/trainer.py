@@ -166,7 +166,11 @@ class Trainer:
         step = start_step
         last_saved = None
         t_last, tokens_since, samples_since = time.time(), 0, 0
+        # Wall clock of the training steps alone (not sampling, validation, checkpoints),
+        # in metrics.jsonl: step_s per step, train_s summed since this attempt started.
+        train_s = 0.0
         while step < t.steps:
+            t_step = time.perf_counter()
             if cfg.parallel.pipeline_stages > 1:
                 losses, tokens, skipped_data, samples, bad = self._pipeline_step()
                 caption = None  # the pipeline's last stage reports total, LM and diffusion only
@@ -191,6 +195,8 @@ class Trainer:
             mean = [sum(c) / len(losses) for c in zip(*losses)] if losses else [float("nan")] * 3
             # Pipeline losses are already global (broadcast by the engine / reduced above).
             loss, lm, diff = mean if cfg.parallel.pipeline_stages > 1 else mean_over_ranks(mean, self.device)
+            step_s = time.perf_counter() - t_step
+            train_s += step_s
             tokens_since += tokens * self.world
             lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
             gnorm = self.engine.get_global_grad_norm() if not bad else None
@@ -198,7 +204,8 @@ class Trainer:
             if metrics:
                 metrics.write(json.dumps({"step": step, "loss": loss, "lm_loss": lm, "diffusion_loss": diff,
                                           "caption_loss": caption,
-                                          "grad_norm": gnorm, "lr": lr, "skipped": bad, "skipped_samples": skipped_data}) + "\n")
+                                          "grad_norm": gnorm, "lr": lr, "skipped": bad, "skipped_samples": skipped_data,
+                                          "step_s": round(step_s, 4), "train_s": round(train_s, 3)}) + "\n")
                 metrics.flush()
             if bar is not None:
                 bar.update(1)

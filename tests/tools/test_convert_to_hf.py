@@ -226,6 +226,28 @@ def test_zero3_round_trip(zero3_run, tmp_path, tiny_base):
 
 
 @pytest.mark.slow
+def test_stage0_round_trip(tmp_path_factory, tmp_path, tiny_llama, synthetic_shards):
+    # DeepSpeed stage 0 (plain data parallelism, the CPU demo's setting) writes one
+    # mp_rank_00_model_states.pt and no optimizer partitions. Reference: DeepSpeed's own
+    # `module` entry loaded onto the base, strictly (frozen names are the tied head only).
+    from megafusion.config import load_config
+    from megafusion.model.fusion import LMFusionModel
+
+    run = train(tmp_path_factory.mktemp("z0") / "run", synthetic_shards, f"model.base={tiny_llama}",
+                "parallel.zero_stage=0")
+    out = tmp_path / "stage0_export"
+    p = convert(run, out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = load_config(run / "config.yaml")
+    fused = LMFusionModel.from_base(cfg.model.base, cfg.model)
+    saved = torch.load(run / "checkpoints" / "global_step2" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    missing, unexpected = fused.load_state_dict(saved, strict=False)
+    assert not unexpected
+    assert all(not fused.state_dict(keep_vars=True)[k].requires_grad for k in missing)
+    check_round_trip(out, fused, cfg, tmp_path / "load", tiny_llama)
+
+
+@pytest.mark.slow
 def test_pipeline_round_trip(pipeline_run, tmp_path, tiny_base):
     # One tag directory as CHECKPOINT_DIR, fp32 explicitly.
     out = tmp_path / "pipeline_export"
