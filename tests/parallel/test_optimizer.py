@@ -26,7 +26,7 @@ from param_groups_worker import describe  # noqa: E402
     (True, "cuda", "cpu_adam"),  # states on the host: the step runs there whatever the GPU
     (False, "cuda", "fused"),
     (False, "xpu", "foreach"),
-    (False, "cpu", "plain"),
+    (False, "cpu", "fused"),
 ])
 def test_choose_optimizer(offloaded, device, expect):
     from megafusion.parallel.engine import choose_optimizer
@@ -34,7 +34,7 @@ def test_choose_optimizer(offloaded, device, expect):
     assert choose_optimizer(offloaded, device) == expect
 
 
-@pytest.mark.parametrize("device,fused,foreach", [("cuda", True, None), ("xpu", None, True), ("cpu", None, False)])
+@pytest.mark.parametrize("device,fused,foreach", [("cuda", True, None), ("xpu", None, True), ("cpu", True, None)])
 def test_build_optimizer_without_offload_on_each_device(device, fused, foreach):
     """What build_optimizer makes of a fake device (construction only: torch checks
     fused kernels' devices at the first step)."""
@@ -48,6 +48,33 @@ def test_build_optimizer_without_offload_on_each_device(device, fused, foreach):
     opt = build_optimizer([{"params": [p]}], cfg, {"zero_optimization": {"stage": 3}}, device_type=device)
     assert type(opt) is torch.optim.AdamW
     assert opt.defaults["fused"] == fused and opt.defaults["foreach"] == foreach
+
+
+def test_cpu_optimizer_steps_like_the_per_tensor_loop():
+    """The CPU's fused AdamW really steps on the CPU, and as torch's reference loop does
+    (same update to rounding), with the run's betas, eps and weight decay."""
+    import torch
+
+    from megafusion.config import load_config
+    from megafusion.parallel.engine import build_optimizer
+
+    cfg = load_config(TINY, ["train.weight_decay=0.1"])
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 32, generator=g), torch.randn(32, generator=g)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(4)]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    ref = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = build_optimizer([{"params": ours}], cfg, {"zero_optimization": {"stage": 0}}, device_type="cpu")
+    ref_opt = torch.optim.AdamW(ref, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps,
+                                weight_decay=0.1, foreach=False)
+    for step in grads:
+        for p, q, gr in zip(ours, ref, step):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        opt.step()
+        ref_opt.step()
+    for p, q, t in zip(ours, ref, start):
+        assert not torch.equal(p, t)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- weight decay
