@@ -138,6 +138,11 @@ class LogSection:
     # Held-out images (the first of data.val) captioned at each sample step; 0: none.
     sample_captions: int = 4
     sample_caption_tokens: int = 32
+    # Synthetic shapes data only: at each sample point also score this many held-out
+    # rows with tools/evaluate.py shapes' code (draw their captions, caption their
+    # images), appended to run.dir/shapes_eval.jsonl and tensorboard shapes_eval/*;
+    # tools/learning_curve.py plots them. 0: off.
+    sample_eval_n: int = 0
     # ZeRO-3: "whole" gathers the model on every rank while sampling (fast), "module"
     # gathers one module at a time as it runs (never holds the whole model; 8B/70B),
     # "auto" picks whole up to 4 GiB of parameters (megafusion/parallel/sampling.py).
@@ -232,6 +237,7 @@ def _validate_run(cfg: RunConfig) -> None:
     _check(lg.sample_per_prompt >= 1, f"log.sample_per_prompt={lg.sample_per_prompt}: must be >= 1")
     _check(lg.sample_gather in ("auto", "whole", "module"), f"log.sample_gather={lg.sample_gather!r}: expected auto, whole or module")
     _check(lg.sample_captions >= 0, f"log.sample_captions={lg.sample_captions}: must be >= 0")
+    _check(lg.sample_eval_n >= 0, f"log.sample_eval_n={lg.sample_eval_n}: must be >= 0")
     _check(lg.sample_caption_tokens >= 1, f"log.sample_caption_tokens={lg.sample_caption_tokens}: must be >= 1")
     _check(not lg.sample_every or lg.sample_prompts, "log.sample_every > 0 needs at least one log.sample_prompts entry")
     _check(lg.val_batches >= 1, f"log.val_batches={lg.val_batches}: must be >= 1")

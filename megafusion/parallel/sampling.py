@@ -21,7 +21,11 @@ each sample point also scores what it drew and said with the shapes analyser
 (megafusion/eval): grid images whose prompt is in the task's grammar against that prompt,
 captions against the held-out images' meta; accuracies go to tensorboard as
 shapes/{generation,captioning}/<attribute>. A handful of samples, so a cheap trend line;
-tools/evaluate.py shapes gives the number.
+tools/evaluate.py shapes gives the number. With log.sample_eval_n > 0 the sample point
+also runs that evaluation itself on the first sample_eval_n held-out rows (the same
+code, megafusion/eval/run_shapes.py) and appends the result to
+<run.dir>/shapes_eval.jsonl (tensorboard shapes_eval/*): the learning curve that
+tools/learning_curve.py draws.
 
 The global RNG is left untouched (sampling draws from its own seeded generators), so a
 run with samples is bitwise the same run as one without.
@@ -159,6 +163,17 @@ class TrainingSampler:
         self.images = [h[:3] for h in held]
         self.metas = [h[3] for h in held]
         self.synthetic = is_synthetic(cfg)
+        self.run_dir = run_dir
+        self.eval_rows = self._eval_rows(cfg) if self.synthetic and cfg.log.sample_eval_n > 0 else []
+
+    @staticmethod
+    def _eval_rows(cfg: RunConfig) -> list[dict]:
+        from megafusion.eval.rows import read_shards
+
+        streams = cfg.data.val_streams()
+        if not streams or "://" in streams[0].remote:
+            return []
+        return read_shards(streams[0].remote, cfg.log.sample_eval_n, option="data.val")
 
     @torch.no_grad()
     def __call__(self, step: int, writer=None) -> Path | None:
@@ -184,12 +199,31 @@ class TrainingSampler:
                                           seed=self.cfg.run.seed, progress=False)
                 captions = G.caption(self.gen, [im for _, im, _ in self.images], max_new_tokens=log.sample_caption_tokens) \
                     if self.images else []
+                evaluation = None
+                if self.eval_rows:
+                    from megafusion.eval.run_shapes import evaluate_shapes
+
+                    evaluation = evaluate_shapes(self.gen, self.eval_rows, seed=self.cfg.run.seed,
+                                                 max_new_tokens=log.sample_caption_tokens, progress=False)
         finally:
             self.model.train(was_training)
             torch.set_num_threads(threads)
         if self.rank != 0:
             return None
+        if evaluation is not None:
+            self._write_evaluation(step, evaluation, writer)
         return self._write(step, images, captions, writer)
+
+    def _write_evaluation(self, step: int, result: dict, writer) -> None:
+        from megafusion.eval.run_shapes import shapes_scalars
+
+        row = dict(step=step, n=result["n"], steps=result["steps"], cfg=result["cfg"],
+                   generation=result["generation"], captioning=result["captioning"], seconds=result["seconds"])
+        with open(self.run_dir / "shapes_eval.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer is not None:
+            for key, value in shapes_scalars(result, prefix="shapes_eval").items():
+                writer.add_scalar(key, value, step)
 
     def _write(self, step, images, captions, writer) -> Path:
         import numpy as np

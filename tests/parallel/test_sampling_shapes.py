@@ -86,3 +86,50 @@ def test_other_data_logs_no_shapes_scores(tmp_path, tiny_llama, shards):
     s = sampler(tmp_path, tiny_llama, shards / "plain", ["a red circle in the center"])
     assert not s.synthetic and s.metas == [None] * 4
     assert s.shapes_scores([], ["a red circle"] * 4) == {}
+
+
+def test_sample_eval_n_appends_the_learning_curve(tmp_path, tiny_llama, shards, monkeypatch):
+    """log.sample_eval_n: each sample point scores that many held-out rows (drawn from
+    their captions, captioned from their images) into shapes_eval.jsonl and tensorboard
+    shapes_eval/*. Oracle first (every attribute 1.0), then a model that draws one fixed
+    render and always says the same caption: its accuracies are those of that guess,
+    computed here from the generator's truth."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from megafusion import generate as G
+    from megafusion.data.synthetic import synthetic_samples
+
+    truth = list(synthetic_samples(0, 8, 32, "val"))
+    by_caption = {t.caption: t for t in truth}
+    by_pixels = {np.asarray(t.image).tobytes(): t for t in truth}
+    s = sampler(tmp_path, tiny_llama, shards / "val", [truth[0].caption])
+    s.cfg.log.sample_eval_n = 6
+    s.eval_rows = s._eval_rows(s.cfg)
+    assert [r["caption"] for r in s.eval_rows] == [t.caption for t in truth[:6]]
+    monkeypatch.setattr(G, "generate_image", lambda gen, ps, n=1, **kw: [by_caption[p].image for p in ps for _ in range(n)])
+    # (The sampler's own four held-out captions see the images resized to the model's 16 px:
+    # not renders of the task at its 32 px, so any caption does for them.)
+    monkeypatch.setattr(G, "caption", lambda gen, ims, **kw: [
+        by_pixels.get(np.asarray(im.convert("RGB")).tobytes(), truth[7]).caption for im in ims])
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    s(3, writer)
+    fixed = truth[0]
+    monkeypatch.setattr(G, "generate_image", lambda gen, ps, n=1, **kw: [fixed.image for p in ps for _ in range(n)])
+    monkeypatch.setattr(G, "caption", lambda gen, ims, **kw: [fixed.caption for _ in ims])
+    s(6, writer)
+    writer.close()
+    rows = [json.loads(line) for line in (tmp_path / "shapes_eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6] and rows[0]["n"] == 6
+    assert all(v["accuracy"] == 1.0 for d in ("generation", "captioning") for v in rows[0][d].values())
+    # The fixed guess: right where a held-out row shares the guessed colour (one-object rows
+    # and the first object of two-object rows are what the analyser compares first).
+    one = [t for t in truth[:6] if t.meta["kind"] == "one"]
+    if fixed.meta["kind"] == "one" and one:
+        expect = sum(t.meta["objects"][0]["colour"] == fixed.meta["objects"][0]["colour"] for t in one) / len(one)
+        assert rows[1]["captioning"]["colour"]["accuracy"] == pytest.approx(expect)
+    assert rows[1]["captioning"]["all"]["accuracy"] < 1.0 and rows[1]["generation"]["all"]["accuracy"] < 1.0
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("shapes_eval/captioning/colour")][0] == (3, 1.0)
