@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 REQS := requirements.txt requirements-nodeps.txt
 
-.PHONY: setup demo test test-fast bench clean-runs
+.PHONY: setup demo demo-long test test-fast bench clean-runs
 
 # Idempotent: re-runs pip only when a requirements file changed since the last setup.
 setup: $(STAMP)
@@ -19,6 +19,11 @@ $(STAMP): $(REQS)
 
 demo: setup
 	$(VPY) tools/demo.py
+
+# The longer recipe (about 2 hours on 2 cores; resumes when run again), with its
+# learning curve in runs/demo-long/learning_curve.png.
+demo-long: setup
+	$(VPY) tools/demo.py --long
 
 test: setup
 	$(VPY) -m pytest -q tests
