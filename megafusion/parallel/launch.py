@@ -42,6 +42,13 @@ def setup_environment() -> DistEnv:
             if not os.environ.get(name):
                 raise SystemExit(f"error: {name} is not set; launch with deepspeed, torchrun or the slurm/ scripts")
     choose_accelerator()
+    if os.environ["DS_ACCELERATOR"] == "cpu":
+        # DeepSpeed's CPU accelerator builds its shared-memory comm op through torch's
+        # cpp_extension, which warns once per rank that no CUDA runtime exists: true,
+        # expected, and nothing a CPU user can act on.
+        import logging
+
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # Keep the CPU's few cores for the ranks rather than oversubscribing them.
     if os.environ["DS_ACCELERATOR"] == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         import torch

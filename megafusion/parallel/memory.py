@@ -68,6 +68,8 @@ def report(engine, world_size: int) -> str:
     lines = [
         f"parameters: {frozen:,} frozen, {trainable:,} trainable",
         "this rank holds: " + ", ".join(f"{k} {gib(v)}" for k, v in held.items()) + f" (total {gib(total)})",
-        f"ZeRO-3 theory for bf16 + fp32 master: (2 x frozen + 16 x trainable) / {world_size} = {gib(zero3_theory(frozen, trainable, world_size))}",
     ]
+    if engine.zero_optimization_stage() == 3:  # the formula is ZeRO-3's; other stages replicate
+        lines.append(f"ZeRO-3 theory for bf16 + fp32 master: (2 x frozen + 16 x trainable) / {world_size} = "
+                     f"{gib(zero3_theory(frozen, trainable, world_size))}")
     return "\n".join(lines)
