@@ -14,24 +14,32 @@ def load_model(path: str, tag: str | None = None, device: str = "cpu"):
         raise EvalError(str(exc).splitlines()[0]) from None
 
 
+def _batched(items: list, batch: int, run, *, progress: bool, desc: str) -> list:
+    """run(chunk, start) over consecutive chunks of `batch` items, results concatenated."""
+    if batch < 1:
+        raise EvalError(f"--batch {batch}: must be >= 1")
+    out = []
+    with _progress(total=len(items), desc=desc, enabled=progress) as bar:
+        for i in range(0, len(items), batch):
+            chunk = items[i:i + batch]
+            out += run(chunk, i)
+            bar.update(len(chunk))
+    return out
+
+
 def draw_images(gen, prompts: list[str], *, steps: int | None = None, cfg: float | None = None, seed: int = 0,
                 batch: int = 16, progress: bool = True, desc: str = "draw") -> list:
     """One image per prompt, `batch` prompts per call; the batch starting at prompt i uses
     seed + i, so a prompt's image does not depend on how many prompts follow it."""
     from megafusion import generate as G
 
-    if batch < 1:
-        raise EvalError(f"--batch {batch}: must be >= 1")
-    out = []
-    with _progress(total=len(prompts), desc=desc, enabled=progress) as bar:
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            try:
-                out += G.generate_image(gen, chunk, n=1, steps=steps, cfg=cfg, seed=seed + i, progress=False)
-            except G.GenerateError as exc:
-                raise EvalError(str(exc).splitlines()[0]) from None
-            bar.update(len(chunk))
-    return out
+    def draw(chunk, i):
+        try:
+            return G.generate_image(gen, chunk, n=1, steps=steps, cfg=cfg, seed=seed + i, progress=False)
+        except G.GenerateError as exc:
+            raise EvalError(str(exc).splitlines()[0]) from None
+
+    return _batched(prompts, batch, draw, progress=progress, desc=desc)
 
 
 def caption_images(gen, images: list, *, max_new_tokens: int = 24, batch: int = 16, progress: bool = True,
@@ -39,12 +47,5 @@ def caption_images(gen, images: list, *, max_new_tokens: int = 24, batch: int = 
     """Greedy captions, `batch` images per call."""
     from megafusion import generate as G
 
-    if batch < 1:
-        raise EvalError(f"--batch {batch}: must be >= 1")
-    out = []
-    with _progress(total=len(images), desc=desc, enabled=progress) as bar:
-        for i in range(0, len(images), batch):
-            chunk = images[i:i + batch]
-            out += G.caption(gen, chunk, max_new_tokens=max_new_tokens)
-            bar.update(len(chunk))
-    return out
+    return _batched(images, batch, lambda chunk, i: G.caption(gen, chunk, max_new_tokens=max_new_tokens),
+                    progress=progress, desc=desc)
