@@ -70,8 +70,10 @@ def test_shipped_config_loads_and_round_trips(path, tmp_path):
 def test_demo_and_tiny_shapes():
     demo = load_config(REPO / "configs" / "demo.yaml")
     assert demo.model.base == "smollm2"
-    assert (demo.model.image_mode, demo.model.image_size, demo.model.patch_size, demo.model.patcher) == ("pixel", 32, 4, "linear")
-    assert (demo.model.image_size // demo.model.patch_size) ** 2 == 64
+    assert (demo.model.image_mode, demo.model.image_size, demo.model.patch_size, demo.model.patcher) == ("pixel", 16, 4, "linear")
+    assert (demo.model.image_size // demo.model.patch_size) ** 2 == 16
+    # 8 samples of ~30 tokens (16 image tokens, BOI/EOI, BOS/EOS, a caption) fill one row
+    assert demo.data.samples_per_step == 8 and demo.data.seq_len == 256 and demo.model.pixel_scale == 5.0
     tiny = load_config(TINY)
     assert tiny.train.dtype == "fp32" and tiny.parallel.zero_stage == 3
     assert tiny.model.base.endswith("tiny-llama") and "$" not in tiny.model.base and "~" not in tiny.model.base
