@@ -49,16 +49,6 @@ def run(*args, timeout=600, **kw):
     return p.returncode, out
 
 
-def communicate_all(*procs, timeout=600):
-    """communicate() with several runs at once (each drained by its own thread, so
-    that none blocks on a full output pipe while another is waited for)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(len(procs)) as pool:
-        futures = [pool.submit(p.communicate, timeout=timeout) for p in procs]
-        return [f.result() for f in futures]
-
-
 def metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -199,12 +189,23 @@ def test_production_settings_resume_bitwise_after_sigusr1_without_reloading_the_
     digest, and a signal stop skips it."""
     steps, extra = 6, (*PRODUCTION, "checkpoint.every=0")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    # The reference and the run to be stopped start together: most of a launch is
-    # start-up, and this keeps the test within a few minutes on two shared cores.
-    ref_proc = launch(ref_dir, synthetic_shards, steps, *extra, script=INSTRUMENTED)
-    stopped = launch(run_dir, synthetic_shards, steps, *extra, script=INSTRUMENTED,
-                     env={"MEGAFUSION_TEST_SIGUSR1_AT_STEP": "3"})
-    (ref_out, _), (out, _) = communicate_all(ref_proc, stopped)
+    # The reference and the run to be stopped overlap: most of a launch is start-up, and
+    # this keeps the test within a few minutes on two shared cores. The second starts
+    # once the first has trained a step, i.e. built its loader: streaming picks its
+    # shared-memory prefix with no lock between jobs, and two runs building loaders at
+    # the same instant can pick the same one (FileExistsError '/000NNN_locals', seen once).
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        ref_proc = launch(ref_dir, synthetic_shards, steps, *extra, script=INSTRUMENTED)
+        ref_done = pool.submit(ref_proc.communicate, timeout=600)  # drains its pipe meanwhile
+        deadline = time.time() + 400
+        while not (ref_dir / "metrics.jsonl").exists() and ref_proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        stopped = launch(run_dir, synthetic_shards, steps, *extra, script=INSTRUMENTED,
+                         env={"MEGAFUSION_TEST_SIGUSR1_AT_STEP": "3"})
+        out, _ = stopped.communicate(timeout=600)
+        ref_out, _ = ref_done.result()
     assert ref_proc.returncode == 0, ref_out[-4000:]
     assert base_loads(ref_out) == [1, 1] and "frozen check:" in ref_out
     assert stopped.returncode == 0, out[-4000:]
