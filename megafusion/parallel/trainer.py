@@ -336,6 +336,12 @@ class Trainer:
             self._sampler = TrainingSampler(self.cfg, self.engine, self.tokenizer, self.run_dir, self.rank)
         t0 = time.time()
         path = self._sampler(step, writer)
+        # Rank 0 may sample alone for minutes (log.sample_eval_n) while the others return
+        # at once: they wait here, so that what follows starts together. Validation's
+        # first loader is built by streaming's local leader while the other ranks wait
+        # at most its download_timeout (60 s) for the index: without this wait a
+        # non-zero rank gave up ("took too long to download") and killed the run.
+        any_rank(False, self.device)
         if path is not None:
             self._log0(f"step {step}: samples in {path} ({time.time() - t0:.0f} s, weights: {self._sampler.mode})")
 
