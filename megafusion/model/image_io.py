@@ -265,7 +265,7 @@ class ImageTokenizer(nn.Module):
     SIDES = ("embedder", "predictor")
 
     def __init__(self, cfg: FusionConfig, hidden_size: int, sides: tuple[str, ...] = SIDES,
-                 side_seed: int | None = None):
+                 side_seed: int | None = None, vae_loader=None):
         super().__init__()
         if cfg.patcher not in ("linear", "unet"):
             raise ValueError(f"model.patcher={cfg.patcher!r}: expected one of linear, unet")
@@ -281,6 +281,9 @@ class ImageTokenizer(nn.Module):
         self.tokens_per_image = self.grid[0] * self.grid[1]
         self.hidden_size = hidden_size
         self._side_seed = self.draw_seed() if side_seed is None else int(side_seed)
+        # tools/plan.py builds the model on the meta device and passes a loader that makes
+        # the VAE from its config alone (no weights read).
+        self._vae_loader = vae_loader or load_vae
         for side in sides:
             self.build_side(side)
 
@@ -296,7 +299,7 @@ class ImageTokenizer(nn.Module):
             if side == "embedder":
                 # Registered as a submodule so .to() moves it, but frozen: requires_grad
                 # False, always in eval mode, never among the trainable parameters.
-                self.vae = load_vae(cfg.vae_path) if cfg.image_mode == "vae" else None
+                self.vae = self._vae_loader(cfg.vae_path) if cfg.image_mode == "vae" else None
                 self.embedder = (LinearEmbedder(c, p, hidden) if cfg.patcher == "linear"
                                  else UNetEmbedder(c, p, hidden, channels, cfg.unet_layers_per_block))
             else:
