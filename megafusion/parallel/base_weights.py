@@ -5,6 +5,10 @@ in a node's host memory (70B: 282 GB per rank). It builds the model's structure 
 meta device (shapes, no storage; skeleton_base_model) and then gives real tensors to the
 modules it owns only (materialize), each read from the safetensors files by key: a file
 is memory-mapped, and only the pages of the requested tensors are read.
+
+Under ZeRO-3 (parallel.zero_init) the base is born partitioned and only rank 0 reads it
+(load_base_zero3): transformers' own ZeRO-3 loading reads every shard whole on every
+rank and then uses rank 0's copy only (see load_base_zero3).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from megafusion.model.loading import load_base_config, resolve_base
+from megafusion.model.loading import BaseModelError, load_base_config, resolve_base
 
 
 class BaseWeights:
@@ -43,6 +47,25 @@ class BaseWeights:
         if name == "lm_head.weight" and name not in self.file_of and getattr(self.config, "tie_word_embeddings", False):
             return "model.embed_tokens.weight"
         return name
+
+    def check_shapes(self, shapes) -> str | None:
+        """None if every (name, shape) has a tensor of that shape in the files, else a
+        one-line error naming the first that has not. Reads the files' headers only."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list] = {}
+        for name, shape in shapes:
+            key = self.key_for(name)
+            if key not in self.file_of:
+                return f"model.base={self.base}: no tensor {key!r} in {self.dir}"
+            by_file.setdefault(self.file_of[key], []).append((key, tuple(shape)))
+        for path, wanted in by_file.items():
+            with safe_open(str(path), "pt") as f:
+                for key, shape in wanted:
+                    found = tuple(f.get_slice(key).get_shape())
+                    if found != shape:
+                        return f"model.base={self.base}: {key} has shape {found}, the model expects {shape}"
+        return None
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -77,3 +100,63 @@ def materialize(module: nn.Module, prefix: str, weights: BaseWeights, dtype: tor
             raise ValueError(f"model.base={weights.base}: {prefix + name} has shape {tuple(value.shape)}, "
                              f"the model expects {tuple(p.shape)}")
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=p.requires_grad)
+
+
+READER_RANK = 0  # the one rank that reads the base's files under ZeRO-3
+
+
+def load_base_zero3(base: str, dtype: torch.dtype, ds_config: dict):
+    """The base LlamaForCausalLM born partitioned under ZeRO-3 (`ds_config`), in `dtype`,
+    its weights read from the safetensors files by rank 0 alone.
+
+    transformers 4.57's from_pretrained under an HfDeepSpeedConfig reads every shard whole
+    on every rank: modeling_utils.load_shard_file asks load_state_dict for
+    map_location="cpu" when ZeRO-3 is on, which calls safe_open(...).get_tensor for every
+    key, and integrations/deepspeed.py's _load_state_dict_into_zero3_model then copies the
+    values in on rank 0 only (GatheredParameters(modifier_rank=0)); the other ranks' reads
+    are thrown away (its map_location="meta" shortcut for ranks > 0 exists for torch.load
+    .bin files only). At 64 nodes x 8 GPUs that is 512 reads of a 140 GB 70B base.
+
+    Here the structure is built as from_pretrained builds it (transformers' zero.Init
+    construction through _from_config under an HfDeepSpeedConfig, with no_init_weights:
+    no random initialisation of weights that are about to be overwritten), then each
+    parameter is filled inside GatheredParameters(modifier_rank=0): rank 0 reads that one
+    tensor from its memory-mapped file and copies it in (the same cast as from_pretrained,
+    param.copy_), DeepSpeed broadcasts it on leaving the context and every rank keeps its
+    partition. Ranks other than rank 0 open no safetensors file; at most one tensor is
+    whole at a time. A missing tensor or a wrong shape is found by rank 0 from the files'
+    headers before any weight moves and raised on every rank.
+    """
+    import torch.distributed as dist
+    from transformers import LlamaForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.modeling_utils import no_init_weights
+
+    from megafusion.parallel.gather import gathered
+
+    config = load_base_config(base)
+    config.name_or_path = str(resolve_base(base))  # as from_pretrained records it
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers reads it through a global weak reference)
+    with no_init_weights():
+        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.tie_weights()  # no_init_weights also skips post_init's tying; from_pretrained ties here too
+    params = list(model.named_parameters())  # a tied head appears once, as the embedding
+
+    weights, error = None, None
+    if dist.get_rank() == READER_RANK:
+        try:
+            weights = BaseWeights(base)
+            error = weights.check_shapes((name, tuple(p.ds_shape)) for name, p in params)
+        except ValueError as exc:
+            error = str(exc)
+    verdict = [error]
+    dist.broadcast_object_list(verdict, src=READER_RANK)
+    if verdict[0] is not None:
+        raise BaseModelError(verdict[0])
+
+    with torch.no_grad():
+        for name, p in params:
+            with gathered([p], modifier_rank=READER_RANK):
+                if weights is not None:
+                    p.data.copy_(weights.get(name))
+    return model.eval()  # as from_pretrained returns it
