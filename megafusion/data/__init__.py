@@ -24,7 +24,9 @@ As with streaming itself, resuming needs the same world size x samples_per_step 
 num_canonical_nodes.
 
 Launchers: init_dist_env() fills in LOCAL_WORLD_SIZE & co. (deepspeed launcher, srun);
-every stream is cached in <cache_root>/<run_id>/node<N>/<stream>; stale shared memory is
+every stream is cached in <cache_root>/<run_id>/node<N>/<stream>, bounded by
+data.cache_limit; the local leader holds a lock on its node directory for the job's life
+and removes those of this host's finished jobs (cache.py); stale shared memory is
 cleaned once per process before the first dataset is built.
 
 The trainer's side:

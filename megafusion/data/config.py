@@ -8,6 +8,7 @@ object-store URL streaming understands: s3://, gs://, oci://, ...) or a list of 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,13 +57,24 @@ class DataConfig:
     # Held-out shards for evaluation (same forms); None: no validation data.
     val: Any = None
 
-    # Every stream is read through a node-local cache directory:
-    # <cache_root>/<run_id>/node<N>/<stream name>. One directory per node and run keeps
-    # concurrent runs and the ranks of other nodes (on a shared filesystem) apart.
+    # Every stream, a URL or a local directory, is read through a node-local cache
+    # directory: <cache_root>/<run_id>/node<N>/<stream name>. One directory per node and
+    # run keeps concurrent runs and the ranks of other nodes (on a shared filesystem)
+    # apart. Local directories are copied too: the shards are zstd-compressed and
+    # streaming decompresses next to what it reads, and under cache_limit it evicts by
+    # deleting files, which must never be the source's. At start-up each node removes the
+    # cache directories of this host's finished jobs (megafusion/data/cache.py).
     cache_root: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "megafusion-streaming"))
     # Same on every rank of a run and stable across restarts of it (so a requeued job
     # reuses its cache). None: $MEGAFUSION_RUN_ID, else $SLURM_JOB_ID, else "default".
     run_id: str | None = None
+    # Most disk one dataset's cache takes on a node (train and val have one each): a size
+    # in streaming's units ("100gb", "500mb"; an integer is bytes), or null for no bound.
+    # Beyond it streaming evicts the least recently used shards and downloads them again
+    # when needed; it must hold at least 4 of the largest shards (raw + compressed), and
+    # for speed the shards in use at once: about num_canonical_nodes / nodes + predownload
+    # worth of them per node.
+    cache_limit: str | int | None = "100gb"
 
     # Packed sequence length and packed rows per rank per step (PackedBatch's B, L).
     seq_len: int = 4096
@@ -96,7 +108,6 @@ class DataConfig:
     shuffle_block_size: int | None = None
     num_canonical_nodes: int | None = None
     predownload: int | None = None
-    cache_limit: str | None = None
     epoch_size: int | None = None
     # Use pre-encoded `latents` when every image stream has them and the model runs in
     # VAE space; otherwise images are decoded to pixels and the model encodes them.
@@ -128,3 +139,22 @@ class DataConfig:
             raise ValueError(f"data.seed={self.seed} must be >= 0")
         if self.max_caption_tokens is not None and self.max_caption_tokens < 0:
             raise ValueError(f"data.max_caption_tokens={self.max_caption_tokens} must be >= 0")
+        if self.cache_limit is not None and parse_size(self.cache_limit) is None:
+            raise ValueError(f"data.cache_limit={self.cache_limit!r}: expected a size such as 100gb or 500mb "
+                             "(units b, kb, mb, gb, tb), a number of bytes, or null")
+
+
+_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40, "pb": 1 << 50}
+
+
+def parse_size(value) -> int | None:
+    """Bytes of a size in streaming's notation ("100gb": binary units), None if invalid."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgtp]?b)?\s*", str(value).lower())
+    if not m:
+        return None
+    size = int(float(m.group(1)) * _UNITS[m.group(2) or "b"])
+    return size if size > 0 else None

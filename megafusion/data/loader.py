@@ -9,7 +9,8 @@ from pathlib import Path
 from streaming import Stream
 from streaming.base import StreamingDataLoader
 
-from .config import DataConfig, StreamSpec
+from .cache import claim_node_cache
+from .config import DataConfig, StreamSpec, parse_size
 from .dataset import FusionDataset, SampleBuilder
 from .dist_env import DistEnv, init_dist_env
 from .packing import PackCollate, TrainBatch
@@ -112,22 +113,32 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
     _check_process_group(env)
     clean_stale_shared_memory_once()
 
+    run_id = resolve_run_id(data_cfg)
+    if env.local_rank == 0:
+        claim_node_cache(data_cfg.cache_root, run_id, env.node)
     samples_per_step = default_samples_per_step(data_cfg, tokens_per_image)
     streams = [Stream(remote=s.remote, local=cache_dir(data_cfg, env, split, i, s), proportion=s.proportion)
                for i, s in enumerate(specs)]
-    dataset = FusionDataset(
-        streams=streams,
-        batch_size=samples_per_step,
-        shuffle=shuffle,
-        shuffle_seed=data_cfg.seed,
-        shuffle_algo=data_cfg.shuffle_algo,
-        shuffle_block_size=data_cfg.shuffle_block_size,
-        num_canonical_nodes=data_cfg.num_canonical_nodes,
-        predownload=data_cfg.predownload,
-        cache_limit=data_cfg.cache_limit,
-        epoch_size=data_cfg.epoch_size,
-        replication=replication if replication > 1 else None,
-    )
+    cache_limit = parse_size(data_cfg.cache_limit) if data_cfg.cache_limit is not None else None
+    try:
+        dataset = FusionDataset(
+            streams=streams,
+            batch_size=samples_per_step,
+            shuffle=shuffle,
+            shuffle_seed=data_cfg.seed,
+            shuffle_algo=data_cfg.shuffle_algo,
+            shuffle_block_size=data_cfg.shuffle_block_size,
+            num_canonical_nodes=data_cfg.num_canonical_nodes,
+            predownload=data_cfg.predownload,
+            cache_limit=cache_limit,
+            epoch_size=data_cfg.epoch_size,
+            replication=replication if replication > 1 else None,
+        )
+    except ValueError as e:
+        if "ache limit" in str(e) or "cache_limit" in str(e):
+            raise ValueError(f"data.cache_limit={data_cfg.cache_limit!r} is too small for data.{split}: "
+                             f"{str(e).splitlines()[0]}") from None
+        raise
 
     columns = dataset.stream_columns()
     image_streams = []
