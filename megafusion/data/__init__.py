@@ -4,30 +4,34 @@
       -> FusionDataset (a StreamingDataset): decode image / take latents, tokenise, choose
          generation (caption, image) or understanding (image, caption), caption drop and
          timestep: one document per image-caption row, BOS text EOS chunks per text row
-      -> FusionLoader (a StreamingDataLoader) with batch_size = samples_per_step
-      -> PackCollate: next-fit packing into batch_size rows of seq_len -> TrainBatch
-         (a PackedBatch, plus num_samples and stats)
+      -> FusionLoader (a StreamingDataLoader) with batch_size = samples per step
+      -> Packer (main process): the step's documents, after what the last steps carried
+         over, into batch_size rows of seq_len -> TrainBatch (a PackedBatch, plus
+         num_samples and stats)
 
 Exact resume. streaming's state is a count of rows consumed in the epoch (StreamingDataLoader
-counts what it yields; FusionLoader counts TrainBatch.num_samples, the rows behind a batch,
-not its packed rows). Packing therefore happens inside the loader, over a fixed number of
-rows per rank per step (data.samples_per_step, which is also StreamingDataset's
-batch_size): a step always consumes exactly that many rows, whatever they pack into, so
-"k steps done" is the row count k * samples_per_step * world_size that
-StreamingDataLoader.state_dict() records and load_state_dict() skips. Rows that do not fit
-in the step's batch_size x seq_len are dropped, deterministically, and counted
-(stats["dropped_overflow"]); rows that fail to decode are counted too (stats["skipped"])
-and never raise. Every random choice (order, caption drop, timestep) is drawn from a
-generator seeded by (data.seed, epoch, global row index), never from global RNG state, so
-the resumed run, whatever its worker count, reproduces the uninterrupted one bit for bit.
-As with streaming itself, resuming needs the same world size x samples_per_step and
-num_canonical_nodes.
+counts what it yields; FusionLoader counts the rows behind a batch, TrainBatch.num_samples,
+not its packed rows). Each step therefore consumes a fixed number of rows per rank (also
+StreamingDataset's batch_size): data.samples_per_step, or by default as many as the step's
+token budget (batch_size x seq_len) holds at the mean size of a sample of the mix, which is
+measured from the shards at start-up. Documents that do not fit in the step are carried to
+the next one (up to data.overflow_carry_steps steps' worth of tokens, then dropped and
+counted in stats), text-only documents are split to fill rows, images never are
+(packing.py). "k steps done" is then the row count k * samples_per_step * world_size that
+StreamingDataLoader.state_dict() records, plus the carried pieces, named by (epoch, row
+index, document, offset), which load_state_dict() rebuilds. Rows that fail to decode are
+counted (stats["skipped"]) and never raise. Every random choice (order, caption drop,
+timestep) is drawn from a generator seeded by (data.seed, epoch, global row index), never
+from global RNG state, so the resumed run, whatever its worker count, reproduces the
+uninterrupted one bit for bit. As with streaming itself, resuming needs the same world
+size x samples_per_step and num_canonical_nodes.
 
-Launchers: init_dist_env() fills in LOCAL_WORLD_SIZE & co. (deepspeed launcher, srun);
-every stream is cached in <cache_root>/<run_id>/node<N>/<stream>, bounded by
-data.cache_limit; the local leader holds a lock on its node directory for the job's life
-and removes those of this host's finished jobs (cache.py); stale shared memory is
-cleaned once per process before the first dataset is built.
+Disk and shared memory (a node may run several jobs): every stream is cached in
+<cache_root>/<run_id>/node<N>/<stream>, bounded by data.cache_limit; the local leader
+holds a lock on its node directory for the job's life and removes those of this host's
+finished jobs (cache.py); stale shared memory is cleaned once per process before the
+first dataset is built. Launchers: init_dist_env() fills in LOCAL_WORLD_SIZE & co.
+(deepspeed launcher, srun).
 
 The trainer's side:
 
@@ -36,7 +40,7 @@ The trainer's side:
                                 vocab_size=base_config.vocab_size)
     for batch in loader:            # TrainBatch
         log(batch.stats); loss = model(batch.to(device))
-    checkpoint["data"] = loader.state_dict()   # later: loader.load_state_dict(...)
+    checkpoint["data"] = loader.state_dict()   # each rank its own; later: loader.load_state_dict(...)
 """
 import importlib
 
@@ -46,7 +50,7 @@ _EXPORTS = {
     "DataConfig": ".config", "StreamSpec": ".config",
     "DistEnv": ".dist_env", "DistEnvError": ".dist_env", "init_dist_env": ".dist_env",
     "FusionLoader": ".loader", "build_train_loader": ".loader", "build_val_loader": ".loader",
-    "TrainBatch": ".packing", "pack_documents": ".packing",
+    "Packer": ".packing", "TrainBatch": ".packing", "pack_documents": ".packing",
     "image_token_ids": ".sequence", "text_special_ids": ".sequence",
 }
 __all__ = list(_EXPORTS)

@@ -79,11 +79,20 @@ class DataConfig:
     # Packed sequence length and packed rows per rank per step (PackedBatch's B, L).
     seq_len: int = 4096
     batch_size: int = 1
-    # Samples each rank consumes per step, packed into those rows (fixed, which is what
-    # makes resume exact; samples that do not fit are dropped and counted). None:
-    # batch_size * seq_len // (tokens_per_image + 3 + text_tokens_estimate).
+    # Samples each rank consumes per step (fixed, which is what makes resume exact). None:
+    # as many as the step's token budget, batch_size * seq_len, holds: derived at start-up
+    # from samples of the first shard of each stream, built as training builds them and
+    # weighted by the streams' shares, then checked by simulating the packer (an image is
+    # never split, so rows leave gaps), so that a text stream of long documents mixed with
+    # short image-caption samples is packed, not mostly dropped (packing.py). (Before any
+    # shard is read, tools that need a number assume image-caption samples of
+    # tokens_per_image + 3 + text_tokens_estimate tokens.)
     samples_per_step: int | None = None
     text_tokens_estimate: int = 32
+    # Documents that do not fit in their step wait for the next ones, up to this many
+    # steps' worth of tokens (x batch_size x seq_len); beyond it they are dropped and
+    # counted. 0: drop at once.
+    overflow_carry_steps: int = 8
 
     # Image-caption samples: caption then image (generation) with this probability,
     # else image then caption (understanding, the image is a condition).
@@ -139,6 +148,8 @@ class DataConfig:
             raise ValueError(f"data.seed={self.seed} must be >= 0")
         if self.max_caption_tokens is not None and self.max_caption_tokens < 0:
             raise ValueError(f"data.max_caption_tokens={self.max_caption_tokens} must be >= 0")
+        if self.overflow_carry_steps < 0:
+            raise ValueError(f"data.overflow_carry_steps={self.overflow_carry_steps} must be >= 0")
         if self.cache_limit is not None and parse_size(self.cache_limit) is None:
             raise ValueError(f"data.cache_limit={self.cache_limit!r}: expected a size such as 100gb or 500mb "
                              "(units b, kb, mb, gb, tb), a number of bytes, or null")

@@ -126,9 +126,28 @@ class FusionDataset(StreamingDataset):
                 out[int(stream_id)] = dict(zip(getattr(shard, "column_names", []), getattr(shard, "column_encodings", [])))
         return [out.get(i, {}) for i in range(len(self.streams))]
 
+    def probe(self, rows_per_stream: int = 64) -> tuple[list[list[list]], list[float]]:
+        """What the mix's samples look like, for sizing a step (packing.plan_samples_per_step):
+        per stream, the documents of up to rows_per_stream rows spread over its first shard,
+        built as training builds them (a row that would be skipped has none), and each
+        stream's share of the epoch's samples."""
+        shares = [float(stream.choose) for stream in self.streams]
+        docs = []
+        for s in range(len(self.streams)):
+            first_shard = int(self.shard_offset_per_stream[s])
+            n = int(self.samples_per_shard[first_shard])
+            picks = np.unique(np.linspace(0, n - 1, min(rows_per_stream, n)).round().astype(np.int64))
+            built = []
+            for k in picks:
+                index = int(self.sample_offset_per_shard[first_shard] + k)
+                built.append(self.builder(self.get_item(index), index, 0).get("docs", []))
+            docs.append(built)
+        return docs, shares
+
     def __getitem__(self, index: int) -> dict:
         row = super().__getitem__(index)
         sample = self.builder(row, int(index), self.epoch) if self.builder is not None else {"row": row}
         sample["index"] = int(index)
+        sample["epoch"] = int(self.epoch)
         sample["stream"] = self.stream_of(int(index))
         return sample

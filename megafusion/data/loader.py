@@ -13,20 +13,63 @@ from .cache import claim_node_cache
 from .config import DataConfig, StreamSpec, parse_size
 from .dataset import FusionDataset, SampleBuilder
 from .dist_env import DistEnv, init_dist_env
-from .packing import PackCollate, TrainBatch
+from .packing import Packer, TrainBatch, plan_samples_per_step
 from .sequence import text_special_ids
 
 _STALE_SHM_CLEANED = False
 
 
+def _samples(batch: list) -> list:
+    """The DataLoader's collate: a step's built samples as they are; the loader packs them."""
+    return batch
+
+
 class FusionLoader(StreamingDataLoader):
-    """StreamingDataLoader of TrainBatch. Its sample count (what state_dict() records)
-    is the rows consumed, TrainBatch.num_samples, not the packed rows of the batch."""
+    """StreamingDataLoader of TrainBatch.
+
+    Workers build samples; the main process packs each step's samples (Packer), because
+    what one step cannot fit is carried into the next. The sample count that state_dict()
+    records is the rows consumed (TrainBatch.num_samples), not the packed rows, and the
+    state also names the carried pieces ("carry"), which load_state_dict() rebuilds.
+    keep_carry=False (validation): every pass starts with an empty carry, so every pass
+    yields the same batches.
+    """
+
+    def __init__(self, dataset: FusionDataset, *, packer: Packer, keep_carry: bool = True, **kwargs):
+        super().__init__(dataset, collate_fn=_samples, **kwargs)
+        self.packer = packer
+        self.keep_carry = keep_carry
+        self._carry_to_restore: list | None = None
 
     def _get_batch_size(self, batch) -> int:
+        if isinstance(batch, list):
+            return len(batch)
         if isinstance(batch, TrainBatch):
             return batch.num_samples
         return super()._get_batch_size(batch)
+
+    def __iter__(self):
+        if self._carry_to_restore is not None:
+            dataset = self.dataset
+            self.packer.restore_carry(self._carry_to_restore,
+                                      lambda epoch, i: dataset.builder(dataset.get_item(i), i, epoch))
+            self._carry_to_restore = None
+        elif not self.keep_carry:
+            self.packer.carry = []
+        for samples in super().__iter__():
+            yield self.packer(samples)
+
+    def state_dict(self):
+        state = super().state_dict()
+        if state is not None:
+            pending = self._carry_to_restore
+            state["carry"] = list(pending) if pending is not None else self.packer.carry_state()
+        return state
+
+    def load_state_dict(self, obj) -> None:
+        obj = dict(obj)
+        self._carry_to_restore = list(obj.pop("carry", []))
+        super().load_state_dict(obj)
 
 
 def clean_stale_shared_memory_once() -> None:
@@ -81,6 +124,9 @@ def cache_dir(cfg: DataConfig, env: DistEnv, split: str, i: int, spec: StreamSpe
 
 
 def default_samples_per_step(cfg: DataConfig, tokens_per_image: int) -> int:
+    """Samples per step as known before any shard is read: data.samples_per_step, else a
+    guess for image-caption data (tokens_per_image + 3 + text_tokens_estimate tokens a
+    sample). The loader itself derives its count from the shards (plan_samples_per_step)."""
     if cfg.samples_per_step is not None:
         return int(cfg.samples_per_step)
     return max(1, cfg.batch_size * cfg.seq_len // (tokens_per_image + 3 + cfg.text_tokens_estimate))
@@ -116,14 +162,13 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
     run_id = resolve_run_id(data_cfg)
     if env.local_rank == 0:
         claim_node_cache(data_cfg.cache_root, run_id, env.node)
-    samples_per_step = default_samples_per_step(data_cfg, tokens_per_image)
-    streams = [Stream(remote=s.remote, local=cache_dir(data_cfg, env, split, i, s), proportion=s.proportion)
-               for i, s in enumerate(specs)]
+    locals_ = [cache_dir(data_cfg, env, split, i, s) for i, s in enumerate(specs)]
+    streams = [Stream(remote=s.remote, local=local, proportion=s.proportion) for s, local in zip(specs, locals_)]
     cache_limit = parse_size(data_cfg.cache_limit) if data_cfg.cache_limit is not None else None
     try:
         dataset = FusionDataset(
             streams=streams,
-            batch_size=samples_per_step,
+            batch_size=None,  # set below, once the shards say how many samples a step holds
             shuffle=shuffle,
             shuffle_seed=data_cfg.seed,
             shuffle_algo=data_cfg.shuffle_algo,
@@ -178,11 +223,23 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
         max_caption_tokens=data_cfg.max_caption_tokens, condition_t_cap=fusion_cfg.condition_t_cap,
         fusion_cfg=fusion_cfg, seed=data_cfg.seed, vary_with_epoch=(split == "train"),
     )
-    collate = PackCollate(data_cfg.batch_size, data_cfg.seq_len, tokens_per_image, image_shape, use_latents)
+    # The step's sample count, from its token budget and what the mix's samples look
+    # like; streaming reads batch_size and predownload first when iteration starts.
+    carry_tokens = data_cfg.overflow_carry_steps * data_cfg.batch_size * data_cfg.seq_len
+    samples_per_step = data_cfg.samples_per_step
+    if samples_per_step is None:
+        probe, shares = dataset.probe()
+        samples_per_step = plan_samples_per_step(probe, shares, data_cfg.batch_size, data_cfg.seq_len,
+                                                 tokens_per_image, carry_tokens)
+    dataset.batch_size = samples_per_step
+    dataset.predownload = data_cfg.predownload if data_cfg.predownload is not None else 8 * samples_per_step
+
+    packer = Packer(data_cfg.batch_size, data_cfg.seq_len, tokens_per_image, image_shape, use_latents,
+                    carry_tokens=carry_tokens)
     kwargs = {}
     if data_cfg.num_workers > 0 and data_cfg.prefetch_factor is not None:
         kwargs["prefetch_factor"] = data_cfg.prefetch_factor
-    return FusionLoader(dataset, batch_size=samples_per_step, collate_fn=collate,
+    return FusionLoader(dataset, packer=packer, keep_carry=(split == "train"), batch_size=samples_per_step,
                         num_workers=data_cfg.num_workers, drop_last=False, **kwargs)
 
 

@@ -3,6 +3,8 @@
     python mf_resume_worker.py DATA CACHE RUN_ID OUT --steps N [--load STATE] [--save-after K STATE]
         [--num-workers W]
 
+STATE is a prefix: each rank saves and loads its own loader state, STATE.rank<R>.
+
 Writes the batches it saw (all PackedBatch tensors + stats) to OUT with torch.save.
 """
 import argparse
@@ -39,17 +41,16 @@ def main():
     # store while it is torn down waits forever.
     torch.distributed.init_process_group("gloo")
     cfg = DataConfig(train=a.data, cache_root=a.cache, run_id=a.run_id, seq_len=160, batch_size=2,
-                     samples_per_step=4, num_workers=a.num_workers, seed=5, shuffle=True)
+                     samples_per_step=5, num_workers=a.num_workers, seed=5, shuffle=True)
     fusion = FusionConfig(image_size=16)
     loader = build_train_loader(cfg, fusion, load_tokenizer("smollm2"), 64, env)
-    if a.load:
-        loader.load_state_dict(torch.load(a.load))
+    if a.load:  # each rank its own state, as the trainer's per-rank client files hold it
+        loader.load_state_dict(torch.load(f"{a.load}.rank{env.rank}"))
     seen = []
     for step, batch in enumerate(loader):
         seen.append({**batch.as_dict(), "stats": batch.stats, "num_samples": batch.num_samples})
         if a.save_after and step + 1 == int(a.save_after[0]):
-            if env.rank == 0:  # the trainer checkpoints rank 0's loader state
-                torch.save(loader.state_dict(), a.save_after[1])
+            torch.save(loader.state_dict(), f"{a.save_after[1]}.rank{env.rank}")
         if step + 1 == a.steps:
             break
     torch.distributed.barrier()

@@ -1,4 +1,5 @@
-"""Packed sequences: layout, labels, masks, and the packer's edge cases."""
+"""Packed sequences: layout, labels, masks, the packer's edge cases, its carry, and the
+step's sample count derived from its token budget."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from megafusion.data import build_train_loader, image_token_ids, pack_documents, text_special_ids
-from megafusion.data.packing import PackCollate, fit_document
+from megafusion.data.packing import Packer, fit_document, plan_samples_per_step, split_text
 from megafusion.model.batch import IGNORE_INDEX, IMAGE, TEXT, ImageSegment, TextSegment, document_length
 
 from mf_data_helpers import IMAGE_SIZE, SINGLE, TOKENS_PER_IMAGE
@@ -68,26 +69,30 @@ def test_packed_batches_match_samples(tokenizer, synthetic_dir, fusion_cfg, make
 
     bos, eos = text_special_ids(tokenizer)
     boi, eoi = image_token_ids(len(tokenizer))
-    overflow = 0
+    carried = 0
+    waiting = []  # documents carried from earlier steps, oldest first
     for step, batch in enumerate(batches):
         group = samples[step * per_step:(step + 1) * per_step]
         assert batch.num_samples == per_step and batch.stats["samples"] == per_step
         assert batch.input_ids.shape == (rows, seq_len)
         assert batch.images.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and not batch.images_are_latents
 
-        # Reference packing, written independently: next-fit, drop when out of rows.
-        expect_rows, used, r = [[] for _ in range(rows)], [0] * rows, 0
-        for s in group:
-            (doc,) = s["docs"]
+        # Reference packing, written independently: the waiting documents, then the step's,
+        # each into the first row with room; what fits nowhere waits (well under the carry's
+        # 8 steps x rows x seq_len tokens here, so nothing is dropped).
+        expect_rows, used, left = [[] for _ in range(rows)], [0] * rows, []
+        for doc in waiting + [s["docs"][0] for s in group]:
             n = document_length(doc, TOKENS_PER_IMAGE)
-            if used[r] + n > seq_len and r + 1 < rows:
-                r += 1
-            if used[r] + n > seq_len:
-                overflow += 1
+            r = next((r for r in range(rows) if used[r] + n <= seq_len), None)
+            if r is None:
+                left.append(doc)
                 continue
             expect_rows[r].append(doc)
             used[r] += n
-        assert batch.stats["dropped_overflow"] == per_step - sum(map(len, expect_rows))
+        assert batch.stats["carried_in"] == len(waiting) and batch.stats["carried"] == len(left)
+        assert batch.stats["dropped_overflow"] == 0
+        waiting = left
+        carried += len(left)
 
         layout = brute_force_layout(expect_rows, seq_len, TOKENS_PER_IMAGE)
         images = [seg for row in expect_rows for doc in row for seg in doc if isinstance(seg, ImageSegment)]
@@ -129,7 +134,7 @@ def test_packed_batches_match_samples(tokenizer, synthetic_dir, fusion_cfg, make
                 pass  # caption dropped
             else:
                 assert ids == [bos] + caption + [boi, eoi, eos]
-    assert overflow > 0  # the configuration above does overflow: the path is exercised
+    assert carried > 0  # the configuration above does overflow: the carry is exercised
 
 
 def test_labels_with_dropped_caption(tokenizer, synthetic_dir, fusion_cfg, make_cfg):
@@ -162,22 +167,79 @@ def test_fit_document_truncates_trailing_text_only():
     assert fit_document(doc(8), 10, 4) is None  # the image would be cut
 
 
-def test_pack_documents_next_fit_overflow_and_counts():
+def test_pack_documents_first_fit_split_and_counts():
     from collections import Counter
 
     stats = Counter()
     docs = [doc(2), doc(2), doc(6), doc(1), doc(20), doc(30, images=0)]
-    # lengths: 6, 6, 10, 5, 24 (> 12: image cut -> too_long), 30 text-only -> truncated to 12
+    # lengths: 6, 6, 10, 5, 24 (> 12: the image would be cut -> too_long), 30 text-only.
+    # Rows of 12: the 6s fill row 0, the 10 goes to row 1, the 5 fits nowhere; the text
+    # fits no row whole, so its first 2 tokens fill row 1 and 28 are left.
     rows = pack_documents(docs, 2, 12, 4, stats)
-    assert [[document_length(d, 4) for d in row] for row in rows] == [[6, 6], [10]]
-    assert stats["too_long"] == 1 and stats["truncated"] == 1
-    assert stats["dropped_overflow"] == 2  # the 5 (no room left in row 1) and the 12
-    assert stats["documents"] == 3 and stats["tokens"] == 22
+    assert [[document_length(d, 4) for d in row] for row in rows] == [[6, 6], [10, 2]]
+    assert rows[1][1] == [TextSegment([1, 2])]
+    assert stats["too_long"] == 1 and stats["truncated"] == 0 and stats["split"] == 1
+    assert stats["dropped_overflow"] == 2 and stats["dropped_tokens"] == 5 + 28
+    assert stats["documents"] == 4 and stats["tokens"] == 24
+    # With a list for leftovers, nothing is dropped: what is left comes back with its index.
+    left = []
+    pack_documents(docs, 2, 12, 4, Counter(), leftover=left)
+    assert [(i, document_length(part, 4)) for i, part in left] == [(3, 5), (5, 28)]
+    assert left[1][1] == [TextSegment(list(range(3, 31)))]
 
 
-def test_collate_counts_skips_and_keeps_image_shape():
-    collate = PackCollate(1, 16, 4, (3, 2, 2), images_are_latents=False)
-    batch = collate([{"skip": "image_unreadable_image"}, {"kind": "text", "docs": [[TextSegment([5, 6, 7])]]}])
+def test_first_fit_fills_earlier_rows():
+    # 8 opens row 0, the 6 does not fit beside it and opens row 1; the 4 goes back to row 0
+    # (next fit, which only looks at the current row, would leave row 0 at 8 of 12).
+    rows = pack_documents([doc(4), doc(2), doc(0)], 2, 12, 4)
+    assert [[document_length(d, 4) for d in row] for row in rows] == [[8, 4], [6]]
+
+
+def test_split_text_keeps_segments_and_loss():
+    d = [TextSegment([1, 2, 3], loss=False), TextSegment([4, 5, 6, 7])]
+    head, tail = split_text(d, 5)
+    assert head == [TextSegment([1, 2, 3], loss=False), TextSegment([4, 5])]
+    assert tail == [TextSegment([6, 7])]
+    assert split_text(d, 3) == ([TextSegment([1, 2, 3], loss=False)], [TextSegment([4, 5, 6, 7])])
+
+
+def text_sample(index, n, epoch=0):
+    return {"kind": "text", "index": index, "epoch": epoch, "docs": [[TextSegment(list(range(100 + index, 100 + index + n)))]]}
+
+
+def test_packer_carries_what_does_not_fit_and_restores_it():
+    """Rows of 10, 2 rows: step 1 has 7 + 9 + 8 text tokens: 20 fit, the 8's last 4 wait and
+    open step 2; the carry names them by (epoch, index, doc, offset) and a packer rebuilt
+    from that state packs step 2 exactly as the original does."""
+    built = {i: text_sample(i, n) for i, n in ((0, 7), (1, 9), (2, 8), (3, 5))}
+    a = Packer(2, 10, 4, (3, 2, 2), False, carry_tokens=40)
+    first = a([built[0], built[1], built[2]])
+    assert first.stats["carried"] == 1 and first.stats["split"] == 1 and first.stats["dropped_overflow"] == 0
+    assert a.carry_state() == [[0, 2, 0, 4]]
+    assert first.stats["tokens"] == 20
+    b = Packer(2, 10, 4, (3, 2, 2), False, carry_tokens=40)
+    b.restore_carry(a.carry_state(), lambda epoch, i: built[i])
+    sa, sb = a([built[3]]), b([built[3]])
+    for k, v in sa.as_dict().items():
+        assert torch.equal(v, getattr(sb, k)) if isinstance(v, torch.Tensor) else v == getattr(sb, k), k
+    # Step 2 holds the carried tail (tokens 4.. of sample 2), then sample 3.
+    assert sa.input_ids[0, :9].tolist() == list(range(106, 110)) + list(range(103, 108))
+    assert sa.stats["carried_in"] == 1 and sa.stats["carried"] == 0
+
+
+def test_packer_drops_beyond_the_carry_limit():
+    built = [text_sample(i, 10) for i in range(4)]
+    packer = Packer(1, 10, 4, (3, 2, 2), False, carry_tokens=15)
+    batch = packer(built)  # 40 tokens, 10 fit, 10 wait, 20 dropped (two documents)
+    assert batch.stats["carried"] == 1 and batch.stats["dropped_overflow"] == 2
+    assert batch.stats["dropped_tokens"] == 20
+    assert Packer(1, 10, 4, (3, 2, 2), False, carry_tokens=0)(built).stats["dropped_tokens"] == 30
+
+
+def test_packer_counts_skips_and_keeps_image_shape():
+    packer = Packer(1, 16, 4, (3, 2, 2), False, carry_tokens=0)
+    batch = packer([{"skip": "image_unreadable_image"}, {"kind": "text", "index": 0, "epoch": 0,
+                                                         "docs": [[TextSegment([5, 6, 7])]]}])
     assert batch.num_samples == 2
     assert batch.stats["skipped"] == 1 and batch.stats["skipped/image_unreadable_image"] == 1
     assert batch.images.shape == (0, 3, 2, 2)
@@ -185,6 +247,17 @@ def test_collate_counts_skips_and_keeps_image_shape():
     moved = batch.to(dtype=torch.float64)
     assert moved.num_samples == 2 and moved.stats == batch.stats
     assert set(batch.as_dict()) == set(batch.packed().as_dict())
+
+
+def test_samples_per_step_from_the_token_budget():
+    """Counted by hand: image documents of 78 tokens fit 6 to a 512-token row (the token
+    budget alone, 1024 / 78, says 13); text is divisible, so 250-token documents fill the
+    budget: 4 of them."""
+    images = [[doc(74)]] * 8  # one stream: 8 samples of one document, 74 text + 4 image tokens
+    assert document_length(doc(74), 4) == 78
+    assert plan_samples_per_step([images], [1.0], 2, 512, 4, carry_tokens=4 * 1024) == 2 * (512 // 78)
+    text = [[[TextSegment(list(range(250)))]]] * 8
+    assert plan_samples_per_step([text], [1.0], 2, 512, 4, carry_tokens=4 * 1024) == 1024 // 250
 
 
 @pytest.mark.parametrize("seq_len", [40, 300])

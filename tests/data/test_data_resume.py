@@ -1,5 +1,6 @@
-"""Exact resume on two ranks: batches after restoring the loader state at step k equal
-those of the uninterrupted run. Each phase runs two fresh processes, as after a restart."""
+"""Exact resume: batches after restoring the loader state at step k equal those of the
+uninterrupted run, carried documents included. On one rank in-process; on two ranks each
+phase runs two fresh processes, as after a restart."""
 from __future__ import annotations
 
 import os
@@ -61,11 +62,42 @@ def assert_same_batch(a, b):
             assert a[k] == b[k], k
 
 
+def test_resume_with_a_carry_is_exact(tokenizer, synthetic_dir, tmp_path, fusion_cfg, make_cfg):
+    """Long text mixed with images: at step k the carry holds text tails (offsets > 0); a
+    fresh loader given the state packs the remaining steps exactly as the uninterrupted one."""
+    from itertools import islice
+
+    from mf_data_helpers import SINGLE, TOKENS_PER_IMAGE
+    from test_data_mixing import write_long_text
+
+    from megafusion.data import build_train_loader
+
+    streams = [{"remote": synthetic_dir, "proportion": 0.7}, {"remote": write_long_text(tmp_path), "proportion": 0.3}]
+    kw = dict(seq_len=256, batch_size=2, epoch_size=1000)
+    full = build_train_loader(make_cfg(streams, **kw), fusion_cfg, tokenizer, TOKENS_PER_IMAGE, SINGLE)
+    it = iter(full)
+    for k in range(1, 30):  # the first step after which a text tail waits
+        per_step = next(it).num_samples
+        state = full.state_dict()
+        if any(offset > 0 for *_, offset in state["carry"]):
+            break
+    assert any(offset > 0 for *_, offset in state["carry"])
+    assert state["sample_in_epoch"] == k * per_step
+    tail = list(islice(it, 4))
+
+    resumed = build_train_loader(make_cfg(streams, **kw), fusion_cfg, tokenizer, TOKENS_PER_IMAGE, SINGLE)
+    resumed.load_state_dict(state)
+    again = list(islice(resumed, 4))
+    assert len(again) == 4
+    for a, b in zip(tail, again):
+        assert_same_batch({**a.as_dict(), "stats": a.stats}, {**b.as_dict(), "stats": b.stats})
+
+
 @pytest.mark.slow
 def test_resume_two_ranks_is_exact(tmp_path, synthetic_dir):
-    """Run A: 6 steps uninterrupted (torchrun-style env, 2 loader workers), rank 0's loader
+    """Run A: 6 steps uninterrupted (torchrun-style env, 2 loader workers), each rank's loader
     state saved after step 2 as a checkpoint would. Run B: fresh processes (deepspeed-
-    launcher env: LOCAL_SIZE only; 1 worker) load that state and run the last 4 steps."""
+    launcher env: LOCAL_SIZE only; 1 worker) load those states and run the last 4 steps."""
     steps, k = 6, 2
     common = [synthetic_dir, str(tmp_path / "cache"), "resume"]
     state = tmp_path / "state.pt"
@@ -73,7 +105,9 @@ def test_resume_two_ranks_is_exact(tmp_path, synthetic_dir):
                                                  "--save-after", str(k), str(state)])
     rest = run_ranks(tmp_path, "rest", common + ["--steps", str(steps - k), "--load", str(state),
                                                  "--num-workers", "1"], launcher="deepspeed")
-    assert torch.load(state)["sample_in_epoch"] == k * 4 * WORLD
+    saved = torch.load(f"{state}.rank0")
+    assert saved["sample_in_epoch"] == k * 5 * WORLD
+    assert any(torch.load(f"{state}.rank{r}")["carry"] for r in range(WORLD))  # resumed with a carry
     for rank in range(WORLD):
         assert full[rank]["env"] == rest[rank]["env"] == (rank, WORLD, rank, WORLD)
         fb, rb = full[rank]["batches"], rest[rank]["batches"]
