@@ -23,8 +23,9 @@ index, document, offset), which load_state_dict() rebuilds. Rows that fail to de
 counted (stats["skipped"]) and never raise. Every random choice (order, caption drop,
 timestep) is drawn from a generator seeded by (data.seed, epoch, global row index), never
 from global RNG state, so the resumed run, whatever its worker count, reproduces the
-uninterrupted one bit for bit. As with streaming itself, resuming needs the same world
-size x samples_per_step and num_canonical_nodes.
+uninterrupted one bit for bit. As with streaming itself, resuming exactly needs the same
+world size x samples_per_step; the sample order is a function of data.num_canonical_nodes
+(fixed in the config, 64 by default) and the seed, not of the node count.
 
 Disk and shared memory (a node may run several jobs): every stream is cached in
 <cache_root>/<run_id>/node<N>/<stream>, bounded by data.cache_limit; the local leader

@@ -115,7 +115,15 @@ class DataConfig:
     shuffle: bool = True
     shuffle_algo: str = "py1e"
     shuffle_block_size: int | None = None
-    num_canonical_nodes: int | None = None
+    # streaming's canonical nodes: the sample order of an epoch is a function of this and
+    # the seed, not of the number of nodes or ranks reading it, so a run restarted or
+    # resumed on another number of nodes sees the same samples. Fixed here because
+    # streaming's default is the node count of the first run. Every node count the run
+    # will use must divide it or be a multiple of it: 64 serves 1, 2, 4, ... 64 nodes and
+    # multiples of 64. A stream with fewer samples than this gets the largest divisor
+    # that it can fill (toy data only). A checkpoint's loader state carries its own value,
+    # which wins. null: streaming's default, the node count of the first run.
+    num_canonical_nodes: int | None = 64
     predownload: int | None = None
     epoch_size: int | None = None
     # Use pre-encoded `latents` when every image stream has them and the model runs in
@@ -150,6 +158,8 @@ class DataConfig:
             raise ValueError(f"data.max_caption_tokens={self.max_caption_tokens} must be >= 0")
         if self.overflow_carry_steps < 0:
             raise ValueError(f"data.overflow_carry_steps={self.overflow_carry_steps} must be >= 0")
+        if self.num_canonical_nodes is not None and self.num_canonical_nodes < 1:
+            raise ValueError(f"data.num_canonical_nodes={self.num_canonical_nodes} must be >= 1 (or null)")
         if self.cache_limit is not None and parse_size(self.cache_limit) is None:
             raise ValueError(f"data.cache_limit={self.cache_limit!r}: expected a size such as 100gb or 500mb "
                              "(units b, kb, mb, gb, tb), a number of bytes, or null")

@@ -132,6 +132,16 @@ def default_samples_per_step(cfg: DataConfig, tokens_per_image: int) -> int:
     return max(1, cfg.batch_size * cfg.seq_len // (tokens_per_image + 3 + cfg.text_tokens_estimate))
 
 
+def canonical_nodes(configured: int | None, samples_per_stream) -> int | None:
+    """data.num_canonical_nodes, or its largest divisor that is no larger than the smallest
+    stream (streaming's shuffle needs a sample of every stream on each canonical node; only
+    toy datasets are that small). A function of the data, never of the node count."""
+    if configured is None:
+        return None
+    smallest = int(min(samples_per_stream))
+    return max(d for d in range(1, configured + 1) if configured % d == 0 and d <= max(smallest, 1))
+
+
 def _check_location(spec: StreamSpec, what: str) -> None:
     if "://" in spec.remote:
         return
@@ -233,6 +243,7 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
                                                  tokens_per_image, carry_tokens)
     dataset.batch_size = samples_per_step
     dataset.predownload = data_cfg.predownload if data_cfg.predownload is not None else 8 * samples_per_step
+    dataset.num_canonical_nodes = canonical_nodes(data_cfg.num_canonical_nodes, dataset.samples_per_stream)
 
     packer = Packer(data_cfg.batch_size, data_cfg.seq_len, tokens_per_image, image_shape, use_latents,
                     carry_tokens=carry_tokens)

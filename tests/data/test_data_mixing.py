@@ -25,7 +25,8 @@ def test_mixing_by_proportion(tokenizer, synthetic_dir, tmp_path, fusion_cfg, ma
         kinds[s["kind"]] += 1
         per_stream[s["stream"]] += 1
     n = sum(kinds.values())
-    assert n == 2000
+    # streaming repeats a few samples so that each of the 64 canonical nodes gets as many.
+    assert 2000 <= n < 2000 + 64
     # streaming's balanced sampling draws exactly proportion * epoch_size per stream; allow
     # sampling error in case a version draws them at random.
     assert abs(kinds["image"] / n - 0.7) < 4.5 * (0.21 / n) ** 0.5
