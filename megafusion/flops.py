@@ -56,6 +56,50 @@ def attention_pairs(document_ids: torch.Tensor, image_ids: torch.Tensor) -> int:
     return int(sum(hybrid_mask(document_ids[b:b + 1], image_ids[b:b + 1]).sum() for b in range(document_ids.shape[0])))
 
 
+def attention_pairs_packed(document_ids: torch.Tensor, image_ids: torch.Tensor) -> int:
+    """attention_pairs in O(tokens), for the trainer's per-step MFU: a text token sees
+    the tokens of its document up to itself; an image token sees its document's tokens
+    before the image and the whole image. Assumes documents and images are contiguous
+    runs of positions (what the packer writes); equal to the mask count then."""
+    b, length = document_ids.shape
+    pos = torch.arange(length, device=document_ids.device).expand(b, length)
+    new_doc = torch.ones_like(document_ids, dtype=torch.bool)
+    new_doc[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    doc_start = torch.cummax(torch.where(new_doc, pos, torch.zeros_like(pos)), dim=1).values
+    is_image = image_ids >= 0
+    new_img = is_image.clone()
+    new_img[:, 1:] &= image_ids[:, 1:] != image_ids[:, :-1]
+    img_start = torch.cummax(torch.where(new_img, pos, torch.zeros_like(pos)), dim=1).values
+    # Image length: count of positions sharing the row's image id (ids are unique per batch).
+    flat = torch.where(is_image, image_ids, torch.full_like(image_ids, -1)).flatten()
+    counts = torch.bincount(flat[flat >= 0], minlength=int(flat.max().item()) + 1 if is_image.any() else 1)
+    img_len = torch.where(is_image, counts[image_ids.clamp(min=0)], torch.zeros_like(image_ids))
+    text_keys = pos - doc_start + 1
+    image_keys = img_start - doc_start + img_len
+    return int(torch.where(is_image, image_keys, text_keys).sum())
+
+
+def patcher_forward_flops_per_image(shapes, latent_hw: tuple[int, int], tokens_per_image: int) -> int:
+    """Forward FLOPs of the image tokenizer's trainable sides for one image, from its
+    parameters' (name, shape): a convolution runs at every latent position (the U-Net
+    patcher keeps the latent resolution), a patch projection (name ending proj.weight)
+    at every image token; time-embedding MLPs run once per image and are left out. The
+    VAE is not run in training (tools/prepare_data.py --vae stores latents)."""
+    h, w = latent_hw
+    total = 0
+    for name, shape in shapes:
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        if ".vae." in f".{name}":
+            continue
+        if len(shape) == 4:
+            total += 2 * numel * h * w
+        elif len(shape) == 2 and name.endswith("proj.weight"):
+            total += 2 * numel * tokens_per_image
+    return total
+
+
 def linear_patcher_flops(patch_dim: int, hidden: int, image_tokens: int) -> int:
     """The linear patcher's in and out projections (patch_dim <-> hidden) over image_tokens:
     the input projection has no input gradient (its input is the noisy image), so 4 x its

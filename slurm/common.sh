@@ -23,7 +23,8 @@
 # base-model paths are environment variables that CONFIG itself reads, such as
 # MEGAFUSION_TRAIN_DATA and LLAMA3_70B, and sbatch passes the environment on):
 #   CONFIG         run config YAML (configs/llama3_70b.yaml ...)
-#   DS_CONFIG      DeepSpeed engine JSON, passed as parallel.ds_config
+#   DS_CONFIG      DeepSpeed engine JSON, passed as parallel.ds_config (default: the
+#                  run config's own parallel.ds_config)
 #   RUN_DIR        run directory (checkpoints/, tensorboard/), passed as run.dir
 #   GPUS_PER_NODE  ranks per node; default: the GPUs Slurm allocated per node
 #                  (--gpus-per-node), else 1. On a CPU cluster: CPU ranks per node.
@@ -116,8 +117,10 @@ mf_setup() {
     local path
     path=$(mf_resolve "$CONFIG") || mf_die "CONFIG=$CONFIG: no such file"
     CONFIG=$path
-    path=$(mf_resolve "$DS_CONFIG") || mf_die "DS_CONFIG=$DS_CONFIG: no such file"
-    DS_CONFIG=$path
+    if [[ -n ${DS_CONFIG:-} ]]; then
+        path=$(mf_resolve "$DS_CONFIG") || mf_die "DS_CONFIG=$DS_CONFIG: no such file"
+        DS_CONFIG=$path
+    fi
     TRAIN_ENTRY=${TRAIN_ENTRY:-megafusion/train.py}
     path=$(mf_resolve "$TRAIN_ENTRY") || mf_die "TRAIN_ENTRY=$TRAIN_ENTRY: no such file"
     TRAIN_ENTRY=$path
@@ -159,7 +162,9 @@ mf_setup() {
     # `python megafusion/train.py` puts megafusion/ first on sys.path, not the repo.
     export PYTHONPATH=$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}
 
-    MF_ARGS=(--config "$CONFIG" "run.dir=$RUN_DIR" "parallel.ds_config=$DS_CONFIG")
+    MF_ARGS=(--config "$CONFIG" "run.dir=$RUN_DIR")
+    # The run config names its DeepSpeed JSON (tools/plan.py's choice); DS_CONFIG overrides it.
+    [[ -n ${DS_CONFIG:-} ]] && MF_ARGS+=("parallel.ds_config=$DS_CONFIG")
     local -a extra=()
     read -r -a extra <<< "${OVERRIDES:-}"  # whitespace split, no globbing of [..]
     MF_ARGS+=("${extra[@]}" "$@")

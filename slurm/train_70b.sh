@@ -30,38 +30,18 @@
 # minutes before the limit: time to finish a step and write ~1.1 TB of trainable state.
 # --open-mode=append keeps the log of every requeued attempt in the same file.
 #
-# Memory per 80 GB GPU with N GPUs, ZeRO-3 (every state partitioned over all N):
-#   frozen text tower, bf16 weights only                     2 B/param x 70e9
-#   trainable image tower: bf16 weight 2 + bf16 grad 2 +    16 B/param x 70e9
-#     fp32 master 4 + Adam m 4 + Adam v 4
-#   (2 x 70e9 + 16 x 70e9) / N = 1.26e12 B / N     (exact counts: 1.24e12, see the config)
-#     N = 16 (2 nodes): 78.8 GB  no room for anything else
-#     N = 32 (4 nodes): 39.4 GB  fits, tight with the working memory below
-#     N = 64 (8 nodes): 19.7 GB  the default: comfortable, and the config's batch
-#                                (2 x 2 x 64 = 256 sequences of 4096 tokens) assumes it
-#   plus working memory per GPU, activation checkpointing on, micro-batch 2 x 4096 tokens:
-#     checkpointed layer inputs  2 x 80 x 4096 x 8192 x 2 B         10.7 GB
-#     logits + fp32 loss         2 x 4096 x 128256 x (2 + 4) B       6.3 GB
-#     gathered + prefetched layer of both towers  2 x 2 x 0.86e9 x 2 B  6.8 GB
-#     recomputed layer's intermediates, reduce buckets, CUDA/NCCL   ~6 GB
-#   ~30 GB: ~50 GB per GPU at N = 64, ~70 GB at N = 32. Fewer than 4 nodes does not fit.
-#
-# The alternative: pipeline stages + ZeRO-1 (DeepSpeed's pipeline engine refuses ZeRO-2/3).
-#   P stages, N = P x D; a stage keeps its 80/P layers of both towers whole, replicated
-#   over its D data-parallel replicas; ZeRO-1 partitions only the optimizer states:
-#     frozen bf16 2 B + trainable bf16 weight 2 B and fp32 accumulated grad 4 B, per stage:
-#       (2 + 2 + 4) x 70e9 / P
-#     fp32 master + Adam m, v (12 B), over all N:   12 x 70e9 / N
-#   N = 64: P = 16 (5 layers a stage): 35 + 13.1 = 48 GB;  P = 8: 70 + 13.1 = 83 GB, too much.
-#   Activations of the micro-batches in flight come on top; the bubble costs
-#   (P - 1) / (micro-batches + P - 1) of the time, so use gradient_accumulation >= 4 P:
-#     DS_CONFIG=ds_configs/pipeline_zero1.json \
-#       OVERRIDES="parallel.zero_stage=1 parallel.pipeline_stages=16 train.gradient_accumulation=64" \
-#       sbatch slurm/train_70b.sh
+# Memory, communication and speed per setting: python tools/plan.py --config
+# configs/llama3_70b.yaml --nodes N (README: "Planning a run"). On the default 8 nodes the
+# config's ZeRO-3 + ZeRO++ qwZ needs ~58 GB per 80 GB GPU and is network-bound (estimated
+# MFU 27.5%); from 16 nodes on, micro-batch 4 fits and the step becomes compute-bound (~41%):
+#     OVERRIDES="train.micro_batch_size=4 train.gradient_accumulation=1" sbatch --nodes=16 slurm/train_70b.sh
+# The planner also prices pipeline stages + ZeRO-1 (DS_CONFIG=ds_configs/pipeline_zero1.json
+# OVERRIDES="parallel.zero_stage=1 parallel.pipeline_stages=16 ..."), which do not fit
+# 80 GB GPUs at 70B on 8 nodes.
 
 # ------------------------------------------------- defaults: the environment wins
 : "${CONFIG:=configs/llama3_70b.yaml}"            # run config
-: "${DS_CONFIG:=ds_configs/zero3.json}"           # DeepSpeed engine tuning (parallel.ds_config)
+: "${DS_CONFIG:=}"                                # DeepSpeed JSON; empty: the config's parallel.ds_config
 : "${RUN_DIR:=${MEGAFUSION_RUNS:-runs}/llama3_70b}"   # run.dir: checkpoints/, tensorboard/
 : "${GPUS_PER_NODE:=}"                            # ranks per node; empty: --gpus-per-node
 : "${OVERRIDES:=}"                                # more section.key=value pairs for the trainer

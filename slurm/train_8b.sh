@@ -29,14 +29,14 @@
 # allocation) with --cpus-per-task = the node's CPUs / GPUS_PER_NODE. USR1 comes 5
 # minutes before the limit, time to finish a step and checkpoint.
 #
-# Memory per GPU under ZeRO-3: (2 B frozen bf16 + 16 B trainable) x 8e9 / N = 144 GB / N:
-# 18 GB on one node of 8 GPUs, 4.5 GB on the default 4 nodes (whose 32 GPUs the config's
-# batch of 2 x 4 x 32 sequences assumes), plus ~10 GB of activations, logits and ZeRO
-# buffers at 2 x 4096 tokens. One node fits; nodes add data-parallel throughput.
+# Memory, communication and speed per setting: python tools/plan.py --config
+# configs/llama3_8b.yaml --nodes N (README: "Planning a run"). On the default 4 nodes the
+# config's setting (ZeRO-3, two-layer buckets, micro-batch 8) needs ~51 GB per 80 GB GPU
+# and is compute-bound (estimated MFU 41.7%).
 
 # ------------------------------------------------- defaults: the environment wins
 : "${CONFIG:=configs/llama3_8b.yaml}"             # run config
-: "${DS_CONFIG:=ds_configs/zero3.json}"           # DeepSpeed engine tuning (parallel.ds_config)
+: "${DS_CONFIG:=}"                                # DeepSpeed JSON; empty: the config's parallel.ds_config
 : "${RUN_DIR:=${MEGAFUSION_RUNS:-runs}/llama3_8b}"    # run.dir: checkpoints/, tensorboard/
 : "${GPUS_PER_NODE:=}"                            # ranks per node; empty: --gpus-per-node
 : "${OVERRIDES:=}"                                # more section.key=value pairs for the trainer

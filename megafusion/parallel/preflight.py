@@ -29,6 +29,7 @@ def preflight(cfg: RunConfig) -> None:
         _fail(f"parallel.pipeline_stages={p.pipeline_stages} with parallel.zero_stage={p.zero_stage}: DeepSpeed's "
               "pipeline engine supports ZeRO-1 only; set parallel.zero_stage=1 (ds_configs/pipeline_zero1.json) "
               "or parallel.pipeline_stages=1 for ZeRO-3")
+    _check_zero_plus_plus(cfg)
     from megafusion.model.loading import BaseModelError, load_base_config
 
     try:
@@ -46,3 +47,27 @@ def preflight(cfg: RunConfig) -> None:
             continue
         if not (Path(loc).expanduser() / "index.json").is_file():
             _fail(f"data.train={loc}: no MDS shards there (no index.json); write them with tools/prepare_data.py")
+
+
+QUANTIZED_KEYS = ("zero_quantized_weights", "zero_quantized_nontrainable_weights", "zero_quantized_gradients")
+
+
+def _check_zero_plus_plus(cfg: RunConfig) -> None:
+    """ZeRO++'s quantized collectives run on DeepSpeed's CUDAQuantizer: refuse them where
+    the run will not have CUDA (DS_ACCELERATOR=cpu, or no GPU visible), rather than let
+    the first gather fail inside DeepSpeed."""
+    import json
+    import os
+
+    from megafusion.config import ds_config_path
+
+    path = ds_config_path(cfg)
+    zero = json.loads(path.read_text()).get("zero_optimization", {})
+    on = [k for k in QUANTIZED_KEYS if zero.get(k)]
+    if not on:
+        return
+    import torch
+
+    if os.environ.get("DS_ACCELERATOR", "cuda") == "cpu" or not torch.cuda.is_available():
+        _fail(f"parallel.ds_config={cfg.parallel.ds_config}: {', '.join(on)} (ZeRO++) needs CUDA GPUs (DeepSpeed's "
+              "CUDAQuantizer); on the CPU use ds_configs/zero3.json")

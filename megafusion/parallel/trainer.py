@@ -99,6 +99,7 @@ class Trainer:
         self.env = setup_environment()
         init_distributed(self.env, cfg.parallel.collective_timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.data_parallel = self.world // cfg.parallel.pipeline_stages
         self.device = device_for(self.env)
         torch.manual_seed(cfg.run.seed + self.rank)
         if self.rank == 0:
@@ -166,6 +167,7 @@ class Trainer:
         step = start_step
         last_saved = None
         t_last, tokens_since, samples_since = time.time(), 0, 0
+        self._take_flops()
         # Wall clock of the training steps alone (not sampling, validation, checkpoints),
         # in metrics.jsonl: step_s per step, train_s summed since this attempt started.
         train_s = 0.0
@@ -197,7 +199,8 @@ class Trainer:
             loss, lm, diff = mean if cfg.parallel.pipeline_stages > 1 else mean_over_ranks(mean, self.device)
             step_s = time.perf_counter() - t_step
             train_s += step_s
-            tokens_since += tokens * self.world
+            # Ranks of one pipeline draw the same batches: count each batch once.
+            tokens_since += tokens * self.data_parallel
             lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
             gnorm = self.engine.get_global_grad_norm() if not bad else None
             gnorm = float(gnorm) if gnorm is not None else None
@@ -212,7 +215,8 @@ class Trainer:
                 bar.set_postfix(lm=f"{lm:.3f}", diff=f"{diff:.4f}")
             if writer and step % cfg.log.every == 0:
                 dt = max(time.time() - t_last, 1e-9)
-                self._scalars(writer, step, loss, lm, diff, gnorm, lr, tokens_since / dt, samples_since * self.world / dt, skipped_data)
+                self._scalars(writer, step, loss, lm, diff, gnorm, lr, tokens_since / dt,
+                              samples_since * self.data_parallel / dt, skipped_data, self._take_flops() / dt)
                 if caption is not None:
                     writer.add_scalar("loss/caption", caption, step)
                 t_last, tokens_since, samples_since = time.time(), 0, 0
@@ -255,6 +259,8 @@ class Trainer:
             if batch is None:  # epoch boundary: streaming starts the next epoch
                 self._it = iter(self.loader)
                 batch = next(self._it)
+        if self.cfg.log.peak_flops_per_device:
+            self._flops_drawn = getattr(self, "_flops_drawn", 0.0) + self._batch_flops(batch)
         return batch
 
     def _zero_step(self, inject_nan: set[int] | None):
@@ -425,7 +431,7 @@ class Trainer:
 
         return tqdm(total=self.cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stdout)
 
-    def _scalars(self, w, step, loss, lm, diff, gnorm, lr, tok_s, samp_s, skipped):
+    def _scalars(self, w, step, loss, lm, diff, gnorm, lr, tok_s, samp_s, skipped, flops_s):
         w.add_scalar("loss/total", loss, step)
         w.add_scalar("loss/lm", lm, step)
         w.add_scalar("loss/diffusion", diff, step)
@@ -437,15 +443,32 @@ class Trainer:
         w.add_scalar("data/skipped_samples", skipped, step)
         peak = self.cfg.log.peak_flops_per_device
         if peak:
-            w.add_scalar("throughput/mfu", tok_s * self._flops_per_token() / (peak * self.world), step)
+            w.add_scalar("throughput/mfu", flops_s / (peak * self.world), step)
 
-    def _flops_per_token(self) -> float:
-        """6N for the tokens' tower (each token uses one tower: N is the dense model's
-        size) plus attention: 12 * layers * hidden * context per token (forward +
-        backward, causal-agnostic upper bound)."""
-        lc = self.model.llama_config
-        from megafusion.parallel.memory import parameter_counts
+    def _take_flops(self) -> float:
+        """Model FLOPs of the training batches drawn since the last call, over all ranks:
+        this rank's batches x the data-parallel size (the ranks of one pipeline draw the
+        same batches; data-parallel ranks draw different but alike ones)."""
+        drawn, self._flops_drawn = getattr(self, "_flops_drawn", 0.0), 0.0
+        return drawn * self.data_parallel
 
-        frozen, trainable = parameter_counts(self.model)
-        n_dense = frozen if not self.cfg.model.train_text_tower else (frozen + trainable) / 2
-        return 6 * n_dense + 12 * lc.num_hidden_layers * lc.hidden_size * self.cfg.data.seq_len
+    def _batch_flops(self, batch) -> float:
+        """megafusion/flops.py's FORMULA on one packed batch: a text token costs 4 x the
+        layer weights when the text tower is frozen (no weight gradient), an image token
+        6 x; logits at the text positions; attention over the pairs the hybrid mask
+        allows; the image tokenizer's convolutions and projections."""
+        from megafusion.flops import attention_pairs_packed, patcher_forward_flops_per_image, train_step_flops
+
+        if getattr(self, "_patcher_flops", None) is None:
+            tok = self.model.image_tokenizer
+            shapes = [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in tok.named_parameters()]
+            self._patcher_flops = 3 * patcher_forward_flops_per_image(shapes, tok.latent_shape[1:], tok.tokens_per_image)
+        image_tokens = int((batch.image_ids >= 0).sum())
+        text_tokens = int((getattr(batch, "stats", None) or {}).get("tokens", batch.input_ids.numel())) - image_tokens
+        images = image_tokens // max(1, self.model.tokens_per_image)
+        logit_tokens = int((self.model.lm_targets(batch) != -100).sum())
+        parts = train_step_flops(self.model.llama_config, text_tokens=text_tokens, logit_tokens=logit_tokens,
+                                 attention_pairs=attention_pairs_packed(batch.document_ids, batch.image_ids),
+                                 image_tokens=image_tokens, frozen_text=not self.cfg.model.train_text_tower,
+                                 image_io=images * self._patcher_flops)
+        return float(parts["total"])

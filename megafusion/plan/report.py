@@ -20,6 +20,7 @@ def ds_settings(e: Estimate) -> dict:
     z = {"reduce_bucket_size": s.reduce_bucket}
     if s.zero_stage == 3:
         z.update(stage3_prefetch_bucket_size=s.prefetch_bucket, stage3_max_live_parameters=s.max_live,
+                 stage3_max_reuse_distance=s.max_reuse,
                  stage3_param_persistence_threshold=s.persistence, sub_group_size=s.sub_group)
         if s.quantized_weights:
             z["zero_quantized_weights"] = True

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megafusion.flops import train_step_flops
+from megafusion.flops import patcher_forward_flops_per_image, train_step_flops
 from megafusion.plan.hardware import GPU
 from megafusion.plan.memory import regathered
 from megafusion.plan.setting import Setting, Workload, ring
@@ -50,19 +50,9 @@ class Flops:
 
 
 def unet_forward_flops(shape: ModelShape, images: int) -> float:
-    """Convolutions at the latent resolution and the patch projections of the image
-    tokenizer's two sides (the VAE is not run in training: tools/prepare_data.py --vae
-    stores latents)."""
-    _, h, w = shape.latent
-    per_image = 0
-    for p in shape.params:
-        if not p.name.startswith("image_tokenizer.") or p.name.startswith("image_tokenizer.vae."):
-            continue
-        if len(p.shape) == 4:
-            per_image += 2 * p.numel * h * w
-        elif len(p.shape) == 2 and p.name.endswith("proj.weight"):
-            per_image += 2 * p.numel * shape.tokens_per_image
-    return per_image * images
+    """The image tokenizer's forward FLOPs for `images` images (megafusion/flops.py)."""
+    shapes = [(p.name[len("image_tokenizer."):], p.shape) for p in shape.params if p.name.startswith("image_tokenizer.")]
+    return images * patcher_forward_flops_per_image(shapes, shape.latent[1:], shape.tokens_per_image)
 
 
 def micro_batch_flops(shape: ModelShape, wl: Workload, s: Setting, frozen_text: bool) -> Flops:

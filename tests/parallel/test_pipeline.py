@@ -167,7 +167,7 @@ def test_two_stages_build_only_their_own_layers(run_two_ranks, synthetic_shards,
         assert r["parameter_dtypes"] == ["torch.bfloat16"], r["parameter_dtypes"]
         # DeepSpeed's BF16_Optimizer (one replica per stage here, so nothing to partition):
         # bf16 weights, fp32 master 4 B, Adam 8 B and fp32 gradient accumulation 4 B per
-        # trainable parameter (configs/llama3_70b.yaml's pipeline arithmetic).
+        # trainable parameter (megafusion/plan/memory.py's pipeline layout).
         held, (frozen, trainable) = r["held_bytes"], r["frozen_trainable"]
         assert r["optimizer"] == "BF16_Optimizer" and held["params"] == 2 * (frozen + trainable), r
         assert 0 <= held["master"] - 4 * trainable <= 64 and 0 <= held["optimizer_state"] - 8 * trainable <= 128, r

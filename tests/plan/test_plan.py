@@ -111,8 +111,8 @@ def test_zero3_model_states_against_deepspeeds_estimator(tiny_llama, nodes, per_
     assert abs(ours - (theirs_without_layer + 2 * shape.trainable / world)) <= 24 * len(shape.params)
 
 
-def run_worker(tmp_path, name, overrides, ds_changes):
-    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+def run_worker(tmp_path, name, overrides, ds_changes, base="zero3.json"):
+    ds = json.loads((REPO / "ds_configs" / base).read_text())
     ds["zero_optimization"].update(ds_changes)
     ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     ds_path = tmp_path / f"{name}.json"

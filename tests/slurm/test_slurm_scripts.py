@@ -215,7 +215,7 @@ def test_launch_contract_with_stub_trainer(slurm_cluster, tmp_path):
     and passes run.dir, parallel.ds_config, OVERRIDES and the script's arguments in
     that order."""
     env = job_env(tmp_path, "unused", TRAIN_ENTRY=STUB, OVERRIDES="train.steps=3 train.betas=[0.9,0.99]",
-                  STUB_STEP_SECONDS="0")
+                  STUB_STEP_SECONDS="0", DS_CONFIG="ds_configs/zero3.json")
     rc, log = submit(slurm_cluster, "slurm/train_8b.sh", tmp_path, env, args=["checkpoint.every=2"])
     assert rc == 0, log[-4000:]
     run_dir = tmp_path / "run"
