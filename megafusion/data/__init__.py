@@ -30,9 +30,9 @@ world size x samples_per_step; the sample order is a function of data.num_canoni
 Disk and shared memory (a node may run several jobs): every stream is cached in
 <cache_root>/<run_id>/node<N>/<stream>, bounded by data.cache_limit; the local leader
 holds a lock on its node directory for the job's life and removes those of this host's
-finished jobs (cache.py); stale shared memory is cleaned once per process before the
-first dataset is built. Launchers: init_dist_env() fills in LOCAL_WORLD_SIZE & co.
-(deepspeed launcher, srun).
+finished jobs (cache.py); datasets are built inside a machine-wide lock so that two jobs
+never pick the same streaming shared-memory prefix (shm.py). Launchers: init_dist_env()
+fills in LOCAL_WORLD_SIZE & co. (deepspeed launcher, srun).
 
 The trainer's side:
 

@@ -9,14 +9,13 @@ from pathlib import Path
 from streaming import Stream
 from streaming.base import StreamingDataLoader
 
+from . import shm
 from .cache import claim_node_cache
 from .config import DataConfig, StreamSpec, parse_size
 from .dataset import FusionDataset, SampleBuilder
 from .dist_env import DistEnv, init_dist_env
 from .packing import Packer, TrainBatch, plan_samples_per_step
 from .sequence import text_special_ids
-
-_STALE_SHM_CLEANED = False
 
 
 def _samples(batch: list) -> list:
@@ -70,24 +69,6 @@ class FusionLoader(StreamingDataLoader):
         obj = dict(obj)
         self._carry_to_restore = list(obj.pop("carry", []))
         super().load_state_dict(obj)
-
-
-def clean_stale_shared_memory_once() -> None:
-    """streaming.base.util.clean_stale_shared_memory(), once per process.
-
-    It removes the shared memory of crashed runs (the deepspeed launcher leaves some). It
-    runs on local rank 0 while the other local ranks wait at a barrier (torch.distributed
-    when initialised, else streaming initialises gloo from MASTER_ADDR/MASTER_PORT), so
-    all ranks call it before any of them builds a dataset. A second call in the same
-    process would delete the live datasets' memory, hence once.
-    """
-    global _STALE_SHM_CLEANED
-    if _STALE_SHM_CLEANED:
-        return
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
-    _STALE_SHM_CLEANED = True
 
 
 def _check_process_group(env: DistEnv) -> None:
@@ -167,7 +148,6 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
     for spec in specs:
         _check_location(spec, split)
     _check_process_group(env)
-    clean_stale_shared_memory_once()
 
     run_id = resolve_run_id(data_cfg)
     if env.local_rank == 0:
@@ -175,25 +155,26 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
     locals_ = [cache_dir(data_cfg, env, split, i, s) for i, s in enumerate(specs)]
     streams = [Stream(remote=s.remote, local=local, proportion=s.proportion) for s, local in zip(specs, locals_)]
     cache_limit = parse_size(data_cfg.cache_limit) if data_cfg.cache_limit is not None else None
-    try:
-        dataset = FusionDataset(
-            streams=streams,
-            batch_size=None,  # set below, once the shards say how many samples a step holds
-            shuffle=shuffle,
-            shuffle_seed=data_cfg.seed,
-            shuffle_algo=data_cfg.shuffle_algo,
-            shuffle_block_size=data_cfg.shuffle_block_size,
-            num_canonical_nodes=data_cfg.num_canonical_nodes,
-            predownload=data_cfg.predownload,
-            cache_limit=cache_limit,
-            epoch_size=data_cfg.epoch_size,
-            replication=replication if replication > 1 else None,
-        )
-    except ValueError as e:
-        if "ache limit" in str(e) or "cache_limit" in str(e):
-            raise ValueError(f"data.cache_limit={data_cfg.cache_limit!r} is too small for data.{split}: "
-                             f"{str(e).splitlines()[0]}") from None
-        raise
+    with shm.construction_window(env.local_rank == 0, locals_):
+        try:
+            dataset = FusionDataset(
+                streams=streams,
+                batch_size=None,  # set below, once the shards say how many samples a step holds
+                shuffle=shuffle,
+                shuffle_seed=data_cfg.seed,
+                shuffle_algo=data_cfg.shuffle_algo,
+                shuffle_block_size=data_cfg.shuffle_block_size,
+                num_canonical_nodes=data_cfg.num_canonical_nodes,
+                predownload=data_cfg.predownload,
+                cache_limit=cache_limit,
+                epoch_size=data_cfg.epoch_size,
+                replication=replication if replication > 1 else None,
+            )
+        except ValueError as e:
+            if "ache limit" in str(e) or "cache_limit" in str(e):
+                raise ValueError(f"data.cache_limit={data_cfg.cache_limit!r} is too small for data.{split}: "
+                                 f"{str(e).splitlines()[0]}") from None
+            raise
 
     columns = dataset.stream_columns()
     image_streams = []
