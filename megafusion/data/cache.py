@@ -131,6 +131,11 @@ def clean_stale(cache_root: str, keep_run_id: str) -> list[str]:
     return removed
 
 
+def holds_node_cache(cache_root: str, run_id: str, node: int) -> bool:
+    """This process holds the lock of <cache_root>/<run_id>/node<node> (claim_node_cache)."""
+    return _holds(lock_path(cache_root, run_id, node))
+
+
 def claim_node_cache(cache_root: str, run_id: str, node: int) -> list[str]:
     """The local leader's start-up: hold <cache_root>/<run_id>/node<node>.lock for the life
     of this process and remove stale node directories of earlier jobs. Returns the

@@ -10,7 +10,7 @@ from streaming import Stream
 from streaming.base import StreamingDataLoader
 
 from . import shm
-from .cache import claim_node_cache
+from .cache import claim_node_cache, holds_node_cache
 from .config import DataConfig, StreamSpec, parse_size
 from .dataset import FusionDataset, SampleBuilder
 from .dist_env import DistEnv, init_dist_env
@@ -155,7 +155,8 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
     locals_ = [cache_dir(data_cfg, env, split, i, s) for i, s in enumerate(specs)]
     streams = [Stream(remote=s.remote, local=local, proportion=s.proportion) for s, local in zip(specs, locals_)]
     cache_limit = parse_size(data_cfg.cache_limit) if data_cfg.cache_limit is not None else None
-    with shm.construction_window(env.local_rank == 0, locals_):
+    held = env.local_rank == 0 and holds_node_cache(data_cfg.cache_root, run_id, env.node)
+    with shm.construction_window(env.local_rank == 0, locals_ if held else []):
         try:
             dataset = FusionDataset(
                 streams=streams,

@@ -19,11 +19,14 @@ ours) goes ahead without it, with a warning, rather than deadlock.
 
 streaming's own clean_stale_shared_memory() is never called: it unlinks the shared
 memory of every dataset on the machine, the live ones of concurrently running jobs
-included. What it was needed for, a killed run leaving a record that claims its cache
-directories ("Reused local directory" when the same run restarts), is
-release_stale_locals(): inside the window the leader removes the shared memory of dead
-datasets that registered one of this dataset's own cache directories, and only those:
-a prefix that a live process still maps is reported, never touched.
+included. What it was needed for, a killed run's record that claims its cache
+directories ("Reused local directory" when the same run restarts and that prefix's /tmp
+file locks are gone), is release_stale_locals(): inside the window the leader removes the
+shared memory of records that name this dataset's own cache directories, and only while it
+holds the node's cache lock (cache.py), which a live megafusion job using those
+directories would hold: such a record is a dead job's. (Whether a process maps the memory
+says nothing: streaming's prefix search attaches to every record it walks past and keeps
+it mapped for the life of the process.)
 """
 from __future__ import annotations
 
@@ -31,7 +34,6 @@ import contextlib
 import fcntl
 import glob
 import os
-import re
 import struct
 import time
 import warnings
@@ -89,12 +91,14 @@ def _barrier() -> None:
 
 
 @contextlib.contextmanager
-def construction_window(is_local_leader: bool, local_dirs: list[str] = ()):
-    """Build StreamingDatasets inside this (on every rank; see the module docstring)."""
+def construction_window(is_local_leader: bool, stale_dirs: list[str] = ()):
+    """Build StreamingDatasets inside this (on every rank; see the module docstring).
+    stale_dirs: cache directories whose node cache lock this process holds; records of
+    dead datasets that name them are released first."""
     fd = _acquire(LOCK_PATH, LOCK_TIMEOUT_S) if is_local_leader else None
     try:
         if is_local_leader:
-            release_stale_locals(local_dirs)
+            release_stale_locals(stale_dirs)
         _barrier()
         yield
         _barrier()
@@ -118,46 +122,22 @@ def _read_locals(path: str) -> list[str]:
     return data[4:size].decode("utf-8", errors="replace").split("\0")[:-1]
 
 
-def _mapped_prefixes() -> dict[str, int]:
-    """prefix -> a pid that maps some /dev/shm/<prefix>_* (processes we may read)."""
-    found: dict[str, int] = {}
-    pattern = re.compile(re.escape(SHM_DIR) + r"/(\d{6})_")
-    for maps in glob.glob("/proc/[0-9]*/maps"):
-        try:
-            with open(maps) as f:
-                text = f.read()
-        except OSError:
-            continue
-        for prefix in pattern.findall(text):
-            found.setdefault(prefix, int(maps.split("/")[2]))
-    return found
-
-
 def release_stale_locals(local_dirs) -> list[str]:
-    """Unlink the shared memory of dead datasets that registered one of `local_dirs`.
-
-    Returns the prefixes released. Raises ValueError (one line) when a live process
-    still uses such a prefix: another job reads through the same cache directory.
-    """
+    """Unlink the shared memory of records that name one of `local_dirs`. Call only while
+    holding the node cache lock of those directories (see the module docstring).
+    Returns the prefixes released."""
     mine = {os.path.abspath(d) for d in local_dirs}
     if not mine or not os.path.isdir(SHM_DIR):
         return []
-    conflicts = []
+    stale = []
     for path in glob.glob(os.path.join(SHM_DIR, "[0-9]" * 6 + "_locals")):
         try:
             if mine.intersection(_read_locals(path)):
-                conflicts.append(os.path.basename(path)[:6])
+                stale.append(os.path.basename(path)[:6])
         except OSError:
             continue
-    if not conflicts:
-        return []
-    live = _mapped_prefixes()
-    for prefix in conflicts:
-        if prefix in live:
-            raise ValueError(f"process {live[prefix]} is reading data through the same cache directory "
-                             f"({sorted(mine)[0]}): give concurrent runs different data.run_id values")
-    for prefix in conflicts:
+    for prefix in stale:
         for name in SHM_NAMES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(SHM_DIR, f"{prefix}_{name}"))
-    return conflicts
+    return stale

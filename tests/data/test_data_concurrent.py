@@ -67,7 +67,7 @@ def test_a_killed_run_restarts_on_its_own_cache(tmp_path, synthetic_dir, tokeniz
     cache directories. Once the /tmp file locks of that prefix are gone too (killed before
     its first step, as here, or a Slurm job's private /tmp), streaming refuses to reuse the
     directories ("Reused local directory"). The same run started again removes that record
-    (it holds the node's cache lock, and no process maps the memory any more) and builds."""
+    (it holds the node's cache lock, so the record can only be a dead job's) and builds."""
     import signal
 
     from mf_data_helpers import SINGLE, TOKENS_PER_IMAGE
