@@ -2,6 +2,12 @@
 (tools/convert_to_hf.py is the command line; megafusion/generate.py loads checkpoints
 through load_checkpoint_model as well).
 
+Two paths share the reading rules below: load_checkpoint_model builds the whole fused
+model in memory (generation needs it anyway; export_fused writes such a model), while
+export_checkpoint streams a checkpoint into a model directory a shard at a time without
+ever holding the model (megafusion/export_stream.py; a 70B export would otherwise need
+about a terabyte of host memory). Both write the same directory.
+
 What the trainer writes (megafusion/parallel/checkpoint.py) and how it is read back:
 - ZeRO (stage 3, or 1/2 without pipeline stages): DeepSpeed's partitioned optimizer
   files, consolidated by deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
@@ -159,24 +165,31 @@ def plain_states(ref: CheckpointRef) -> dict[str, torch.Tensor]:
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
+def pipeline_layer_files(ref: CheckpointRef) -> dict[int, Path]:
+    """PipelineModule layer index -> its one file (tensor-parallel checkpoints, several
+    files per layer, are refused)."""
+    files: dict[int, list[Path]] = {}
+    for p in ref.tag_dir.iterdir():
+        m = re.match(r"^layer_(\d+)-.*model_states\.pt$", p.name)
+        if m:
+            files.setdefault(int(m.group(1)), []).append(p)
+    for idx, paths in files.items():
+        if len(paths) != 1:
+            raise ExportError(f"{ref.tag_dir}: layer {idx} has {len(paths)} files; tensor-parallel checkpoints are not supported")
+    return {idx: paths[0] for idx, paths in sorted(files.items())}
+
+
 def pipeline_layer_states(ref: CheckpointRef) -> dict[int, dict[str, torch.Tensor]]:
     """PipelineModule layer index -> that layer's state dict, loaded as DeepSpeed's
     PipelineModule.load_state_dir loads it (one model-parallel rank)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.state_dict_factory import SDLoaderFactory
 
-    files: dict[int, list[str]] = {}
-    for p in ref.tag_dir.iterdir():
-        m = re.match(r"^layer_(\d+)-.*model_states\.pt$", p.name)
-        if m:
-            files.setdefault(int(m.group(1)), []).append(str(p))
     engine = TorchCheckpointEngine()
     out = {}
-    for idx, paths in sorted(files.items()):
-        if len(paths) != 1:
-            raise ExportError(f"{ref.tag_dir}: layer {idx} has {len(paths)} files; tensor-parallel checkpoints are not supported")
+    for idx, path in pipeline_layer_files(ref).items():
         with _quiet():
-            _, state, _ = SDLoaderFactory.get_sd_loader(paths, checkpoint_engine=engine, version=2.0).load(
+            _, state, _ = SDLoaderFactory.get_sd_loader([str(path)], checkpoint_engine=engine, version=2.0).load(
                 1, 0, module_key=None, is_pipe_parallel=True)
         out[idx] = state
     return out
@@ -212,27 +225,44 @@ def pipeline_to_fusion_names(layers: dict[int, dict], num_decoder_layers: int, w
     return out
 
 
-def load_trainable(fused, state: dict[str, torch.Tensor], where) -> None:
-    """Copy checkpoint tensors onto the model's trainable parameters, strictly."""
+def frozen_names(fused) -> set[str]:
+    """Names (shared ones under each of their names) of the model's frozen parameters."""
+    return {n for n, t in fused.state_dict(keep_vars=True).items() if isinstance(t, torch.nn.Parameter)
+            and not t.requires_grad} | {n for n, p in fused.named_parameters() if not p.requires_grad}
+
+
+def match_checkpoint(fused, shapes: dict[str, torch.Size], where) -> dict[str, torch.nn.Parameter]:
+    """Checkpoint tensor name -> the model parameter it loads into, strictly: every name is
+    a parameter of the same shape, every trainable parameter is named."""
     params = dict(fused.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
-    names = set(params) | {n for n, t in fused.state_dict(keep_vars=True).items() if isinstance(t, torch.nn.Parameter)}
-    unknown = sorted(set(state) - names)
+    everything = fused.state_dict(keep_vars=True)  # shared parameters under each of their names
+    names = set(params) | {n for n, t in everything.items() if isinstance(t, torch.nn.Parameter)}
+    unknown = sorted(set(shapes) - names)
     if unknown:
         raise ExportError(f"{where}: checkpoint tensors the model does not have: {', '.join(unknown[:4])}"
                           f"{' ...' if len(unknown) > 4 else ''} (run config and checkpoint disagree)")
-    missing = sorted(trainable - set(state))
+    missing = sorted(trainable - set(shapes))
     if missing:
         raise ExportError(f"{where}: checkpoint lacks trainable parameters: {', '.join(missing[:4])}"
                           f"{' ...' if len(missing) > 4 else ''}")
-    everything = fused.state_dict(keep_vars=True)  # shared parameters under each of their names
+    targets = {}
+    for name, shape in shapes.items():
+        p = everything[name] if name in everything else params[name]
+        if tuple(p.shape) != tuple(shape):
+            raise ExportError(f"{where}: {name} has shape {tuple(shape)} in the checkpoint, "
+                              f"{tuple(p.shape)} in the model")
+        targets[name] = p
+    return targets
+
+
+def load_trainable(fused, state: dict[str, torch.Tensor], where) -> None:
+    """Copy checkpoint tensors onto the model's trainable parameters, strictly."""
+    targets = match_checkpoint(fused, {name: value.shape for name, value in state.items()}, where)
     assigned = {}
     with torch.no_grad():
         for name, value in state.items():
-            p = everything[name] if name in everything else params[name]
-            if tuple(p.shape) != tuple(value.shape):
-                raise ExportError(f"{where}: {name} has shape {tuple(value.shape)} in the checkpoint, "
-                                  f"{tuple(p.shape)} in the model")
+            p = targets[name]
             if id(p) in assigned and not torch.equal(assigned[id(p)], value.to(p.dtype)):
                 # e.g. tied embeddings trained apart on two pipeline stages
                 raise ExportError(f"{where}: {name} is tied to another tensor in the model but differs from it "
@@ -257,9 +287,7 @@ def load_checkpoint_model(path: str | os.PathLike, tag: str | None = None):
     if ref.kind == "zero":
         state = consolidate_zero(ref)
     elif ref.kind == "plain":
-        frozen = {n for n, p in fused.named_parameters() if not p.requires_grad}
-        frozen |= {n for n, t in fused.state_dict(keep_vars=True).items()
-                   if isinstance(t, torch.nn.Parameter) and not t.requires_grad}
+        frozen = frozen_names(fused)
         state = {k: v for k, v in plain_states(ref).items() if k not in frozen}
     else:
         state = pipeline_to_fusion_names(pipeline_layer_states(ref), len(fused.layers), ref.tag_dir)
@@ -319,18 +347,15 @@ def model_code_files() -> list[Path]:
     return files
 
 
-def export_fused(fused, tokenizer, out_dir: str | os.PathLike, *, bos: int | None, eos: int,
-                 dtype: torch.dtype = torch.float32, max_shard_size: str = "5GB", overwrite: bool = False,
-                 card: str | None = None, extra_files: dict[str, str] | None = None,
-                 generation_defaults: dict | None = None) -> Path:
-    """Write `fused` (an LMFusionModel) as a Hugging Face model directory."""
+def hf_model(fused, *, bos: int | None, eos: int, dtype: torch.dtype = torch.float32,
+             generation_defaults: dict | None = None):
+    """`fused` (an LMFusionModel, real or on the meta device) cast to dtype (the VAE stays
+    fp32) and wrapped as LMFusionForCausalLM with its config and generation config."""
     from transformers import GenerationConfig
 
     from megafusion.model.hf import VAE_SUBFOLDER, LMFusionForCausalLM, MegafusionConfig
 
-    out = prepare_out_dir(out_dir, overwrite)
     V = fused.vocab_size
-    tokenizer = tokenizer_with_image_tokens(tokenizer, V)
     fusion = dataclasses.asdict(fused.cfg)
     fusion["base"] = str(fused.cfg.base)
     fusion["attention_backend"] = "auto"  # training may have used flash; inference picks what the device has
@@ -356,7 +381,15 @@ def export_fused(fused, tokenizer, out_dir: str | os.PathLike, *, bos: int | Non
                image_num_inference_steps=50, image_guidance_scale=3.0)
     gen.update(generation_defaults or {})
     model.generation_config = GenerationConfig(**gen)
-    model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
+    return model
+
+
+def finish_model_dir(out: Path, model, tokenizer, *, card: str | None = None,
+                     extra_files: dict[str, str] | None = None) -> Path:
+    """Beside what save_pretrained wrote: the model code (auto_map), the tokenizer, the VAE,
+    extra files and the model card."""
+    from megafusion.model.hf import VAE_SUBFOLDER
+
     for f in model_code_files():  # the trainer's code, flat (save_pretrained copied part of it already)
         shutil.copy(f, out / f.name)
     cfg_json = json.loads((out / "config.json").read_text())
@@ -364,14 +397,27 @@ def export_fused(fused, tokenizer, out_dir: str | os.PathLike, *, bos: int | Non
                             "AutoModelForCausalLM": f"{ENTRY_MODULE}.LMFusionForCausalLM"}
     (out / "config.json").write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out)
-    if fused.image_tokenizer.vae is not None:  # frozen, kept in its own precision (fp32)
-        vae = copy.deepcopy(fused.image_tokenizer.vae).to(torch.float32)
-        vae.save_pretrained(out / VAE_SUBFOLDER, safe_serialization=True)
+    vae = model.model.image_tokenizer.vae
+    if vae is not None:  # frozen, kept in its own precision (fp32)
+        copy.deepcopy(vae).to(torch.float32).save_pretrained(out / VAE_SUBFOLDER, safe_serialization=True)
     for name, text in (extra_files or {}).items():
         (out / name).write_text(text)
     if card is not None:
         (out / "README.md").write_text(card)
     return out
+
+
+def export_fused(fused, tokenizer, out_dir: str | os.PathLike, *, bos: int | None, eos: int,
+                 dtype: torch.dtype = torch.float32, max_shard_size: str = "5GB", overwrite: bool = False,
+                 card: str | None = None, extra_files: dict[str, str] | None = None,
+                 generation_defaults: dict | None = None) -> Path:
+    """Write `fused` (an LMFusionModel in memory) as a Hugging Face model directory, with
+    transformers' save_pretrained (export_checkpoint streams instead; the two agree)."""
+    out = prepare_out_dir(out_dir, overwrite)
+    tokenizer = tokenizer_with_image_tokens(tokenizer, fused.vocab_size)
+    model = hf_model(fused, bos=bos, eos=eos, dtype=dtype, generation_defaults=generation_defaults)
+    model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
+    return finish_model_dir(out, model, tokenizer, card=card, extra_files=extra_files)
 
 
 def prepare_out_dir(out_dir, overwrite: bool) -> Path:
@@ -439,9 +485,11 @@ With megafusion: `python tools/generate.py --model DIR image --prompt "a red cir
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, tag: str | None = None,
                       dtype: str | None = None, max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
-    """tools/convert_to_hf.py: checkpoint -> Hugging Face directory. dtype "bf16"/"fp32"
-    (default: the run's train.dtype)."""
-    from megafusion.model.loading import load_tokenizer, resolve_base
+    """tools/convert_to_hf.py: checkpoint -> Hugging Face directory, streamed (see
+    megafusion/export_stream.py: host memory of a shard and a layer, not of the model).
+    dtype "bf16"/"fp32" (default: the run's train.dtype)."""
+    from megafusion.export_stream import stream_export
+    from megafusion.model.loading import BaseModelError, load_tokenizer, resolve_base
 
     from transformers.utils.hub import convert_file_size_to_int
 
@@ -456,15 +504,20 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     run_dir = ref.run_dir.resolve()
     if out.resolve() == run_dir or out.resolve() in run_dir.parents:
         raise ExportError(f"{out_dir}: would replace the run directory {ref.run_dir}")
-    fused, cfg, ref = load_checkpoint_model(checkpoint, tag)
+    cfg = load_run_config(ref)
     name = dtype or cfg.train.dtype
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(name)
     if torch_dtype is None:
         raise ExportError(f"--dtype {name}: expected bf16 or fp32")
-    tokenizer = load_tokenizer(cfg.model.base)
+    try:
+        tokenizer = load_tokenizer(cfg.model.base)
+        base_resolved = str(resolve_base(cfg.model.base))
+    except (BaseModelError, OSError, ValueError) as exc:
+        raise ExportError(f"{ref.run_dir / 'config.yaml'} names a base model that cannot be loaded: "
+                          f"{str(exc).splitlines()[0]}") from None
     bos, eos = special_ids(tokenizer, cfg.data)
-    card = model_card(cfg, ref, torch_dtype, str(resolve_base(cfg.model.base)))
+    card = model_card(cfg, ref, torch_dtype, base_resolved)
     run_config = (ref.run_dir / "config.yaml").read_text()
-    return export_fused(fused, tokenizer, out, bos=bos, eos=eos, dtype=torch_dtype, max_shard_size=max_shard_size,
-                        overwrite=overwrite, card=card, extra_files={"run_config.yaml": run_config},
-                        generation_defaults={"image_num_inference_steps": cfg.log.sample_diffusion_steps})
+    return stream_export(ref, cfg, out, dtype=torch_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                         tokenizer=tokenizer, bos=bos, eos=eos, card=card, extra_files={"run_config.yaml": run_config},
+                         generation_defaults={"image_num_inference_steps": cfg.log.sample_diffusion_steps})

@@ -5,12 +5,14 @@
 
 CHECKPOINT_DIR is a run directory, its checkpoints/ directory or one checkpoint tag
 directory; without --tag the checkpoint `latest` names is taken (the newest complete
-one). ZeRO checkpoints are consolidated with DeepSpeed's zero_to_fp32, pipeline ones read
-from their per-layer files; the frozen text tower comes from the base model the run
-config (run.dir/config.yaml) names. OUT_DIR receives sharded safetensors with an index,
-config.json (auto_map to the copied megafusion/model code), generation_config.json, the
-tokenizer with the begin/end-of-image tokens, the VAE (vae/, in VAE mode), the run config
-and a model card:
+one). The export streams: each shard is made from its tensors alone, read from the
+memory-mapped checkpoint (ZeRO partitions laid out by DeepSpeed's zero_to_fp32, stage-0
+or pipeline layer files) and, for the frozen text tower, from the base model's
+safetensors that the run config (run.dir/config.yaml) names; host memory is about one
+shard plus one layer, whatever the model's size. OUT_DIR receives sharded safetensors
+with an index, config.json (auto_map to the copied megafusion/model code),
+generation_config.json, the tokenizer with the begin/end-of-image tokens, the VAE (vae/,
+in VAE mode), the run config and a model card:
 
     AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)
 
@@ -31,7 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("out_dir", help="Hugging Face model directory to write")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step300 (default: the `latest` one)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="weight dtype (default: the run's train.dtype)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors shard (default 5GB); the export holds one shard in memory")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     args = p.parse_args(argv)
 
