@@ -1,5 +1,6 @@
 """One job of the concurrent-construction test: builds ROUNDS loaders, each at the same
-moment as the other job builds its own (a file barrier per round), and keeps them alive.
+moment as the other job builds its own (a file barrier per round), and keeps them alive
+until the other job has built all of its own.
 
     python mf_construct_worker.py DATA CACHE JOB SYNC_DIR ROUNDS OUT
 
@@ -56,6 +57,10 @@ def main():
             wait_for_both(sync_dir, job, i)
             loaders.append(build_train_loader(cfg, FusionConfig(image_size=16), tokenizer, 64, DistEnv(0, 1, 0, 1)))
             result["prefixes"].append(int(loaders[-1].dataset._shm_prefix_int))
+        # Both jobs stay alive until both have built everything: a job that exited first
+        # would free its prefixes (streaming unlinks its shared memory at exit), and the
+        # other's last round could then rightly take one of them again.
+        wait_for_both(sync_dir, job, int(rounds))
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
         open(os.path.join(sync_dir, f"{job}.failed"), "w").close()

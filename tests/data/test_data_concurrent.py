@@ -44,7 +44,7 @@ def test_two_jobs_build_at_once_repeatedly(tmp_path, synthetic_dir):
         assert "error" not in result, f"job {job}: {result['error']}"
         assert len(result["prefixes"]) == rounds
     prefixes = results["a"]["prefixes"] + results["b"]["prefixes"]
-    assert len(set(prefixes)) == 2 * rounds
+    assert len(set(prefixes)) == 2 * rounds, results
 
 
 KILLED_JOB = """

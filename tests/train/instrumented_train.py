@@ -1,7 +1,9 @@
 """megafusion/train.py with two test hooks, for tests/train/test_train.py:
 
-- every call of megafusion.model.loading.load_base_model is counted; each rank prints
-  `BASE_LOADS rank=<rank> n=<calls>` when it exits normally;
+- every build of the base model is counted, whole (megafusion.model.loading.load_base_model)
+  or born partitioned under ZeRO-3 (megafusion.parallel.base_weights.load_base_zero3,
+  where rank 0 alone reads the files); each rank prints `BASE_LOADS rank=<rank> n=<calls>`
+  when it exits normally;
 - MEGAFUSION_TEST_SIGUSR1_AT_STEP=N: every rank sends itself SIGUSR1 as its N-th
   optimiser step starts (what a scheduler's preemption signal does, at a known step).
 """
@@ -14,21 +16,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import megafusion.model.loading as loading  # noqa: E402
+import megafusion.parallel.base_weights as base_weights  # noqa: E402
 import megafusion.parallel.model_setup as model_setup  # noqa: E402
 from megafusion.parallel.trainer import Trainer  # noqa: E402
 
 calls = 0
-real_load = loading.load_base_model
 
 
-def counted_load(*args, **kwargs):
-    global calls
-    calls += 1
-    return real_load(*args, **kwargs)
+def counted(real):
+    def counted_load(*args, **kwargs):
+        global calls
+        calls += 1
+        return real(*args, **kwargs)
+
+    return counted_load
 
 
-loading.load_base_model = counted_load
-model_setup.load_base_model = counted_load
+loading.load_base_model = model_setup.load_base_model = counted(loading.load_base_model)
+base_weights.load_base_zero3 = model_setup.load_base_zero3 = counted(base_weights.load_base_zero3)
 atexit.register(lambda: print(f"BASE_LOADS rank={os.environ.get('RANK', '0')} n={calls}", flush=True))
 
 signal_at = int(os.environ.get("MEGAFUSION_TEST_SIGUSR1_AT_STEP", "0"))
