@@ -26,7 +26,7 @@ demo-long: setup
 	$(VPY) tools/demo.py --long
 
 test: setup
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=20 tests
 
 test-fast: setup
 	$(VPY) -m pytest -q -m "not slow" tests
