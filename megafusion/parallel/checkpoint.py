@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megafusion.parallel.elastic import UNIVERSAL
+
 LATEST = "latest"
 TAG_RE = re.compile(r"^global_step(\d+)$")
 
@@ -47,6 +49,14 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore rng_state()'s result, or seed every generator from {"seed": n} (a resume
+    at another world size, megafusion/parallel/elastic.py)."""
+    if "seed" in state:
+        n = int(state["seed"])
+        random.seed(n)
+        np.random.seed(n % 2**32)
+        torch.manual_seed(n)  # and every CUDA device's
+        return
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -204,10 +214,16 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
         doomed += [name for name in complete[:-keep_last] if name != keep]
     for name in doomed:
         shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+    # A universal conversion served one resume at a new world size; this save replaces it.
+    shutil.rmtree(ckpt_dir / UNIVERSAL, ignore_errors=True)
 
 
-def load_latest(engine, ckpt_dir: Path, world_size: int) -> dict | None:
-    """Restore the newest complete checkpoint; returns this rank's client state."""
+def load_latest(engine, ckpt_dir: Path, world_size: int, resize: tuple[str, int] | None = None,
+                seed: int = 0) -> dict | None:
+    """Restore the newest complete checkpoint; returns this rank's client state.
+    resize: elastic.resume_plan's (tag, old world size) when that checkpoint was written
+    by another number of ranks: it is loaded through a universal checkpoint (the engine
+    was built with checkpoint.load_universal)."""
     ckpt_dir = Path(ckpt_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
@@ -219,11 +235,20 @@ def load_latest(engine, ckpt_dir: Path, world_size: int) -> dict | None:
     tag = read_latest(ckpt_dir)
     if tag is None:
         return None
+    if resize is not None:
+        from megafusion.parallel import elastic
+
+        assert resize[0] == tag, (resize, tag)
+        folder = elastic.convert(ckpt_dir, tag, rank)
+        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise SystemExit(f"error: DeepSpeed could not load the universal checkpoint {folder}")
+        return elastic.merged_client(ckpt_dir / tag, resize[1], rank, world_size, seed)
     cpath = client_path(ckpt_dir, tag, rank)
     if not cpath.is_file():
         n = len(list((ckpt_dir / tag).glob("megafusion_client_rank*.pt")))
-        raise SystemExit(f"error: checkpoint {ckpt_dir / tag} was written by {n} ranks, this run has {world_size}; "
-                         "a ZeRO checkpoint resumes at the same world size (convert it with ds_to_universal to change it)")
+        raise SystemExit(f"error: checkpoint {ckpt_dir / tag} was written by {n} ranks, this run has {world_size}")
     load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megafusion.config import RunConfig, deepspeed_config, save_resolved
-from megafusion.parallel import checkpoint, frozen
+from megafusion.parallel import checkpoint, elastic, frozen
 from megafusion.parallel.collectives import any_rank, any_rank_tensor, mean_over_ranks, sum_over_ranks
 from megafusion.parallel.launch import device_for, init_distributed, setup_environment
 
@@ -106,6 +106,14 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir / "config.yaml")
         self.ds_config = deepspeed_config(cfg, self.world)
+        # The newest checkpoint written by another number of ranks is loaded through a
+        # universal checkpoint (elastic.py), which the engine must know at construction.
+        self.resize = None
+        if cfg.run.resume != "never":
+            self.resize = elastic.resume_plan(self.ckpt_dir, self.world, cfg.parallel.zero_stage,
+                                              cfg.parallel.pipeline_stages)
+        if self.resize is not None:
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
         from megafusion.model.loading import load_tokenizer
         from megafusion.parallel.model_setup import build_model
@@ -137,11 +145,17 @@ class Trainer:
         self._setup()
         cfg, t = self.cfg, self.cfg.train
         start_step = 0
-        client = checkpoint.load_latest(self.engine, self.ckpt_dir, self.world) if cfg.run.resume != "never" else None
+        client = None
+        if cfg.run.resume != "never":
+            client = checkpoint.load_latest(self.engine, self.ckpt_dir, self.world, self.resize, cfg.run.seed)
         if client is not None:
             self.loader.load_state_dict(client["loader"])
             start_step = int(client["step"])
             self._log0(f"resumed from {self.ckpt_dir / checkpoint.tag_for(start_step)} at step {start_step}")
+            if self.resize is not None:
+                self._log0(f"  it was written by {self.resize[1]} ranks and loaded on {self.world} through a "
+                           f"universal checkpoint; a step's global batch changes by {self.world}/{self.resize[1]} "
+                           "unless train.gradient_accumulation was scaled by the inverse")
         self.bad_in_row = int(client.get("bad_in_row", 0)) if client else 0
         self.skipped_total = int(client.get("skipped_steps", 0)) if client else 0
         if start_step >= t.steps:

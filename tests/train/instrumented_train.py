@@ -5,7 +5,11 @@
   where rank 0 alone reads the files); each rank prints `BASE_LOADS rank=<rank> n=<calls>`
   when it exits normally;
 - MEGAFUSION_TEST_SIGUSR1_AT_STEP=N: every rank sends itself SIGUSR1 as its N-th
-  optimiser step starts (what a scheduler's preemption signal does, at a known step).
+  optimiser step starts (what a scheduler's preemption signal does, at a known step);
+- MEGAFUSION_TEST_SAMPLES_DIR=DIR: every training sample a rank draws is appended, as
+  "epoch index", to DIR/samples-<pid>.txt (the data a run saw, whatever its world size);
+- MEGAFUSION_TEST_DUMP_RESUMED=FILE: right after a checkpoint is restored, rank 0 saves
+  the trainable parameters, gathered whole, to FILE ({name: fp32 tensor}).
 """
 import atexit
 import os
@@ -49,6 +53,43 @@ if signal_at:
         return real_step(self, *args, **kwargs)
 
     Trainer._zero_step = signalled_step
+
+samples_dir = os.environ.get("MEGAFUSION_TEST_SAMPLES_DIR")
+if samples_dir:
+    from megafusion.data.dataset import FusionDataset
+
+    real_getitem = FusionDataset.__getitem__
+
+    def recorded_getitem(self, index):
+        sample = real_getitem(self, index)
+        with open(os.path.join(samples_dir, f"samples-{os.getpid()}.txt"), "a") as f:
+            f.write(f"{sample['epoch']} {sample['index']}\n")
+        return sample
+
+    FusionDataset.__getitem__ = recorded_getitem
+
+dump_resumed = os.environ.get("MEGAFUSION_TEST_DUMP_RESUMED")
+if dump_resumed:
+    import torch
+
+    import megafusion.parallel.checkpoint as checkpoint
+    from megafusion.parallel.gather import gathered
+
+    real_load_latest = checkpoint.load_latest
+
+    def dumping_load_latest(engine, *args, **kwargs):
+        client = real_load_latest(engine, *args, **kwargs)
+        if client is not None:
+            out = {}
+            for name, p in engine.module.named_parameters():
+                if p.requires_grad:
+                    with gathered([p]):
+                        out[name] = p.detach().float().clone()
+            if int(os.environ.get("RANK", "0")) == 0:
+                torch.save(out, dump_resumed)
+        return client
+
+    checkpoint.load_latest = dumping_load_latest
 
 from megafusion.train import main  # noqa: E402
 
