@@ -62,13 +62,20 @@ def convert(ckpt_dir: Path, tag: str, rank: int, log=print) -> Path:
     conversion is reused); every rank returns its folder after a barrier."""
     out = universal_dir(ckpt_dir, tag)
     failure = [None]
-    if rank == 0 and not (out / DONE).is_file():
+    if rank == 0 and not converted(out):
         failure[0] = _run_conversion(Path(ckpt_dir) / tag, out, log)
     if dist.is_initialized():
         dist.broadcast_object_list(failure, src=0)
     if failure[0] is not None:
         raise SystemExit(failure[0])
     return out
+
+
+def converted(out: Path) -> bool:
+    """A finished conversion: ours (DONE, written last) or one a person ran beforehand
+    with ds_to_universal, which writes the model-state files after everything else."""
+    return (out / DONE).is_file() or ((out / "zero" / "optimizer_state.pt").is_file()
+                                      and any(out.glob("*model_states.pt")))
 
 
 def _run_conversion(src: Path, out: Path, log) -> str | None:
