@@ -93,6 +93,11 @@ class TrainSection:
     # Consecutive optimiser steps with a NaN/Inf loss or gradient norm (skipped, not
     # applied) after which training stops with an error instead of burning compute.
     max_bad_steps: int = 5
+    # The AdamW implementation: "auto" (DeepSpeed's CPU Adam when optimizer states are
+    # offloaded, else torch's fused AdamW; megafusion/parallel/engine.py), "torch_fused",
+    # "deepspeed_fused" (DeepSpeed's FusedAdam, CUDA), "apex_fused" (NVIDIA apex's
+    # FusedAdam, CUDA, where installed) or "cpu_adam" (offloaded states only).
+    optimizer: str = "auto"
 
 
 @dataclass
@@ -180,6 +185,7 @@ class RunConfig:
 CHOICES = {
     "train.schedule": ("cosine", "linear", "constant"),
     "train.dtype": ("bf16", "fp32"),
+    "train.optimizer": ("auto", "torch_fused", "deepspeed_fused", "apex_fused", "cpu_adam"),
 }
 
 

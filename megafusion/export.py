@@ -360,6 +360,7 @@ def hf_model(fused, *, bos: int | None, eos: int, dtype: torch.dtype = torch.flo
     fusion["base"] = str(fused.cfg.base)
     fusion["attention_backend"] = "auto"  # training may have used flash; inference picks what the device has
     fusion["activation_checkpointing"] = False
+    fusion["fused_rmsnorm"] = "none"  # a training-time kernel choice; the export loads without apex
     if fused.cfg.image_mode == "vae":
         fusion["vae_path"] = VAE_SUBFOLDER
     base_config = {k: v for k, v in fused.llama_config.to_diff_dict().items()

@@ -5,7 +5,7 @@
     python tools/gpu_check.py --cpu [--out FILE]            the same code paths, tiny, on the CPU
     python tools/gpu_check.py --build-wheels DIR            wheelhouse for an offline GPU machine
 
-Three independent checks: one that raises is recorded with its exception and the others
+Four independent checks: one that raises is recorded with its exception and the others
 still run. One JSON object on stdout (and --out), progress on stderr, exit status 0 when
 every check passed. Under 8 minutes on one H200.
 
@@ -18,6 +18,9 @@ every check passed. Under 8 minutes on one H200.
   throughput  the fused train step of a Llama-3.2-1B-sized random model on 4096 tokens (half
               image) against the dense HF LlamaForCausalLM step: tokens/s and MFU of each, the
               frozen text tower counted at 4N (megafusion/flops.py states the formula).
+  kernels     the optional fused kernels against the defaults (tools/gpu_kernels.py): apex's
+              FusedRMSNorm against the Llama norm, DeepSpeed's and apex's FusedAdam against
+              torch's fused AdamW; times and differences, "not installed" where absent.
 
 --cpu: bf16 attention with SDPA standing in for flash-attn and flex skipped (no CPU
 backward), the deepspeed runs with DS_ACCELERATOR=cpu (gloo), a 2-layer model for
@@ -53,6 +56,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from tools import wheelhouse  # noqa: E402
+from tools.gpu_kernels import check_kernels  # noqa: E402
 
 H200_PEAK_BF16 = 989e12  # dense bf16 FLOP/s (H100/H200 SXM datasheet; ~790e12 measured on matmuls)
 
@@ -373,11 +377,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="also write the JSON result here")
     p.add_argument("--wheels", help="wheelhouse (from --build-wheels) to install missing packages from, offline")
     p.add_argument("--build-wheels", metavar="DIR", help="write the wheelhouse for the GPU machine and exit")
-    p.add_argument("--only", default="attention,deepspeed,throughput", help="comma-separated checks to run")
+    p.add_argument("--only", default="attention,deepspeed,throughput,kernels", help="comma-separated checks to run")
     p.add_argument("--peak-flops", type=float, default=None, help=f"peak FLOP/s for MFU (CUDA default {H200_PEAK_BF16:.3g})")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (runs, logs)")
     args = p.parse_args(argv)
-    unknown = set(args.only.split(",")) - {"attention", "deepspeed", "throughput"}
+    unknown = set(args.only.split(",")) - {"attention", "deepspeed", "throughput", "kernels"}
     if unknown:
         p.error(f"--only: unknown check(s) {', '.join(sorted(unknown))}")
     if args.build_wheels:
@@ -407,7 +411,8 @@ def main(argv=None) -> int:
     peak = args.peak_flops if args.peak_flops is not None else (H200_PEAK_BF16 if device.type == "cuda" else None)
     checks = {"attention": lambda: check_attention(device, s),
               "deepspeed": lambda: check_deepspeed(device, s, tmp, wheels),
-              "throughput": lambda: check_throughput(device, s, peak)}
+              "throughput": lambda: check_throughput(device, s, peak),
+              "kernels": lambda: check_kernels(device, s)}
     results = {name: run_check(name, fn) for name, fn in checks.items() if name in args.only.split(",")}
     report = {"ok": all(r["ok"] for r in results.values()), "mode": device.type, "environment": env,
               "seconds": round(time.time() - t0, 1), "checks": results}

@@ -21,6 +21,9 @@ class FusionConfig:
     attention_backend: str = "auto"
     # Recompute each decoder layer in the backward pass (saves activations).
     activation_checkpointing: bool = False
+    # The image tower's RMSNorms: "none" (the base's LlamaRMSNorm) or "apex" (NVIDIA
+    # apex's FusedRMSNorm, CUDA only, where installed; megafusion/model/fused_norm.py).
+    fused_rmsnorm: str = "none"
 
     # Image space: "vae" (diffusers AutoencoderKL from vae_path) or "pixel" (raw RGB).
     image_mode: str = "pixel"
@@ -71,6 +74,7 @@ class FusionConfig:
         choices = {
             "tower_mode": ("lmfusion",),
             "attention_backend": ("auto", "sdpa", "flex", "flash"),
+            "fused_rmsnorm": ("none", "apex"),
             "image_mode": ("vae", "pixel"),
             "patcher": ("linear", "unet"),
             "objective": ("ddpm", "rectified_flow"),

@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 from .attention import AttentionLayout, hybrid_attention, select_backend
 from .batch import IGNORE_INDEX, PackedBatch
 from .config import FusionConfig
+from .fused_norm import image_norms
 from .diffusion import make_objective
 from .image_io import ImageTokenizer
 from .routing import Routing
@@ -157,7 +158,10 @@ class LMFusionModel(nn.Module):
             FusionDecoderLayer(layer, lc.num_attention_heads, lc.num_key_value_heads, head_dim, clone) for layer in inner.layers
         )
         self.text_norm = inner.norm
-        self.image_norm = clone(inner.norm)
+        self.image_norm = image_norms(cfg, clone(inner.norm))
+        for layer in self.layers:
+            layer.image.input_layernorm = image_norms(cfg, layer.image.input_layernorm)
+            layer.image.post_attention_layernorm = image_norms(cfg, layer.image.post_attention_layernorm)
         self.lm_head = base_model.lm_head
         self.rotary_emb = inner.rotary_emb
         # New rows for BOI/EOI live beside the frozen vocabulary rather than in a resized

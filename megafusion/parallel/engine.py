@@ -89,6 +89,23 @@ def choose_optimizer(offloaded: bool, device_type: str) -> str:
     return "foreach"
 
 
+def optimizer_kind(cfg: RunConfig, ds_config: dict | None, device_type: str) -> str:
+    """train.optimizer resolved: "auto" is choose_optimizer's pick; an explicit choice is
+    checked against where the optimizer states live, in one line."""
+    offloaded = optimizer_offloaded(ds_config or {})
+    kind = cfg.train.optimizer
+    if kind == "auto":
+        return choose_optimizer(offloaded, device_type)
+    if kind == "cpu_adam" and not offloaded:
+        raise SystemExit("error: train.optimizer=cpu_adam steps optimizer states offloaded to the CPU; this "
+                         "DeepSpeed config keeps them on the device (use auto, or an offload config)")
+    if kind in ("deepspeed_fused", "apex_fused") and (offloaded or device_type != "cuda"):
+        where = "offloaded to the CPU" if offloaded else f"on {device_type}"
+        raise SystemExit(f"error: train.optimizer={kind} is a CUDA kernel; the optimizer states here live {where} "
+                         "(use auto)")
+    return {"torch_fused": "fused"}.get(kind, kind)
+
+
 def build_optimizer(groups: list[dict], cfg: RunConfig, ds_config: dict | None = None,
                     device_type: str | None = None) -> torch.optim.Optimizer:
     t = cfg.train
@@ -96,7 +113,7 @@ def build_optimizer(groups: list[dict], cfg: RunConfig, ds_config: dict | None =
         from deepspeed.accelerator import get_accelerator
 
         device_type = get_accelerator().device_name()
-    kind = choose_optimizer(optimizer_offloaded(ds_config or {}), device_type)
+    kind = optimizer_kind(cfg, ds_config, device_type)
     common = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
     if kind == "cpu_adam":
         try:
@@ -106,14 +123,36 @@ def build_optimizer(groups: list[dict], cfg: RunConfig, ds_config: dict | None =
             # compiler, about 2 minutes on 2 cores); later runs load the cached build.
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **common)
         except Exception as exc:  # no compiler / op not buildable here
+            if t.optimizer == "cpu_adam":
+                raise SystemExit(f"error: train.optimizer=cpu_adam: DeepSpeedCPUAdam unavailable ({_first_line(exc)})")
             # zero_force_ds_cpu_optimizer is false in ds_configs/zero3_offload.json so
             # that DeepSpeed accepts torch's AdamW in that case; say so, it is slower.
-            print(f"warning: DeepSpeedCPUAdam unavailable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            print(f"warning: DeepSpeedCPUAdam unavailable ({_first_line(exc)}); "
                   "stepping the offloaded optimizer with torch.optim.AdamW (slower)", file=sys.stderr, flush=True)
             kind = "fused"
+    if kind == "deepspeed_fused":
+        try:
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **common)  # JIT-builds its CUDA op on first use
+        except Exception as exc:
+            raise SystemExit(f"error: train.optimizer=deepspeed_fused: DeepSpeed's FusedAdam unavailable "
+                             f"({_first_line(exc)})") from None
+    if kind == "apex_fused":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            from megafusion.model.fused_norm import INSTALL
+
+            raise SystemExit(f"error: train.optimizer=apex_fused: {INSTALL}") from None
+        return FusedAdam(groups, adam_w_mode=True, **common)
     if kind == "fused":
         return torch.optim.AdamW(groups, fused=True, **common)
     return torch.optim.AdamW(groups, foreach=True, **common)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def build_scheduler(cfg: RunConfig):

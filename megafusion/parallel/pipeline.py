@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from megafusion.config import RunConfig
 from megafusion.model.attention import AttentionLayout, select_backend
 from megafusion.model.batch import IGNORE_INDEX, PackedBatch
+from megafusion.model.fused_norm import image_norms
 from megafusion.model.fusion import NUM_IMAGE_TOKENS, LMFusionModel
 from megafusion.model.image_io import ImageTokenizer
 from megafusion.model.routing import Routing
@@ -237,7 +238,7 @@ class HeadStage(_Stage):
             f.image_token_head = self.image_token_head
         del raw
         source.keep_tie(f.embed_tokens, f.lm_head)
-        f.image_norm = copy.deepcopy(f.text_norm).requires_grad_(True)
+        f.image_norm = image_norms(f.cfg, copy.deepcopy(f.text_norm).requires_grad_(True))
         f.image_tokenizer.build_side("predictor")
         self.text_norm = f.text_norm
         self.lm_head = f.lm_head

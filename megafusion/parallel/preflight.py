@@ -30,6 +30,13 @@ def preflight(cfg: RunConfig) -> None:
               "pipeline engine supports ZeRO-1 only; set parallel.zero_stage=1 (ds_configs/pipeline_zero1.json) "
               "or parallel.pipeline_stages=1 for ZeRO-3")
     _check_zero_plus_plus(cfg)
+    if cfg.model.fused_rmsnorm == "apex":
+        from megafusion.model.fused_norm import apex_rmsnorm_class
+
+        try:
+            apex_rmsnorm_class()
+        except ValueError as exc:
+            _fail(str(exc))
     from megafusion.model.loading import BaseModelError, load_base_config
 
     try:

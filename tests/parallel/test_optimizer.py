@@ -175,3 +175,68 @@ def test_offload_config_steps_with_deepspeed_cpu_adam(tmp_path, tiny_llama, synt
         for key in ("loss", "lm_loss", "diffusion_loss"):
             assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), (a["step"], key, a[key], b[key])
     assert offloaded[-1]["diffusion_loss"] < offloaded[0]["diffusion_loss"]
+
+
+# --------------------------------------------------------------------------- train.optimizer
+
+
+@pytest.mark.parametrize("choice,offload,device,expect", [
+    ("auto", False, "cpu", "fused"),
+    ("torch_fused", False, "cuda", "fused"),
+    ("deepspeed_fused", False, "cuda", "deepspeed_fused"),
+    ("apex_fused", False, "cuda", "apex_fused"),
+    ("cpu_adam", True, "cuda", "cpu_adam"),
+    ("deepspeed_fused", False, "cpu", "error: train.optimizer=deepspeed_fused is a CUDA kernel"),
+    ("apex_fused", True, "cuda", "error: train.optimizer=apex_fused is a CUDA kernel; the optimizer states here live "
+                                 "offloaded to the CPU"),
+    ("cpu_adam", False, "cuda", "error: train.optimizer=cpu_adam steps optimizer states offloaded"),
+])
+def test_explicit_optimizer_choice(choice, offload, device, expect):
+    from megafusion.config import load_config
+    from megafusion.parallel.engine import optimizer_kind
+
+    cfg = load_config(TINY, [f"train.optimizer={choice}"])
+    ds = {"zero_optimization": {"stage": 3, **({"offload_optimizer": {"device": "cpu"}} if offload else {})}}
+    if expect.startswith("error"):
+        with pytest.raises(SystemExit) as info:
+            optimizer_kind(cfg, ds, device)
+        assert str(info.value).startswith(expect) and "\n" not in str(info.value)
+    else:
+        assert optimizer_kind(cfg, ds, device) == expect
+
+
+def test_apex_fused_adam_is_built_with_the_run_settings_or_refused_in_one_line(monkeypatch):
+    """With apex importable (a stand-in recording its arguments: apex needs CUDA to
+    build), build_optimizer hands it the groups and AdamW's settings in apex's AdamW mode;
+    without apex it stops with one line naming the option and where apex comes from."""
+    import importlib.machinery
+    import types
+
+    import torch
+
+    from megafusion.config import load_config
+    from megafusion.parallel.engine import build_optimizer
+
+    class StandInFusedAdam(torch.optim.AdamW):
+        def __init__(self, params, adam_w_mode=True, **kw):
+            self.adam_w_mode, self.kw = adam_w_mode, kw
+            super().__init__(params, **kw)
+
+    apex, optimizers = types.ModuleType("apex"), types.ModuleType("apex.optimizers")
+    # Importable as a package (libraries probe importlib.util.find_spec("apex")).
+    apex.__spec__ = importlib.machinery.ModuleSpec("apex", None, is_package=True)
+    optimizers.FusedAdam = StandInFusedAdam
+    apex.optimizers = optimizers
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", optimizers)
+    cfg = load_config(TINY, ["train.optimizer=apex_fused", "train.weight_decay=0.1"])
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = build_optimizer([{"params": [p]}], cfg, {"zero_optimization": {"stage": 3}}, device_type="cuda")
+    assert type(opt) is StandInFusedAdam and opt.adam_w_mode is True
+    assert opt.kw == dict(lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps, weight_decay=0.1)
+
+    monkeypatch.setitem(sys.modules, "apex", None)
+    monkeypatch.delitem(sys.modules, "apex.optimizers")
+    with pytest.raises(SystemExit) as info:
+        build_optimizer([{"params": [p]}], cfg, {"zero_optimization": {"stage": 3}}, device_type="cuda")
+    assert "train.optimizer=apex_fused" in str(info.value) and "github.com/NVIDIA/apex" in str(info.value)

@@ -130,7 +130,8 @@ def test_cpu_dry_run_passes(tmp_path):
     assert json.loads(proc.stdout) == report
     failed = {k: v.get("error", v) for k, v in report["checks"].items() if not v["ok"]}
     assert proc.returncode == 0 and report["ok"] and not failed, json.dumps(failed, indent=1)[-4000:]
-    assert set(report["checks"]) == {"attention", "deepspeed", "throughput"}
+    assert set(report["checks"]) == {"attention", "deepspeed", "throughput", "kernels"}
+    assert report["checks"]["kernels"]["rmsnorm"]["hf_llama"]["max_abs_diff_to_hf"] == 0.0
 
     attention = report["checks"]["attention"]
     assert attention["backends"]["flex"] == {"skipped": "flex_attention has no backward on the CPU"}
@@ -159,3 +160,38 @@ def test_cpu_dry_run_passes(tmp_path):
     for side in ("fused", "dense"):
         assert tp[side]["tokens_per_s"] > 0 and tp[side]["mfu"] is None
     assert "4" in tp["formula"] and "frozen" in tp["formula"]
+
+
+@pytest.mark.parametrize("eps_shift,ok", [(0.0, True), (1.0, False)])
+def test_kernels_check_compares_an_installed_fused_norm_with_the_llama_norm(monkeypatch, eps_shift, ok):
+    """With apex's FusedRMSNorm importable (a stand-in with apex's signature, RMSNorm
+    written out from its definition), the check times it and compares it with the Llama
+    norm: the right one agrees; one that ignores the epsilon it is given (by a wide
+    margin) fails the check."""
+    import importlib.machinery
+    import types
+
+    import torch.nn as nn
+
+    from tools.gpu_kernels import check_kernels
+
+    class StandIn(nn.Module):
+        def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True):
+            super().__init__()
+            self.eps = eps + eps_shift
+            self.weight = nn.Parameter(torch.ones(normalized_shape))
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    apex, normalization = types.ModuleType("apex"), types.ModuleType("apex.normalization")
+    # Importable as a package (libraries probe importlib.util.find_spec("apex")).
+    apex.__spec__ = importlib.machinery.ModuleSpec("apex", None, is_package=True)
+    normalization.FusedRMSNorm = StandIn
+    apex.normalization = normalization
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.normalization", normalization)
+    result = check_kernels(torch.device("cpu"), gpu_check.SIZES["cpu"])
+    assert result["rmsnorm"]["apex"]["installed"] is True
+    assert result["ok"] is ok and (result["rmsnorm"]["apex"]["max_abs_diff_to_hf"] < 1e-5) is ok
+    assert result["adamw"]["torch_fused"]["max_abs_diff_to_torch_after_one_step"] == 0.0
