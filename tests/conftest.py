@@ -55,3 +55,26 @@ def synthetic_shards(tmp_path_factory) -> str:
     subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), "synthetic", "--out", str(out),
                     "--n", "2000", "--seed", "0"], check=True, capture_output=True)
     return str(out)
+
+
+@pytest.fixture
+def apex_stand_in(monkeypatch):
+    """install(submodule=attrs, ...): registers an importable stand-in `apex` package for
+    this test (NVIDIA apex needs CUDA to build), e.g. install(normalization={"FusedRMSNorm": C})
+    makes `from apex.normalization import FusedRMSNorm` give C."""
+    import importlib.machinery
+    import types
+
+    def install(**submodules):
+        apex = types.ModuleType("apex")
+        # A package with a spec: libraries probe importlib.util.find_spec("apex").
+        apex.__spec__ = importlib.machinery.ModuleSpec("apex", None, is_package=True)
+        monkeypatch.setitem(sys.modules, "apex", apex)
+        for name, attrs in submodules.items():
+            module = types.ModuleType(f"apex.{name}")
+            for key, value in attrs.items():
+                setattr(module, key, value)
+            setattr(apex, name, module)
+            monkeypatch.setitem(sys.modules, f"apex.{name}", module)
+
+    return install

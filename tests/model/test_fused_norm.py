@@ -9,8 +9,6 @@ in fp32). The reference is the same model built without the option: same paramet
 gradients. apex's kernel itself is timed by tools/gpu_check.py where apex is installed.
 """
 import sys
-import importlib.machinery
-import types
 
 import pytest
 import torch
@@ -37,15 +35,8 @@ class StandInFusedRMSNorm(nn.Module):
 
 
 @pytest.fixture
-def stand_in_apex(monkeypatch):
-    apex = types.ModuleType("apex")
-    normalization = types.ModuleType("apex.normalization")
-    # Importable as a package (libraries probe importlib.util.find_spec("apex")).
-    apex.__spec__ = importlib.machinery.ModuleSpec("apex", None, is_package=True)
-    normalization.FusedRMSNorm = StandInFusedRMSNorm
-    apex.normalization = normalization
-    monkeypatch.setitem(sys.modules, "apex", apex)
-    monkeypatch.setitem(sys.modules, "apex.normalization", normalization)
+def stand_in_apex(apex_stand_in):
+    apex_stand_in(normalization={"FusedRMSNorm": StandInFusedRMSNorm})
     StandInFusedRMSNorm.built = []
     return StandInFusedRMSNorm
 

@@ -205,13 +205,10 @@ def test_explicit_optimizer_choice(choice, offload, device, expect):
         assert optimizer_kind(cfg, ds, device) == expect
 
 
-def test_apex_fused_adam_is_built_with_the_run_settings_or_refused_in_one_line(monkeypatch):
+def test_apex_fused_adam_is_built_with_the_run_settings_or_refused_in_one_line(apex_stand_in, monkeypatch):
     """With apex importable (a stand-in recording its arguments: apex needs CUDA to
     build), build_optimizer hands it the groups and AdamW's settings in apex's AdamW mode;
     without apex it stops with one line naming the option and where apex comes from."""
-    import importlib.machinery
-    import types
-
     import torch
 
     from megafusion.config import load_config
@@ -222,13 +219,7 @@ def test_apex_fused_adam_is_built_with_the_run_settings_or_refused_in_one_line(m
             self.adam_w_mode, self.kw = adam_w_mode, kw
             super().__init__(params, **kw)
 
-    apex, optimizers = types.ModuleType("apex"), types.ModuleType("apex.optimizers")
-    # Importable as a package (libraries probe importlib.util.find_spec("apex")).
-    apex.__spec__ = importlib.machinery.ModuleSpec("apex", None, is_package=True)
-    optimizers.FusedAdam = StandInFusedAdam
-    apex.optimizers = optimizers
-    monkeypatch.setitem(sys.modules, "apex", apex)
-    monkeypatch.setitem(sys.modules, "apex.optimizers", optimizers)
+    apex_stand_in(optimizers={"FusedAdam": StandInFusedAdam})
     cfg = load_config(TINY, ["train.optimizer=apex_fused", "train.weight_decay=0.1"])
     p = torch.nn.Parameter(torch.zeros(3))
     opt = build_optimizer([{"params": [p]}], cfg, {"zero_optimization": {"stage": 3}}, device_type="cuda")

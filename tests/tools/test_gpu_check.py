@@ -163,14 +163,11 @@ def test_cpu_dry_run_passes(tmp_path):
 
 
 @pytest.mark.parametrize("eps_shift,ok", [(0.0, True), (1.0, False)])
-def test_kernels_check_compares_an_installed_fused_norm_with_the_llama_norm(monkeypatch, eps_shift, ok):
+def test_kernels_check_compares_an_installed_fused_norm_with_the_llama_norm(apex_stand_in, eps_shift, ok):
     """With apex's FusedRMSNorm importable (a stand-in with apex's signature, RMSNorm
     written out from its definition), the check times it and compares it with the Llama
     norm: the right one agrees; one that ignores the epsilon it is given (by a wide
     margin) fails the check."""
-    import importlib.machinery
-    import types
-
     import torch.nn as nn
 
     from tools.gpu_kernels import check_kernels
@@ -184,13 +181,7 @@ def test_kernels_check_compares_an_installed_fused_norm_with_the_llama_norm(monk
         def forward(self, x):
             return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
-    apex, normalization = types.ModuleType("apex"), types.ModuleType("apex.normalization")
-    # Importable as a package (libraries probe importlib.util.find_spec("apex")).
-    apex.__spec__ = importlib.machinery.ModuleSpec("apex", None, is_package=True)
-    normalization.FusedRMSNorm = StandIn
-    apex.normalization = normalization
-    monkeypatch.setitem(sys.modules, "apex", apex)
-    monkeypatch.setitem(sys.modules, "apex.normalization", normalization)
+    apex_stand_in(normalization={"FusedRMSNorm": StandIn})
     result = check_kernels(torch.device("cpu"), gpu_check.SIZES["cpu"])
     assert result["rmsnorm"]["apex"]["installed"] is True
     assert result["ok"] is ok and (result["rmsnorm"]["apex"]["max_abs_diff_to_hf"] < 1e-5) is ok
