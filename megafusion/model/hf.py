@@ -30,6 +30,7 @@ from .attention import hybrid_mask  # noqa: F401  (see the module docstring)
 from .batch import TEXT, PackedBatch  # noqa: F401
 from .config import FusionConfig
 from .diffusion import make_sampler_scheduler  # noqa: F401
+from .fused_norm import image_norms  # noqa: F401
 from .fusion import LMFusionModel
 from .image_io import ImageTokenizer  # noqa: F401
 from .inference import image_to_text, interleave, text_to_image
