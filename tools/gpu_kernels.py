@@ -27,7 +27,8 @@ def _median_s(fn, warmup: int, timed: int, sync) -> float:
     return statistics.median(times)
 
 
-def _norms(device, dtype, tokens: int, hidden: int, eps: float = 1e-5) -> dict:
+def _norms(device, dtype, tokens: int, hidden: int, eps: float = 1e-5) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """({name: norm module, or why it is absent}, input, upstream gradient)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from megafusion.model.fused_norm import apex_rmsnorm_class, fused_twin

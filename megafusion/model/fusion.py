@@ -20,8 +20,8 @@ from transformers.utils import ModelOutput
 from .attention import AttentionLayout, hybrid_attention, select_backend
 from .batch import IGNORE_INDEX, PackedBatch
 from .config import FusionConfig
-from .fused_norm import image_norms
 from .diffusion import make_objective
+from .fused_norm import image_norms
 from .image_io import ImageTokenizer
 from .routing import Routing
 

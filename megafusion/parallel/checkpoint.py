@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megafusion.parallel.elastic import UNIVERSAL
+from megafusion.parallel import elastic
 
 LATEST = "latest"
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -215,7 +215,7 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
     for name in doomed:
         shutil.rmtree(ckpt_dir / name, ignore_errors=True)
     # A universal conversion served one resume at a new world size; this save replaces it.
-    shutil.rmtree(ckpt_dir / UNIVERSAL, ignore_errors=True)
+    shutil.rmtree(ckpt_dir / elastic.UNIVERSAL, ignore_errors=True)
 
 
 def load_latest(engine, ckpt_dir: Path, world_size: int, resize: tuple[str, int] | None = None,
@@ -235,23 +235,21 @@ def load_latest(engine, ckpt_dir: Path, world_size: int, resize: tuple[str, int]
     tag = read_latest(ckpt_dir)
     if tag is None:
         return None
+    load_dir, load_tag = ckpt_dir, tag
     if resize is not None:
-        from megafusion.parallel import elastic
-
         assert resize[0] == tag, (resize, tag)
         folder = elastic.convert(ckpt_dir, tag, rank)
-        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise SystemExit(f"error: DeepSpeed could not load the universal checkpoint {folder}")
-        return elastic.merged_client(ckpt_dir / tag, resize[1], rank, world_size, seed)
-    cpath = client_path(ckpt_dir, tag, rank)
-    if not cpath.is_file():
-        n = len(list((ckpt_dir / tag).glob("megafusion_client_rank*.pt")))
-        raise SystemExit(f"error: checkpoint {ckpt_dir / tag} was written by {n} ranks, this run has {world_size}")
-    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False,
+        load_dir, load_tag = folder.parent, folder.name
+    else:
+        cpath = client_path(ckpt_dir, tag, rank)
+        if not cpath.is_file():
+            raise SystemExit(f"error: checkpoint {ckpt_dir / tag} was written by {elastic.saved_world(ckpt_dir / tag)} "
+                             f"ranks, this run has {world_size}")
+    load_path, _ = engine.load_checkpoint(str(load_dir), tag=load_tag, load_module_strict=False,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
-        raise SystemExit(f"error: DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        raise SystemExit(f"error: DeepSpeed could not load checkpoint {Path(load_dir) / load_tag}")
+    if resize is not None:
+        return elastic.merged_client(ckpt_dir / tag, resize[1], rank, world_size, seed)
     client = torch.load(cpath, weights_only=False)
     return client

@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 
 UNIVERSAL = "universal"
-DONE = "megafusion_converted"  # written last: the conversion finished
 
 
 def saved_world(tag_dir: Path) -> int:
@@ -72,10 +71,9 @@ def convert(ckpt_dir: Path, tag: str, rank: int, log=print) -> Path:
 
 
 def converted(out: Path) -> bool:
-    """A finished conversion: ours (DONE, written last) or one a person ran beforehand
-    with ds_to_universal, which writes the model-state files after everything else."""
-    return (out / DONE).is_file() or ((out / "zero" / "optimizer_state.pt").is_file()
-                                      and any(out.glob("*model_states.pt")))
+    """A finished conversion: ours appears whole (renamed from .partial), and one a person
+    ran beforehand with ds_to_universal has its model-state files, written last."""
+    return (out / "zero" / "optimizer_state.pt").is_file() and any(out.glob("*model_states.pt"))
 
 
 def _run_conversion(src: Path, out: Path, log) -> str | None:
@@ -99,7 +97,6 @@ def _run_conversion(src: Path, out: Path, log) -> str | None:
     (tmp.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's; we name the folder ourselves
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    (out / DONE).write_text(str(src) + "\n")
     return None
 
 
@@ -121,8 +118,10 @@ def resume_plan(ckpt_dir: Path, world: int, zero_stage: int, pipeline_stages: in
 def merged_client(tag_dir: Path, old_world: int, rank: int, world: int, seed: int) -> dict:
     """This rank's client state for a run of `world` ranks, from the `old_world` client
     files of a checkpoint (see the module docstring)."""
+    from megafusion.parallel.checkpoint import client_path
+
     tag_dir = Path(tag_dir)
-    olds = [torch.load(tag_dir / f"megafusion_client_rank{r:05d}.pt", weights_only=False) for r in range(old_world)]
+    olds = [torch.load(client_path(tag_dir.parent, tag_dir.name, r), weights_only=False) for r in range(old_world)]
     first = olds[0]
     loader = dict(first["loader"]) if first.get("loader") is not None else None
     if loader is not None:
