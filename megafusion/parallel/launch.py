@@ -43,7 +43,7 @@ def setup_environment() -> DistEnv:
                 raise SystemExit(f"error: {name} is not set; launch with deepspeed, torchrun or the slurm/ scripts")
     choose_accelerator()
     if os.environ["DS_ACCELERATOR"] == "cpu":
-        # DeepSpeed's CPU accelerator builds its shared-memory comm op through torch's
+        # DeepSpeed's CPU accelerator JIT-builds its ops (CPU Adam) through torch's
         # cpp_extension, which warns once per rank that no CUDA runtime exists: true,
         # expected, and nothing a CPU user can act on.
         import logging
@@ -71,6 +71,20 @@ def process_group_backend(accelerator: str) -> str:
     raise ValueError(f"DS_ACCELERATOR={accelerator}: expected cuda or cpu")
 
 
+def skip_shm_allreduce_buffer():
+    """On the CPU accelerator DeepSpeed's process group builds its shared-memory all-reduce
+    (the deepspeed_shm_comm op) and has every rank create a 69 MB
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> that nothing ever
+    unlinks: each run leaks ~70 MB of RAM per rank, and a machine that runs many (a test
+    suite, a CPU cluster's jobs) fills its memory with them. Only DeepSpeed inference's
+    tensor-parallel all-reduce uses that op, never training; without it that all-reduce
+    falls back to torch.distributed. Marking the op incompatible skips it (and its JIT
+    build and "built successfully" print)."""
+    from deepspeed.git_version_info import compatible_ops
+
+    compatible_ops["deepspeed_shm_comm"] = False
+
+
 def init_distributed(env: DistEnv, timeout_minutes: float | None = None):
     """timeout_minutes: how long a collective waits (parallel.collective_timeout_minutes;
     None: DeepSpeed's default, $DEEPSPEED_TIMEOUT or 10 minutes)."""
@@ -83,6 +97,8 @@ def init_distributed(env: DistEnv, timeout_minutes: float | None = None):
     backend = process_group_backend(accelerator)
     if accelerator == "cuda":
         torch.cuda.set_device(env.local_rank)  # before the group binds its device
+    if accelerator == "cpu":
+        skip_shm_allreduce_buffer()
     kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
     return backend

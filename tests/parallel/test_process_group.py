@@ -1,6 +1,8 @@
 """Issue 11, blocker 2: on CUDA the process group was NCCL-only, and the trainer's own
 collectives used CPU tensors ("No backend type associated with device type cpu" on the
 first micro-batch). No GPU here, so both halves are checked with stand-ins."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -90,3 +92,33 @@ def test_trainer_collectives_put_their_tensors_on_the_engine_device(monkeypatch)
         with pytest.raises(_Seen):
             call()
     assert seen == ["meta"] * len(calls)
+
+
+def test_cpu_process_group_leaves_no_shared_memory_behind(tmp_path):
+    """DeepSpeed's CPU backend had every rank create a 69 MB
+    /dev/shm/deepspeed_allreduce_buffer_* that nothing unlinks: after a finished run its
+    segment stayed, and a day of test runs held 10 GB of this machine's RAM. One rank
+    that sets up the group the trainer's way and exits must leave /dev/shm as it was."""
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    port = launch._free_port()
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    code = ("from megafusion.parallel import launch\n"
+            "import torch.distributed as dist\n"
+            "launch.init_distributed(launch.setup_environment())\n"
+            "dist.all_reduce(__import__('torch').ones(1))\n"
+            "dist.destroy_process_group()\n")
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert glob.glob(pattern) == []
+    finally:
+        for path in glob.glob(pattern):
+            os.unlink(path)
