@@ -50,6 +50,11 @@ class FusionConfig:
     # always predicts its velocity, noise - x0.
     prediction_type: str = "epsilon"
     num_train_timesteps: int = 1000
+    # Rectified flow only: SD3's timestep shift s (sigma -> s sigma / (1 + (s - 1) sigma))
+    # on the training sigmas and the sampler's alike; s > 1 trains and samples more at high
+    # noise, where the layout is decided. Data scaled by k (pixel_scale) has every SNR
+    # k^2 higher, and s = k puts the schedule back where it was (configs/demo.yaml).
+    flow_shift: float = 1.0
     # Images that serve as a condition (image before its caption) are noised at most to
     # this timestep; 0 means they are always clean.
     condition_t_cap: int = 500
@@ -93,5 +98,9 @@ class FusionConfig:
             raise ValueError(f"model.condition_t_cap={self.condition_t_cap} outside [0, {self.num_train_timesteps}]")
         if not self.pixel_scale > 0:
             raise ValueError(f"model.pixel_scale={self.pixel_scale} must be > 0")
+        if not self.flow_shift > 0:
+            raise ValueError(f"model.flow_shift={self.flow_shift} must be > 0")
+        if self.flow_shift != 1.0 and self.objective != "rectified_flow":
+            raise ValueError(f"model.flow_shift={self.flow_shift} is for objective rectified_flow")
         if not 0.0 <= self.condition_clean_share <= 1.0:
             raise ValueError(f"model.condition_clean_share={self.condition_clean_share} outside [0, 1]")

@@ -155,15 +155,24 @@ class RectifiedFlow(DiffusionObjective):
     """Rectified flow (SD3 / X-Fusion): sigma = t / T, x_t = (1 - sigma) x0 + sigma noise,
     the network predicts the velocity dx_t/dsigma = noise - x0.
 
-    Generation images: sigma = sigmoid(u), u ~ N(0, 1) (SD3's logit-normal, mean 0, std 1),
-    t = sigma * T, clamped into (0, T). Condition images: t uniform in [0, cap], the same
-    rule as for DDPM (cap 500 of 1000 is sigma 0.5, SNR 1, close to where the cosine
-    schedule's t = 500 sits).
+    Generation images: sigma = shift(sigmoid(u)), u ~ N(0, 1) (SD3's logit-normal, mean 0,
+    std 1, then SD3's timestep shift s: sigma -> s sigma / (1 + (s - 1) sigma), s =
+    model.flow_shift), t = sigma * T, clamped into (0, T). Scaling the data by k multiplies
+    every SNR by k^2; the shift s = k gives each training sigma the SNR it had before, and
+    s > 1 in general spends more of the training at high noise, where an image's layout is
+    decided. Condition images: t uniform in [0, cap], the same rule as for DDPM (cap 500 of
+    1000 is sigma 0.5, SNR 1, close to where the cosine schedule's t = 500 sits); no shift.
     """
+
+    def __init__(self, num_train_timesteps: int, condition_clean_share: float = 0.0, shift: float = 1.0):
+        super().__init__(num_train_timesteps, condition_clean_share)
+        if not shift > 0:
+            raise ValueError(f"model.flow_shift={shift} must be > 0")
+        self.shift = float(shift)
 
     def _sample_generation(self, n, generator):
         u = torch.randn(n, generator=generator, device=generator.device if generator is not None else "cpu")
-        sigma = torch.sigmoid(u).clamp(1e-6, 1 - 1e-6)
+        sigma = shift_sigmas(torch.sigmoid(u), self.shift).clamp(1e-6, 1 - 1e-6)
         return sigma * self.num_train_timesteps
 
     def _sample_condition(self, n, cap, generator):
@@ -184,13 +193,19 @@ class RectifiedFlow(DiffusionObjective):
         return noise - x0
 
 
+def shift_sigmas(sigma, shift: float):
+    """SD3's timestep shift (diffusers' FlowMatchEulerDiscreteScheduler(shift=...) applies
+    the same map to its sampling sigmas): the SNR at each sigma divided by shift^2."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def make_objective(cfg: FusionConfig) -> DiffusionObjective:
     share = float(getattr(cfg, "condition_clean_share", 0.0))
     if cfg.objective == "ddpm":
         velocity = getattr(cfg, "prediction_type", "epsilon") == "v_prediction"
         return (DDPMVelocity if velocity else DDPMEpsilon)(cfg.num_train_timesteps, share)
     if cfg.objective == "rectified_flow":
-        return RectifiedFlow(cfg.num_train_timesteps, share)
+        return RectifiedFlow(cfg.num_train_timesteps, share, float(getattr(cfg, "flow_shift", 1.0)))
     raise ValueError(f"model.objective={cfg.objective!r}: expected one of ddpm, rectified_flow")
 
 
@@ -242,8 +257,8 @@ def make_sampler_scheduler(cfg: FusionConfig, num_inference_steps: int):
       data's std with a 0.5% error. For pixel images (in [-1, 1] x model.pixel_scale)
       the x0 estimate is clipped to that range (diffusers' dynamic thresholding),
       which is where a model's early errors go; VAE latents are unbounded and unclipped.
-    rectified_flow: FlowMatchEulerDiscreteScheduler (shift 1) with equally spaced sigmas
-      1, 1 - 1/steps, ..., 1/steps, then 0. Its timesteps are sigma * T, i.e. our t, and
+    rectified_flow: FlowMatchEulerDiscreteScheduler (shift model.flow_shift, as in
+      training) with equally spaced sigmas 1, 1 - 1/steps, ..., 1/steps, shifted, then 0. Its timesteps are sigma * T, i.e. our t, and
       its update x <- x + (sigma_next - sigma) * v is the Euler step of
       x_t = (1 - sigma) x0 + sigma noise with v = noise - x0. The first step is t = T
       (sigma 1, pure noise), the closed end of the training range (0, T); velocity
@@ -263,7 +278,7 @@ def make_sampler_scheduler(cfg: FusionConfig, num_inference_steps: int):
         sched.set_timesteps(timesteps=epsilon_sampler_timesteps(sched.alphas_cumprod, num_inference_steps))
         return sched
     if cfg.objective == "rectified_flow":
-        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=1.0)
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=float(getattr(cfg, "flow_shift", 1.0)))
         n = int(num_inference_steps)
         sched.set_timesteps(sigmas=[1.0 - i / n for i in range(n)])
         return sched

@@ -124,16 +124,20 @@ def test_timestep_sampling_and_condition_cap(objective):
 
 # --- sampling with an oracle ------------------------------------------------------------
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_sampler_with_oracle_recovers_x0(objective):
+@pytest.mark.parametrize("objective,shift", [("ddpm", 1.0), ("rectified_flow", 1.0), ("rectified_flow", 3.0)])
+def test_sampler_with_oracle_recovers_x0(objective, shift):
     # The sampler's time and noise conventions are the objective's: an oracle that knows
     # x0 is led back to it. (Latent space: pixel sampling would clip this randn x0.)
-    cfg = FusionConfig(objective=objective, image_mode="vae", vae_path="unused")
+    cfg = FusionConfig(objective=objective, image_mode="vae", vae_path="unused", flow_shift=shift)
     obj = make_objective(cfg)
     x0, noise = _fixed(n=3, shape=(4, 8, 8), seed=7)
     sched = make_sampler_scheduler(cfg, num_inference_steps=10)
     ts = sched.timesteps
     assert ts.min() >= 1 and ts.max() <= obj.num_train_timesteps  # our t, never "clean"
+    if objective == "rectified_flow":  # SD3's shift of 1, 0.9, ..., 0.1 (the training's, see above)
+        even = torch.linspace(1, 0.1, 10, dtype=torch.float64)
+        torch.testing.assert_close(sched.sigmas[:-1].double(), shift * even / (1 + (shift - 1) * even),
+                                   rtol=0, atol=1e-6)
 
     def oracle(x_t, t):
         if objective == "ddpm":  # the epsilon that puts x_t on the line from x0
@@ -150,6 +154,36 @@ def test_sampler_with_oracle_recovers_x0(objective):
     t_mid = ts[len(ts) // 2].float().expand(3)
     x_mid = obj.add_noise(x0, noise, t_mid)
     torch.testing.assert_close(oracle(x_mid, ts[len(ts) // 2]), obj.target(x0, noise, t_mid), rtol=0, atol=1e-4)
+
+
+def _logit_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """P(sigmoid(u) <= x), u ~ N(0, 1)."""
+    return 0.5 * (1 + torch.erf(torch.logit(x.double()) / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.5])
+def test_flow_shift_moves_training_sigmas_as_sd3(shift):
+    """SD3's shifted logit-normal: sigma = s y / (1 + (s - 1) y), y = sigmoid(u), so
+    P(sigma <= x) = P(y <= x / (s - (s - 1) x)). The drawn timesteps' empirical CDF must
+    follow that closed form (Kolmogorov-Smirnov distance; 20000 draws put the 99.9%
+    quantile of the distance near 0.014)."""
+    obj = make_objective(FusionConfig(objective="rectified_flow", flow_shift=shift))
+    n = 20000
+    t = obj.sample_timesteps(torch.zeros(n, dtype=torch.bool), cap=500, generator=torch.Generator().manual_seed(4))
+    sigma = (t / obj.num_train_timesteps).double().sort().values
+    expected = _logit_normal_cdf(sigma / (shift - (shift - 1) * sigma))
+    empirical_hi = torch.arange(1, n + 1, dtype=torch.float64) / n
+    distance = torch.maximum((empirical_hi - expected).abs(), (empirical_hi - 1 / n - expected).abs()).max()
+    assert distance < 0.015, float(distance)
+    if shift > 1:  # the point of the shift: more of the training at high noise
+        assert (sigma > 0.8).double().mean() > 2 * (1 - _logit_normal_cdf(torch.tensor(0.8)))
+
+
+def test_flow_shift_is_checked():
+    with pytest.raises(ValueError, match="flow_shift=0"):
+        FusionConfig(objective="rectified_flow", flow_shift=0.0).validate()
+    with pytest.raises(ValueError, match="flow_shift=3.0 is for objective rectified_flow"):
+        FusionConfig(objective="ddpm", flow_shift=3.0).validate()
 
 
 def test_epsilon_sampler_never_asks_about_clean_or_near_zero_snr():
