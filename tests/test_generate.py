@@ -58,6 +58,13 @@ def fused_rf(base):
     return make_fused(base, objective="rectified_flow")
 
 
+@pytest.fixture(scope="module")
+def fused_x0(base):
+    """Rectified flow with x-prediction (model.prediction_type=sample) and the learned
+    image position table."""
+    return make_fused(base, objective="rectified_flow", prediction_type="sample", image_position="learned")
+
+
 def ids(n, seed, vocab=49152):
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -73,7 +80,7 @@ def training_forward(model, rows, noise=None):
 
 # ------------------------------------------------------------------- the forward paths
 
-@pytest.mark.parametrize("which", ["fused", "fused_rf"])
+@pytest.mark.parametrize("which", ["fused", "fused_rf", "fused_x0"])
 def test_cached_denoising_step_equals_the_training_forward(which, request):
     model = request.getfixturevalue(which)
     boi, eoi = model.boi_id, model.eoi_id
@@ -277,6 +284,27 @@ def test_export_of_vae_and_unet_model_loads_back(base, tmp_path, tiny_llama):
     m16 = LMFusionForCausalLM.from_pretrained(out16, dtype=torch.bfloat16)
     assert m16.model.layers[0].image.q_proj.weight.dtype == torch.bfloat16
     assert torch.equal(m16.model.layers[0].image.q_proj.weight, model.layers[0].image.q_proj.weight.to(torch.bfloat16))
+
+
+def test_export_of_x_prediction_with_position_table_loads_back(fused_x0, tmp_path, tiny_llama):
+    """The learned position table and prediction_type=sample survive the export: the
+    loaded model's cached denoising step (a velocity) equals the source model's."""
+    from megafusion.export import export_fused
+    from megafusion.model.hf import LMFusionForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    out = export_fused(copy.deepcopy(fused_x0), tok, tmp_path / "x0_export", bos=1, eos=2)
+    loaded = LMFusionForCausalLM.from_pretrained(out).model.eval()
+    assert loaded.cfg.prediction_type == "sample" and loaded.cfg.image_position == "learned"
+    assert torch.equal(loaded.image_tokenizer.embedder.position, fused_x0.image_tokenizer.embedder.position)
+    prompt = [[1] + ids(5, 8) + [fused_x0.boi_id]]
+    x_t = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([600.0])
+    with torch.no_grad():
+        ref = inf.cached_denoiser(fused_x0, inf.prefill(fused_x0, prompt)[0])(x_t, t)
+        got = inf.cached_denoiser(loaded, inf.prefill(loaded, prompt)[0])(x_t, t)
+    assert ref.abs().max() > 0.1
+    assert (got - ref).abs().max().item() <= TOL
 
 
 def test_python_api_on_an_exported_model(exported, fused, base):

@@ -39,6 +39,10 @@ class FusionConfig:
     # U-Net down blocks in, up blocks out).
     patcher: str = "linear"
     patch_size: int = 2
+    # "learned": a learned absolute position embedding per patch added to the image tokens
+    # (ViT's); "none": the tokens know their place from the sequence's RoPE alone
+    # (configs/demo.yaml has what each gives on the demo task).
+    image_position: str = "none"
     unet_channels: tuple[int, ...] = (64, 128)
     unet_layers_per_block: int = 1
 
@@ -46,8 +50,11 @@ class FusionConfig:
     objective: str = "ddpm"
     # What the network predicts under ddpm: "epsilon" (the noise: LMFusion, Transfusion)
     # or "v_prediction" (v = sqrt(ab) noise - sqrt(1 - ab) x0: well conditioned at high
-    # noise, where epsilon's x0 estimate divides errors by sqrt(ab)). Rectified flow
-    # always predicts its velocity, noise - x0.
+    # noise, where epsilon's x0 estimate divides errors by sqrt(ab)). Under rectified flow
+    # the loss and the sampler use the velocity noise - x0; the network predicts it
+    # ("epsilon", the default name for "the objective's own target") or predicts the clean
+    # image x0 ("sample"; Li & He's JiT: the velocity is then (x_t - x0) / sigma, and the
+    # network need not carry the noise through its layers).
     prediction_type: str = "epsilon"
     num_train_timesteps: int = 1000
     # Rectified flow only: SD3's timestep shift s (sigma -> s sigma / (1 + (s - 1) sigma))
@@ -82,8 +89,9 @@ class FusionConfig:
             "fused_rmsnorm": ("none", "apex"),
             "image_mode": ("vae", "pixel"),
             "patcher": ("linear", "unet"),
+            "image_position": ("none", "learned"),
             "objective": ("ddpm", "rectified_flow"),
-            "prediction_type": ("epsilon", "v_prediction"),
+            "prediction_type": ("epsilon", "v_prediction", "sample"),
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -91,7 +99,9 @@ class FusionConfig:
                 raise ValueError(f"model.{name}={value!r}: expected one of {', '.join(allowed)}")
         if self.image_mode == "vae" and not self.vae_path:
             raise ValueError("model.image_mode=vae needs model.vae_path (an AutoencoderKL directory)")
-        if self.objective == "rectified_flow" and self.prediction_type != "epsilon":
+        if self.objective == "ddpm" and self.prediction_type == "sample":
+            raise ValueError("model.prediction_type='sample' (x-prediction) is for objective rectified_flow")
+        if self.objective == "rectified_flow" and self.prediction_type not in ("epsilon", "sample"):
             raise ValueError(f"model.prediction_type={self.prediction_type!r} is for objective ddpm; "
                              "rectified flow always predicts its velocity")
         if not 0 <= self.condition_t_cap <= self.num_train_timesteps:

@@ -32,6 +32,7 @@ def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class DiffusionObjective:
     num_train_timesteps: int
+    predicts_sample = False  # the network predicts x0 (RectifiedFlow with prediction_type sample)
 
     def __init__(self, num_train_timesteps: int, condition_clean_share: float = 0.0):
         self.num_train_timesteps = int(num_train_timesteps)
@@ -73,6 +74,10 @@ class DiffusionObjective:
             cond = torch.where(clean, torch.zeros_like(cond), cond)
         t = torch.where(is_condition.to(gen.device), cond, gen)
         return t.to(device=is_condition.device, dtype=torch.float32)
+
+    def velocity(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the sampler and the loss take from the network's output (see RectifiedFlow)."""
+        return pred
 
     def loss(self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
              weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,11 +169,27 @@ class RectifiedFlow(DiffusionObjective):
     1000 is sigma 0.5, SNR 1, close to where the cosine schedule's t = 500 sits); no shift.
     """
 
-    def __init__(self, num_train_timesteps: int, condition_clean_share: float = 0.0, shift: float = 1.0):
+    # x-prediction divides by sigma to give the velocity; below this sigma it divides by
+    # this instead (JiT's clip), so the loss weight 1 / sigma^2 stays at most 400.
+    SAMPLE_SIGMA_MIN = 0.05
+
+    def __init__(self, num_train_timesteps: int, condition_clean_share: float = 0.0, shift: float = 1.0,
+                 predicts_sample: bool = False):
         super().__init__(num_train_timesteps, condition_clean_share)
         if not shift > 0:
             raise ValueError(f"model.flow_shift={shift} must be > 0")
         self.shift = float(shift)
+        self.predicts_sample = bool(predicts_sample)
+
+    def velocity(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity the network's output stands for. prediction_type=sample: the
+        network predicts the clean image x0 (Li & He's JiT, "Back to Basics": a network
+        need not carry the noise through its layers to predict it), and v = (x_t - x0) /
+        sigma, so the loss stays the velocity loss and the sampler the same Euler steps."""
+        if not self.predicts_sample:
+            return pred
+        sigma = _rows(self.sigma(t).to(device=pred.device, dtype=torch.float32), pred)
+        return (x_t.float() - pred.float()) / sigma.clamp_min(self.SAMPLE_SIGMA_MIN)
 
     def _sample_generation(self, n, generator):
         u = torch.randn(n, generator=generator, device=generator.device if generator is not None else "cpu")
@@ -205,7 +226,8 @@ def make_objective(cfg: FusionConfig) -> DiffusionObjective:
         velocity = getattr(cfg, "prediction_type", "epsilon") == "v_prediction"
         return (DDPMVelocity if velocity else DDPMEpsilon)(cfg.num_train_timesteps, share)
     if cfg.objective == "rectified_flow":
-        return RectifiedFlow(cfg.num_train_timesteps, share, float(getattr(cfg, "flow_shift", 1.0)))
+        return RectifiedFlow(cfg.num_train_timesteps, share, float(getattr(cfg, "flow_shift", 1.0)),
+                             predicts_sample=getattr(cfg, "prediction_type", "epsilon") == "sample")
     raise ValueError(f"model.objective={cfg.objective!r}: expected one of ddpm, rectified_flow")
 
 

@@ -335,7 +335,7 @@ class LMFusionModel(nn.Module):
             logits = logits.view(routing.batch_size, routing.seq_len, -1)
 
         h_img = self.image_norm(h[routing.n_text:]).view(n_images, self.tokens_per_image, h.shape[-1])
-        pred = self.image_tokenizer.predict(h_img, aux)
+        pred = self.objective.velocity(self.image_tokenizer.predict(h_img, aux), x_t, t)
         # A clean image (t == 0, a condition for understanding) has no noise to predict;
         # only noised images carry the diffusion loss.
         noised = t > 0

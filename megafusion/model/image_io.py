@@ -26,6 +26,11 @@ Two patchers (same token grid (h/p, w/p), so the token count never depends on th
           output side can live on another pipeline stage and only hidden states (plus t)
           cross stage boundaries instead of full-resolution feature maps.
 
+model.image_position=learned adds a learned table [tokens_per_image, hidden] to the
+embedder's tokens (ViT's absolute position embedding; embedder.position). Without it an
+image token knows where it sits only through RoPE's relative offsets to the tokens it
+attends to, which the copied text weights do not read as a place in a 2D grid.
+
 aux returned by embed is the timesteps t [N]; predict needs nothing else. The parameters
 of the two sides are disjoint (`embedder`, `predictor`; each has its own timestep
 embedding), so pipeline stages can own them without weight tying.
@@ -302,6 +307,10 @@ class ImageTokenizer(nn.Module):
                 self.vae = self._vae_loader(cfg.vae_path) if cfg.image_mode == "vae" else None
                 self.embedder = (LinearEmbedder(c, p, hidden) if cfg.patcher == "linear"
                                  else UNetEmbedder(c, p, hidden, channels, cfg.unet_layers_per_block))
+                if getattr(cfg, "image_position", "none") == "learned":
+                    # ViT's learned absolute position embedding, one row per patch of the
+                    # grid, drawn as ViT/DiT draw theirs (normal, std 0.02).
+                    self.embedder.position = nn.Parameter(torch.randn(1, self.tokens_per_image, hidden) * 0.02)
             else:
                 self.predictor = (LinearPredictor(c, p, hidden, h, w) if cfg.patcher == "linear"
                                   else UNetPredictor(c, p, hidden, channels, cfg.unet_layers_per_block, h, w))
@@ -338,7 +347,11 @@ class ImageTokenizer(nn.Module):
         if tuple(noisy.shape[1:]) != self.latent_shape:
             raise ValueError(f"image shape {tuple(noisy.shape[1:])} != latent_shape {self.latent_shape}")
         t = torch.as_tensor(t, device=noisy.device).float().reshape(noisy.shape[0])
-        return self.embedder(noisy, t), t
+        tokens = self.embedder(noisy, t)
+        position = getattr(self.embedder, "position", None)
+        if position is not None:
+            tokens = tokens + position.to(tokens.dtype)
+        return tokens, t
 
     def predict(self, hidden: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         """hidden [N, tokens_per_image, hidden] (the transformer's last hidden states at

@@ -301,7 +301,7 @@ def cached_denoiser(model, cache: KVCache) -> Denoiser:
 
     def denoise(x_t, t):
         out = forward_tokens(model, image_batch(x_t, t, model.tokens_per_image), cache, store=False)
-        return image_predictions(model, out)
+        return model.objective.velocity(image_predictions(model, out), x_t, torch.as_tensor(t, device=x_t.device))
 
     return denoise
 
@@ -313,7 +313,8 @@ def uncached_denoiser(model, rows: Sequence[Sequence]) -> Denoiser:
         t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x_t.shape[0])
         full = [list(row) + [(x_t[i], float(t[i]))] for i, row in enumerate(rows)]
         batch = encode_rows(full, model.tokens_per_image, model.image_tokenizer.latent_shape)
-        return image_predictions(model, forward_tokens(model, batch, None, store=False))
+        return model.objective.velocity(image_predictions(model, forward_tokens(model, batch, None, store=False)),
+                                        x_t, t)
 
     return denoise
 

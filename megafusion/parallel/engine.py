@@ -18,7 +18,7 @@ from megafusion.config import RunConfig, lr_multiplier, optimizer_offloaded
 # the begin/end-of-image rows beside the frozen vocabulary and, for untied heads, their
 # logit rows (megafusion/model/fusion.py). Decaying them pulls BOI/EOI towards zero while
 # every other token's row is untouched.
-EMBEDDING_ROWS = ("image_token_embed", "image_token_head")
+EMBEDDING_ROWS = ("image_token_embed", "image_token_head", "position")
 
 
 def _shape(p: torch.Tensor) -> tuple:

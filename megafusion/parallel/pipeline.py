@@ -198,6 +198,8 @@ class EmbedStage(_Stage):
             tokens, _ = f.image_tokenizer.embed(x_t, t)
             parts.append(tokens.reshape(-1, tokens.shape[-1]).to(parts[0].dtype if parts else dtype))
             target = f.objective.target(x0, noise, t).float()
+            if f.objective.predicts_sample:  # the last stage turns its x0 into a velocity at x_t
+                target = torch.cat([target, x_t.float()], 1)
         else:
             target = torch.zeros(0, 1, 1, 1, device=device)
         h = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
@@ -264,6 +266,9 @@ class HeadStage(_Stage):
             n_img = target.shape[0]
             hi = self.image_norm(h[routing.n_text:]).view(n_img, f.tokens_per_image, -1)
             pred = self.predictor(hi, t)
+            if f.objective.predicts_sample:
+                target, x_t = target.chunk(2, dim=1)
+                pred = f.objective.velocity(pred, x_t, t)
             noised = t > 0
             if bool(noised.any()):
                 diff = F.mse_loss(pred[noised].float(), target[noised])

@@ -124,11 +124,14 @@ def test_timestep_sampling_and_condition_cap(objective):
 
 # --- sampling with an oracle ------------------------------------------------------------
 
-@pytest.mark.parametrize("objective,shift", [("ddpm", 1.0), ("rectified_flow", 1.0), ("rectified_flow", 3.0)])
-def test_sampler_with_oracle_recovers_x0(objective, shift):
+@pytest.mark.parametrize("objective,shift,prediction", [("ddpm", 1.0, "epsilon"), ("rectified_flow", 1.0, "epsilon"),
+                                                         ("rectified_flow", 3.0, "epsilon"),
+                                                         ("rectified_flow", 1.0, "sample")])
+def test_sampler_with_oracle_recovers_x0(objective, shift, prediction):
     # The sampler's time and noise conventions are the objective's: an oracle that knows
     # x0 is led back to it. (Latent space: pixel sampling would clip this randn x0.)
-    cfg = FusionConfig(objective=objective, image_mode="vae", vae_path="unused", flow_shift=shift)
+    cfg = FusionConfig(objective=objective, image_mode="vae", vae_path="unused", flow_shift=shift,
+                       prediction_type=prediction)
     obj = make_objective(cfg)
     x0, noise = _fixed(n=3, shape=(4, 8, 8), seed=7)
     sched = make_sampler_scheduler(cfg, num_inference_steps=10)
@@ -143,6 +146,8 @@ def test_sampler_with_oracle_recovers_x0(objective, shift):
         if objective == "ddpm":  # the epsilon that puts x_t on the line from x0
             ac = obj.alphas_cumprod[int(t)]
             return (x_t - ac.sqrt() * x0) / (1 - ac).sqrt()
+        if prediction == "sample":  # x-prediction: the network's answer is x0 itself
+            return obj.velocity(x0, x_t, t.float().expand(x_t.shape[0]))
         return noise - x0
 
     x = noise.clone()  # pure noise
@@ -177,6 +182,24 @@ def test_flow_shift_moves_training_sigmas_as_sd3(shift):
     assert distance < 0.015, float(distance)
     if shift > 1:  # the point of the shift: more of the training at high noise
         assert (sigma > 0.8).double().mean() > 2 * (1 - _logit_normal_cdf(torch.tensor(0.8)))
+
+
+def test_sample_prediction_loss_is_the_velocity_loss_of_its_x0():
+    """x-prediction (JiT): the velocity of a predicted x0 at x_t is (x_t - x0_hat) / sigma,
+    so the velocity loss is |x0_hat - x0|^2 / sigma^2, with sigma clipped at 0.05."""
+    obj = make_objective(FusionConfig(objective="rectified_flow", prediction_type="sample"))
+    x0, noise = _fixed(n=4, shape=(3, 4, 4), seed=3)
+    x0_hat = x0 + 0.1 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(9))
+    t = torch.tensor([10.0, 200.0, 600.0, 990.0])  # sigma 0.01 (clipped to 0.05), 0.2, 0.6, 0.99
+    x_t = obj.add_noise(x0, noise, t)
+    loss = obj.loss(obj.velocity(x0_hat, x_t, t), x0, noise, t)
+    sigma = torch.tensor([0.05, 0.2, 0.6, 0.99])
+    per_image = ((x0_hat - x0) ** 2).flatten(1).mean(1) / sigma**2
+    clipped_row = ((x_t[0] - x0_hat[0]) / 0.05 - (noise[0] - x0[0])) ** 2  # the clip's own row
+    expected = torch.cat([clipped_row.mean()[None], per_image[1:]]).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="is for objective rectified_flow"):
+        FusionConfig(objective="ddpm", prediction_type="sample").validate()
 
 
 def test_flow_shift_is_checked():

@@ -121,6 +121,27 @@ def test_linear_patcher_token_k_sees_patch_k():
         torch.testing.assert_close(tok.predict(tokens, aux), x)
 
 
+@pytest.mark.parametrize("patcher", ["linear", "unet"])
+def test_learned_position_table_tells_equal_patches_apart(patcher):
+    """A flat image gives every patch the same vector, so without position information
+    all tokens are equal; image_position=learned adds its own row to each token and
+    changes nothing else (same seed: the same patcher weights)."""
+    flat = torch.full((2, 3, 16, 16), 0.3)
+    t = torch.tensor([100.0, 900.0])
+    plain = ImageTokenizer(_cfg(image_size=16, patcher=patcher), HIDDEN, side_seed=5)
+    placed = ImageTokenizer(_cfg(image_size=16, patcher=patcher, image_position="learned"), HIDDEN, side_seed=5)
+    tokens, _ = plain.embed(flat, t)
+    if patcher == "linear":  # the U-Net's zero padding already marks the border patches
+        assert torch.equal(tokens, tokens[:, :1].expand_as(tokens))
+    table = dict(placed.named_parameters())["embedder.position"]
+    assert table.shape == (1, tokens_per_image(placed.cfg), HIDDEN) and table.requires_grad
+    moved, _ = placed.embed(flat, t)
+    torch.testing.assert_close(moved, tokens + table, rtol=0, atol=1e-6)
+    assert len({tuple(row.tolist()) for row in moved[0]}) == moved.shape[1]  # every token its own
+    with pytest.raises(ValueError, match="image_position"):
+        _cfg(image_position="sincos").validate()
+
+
 def test_missing_or_wrong_vae_path_names_it(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(ValueError, match=str(missing)):

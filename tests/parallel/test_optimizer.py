@@ -82,10 +82,13 @@ def test_cpu_optimizer_steps_like_the_per_tensor_loop():
 
 def decays_by_name(name: str) -> bool:
     """Brute force on names: no decay for biases, anything inside a *norm* module, the
-    token embedding table and the BOI/EOI rows (image_token_embed, image_token_head)."""
+    token embedding table, the image position table and the BOI/EOI rows
+    (image_token_embed, image_token_head)."""
     parts = name.split(".")
     owner = parts[-2] if len(parts) > 1 else ""
     if parts[-1] == "bias" or "norm" in owner or owner == "embed_tokens":
+        return False
+    if name == "image_tokenizer.embedder.position":
         return False
     return name not in ("image_token_embed", "image_token_head")
 
@@ -105,6 +108,7 @@ def check_groups(described: dict, weight_decay: float) -> None:
 @pytest.mark.parametrize("extra", [
     ["model.patcher=linear"],
     ["model.patcher=unet"],
+    ["model.image_position=learned"],
     ["model.train_text_tower=true", "train.text_lr=1e-4"],  # tied embedding + LM head trainable
 ])
 def test_weight_decay_groups_follow_name_rule(tiny_llama, extra):

@@ -91,6 +91,32 @@ def run_stages(stages, batch, seed):
     return x.detach(), grads, saved
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+def test_stage_losses_equal_the_whole_models(tiny_llama, prediction):
+    """Rectified flow, velocity or x-prediction: the head stage's (total, lm, diffusion)
+    equal the single-process model's on the same batch and noise draw. x-prediction
+    needs x_t at the head (the velocity of an x0 is (x_t - x0) / sigma)."""
+    from megafusion.model.fusion import LMFusionModel
+
+    cfg = tiny_cfg(tiny_llama, "model.objective=rectified_flow", f"model.prediction_type={prediction}")
+    torch.manual_seed(cfg.run.seed)
+    _, stages = all_stages(cfg)
+    torch.manual_seed(cfg.run.seed)
+    whole = LMFusionModel(load_base_model(tiny_llama), cfg.model)
+    with torch.no_grad():  # a predictor that is not zero, so the x0 -> velocity step shows
+        for module in (whole, stages[-1]):
+            module.get_submodule("image_tokenizer.predictor.proj" if module is whole else "predictor.proj") \
+                .weight.copy_(torch.linspace(-0.05, 0.05, whole.image_tokenizer.predictor.proj.weight.numel())
+                              .view_as(whole.image_tokenizer.predictor.proj.weight))
+    batch = mixed_batch(whole)
+    losses, _, _ = run_stages(stages, batch, seed=3)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        ref = whole(batch)
+    torch.testing.assert_close(losses[2], ref.diffusion_loss.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[1], ref.lm_loss.float(), rtol=1e-5, atol=1e-6)
+
+
 def test_activation_checkpointing_recomputes_decoder_stages(tiny_llama):
     """With model.activation_checkpointing the decoder stages keep (almost) nothing for
     backward and recompute; gradients equal those of the same stages without it."""
