@@ -280,9 +280,10 @@ def make_sampler_scheduler(cfg: FusionConfig, num_inference_steps: int):
       the x0 estimate is clipped to that range (diffusers' dynamic thresholding),
       which is where a model's early errors go; VAE latents are unbounded and unclipped.
     rectified_flow: FlowMatchEulerDiscreteScheduler (shift model.flow_shift, as in
-      training) with equally spaced sigmas 1, 1 - 1/steps, ..., 1/steps, shifted, then 0. Its timesteps are sigma * T, i.e. our t, and
-      its update x <- x + (sigma_next - sigma) * v is the Euler step of
-      x_t = (1 - sigma) x0 + sigma noise with v = noise - x0. The first step is t = T
+      training) with equally spaced sigmas 1, 1 - 1/steps, ..., 1/steps, shifted, then
+      0. Its timesteps are sigma * T, i.e. our t, and its update x <- x + (sigma_next -
+      sigma) * v is the Euler step of x_t = (1 - sigma) x0 + sigma noise with v = noise -
+      x0 (under prediction_type sample, v = (x_t - x0_hat) / sigma). The first step is t = T
       (sigma 1, pure noise), the closed end of the training range (0, T); velocity
       prediction is well conditioned there.
     Start from x = randn (pure noise) in both cases.

@@ -177,6 +177,13 @@ def _groups(channels) -> int:
     return max(d for d in (32, 16, 8, 4, 2, 1) if g % d == 0)
 
 
+def _add_position(embedder: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens + the embedder's learned position table, where it has one. Inside the
+    embedder's own forward, so that ZeRO-3 has gathered the table with the embedder."""
+    position = getattr(embedder, "position", None)
+    return tokens if position is None else tokens + position.to(tokens.dtype)
+
+
 class LinearEmbedder(nn.Module):
     def __init__(self, c: int, p: int, hidden: int):
         super().__init__()
@@ -186,7 +193,7 @@ class LinearEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tokens = self.proj(patchify(x.to(self.proj.weight.dtype), self.p))
-        return tokens + _embed_time(self.time, t)[:, None, :].to(tokens.dtype)
+        return _add_position(self, tokens + _embed_time(self.time, t)[:, None, :].to(tokens.dtype))
 
 
 class LinearPredictor(nn.Module):
@@ -224,7 +231,7 @@ class UNetEmbedder(nn.Module):
         for block in self.down_blocks:
             h, _ = block(h, temb)  # the per-layer outputs would be skips; unused (see top)
         h = nn.functional.silu(self.norm_out(h))
-        return self.proj(patchify(h, self.p))
+        return _add_position(self, self.proj(patchify(h, self.p)))
 
 
 class UNetPredictor(nn.Module):
@@ -347,11 +354,7 @@ class ImageTokenizer(nn.Module):
         if tuple(noisy.shape[1:]) != self.latent_shape:
             raise ValueError(f"image shape {tuple(noisy.shape[1:])} != latent_shape {self.latent_shape}")
         t = torch.as_tensor(t, device=noisy.device).float().reshape(noisy.shape[0])
-        tokens = self.embedder(noisy, t)
-        position = getattr(self.embedder, "position", None)
-        if position is not None:
-            tokens = tokens + position.to(tokens.dtype)
-        return tokens, t
+        return self.embedder(noisy, t), t
 
     def predict(self, hidden: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         """hidden [N, tokens_per_image, hidden] (the transformer's last hidden states at
