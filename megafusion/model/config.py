@@ -103,7 +103,7 @@ class FusionConfig:
             raise ValueError("model.prediction_type='sample' (x-prediction) is for objective rectified_flow")
         if self.objective == "rectified_flow" and self.prediction_type not in ("epsilon", "sample"):
             raise ValueError(f"model.prediction_type={self.prediction_type!r} is for objective ddpm; "
-                             "rectified flow always predicts its velocity")
+                             "rectified flow takes epsilon (its velocity) or sample (x0)")
         if not 0 <= self.condition_t_cap <= self.num_train_timesteps:
             raise ValueError(f"model.condition_t_cap={self.condition_t_cap} outside [0, {self.num_train_timesteps}]")
         if not self.pixel_scale > 0:
