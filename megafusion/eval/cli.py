@@ -2,6 +2,7 @@
 written as JSON (--out).
 
     shapes --model DIR [--data data/synthetic/train/val] [--n 64] [--steps S] [--cfg G] [--batch 16]
+    probe  --model DIR [--data data/synthetic/train/val] [--n 64] [--levels 0.98,0.9,0.7,0.5]
     text   --model DIR --base BASE [--corpus FILE.jsonl]
     fid    --real SHARDS|DIR (--fake SHARDS|DIR | --model DIR) --inception-weights FILE [--dims 2048]
     clip   (--model DIR | --images SHARDS|DIR) [--data SHARDS | --captions FILE.jsonl] --clip-model DIR
@@ -21,7 +22,7 @@ DEFAULT_SHAPES_DATA = "data/synthetic/train/val"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/evaluate.py", description="Quality metrics of a megafusion model.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{shapes,text,fid,clip,cider}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{shapes,probe,text,fid,clip,cider}")
 
     def common(s, model_required=False, sampling=False):
         s.add_argument("--model", required=model_required,
@@ -44,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=24)
     s.add_argument("--only", choices=("generation", "captioning"), default=None, help="one direction only")
     s.add_argument("--save-images", default=None, metavar="DIR", help="also write the drawn images as PNGs")
+
+    s = sub.add_parser("probe", help="which words of a prompt the image generator reads (seconds, no sampling)")
+    common(s, model_required=True)
+    s.set_defaults(n=64)
+    s.add_argument("--data", default=DEFAULT_SHAPES_DATA, help="held-out synthetic shards (with a meta column)")
+    s.add_argument("--levels", default="0.98,0.9,0.7,0.5", help="noise levels, as fractions of the timestep range")
+    s.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("text", help="text preservation against the base model (logits, perplexity)")
     common(s, model_required=True)
@@ -111,6 +119,24 @@ def run_shapes(args) -> tuple[dict, str]:
             im.save(folder / f"{rec['id']}.png")
     result.update(model=str(args.model), data=str(args.data))
     return result, format_shapes(result)
+
+
+def run_probe(args) -> tuple[dict, str]:
+    from megafusion.eval.model_io import load_model
+    from megafusion.eval.probe import format_probe, probe_prompt_use
+    from megafusion.eval.rows import read_shards
+
+    try:
+        levels = tuple(float(x) for x in args.levels.split(","))
+    except ValueError:
+        raise EvalError(f"--levels {args.levels}: expected numbers separated by commas") from None
+    if not all(0 < lv < 1 for lv in levels):
+        raise EvalError(f"--levels {args.levels}: each must be in (0, 1)")
+    rows = read_shards(args.data, args.n, "--data")
+    gen = load_model(args.model, args.tag, args.device)
+    result = probe_prompt_use(gen, rows, levels=levels, seed=args.seed, batch=args.batch, progress=not args.no_progress)
+    result.update(model=str(args.model), data=str(args.data))
+    return result, format_probe(result)
 
 
 def run_text(args) -> tuple[dict, str]:
@@ -227,7 +253,7 @@ def run_cider(args) -> tuple[dict, str]:
     return result, text
 
 
-COMMANDS = dict(shapes=run_shapes, text=run_text, fid=run_fid, clip=run_clip, cider=run_cider)
+COMMANDS = dict(shapes=run_shapes, probe=run_probe, text=run_text, fid=run_fid, clip=run_clip, cider=run_cider)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -62,6 +62,17 @@ class FusionConfig:
     # noise, where the layout is decided. Data scaled by k (pixel_scale) has every SNR
     # k^2 higher, and s = k puts the schedule back where it was (configs/demo.yaml).
     flow_shift: float = 1.0
+    # Rectified flow only: how training draws sigma before the shift, by diffusers'
+    # compute_density_for_timestep_sampling (SD3's schemes): "logit_normal" (sigmoid of
+    # N(flow_logit_mean, flow_logit_std); a positive mean trains noisier, as in the SD3
+    # paper), "uniform" (the original rectified flow's), or "mode" (flow_mode_scale).
+    # logit_normal(0, 1) puts 1.4% of the draws above sigma 0.9, where a caption's
+    # position words decide an image's layout once pixel_scale has raised every SNR
+    # (configs/demo.yaml has what each gives on the demo task).
+    flow_timesteps: str = "logit_normal"
+    flow_logit_mean: float = 0.0
+    flow_logit_std: float = 1.0
+    flow_mode_scale: float = 1.29
     # Images that serve as a condition (image before its caption) are noised at most to
     # this timestep; 0 means they are always clean.
     condition_t_cap: int = 500
@@ -92,6 +103,7 @@ class FusionConfig:
             "image_position": ("none", "learned"),
             "objective": ("ddpm", "rectified_flow"),
             "prediction_type": ("epsilon", "v_prediction", "sample"),
+            "flow_timesteps": ("logit_normal", "uniform", "mode"),
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -112,5 +124,11 @@ class FusionConfig:
             raise ValueError(f"model.flow_shift={self.flow_shift} must be > 0")
         if self.flow_shift != 1.0 and self.objective != "rectified_flow":
             raise ValueError(f"model.flow_shift={self.flow_shift} is for objective rectified_flow")
+        if not self.flow_logit_std > 0:
+            raise ValueError(f"model.flow_logit_std={self.flow_logit_std} must be > 0")
+        flow_defaults = dict(flow_timesteps="logit_normal", flow_logit_mean=0.0, flow_logit_std=1.0, flow_mode_scale=1.29)
+        changed = [k for k, v in flow_defaults.items() if getattr(self, k) != v]
+        if changed and self.objective != "rectified_flow":
+            raise ValueError(f"model.{changed[0]}={getattr(self, changed[0])!r} is for objective rectified_flow")
         if not 0.0 <= self.condition_clean_share <= 1.0:
             raise ValueError(f"model.condition_clean_share={self.condition_clean_share} outside [0, 1]")

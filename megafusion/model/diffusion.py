@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from .config import FusionConfig
 
@@ -160,8 +161,9 @@ class RectifiedFlow(DiffusionObjective):
     """Rectified flow (SD3 / X-Fusion): sigma = t / T, x_t = (1 - sigma) x0 + sigma noise,
     the network predicts the velocity dx_t/dsigma = noise - x0.
 
-    Generation images: sigma = shift(sigmoid(u)), u ~ N(0, 1) (SD3's logit-normal, mean 0,
-    std 1, then SD3's timestep shift s: sigma -> s sigma / (1 + (s - 1) sigma), s =
+    Generation images: sigma = shift(y), y drawn by model.flow_timesteps (default SD3's
+    logit-normal: y = sigmoid(u), u ~ N(0, 1); or uniform, or SD3's mode), then SD3's
+    timestep shift s: sigma -> s sigma / (1 + (s - 1) sigma), s =
     model.flow_shift), t = sigma * T, clamped into (0, T). Scaling the data by k multiplies
     every SNR by k^2; the shift s = k gives each training sigma the SNR it had before, and
     s > 1 in general spends more of the training at high noise, where an image's layout is
@@ -174,12 +176,17 @@ class RectifiedFlow(DiffusionObjective):
     SAMPLE_SIGMA_MIN = 0.05
 
     def __init__(self, num_train_timesteps: int, condition_clean_share: float = 0.0, shift: float = 1.0,
-                 predicts_sample: bool = False):
+                 predicts_sample: bool = False, timesteps: str = "logit_normal", logit_mean: float = 0.0,
+                 logit_std: float = 1.0, mode_scale: float = 1.29):
         super().__init__(num_train_timesteps, condition_clean_share)
         if not shift > 0:
             raise ValueError(f"model.flow_shift={shift} must be > 0")
+        if timesteps not in ("logit_normal", "uniform", "mode"):
+            raise ValueError(f"model.flow_timesteps={timesteps!r}: expected one of logit_normal, uniform, mode")
         self.shift = float(shift)
         self.predicts_sample = bool(predicts_sample)
+        self.timesteps = timesteps
+        self.logit_mean, self.logit_std, self.mode_scale = float(logit_mean), float(logit_std), float(mode_scale)
 
     def velocity(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The velocity the network's output stands for. prediction_type=sample: the
@@ -192,8 +199,13 @@ class RectifiedFlow(DiffusionObjective):
         return (x_t.float() - pred.float()) / sigma.clamp_min(self.SAMPLE_SIGMA_MIN)
 
     def _sample_generation(self, n, generator):
-        u = torch.randn(n, generator=generator, device=generator.device if generator is not None else "cpu")
-        sigma = shift_sigmas(torch.sigmoid(u), self.shift).clamp(1e-6, 1 - 1e-6)
+        # diffusers' SD3 draw. Its output is read as sigma itself (the SD3 paper's t, so
+        # a positive logit mean means more noise); diffusers' own scripts index a
+        # descending timestep table with it, which mirrors an asymmetric draw.
+        y = compute_density_for_timestep_sampling(
+            self.timesteps, n, logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale,
+            device=generator.device if generator is not None else "cpu", generator=generator)
+        sigma = shift_sigmas(y, self.shift).clamp(1e-6, 1 - 1e-6)
         return sigma * self.num_train_timesteps
 
     def _sample_condition(self, n, cap, generator):
@@ -227,7 +239,11 @@ def make_objective(cfg: FusionConfig) -> DiffusionObjective:
         return (DDPMVelocity if velocity else DDPMEpsilon)(cfg.num_train_timesteps, share)
     if cfg.objective == "rectified_flow":
         return RectifiedFlow(cfg.num_train_timesteps, share, float(getattr(cfg, "flow_shift", 1.0)),
-                             predicts_sample=getattr(cfg, "prediction_type", "epsilon") == "sample")
+                             predicts_sample=getattr(cfg, "prediction_type", "epsilon") == "sample",
+                             timesteps=getattr(cfg, "flow_timesteps", "logit_normal"),
+                             logit_mean=float(getattr(cfg, "flow_logit_mean", 0.0)),
+                             logit_std=float(getattr(cfg, "flow_logit_std", 1.0)),
+                             mode_scale=float(getattr(cfg, "flow_mode_scale", 1.29)))
     raise ValueError(f"model.objective={cfg.objective!r}: expected one of ddpm, rectified_flow")
 
 

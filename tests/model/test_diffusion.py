@@ -184,6 +184,48 @@ def test_flow_shift_moves_training_sigmas_as_sd3(shift):
         assert (sigma > 0.8).double().mean() > 2 * (1 - _logit_normal_cdf(torch.tensor(0.8)))
 
 
+def _mode_cdf(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """P(y <= x) for SD3's mode sampling y = f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u),
+    u ~ U(0, 1): f decreases (for these s), so P(y <= x) = 1 - f^-1(x), by bisection."""
+    lo, hi = torch.zeros_like(x, dtype=torch.float64), torch.ones_like(x, dtype=torch.float64)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        f = 1 - mid - scale * (torch.cos(math.pi * mid / 2) ** 2 - 1 + mid)
+        lo, hi = torch.where(f > x, mid, lo), torch.where(f > x, hi, mid)
+    return 1 - (lo + hi) / 2
+
+
+@pytest.mark.parametrize("scheme,params,cdf", [
+    ("uniform", {}, lambda x: x),
+    ("logit_normal", dict(flow_logit_mean=1.0, flow_logit_std=0.5),
+     lambda x: 0.5 * (1 + torch.erf((torch.logit(x) - 1.0) / 0.5 / math.sqrt(2)))),
+    ("mode", dict(flow_mode_scale=0.8), lambda x: _mode_cdf(x, 0.8)),
+])
+def test_flow_timesteps_draw_sigma_from_the_chosen_distribution(scheme, params, cdf):
+    """model.flow_timesteps: the drawn sigmas follow the scheme's closed-form CDF (KS, as
+    above); a positive logit mean trains noisier (the SD3 paper's convention)."""
+    obj = make_objective(FusionConfig(objective="rectified_flow", flow_timesteps=scheme, **params))
+    n = 20000
+    t = obj.sample_timesteps(torch.zeros(n, dtype=torch.bool), cap=500, generator=torch.Generator().manual_seed(5))
+    sigma = (t / obj.num_train_timesteps).double().sort().values
+    expected = cdf(sigma)
+    empirical_hi = torch.arange(1, n + 1, dtype=torch.float64) / n
+    distance = torch.maximum((empirical_hi - expected).abs(), (empirical_hi - 1 / n - expected).abs()).max()
+    assert distance < 0.015, float(distance)
+    # Condition images keep their own rule (uniform in [0, cap]).
+    tc = obj.sample_timesteps(torch.ones(n, dtype=torch.bool), cap=500, generator=torch.Generator().manual_seed(5))
+    assert 0 <= float(tc.min()) and float(tc.max()) <= 500 and abs(float(tc.mean()) - 250) < 10
+
+
+def test_flow_timesteps_are_checked():
+    with pytest.raises(ValueError, match="flow_timesteps='cosmap': expected one of"):
+        FusionConfig(objective="rectified_flow", flow_timesteps="cosmap").validate()
+    with pytest.raises(ValueError, match="flow_logit_std=0"):
+        FusionConfig(objective="rectified_flow", flow_logit_std=0.0).validate()
+    with pytest.raises(ValueError, match="flow_timesteps='uniform' is for objective rectified_flow"):
+        FusionConfig(objective="ddpm", flow_timesteps="uniform").validate()
+
+
 def test_sample_prediction_loss_is_the_velocity_loss_of_its_x0():
     """x-prediction (JiT): the velocity of a predicted x0 at x_t is (x_t - x0_hat) / sigma,
     so the velocity loss is |x0_hat - x0|^2 / sigma^2, with sigma clipped at 0.05."""
