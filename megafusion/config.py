@@ -122,6 +122,10 @@ class ParallelSection:
     # until the time limit. Longer than the slowest legitimate wait: ranks sit in a
     # barrier while the base model loads and while a 70B checkpoint is written.
     collective_timeout_minutes: float = 30.0
+    # Stage 0 in fp32 only: gradients live in one flat buffer that is all-reduced in
+    # place, instead of DeepSpeed flattening them into a copy and copying back
+    # (megafusion/parallel/flat_grads.py); the same numbers, two fewer passes over them.
+    flat_gradients: bool = True
 
 
 @dataclass

@@ -129,6 +129,12 @@ class Trainer:
 
             self.model = build_model(cfg, self.ds_config)
             self.engine, self.optimizer, self.scheduler = initialize(self.model, cfg, self.ds_config)
+        from megafusion.parallel.flat_grads import attach_flat_gradients
+
+        self.flat_grads = attach_flat_gradients(self.engine, cfg) if cfg.parallel.pipeline_stages == 1 else None
+        if self.flat_grads is not None:
+            self._log0(f"gradients: one flat buffer of {self.flat_grads.buffer.numel() / 1e6:.1f}M, all-reduced in place "
+                       "(parallel.flat_gradients)")
 
         from megafusion.data.loader import build_train_loader
 
@@ -298,8 +304,12 @@ class Trainer:
             nan = self.rank == 0 and (inject_nan is None or i + 1 in inject_nan)
             loss = out.loss * float("nan") if nan else out.loss
             nonfinite |= ~torch.isfinite(loss.detach())
+            if self.flat_grads is not None and i == 0:
+                self.flat_grads.attach()
             self.engine.backward(loss)
             if i == n - 1:
+                if self.flat_grads is not None:
+                    self.flat_grads.all_reduce()
                 bad = any_rank_tensor(nonfinite)
                 with _update_skipped(self.engine, bad):
                     self.engine.step()

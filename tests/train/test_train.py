@@ -368,3 +368,48 @@ def test_training_samples_match_sampling_the_checkpoint(tmp_path, tiny_llama, sy
     acc.Reload()
     assert [e.step for e in acc.Images("samples/grid")] == [4]
     assert any("samples/captions" in tag for tag in acc.Tags()["tensors"])
+
+
+def test_flat_gradients_equal_deepspeeds_own_reduction(tmp_path, tiny_llama, synthetic_shards):
+    """Stage 0, two ranks, gradient accumulation 2: gradients averaged in one flat buffer
+    (parallel.flat_gradients) against DeepSpeed's own flatten-reduce-copy-back. The same
+    sum-then-scale arithmetic, so every step's losses and the final weights and Adam
+    state are bitwise equal."""
+    import torch
+
+    steps, extra = 4, ("parallel.zero_stage=0", "train.gradient_accumulation=2", "checkpoint.every=4")
+    dirs = {flag: tmp_path / f"flat_{flag}" for flag in ("true", "false")}
+    outs = {}
+    for flag, run_dir in dirs.items():
+        code, outs[flag] = run(run_dir, synthetic_shards, steps, *extra, f"parallel.flat_gradients={flag}")
+        assert code == 0, outs[flag][-4000:]
+    assert "all-reduced in place" in outs["true"] and "all-reduced in place" not in outs["false"]
+    flat, own = by_step(metrics(dirs["true"])), by_step(metrics(dirs["false"]))
+    for s in range(1, steps + 1):
+        for k in ("loss", "lm_loss", "diffusion_loss"):
+            assert flat[s][k] == own[s][k], (s, k, flat[s][k], own[s][k])
+    a, b = (stage0_tensors(d / "checkpoints" / f"global_step{steps}") for d in (dirs["true"], dirs["false"]))
+    assert a.keys() == b.keys() and any(k.startswith("optimizer") for k in a) and any(k.startswith("module") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def stage0_tensors(tag_dir: Path) -> dict:
+    """Every tensor of a stage-0 checkpoint (module weights, optimizer state), by path."""
+    import torch
+
+    sd = torch.load(next(tag_dir.glob("mp_rank_00_model_states.pt")), weights_only=False)
+    out = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            out[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}.{i}", v)
+
+    walk("module", sd["module"])
+    walk("optimizer", sd.get("optimizer"))
+    return out
