@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -239,8 +240,10 @@ def one_thread_compute(ctx, cfg, shards: Path, cache_root: Path, ga: int) -> tup
     model = LMFusionModel(base, cfg.model).train()
     sps = default_samples_per_step(cfg.data, model.tokens_per_image)
     rounds = ctx.repeats + 1
-    loader = one_rank_loader(cfg, shards, cache_root, sps * ga * rounds, model, unique_run_id("compute"))
-    batches = [b.packed() for b in loader][:ga * rounds]
+    # The whole shards as the epoch: an epoch shorter than the loader's canonical node
+    # count (64) is refused by streaming; only the first ga * rounds batches are drawn.
+    loader = one_rank_loader(cfg, shards, cache_root, None, model, unique_run_id("compute"))
+    batches = [b.packed() for b in itertools.islice(loader, ga * rounds)]
     if len(batches) < ga * rounds:
         raise RuntimeError(f"the loader gave {len(batches)} batches, {ga * rounds} needed")
     tokens = [int(b.input_ids.numel()) for b in batches]
