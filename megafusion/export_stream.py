@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.utils.serialization
 
-from megafusion.export import (PLAIN_FILE, CheckpointRef, ExportError, _quiet, frozen_names, match_checkpoint,
-                               pipeline_layer_files, pipeline_to_fusion_names)
+from megafusion.checkpoint_reader import (PLAIN_FILE, CheckpointRef, ExportError, _quiet, frozen_names,
+                                          match_checkpoint, pipeline_layer_files, pipeline_to_fusion_names)
 
 # A ZeRO, stage-0 or pipeline checkpoint that cannot be read raises one of these.
 READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, EOFError, IndexError)
@@ -173,7 +173,7 @@ class PlainReader:
 class PipelineReader:
     """Pipeline + ZeRO-1: one layer_XX-model_states.pt per PipelineModule layer, a flat
     state dict each (what DeepSpeed's SDLoader returns for one model-parallel rank is
-    torch.load of that file). Names as megafusion.export.pipeline_to_fusion_names maps
+    torch.load of that file). Names as megafusion.checkpoint_reader.pipeline_to_fusion_names maps
     them; a file is mapped when a tensor of it is first asked for."""
 
     def __init__(self, ref: CheckpointRef, num_decoder_layers: int):

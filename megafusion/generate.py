@@ -117,7 +117,8 @@ def load(path: str | os.PathLike, tag: str | None = None, device: str | torch.de
                         steps=int(getattr(g, "image_num_inference_steps", 50) or 50),
                         guidance_scale=float(getattr(g, "image_guidance_scale", 3.0) or 3.0), source=str(p))
     else:
-        from megafusion.export import ExportError, find_checkpoint, load_checkpoint_model, special_ids
+        from megafusion.checkpoint_reader import ExportError, find_checkpoint, load_checkpoint_model
+        from megafusion.export import special_ids
         from megafusion.model.loading import load_tokenizer
 
         try:

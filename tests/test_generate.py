@@ -338,7 +338,7 @@ def test_load_in_bf16_casts_parameters_and_keeps_fp32_buffers(source, exported, 
     same values (RoPE's inv_freq in bf16 would put the angle at position 4095 off by
     radians). The checkpoint's reading is stubbed (the round trip in
     tests/tools/test_convert_to_hf.py reads a real one); the cast is what is tested."""
-    import megafusion.export as E
+    import megafusion.checkpoint_reader as E
     from megafusion.config import load_config
 
     if source == "export":

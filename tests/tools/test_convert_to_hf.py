@@ -319,7 +319,7 @@ def test_refuses_a_missing_tag(tmp_path, tiny_llama, capsys):
 
 
 def test_finds_checkpoints_as_the_trainer_lays_them_out(tmp_path, tiny_llama):
-    from megafusion.export import find_checkpoint
+    from megafusion.checkpoint_reader import find_checkpoint
 
     run = fake_run(tmp_path, tiny_llama, tags=("global_step1", "global_step2"), latest="global_step1")
     for path in (run, run / "checkpoints"):

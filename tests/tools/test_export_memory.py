@@ -120,7 +120,8 @@ def test_export_memory_scales_with_one_layer(deep_run, deep_llama, tmp_path):
 def test_streamed_export_is_the_whole_model_export(deep_run, tmp_path):
     """bf16 and a shard size that cuts layers apart: the same tensors (names, dtypes,
     values, shard of each), index and config as export_fused of the whole model."""
-    from megafusion.export import export_fused, load_checkpoint_model, special_ids
+    from megafusion.checkpoint_reader import load_checkpoint_model
+    from megafusion.export import export_fused, special_ids
     from megafusion.model.loading import load_tokenizer
 
     kind, run = deep_run
@@ -157,7 +158,8 @@ def test_vae_unet_checkpoint_streams_as_the_whole_model(tmp_path, tiny_llama_unt
     from diffusers import AutoencoderKL
 
     from megafusion.config import load_config, save_resolved
-    from megafusion.export import export_checkpoint, export_fused, load_checkpoint_model, special_ids
+    from megafusion.checkpoint_reader import load_checkpoint_model
+    from megafusion.export import export_checkpoint, export_fused, special_ids
     from megafusion.model.fusion import LMFusionModel
     from megafusion.model.loading import load_tokenizer
 

@@ -1,0 +1,285 @@
+"""From a training checkpoint to the fused model: finding the checkpoint of a run,
+reading its trainable weights and loading them onto a model built from the run's config.
+megafusion/export.py (the Hugging Face directory), megafusion/export_stream.py (the
+streamed export) and megafusion/generate.py read checkpoints through this.
+
+What the trainer writes (megafusion/parallel/checkpoint.py) and how it is read back:
+- ZeRO (stage 3, or 1/2 without pipeline stages): DeepSpeed's partitioned optimizer
+  files, consolidated by deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
+  (fp32 master weights, keys are LMFusionModel's parameter names).
+- Stage 0 (DeepSpeed's plain data parallelism, the CPU demo's setting): one
+  mp_rank_00_model_states.pt whose `module` holds the weights the engine ran (fp32 on
+  the CPU); with tied embeddings it also names the frozen head, which is dropped here
+  (it comes from the base).
+- Pipeline + ZeRO-1: one layer_XX-model_states.pt per PipelineModule layer, read with
+  the loader DeepSpeed's PipelineModule.load_state_dir uses (SDLoaderFactory); layer 0
+  is the embed stage, 1..N the decoder layers, N+1 the head stage, whose own copy of the
+  BOI/EOI logit rows (image_token_head) the exported model keeps. These files hold the
+  module's own weights (what the pipeline engine ran: bf16 in a bf16 run, whose fp32
+  masters stay in the optimizer files).
+Checkpoints hold trainable parameters only (exclude_frozen_parameters): the frozen text
+tower comes from the base model the run config names, as at every training start. Every
+trainable parameter of the model must come from the checkpoint and every checkpoint
+tensor must land on one (names and shapes checked), so a checkpoint of another model
+configuration is refused rather than half-loaded.
+
+Every failure a user can cause is an ExportError with a one-line message.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
+PLAIN_FILE = "mp_rank_00_model_states.pt"  # stage 0: model and optimizer in one file
+
+
+class ExportError(ValueError):
+    """A checkpoint, base model or output directory that cannot be used (one line)."""
+
+
+# ------------------------------------------------------------------------ locating
+
+@dataclass
+class CheckpointRef:
+    run_dir: Path
+    ckpt_dir: Path
+    tag: str
+    kind: str  # "zero", "plain" (stage 0) or "pipeline"
+
+    @property
+    def tag_dir(self) -> Path:
+        return self.ckpt_dir / self.tag
+
+    @property
+    def step(self) -> int | None:
+        m = re.match(r"^global_step(\d+)$", self.tag)
+        return int(m.group(1)) if m else None
+
+
+def _kind(tag_dir: Path) -> str | None:
+    names = [p.name for p in tag_dir.iterdir()] if tag_dir.is_dir() else []
+    if any(LAYER_FILE_RE.match(n) for n in names):
+        return "pipeline"
+    if any(n.endswith("_optim_states.pt") for n in names) and any(n.endswith("model_states.pt") for n in names):
+        return "zero"
+    if PLAIN_FILE in names:
+        return "plain"
+    return None
+
+
+def _is_ckpt_dir(p: Path) -> bool:
+    return (p / "latest").is_file() or any(d.is_dir() and d.name.startswith("global_step") for d in p.iterdir())
+
+
+def find_checkpoint(path: str | os.PathLike, tag: str | None = None) -> CheckpointRef:
+    """A run directory, its checkpoints/ directory or one tag directory -> the checkpoint
+    to read: `tag`, else the one `latest` names (written only once every rank finished)."""
+    from megafusion.parallel.checkpoint import read_latest
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ExportError(f"{path}: no such directory")
+    if (p / "checkpoints").is_dir():
+        ckpt_dir = p / "checkpoints"
+    elif _kind(p) is not None:  # a tag directory
+        if tag is not None and tag != p.name:
+            raise ExportError(f"{path} is checkpoint {p.name}, but --tag {tag} was given")
+        ckpt_dir, tag = p.parent, p.name
+    elif _is_ckpt_dir(p):
+        ckpt_dir = p
+    else:
+        raise ExportError(f"{path}: not a checkpoint (expected a run directory with checkpoints/, "
+                          "a checkpoints/ directory or a checkpoint tag directory)")
+    if tag is None:
+        tag = read_latest(ckpt_dir)
+        if tag is None:
+            raise ExportError(f"{ckpt_dir}: no complete checkpoint (no valid `latest` file); pass --tag to choose one")
+    elif not (ckpt_dir / tag).is_dir():
+        tags = sorted(d.name for d in ckpt_dir.iterdir() if d.is_dir() and _kind(d))
+        raise ExportError(f"{ckpt_dir}: no checkpoint tag {tag!r} (available: {', '.join(tags) or 'none'})")
+    kind = _kind(ckpt_dir / tag)
+    if kind is None:
+        raise ExportError(f"{ckpt_dir / tag}: not a DeepSpeed checkpoint (no model or optimizer states)")
+    run_dir = ckpt_dir.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{run_dir}: no config.yaml (the run config the trainer writes beside checkpoints/)")
+    return CheckpointRef(run_dir, ckpt_dir, tag, kind)
+
+
+def load_run_config(ref: CheckpointRef):
+    from megafusion.config import ConfigError, load_config
+
+    try:
+        return load_config(ref.run_dir / "config.yaml")
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise ExportError(f"{ref.run_dir / 'config.yaml'}: {str(exc).splitlines()[0]}") from None
+
+
+# -------------------------------------------------------------------- consolidating
+
+@contextlib.contextmanager
+def _quiet():
+    """DeepSpeed's conversion helpers print progress (stdout) and progress bars (stderr)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def consolidate_zero(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """fp32 trainable weights of a ZeRO checkpoint, keyed by LMFusionModel names."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        with _quiet():
+            return get_fp32_state_dict_from_zero_checkpoint(str(ref.ckpt_dir), tag=ref.tag, exclude_frozen_parameters=True)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise ExportError(f"{ref.tag_dir}: cannot consolidate the ZeRO checkpoint ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def plain_states(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The module weights of a stage-0 checkpoint (DeepSpeed's own `module` entry)."""
+    try:
+        saved = torch.load(ref.tag_dir / PLAIN_FILE, map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
+    except (OSError, RuntimeError, KeyError, EOFError) as exc:
+        raise ExportError(f"{ref.tag_dir / PLAIN_FILE}: cannot read the stage-0 checkpoint ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def pipeline_layer_files(ref: CheckpointRef) -> dict[int, Path]:
+    """PipelineModule layer index -> its one file (tensor-parallel checkpoints, several
+    files per layer, are refused)."""
+    files: dict[int, list[Path]] = {}
+    for p in ref.tag_dir.iterdir():
+        m = re.match(r"^layer_(\d+)-.*model_states\.pt$", p.name)
+        if m:
+            files.setdefault(int(m.group(1)), []).append(p)
+    for idx, paths in files.items():
+        if len(paths) != 1:
+            raise ExportError(f"{ref.tag_dir}: layer {idx} has {len(paths)} files; tensor-parallel checkpoints are not supported")
+    return {idx: paths[0] for idx, paths in sorted(files.items())}
+
+
+def pipeline_layer_states(ref: CheckpointRef) -> dict[int, dict[str, torch.Tensor]]:
+    """PipelineModule layer index -> that layer's state dict, loaded as DeepSpeed's
+    PipelineModule.load_state_dir loads it (one model-parallel rank)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.state_dict_factory import SDLoaderFactory
+
+    engine = TorchCheckpointEngine()
+    out = {}
+    for idx, path in pipeline_layer_files(ref).items():
+        with _quiet():
+            _, state, _ = SDLoaderFactory.get_sd_loader([str(path)], checkpoint_engine=engine, version=2.0).load(
+                1, 0, module_key=None, is_pipe_parallel=True)
+        out[idx] = state
+    return out
+
+
+def pipeline_to_fusion_names(layers: dict[int, dict], num_decoder_layers: int, where) -> dict[str, torch.Tensor]:
+    """Pipeline layer states -> LMFusionModel names. Layer 0 = EmbedStage, 1..N =
+    DecoderStage (its `layer` is layers[i-1]), N+1 = HeadStage (megafusion/parallel/pipeline.py)."""
+    N = num_decoder_layers
+    if sorted(layers) != list(range(N + 2)):
+        raise ExportError(f"{where}: pipeline checkpoint has layers {sorted(layers)}, the model needs 0..{N + 1} "
+                          f"(embed, {N} decoder layers, head)")
+    embed = {"image_token_embed": "image_token_embed", "embed_tokens.": "embed_tokens.",
+             "embedder.": "image_tokenizer.embedder.", "vae.": "image_tokenizer.vae."}
+    head = {"image_token_head": "image_token_head", "text_norm.": "text_norm.", "lm_head.": "lm_head.",
+            "image_norm.": "image_norm.", "predictor.": "image_tokenizer.predictor."}
+    out = {}
+
+    def put(prefixes, idx, key, value):
+        for src, dst in prefixes.items():
+            if key == src or (src.endswith(".") and key.startswith(src)):
+                out[dst + key[len(src):]] = value
+                return
+        raise ExportError(f"{where}: pipeline layer {idx} has an unknown tensor {key!r}")
+
+    for key, value in layers[0].items():
+        put(embed, 0, key, value)
+    for i in range(1, N + 1):
+        for key, value in layers[i].items():
+            put({"layer.": f"layers.{i - 1}."}, i, key, value)
+    for key, value in layers[N + 1].items():
+        put(head, N + 1, key, value)
+    return out
+
+
+def frozen_names(fused) -> set[str]:
+    """Names (shared ones under each of their names) of the model's frozen parameters."""
+    return {n for n, t in fused.state_dict(keep_vars=True).items() if isinstance(t, torch.nn.Parameter)
+            and not t.requires_grad} | {n for n, p in fused.named_parameters() if not p.requires_grad}
+
+
+def match_checkpoint(fused, shapes: dict[str, torch.Size], where) -> dict[str, torch.nn.Parameter]:
+    """Checkpoint tensor name -> the model parameter it loads into, strictly: every name is
+    a parameter of the same shape, every trainable parameter is named."""
+    params = dict(fused.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    everything = fused.state_dict(keep_vars=True)  # shared parameters under each of their names
+    names = set(params) | {n for n, t in everything.items() if isinstance(t, torch.nn.Parameter)}
+    unknown = sorted(set(shapes) - names)
+    if unknown:
+        raise ExportError(f"{where}: checkpoint tensors the model does not have: {', '.join(unknown[:4])}"
+                          f"{' ...' if len(unknown) > 4 else ''} (run config and checkpoint disagree)")
+    missing = sorted(trainable - set(shapes))
+    if missing:
+        raise ExportError(f"{where}: checkpoint lacks trainable parameters: {', '.join(missing[:4])}"
+                          f"{' ...' if len(missing) > 4 else ''}")
+    targets = {}
+    for name, shape in shapes.items():
+        p = everything[name] if name in everything else params[name]
+        if tuple(p.shape) != tuple(shape):
+            raise ExportError(f"{where}: {name} has shape {tuple(shape)} in the checkpoint, "
+                              f"{tuple(p.shape)} in the model")
+        targets[name] = p
+    return targets
+
+
+def load_trainable(fused, state: dict[str, torch.Tensor], where) -> None:
+    """Copy checkpoint tensors onto the model's trainable parameters, strictly."""
+    targets = match_checkpoint(fused, {name: value.shape for name, value in state.items()}, where)
+    assigned = {}
+    with torch.no_grad():
+        for name, value in state.items():
+            p = targets[name]
+            if id(p) in assigned and not torch.equal(assigned[id(p)], value.to(p.dtype)):
+                # e.g. tied embeddings trained apart on two pipeline stages
+                raise ExportError(f"{where}: {name} is tied to another tensor in the model but differs from it "
+                                  "in the checkpoint")
+            p.copy_(value.to(p.dtype))
+            assigned[id(p)] = value.to(p.dtype)
+
+
+def load_checkpoint_model(path: str | os.PathLike, tag: str | None = None):
+    """(LMFusionModel in fp32 and eval mode, run config, CheckpointRef) for a checkpoint."""
+    from megafusion.model.fusion import LMFusionModel
+    from megafusion.model.loading import BaseModelError
+
+    ref = find_checkpoint(path, tag)
+    cfg = load_run_config(ref)
+    try:
+        fused = LMFusionModel.from_base(cfg.model.base, cfg.model, dtype=torch.float32)
+    except BaseModelError as exc:
+        raise ExportError(f"{ref.run_dir / 'config.yaml'} names a base model that cannot be loaded: {exc}") from None
+    except ValueError as exc:  # e.g. the VAE the run used is gone
+        raise ExportError(f"{ref.run_dir / 'config.yaml'}: {str(exc).splitlines()[0]}") from None
+    if ref.kind == "zero":
+        state = consolidate_zero(ref)
+    elif ref.kind == "plain":
+        frozen = frozen_names(fused)
+        state = {k: v for k, v in plain_states(ref).items() if k not in frozen}
+    else:
+        state = pipeline_to_fusion_names(pipeline_layer_states(ref), len(fused.layers), ref.tag_dir)
+        # The head stage trains its own copy of the BOI/EOI logit rows.
+        fused.untie_image_token_head()
+    load_trainable(fused, state, ref.tag_dir)
+    return fused.eval(), cfg, ref
