@@ -60,20 +60,23 @@ def _probe_rows(rows: list[dict]) -> list[dict]:
 
 
 @torch.no_grad()
-def prompt_losses(gen, captions: list[str], x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
-    """Per-image denoising loss [N] of the model at timestep t (the training loss's own
-    target and prediction), each image prompted by its caption as sampling prompts it."""
+def prompt_losses(gen, captions: list[str], x0: torch.Tensor, noise: torch.Tensor, ts) -> torch.Tensor:
+    """Per-image denoising loss [len(ts), N] of the model at each timestep of ts (the
+    training loss's own target and prediction), each image prompted by its caption as
+    sampling prompts it; the captions are prefilled once for all timesteps."""
     from megafusion.model import inference as inf
 
     model = gen.model
     head = [gen.bos] if gen.bos is not None else []
     cache, _ = inf.prefill(model, [head + gen.tokenize(c) + [gen.boi] for c in captions])
     denoise = inf.cached_denoiser(model, cache)
-    tt = torch.full((x0.shape[0],), float(t), dtype=torch.float32, device=x0.device)
-    x_t = model.objective.add_noise(x0, noise, tt)
-    pred = denoise(x_t, tt).float()
-    target = model.objective.target(x0, noise, tt).float()
-    return ((pred - target) ** 2).flatten(1).mean(1)
+    out = []
+    for t in ts:
+        tt = torch.full((x0.shape[0],), float(t), dtype=torch.float32, device=x0.device)
+        pred = denoise(model.objective.add_noise(x0, noise, tt), tt).float()
+        target = model.objective.target(x0, noise, tt).float()
+        out.append(((pred - target) ** 2).flatten(1).mean(1))
+    return torch.stack(out)
 
 
 def probe_prompt_use(gen, rows: list[dict], *, levels=DEFAULT_LEVELS, seed: int = 0, batch: int = 16,
@@ -95,17 +98,17 @@ def probe_prompt_use(gen, rows: list[dict], *, levels=DEFAULT_LEVELS, seed: int 
     noise = torch.randn(x0.shape, generator=g).to(x0.device)
     variants = {"true": [r["caption"] for r in rows]}
     variants.update({a: [counterfactual(r["meta"], a) for r in rows] for a in ATTRIBUTES})
-    jobs = [(name, lv) for lv in levels for name in variants]
+    ts = [lv * (T - 1) for lv in levels]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs), desc="probe", leave=False)
+        bar = tqdm(total=len(variants), desc="probe", leave=False)
     losses = {}
-    for name, lv in jobs:
-        parts = [prompt_losses(gen, variants[name][i:i + batch], x0[i:i + batch], noise[i:i + batch], lv * (T - 1))
-                 for i in range(0, len(rows), batch)]
-        losses[(name, lv)] = torch.cat(parts).cpu()
+    for name, captions in variants.items():
+        per_level = torch.cat([prompt_losses(gen, captions[i:i + batch], x0[i:i + batch], noise[i:i + batch], ts)
+                               for i in range(0, len(rows), batch)], dim=1).cpu()
+        losses.update({(name, lv): per_level[k] for k, lv in enumerate(levels)})
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -5,7 +5,7 @@ pipeline and the exported Hugging Face code can all read it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -126,8 +126,8 @@ class FusionConfig:
             raise ValueError(f"model.flow_shift={self.flow_shift} is for objective rectified_flow")
         if not self.flow_logit_std > 0:
             raise ValueError(f"model.flow_logit_std={self.flow_logit_std} must be > 0")
-        flow_defaults = dict(flow_timesteps="logit_normal", flow_logit_mean=0.0, flow_logit_std=1.0, flow_mode_scale=1.29)
-        changed = [k for k, v in flow_defaults.items() if getattr(self, k) != v]
+        flow_fields = ("flow_timesteps", "flow_logit_mean", "flow_logit_std", "flow_mode_scale")
+        changed = [f.name for f in fields(self) if f.name in flow_fields and getattr(self, f.name) != f.default]
         if changed and self.objective != "rectified_flow":
             raise ValueError(f"model.{changed[0]}={getattr(self, changed[0])!r} is for objective rectified_flow")
         if not 0.0 <= self.condition_clean_share <= 1.0:

@@ -45,9 +45,8 @@ class FlatGradients:
 
     def all_reduce(self) -> None:
         """Average the gradients over the ranks, in place: sum, then 1 / world size."""
-        for p, view in zip(self.params, self.views):
-            if p.grad is not view and p.grad is not None and p.grad.data_ptr() != view.data_ptr():
-                raise RuntimeError("a gradient left the flat buffer (attach() was not called before backward)")
+        if any(p.grad is None or p.grad.data_ptr() != view.data_ptr() for p, view in zip(self.params, self.views)):
+            raise RuntimeError("a gradient left the flat buffer (attach() was not called before backward)")
         dist.all_reduce(self.buffer, group=self.group)
         self.buffer.mul_(1.0 / dist.get_world_size(group=self.group))
 
@@ -62,13 +61,13 @@ def attach_flat_gradients(engine, cfg) -> FlatGradients | None:
         return None
     if engine.bfloat16_enabled() or engine.fp16_enabled() or getattr(engine, "sequence_parallel_size", 1) != 1:
         return None
+    if {p.dtype for p in engine.module.parameters() if p.requires_grad} != {torch.float32}:
+        return None
     from deepspeed.utils import groups
 
     try:
         flat = FlatGradients(engine.module.parameters(), group=groups._get_sequence_data_parallel_group())
-    except ValueError:
-        return None
-    if flat.buffer.dtype != torch.float32:
+    except ValueError:  # parameters on several devices
         return None
     engine.enable_backward_allreduce = False
     return flat

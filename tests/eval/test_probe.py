@@ -47,7 +47,7 @@ def test_probe_loss_is_the_training_forward_loss(gen):
     x0 = torch.randn(2, *model.image_tokenizer.latent_shape, generator=g)
     noise = torch.randn(x0.shape, generator=g)
     t = 700.0
-    got = P.prompt_losses(gen, captions, x0, noise, t)
+    got = P.prompt_losses(gen, captions, x0, noise, [t])[0]
     for i, c in enumerate(captions):
         doc = [TextSegment([gen.bos] + gen.tokenize(c) + [gen.boi]), ImageSegment(x0[i], timestep=t),
                TextSegment([gen.eoi, gen.eos])]
@@ -61,11 +61,12 @@ def test_probe_follows_an_oracle_that_reads_colour_only(monkeypatch, gen):
     """A stand-in model whose loss is 0 when the prompt names the colour the analyser sees
     in the image and 1 otherwise: it prefers the true caption on every row for colour and
     on none for the attributes it ignores (equal losses are no preference)."""
-    def oracle(gen_, captions, x0, noise, t):
+    def oracle(gen_, captions, x0, noise, ts):
         pixels = gen_.model.image_tokenizer.decode_latents(x0)
         seen = [analyse(G.to_pil(p)) for p in pixels]
-        return torch.tensor([0.0 if d and parse_caption(c)["objects"][0][0] == d[0].colour else 1.0
-                             for c, d in zip(captions, seen)])
+        losses = torch.tensor([0.0 if d and parse_caption(c)["objects"][0][0] == d[0].colour else 1.0
+                               for c, d in zip(captions, seen)])
+        return losses.expand(len(ts), -1)
 
     monkeypatch.setattr(P, "prompt_losses", oracle)
     result = P.probe_prompt_use(gen, _one_object_rows(60, 16), levels=(0.9,), progress=False)
