@@ -14,7 +14,9 @@ are left out of the loss.
   DDPMVelocity   the same noising, v prediction (v = sqrt(ab) noise - sqrt(1 - ab) x0,
                  Salimans & Ho): model.prediction_type v_prediction.
   RectifiedFlow  sigma = t / T, x_t = (1 - sigma) x0 + sigma noise, velocity target
-                 noise - x0, logit-normal training timesteps: X-Fusion / SD3.
+                 noise - x0, logit-normal training timesteps: X-Fusion / SD3. The
+                 network's output is that velocity, or x0 (prediction_type sample,
+                 JiT), or EDM's preconditioned output (prediction_type edm).
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class DiffusionObjective:
     num_train_timesteps: int
     predicts_sample = False  # the network predicts x0 (RectifiedFlow with prediction_type sample)
+    # The velocity is a function of the network's output *and* x_t (prediction_type sample
+    # or edm): the pipeline's last stage needs x_t beside the target to form it.
+    velocity_needs_x_t = False
 
     def __init__(self, num_train_timesteps: int, condition_clean_share: float = 0.0):
         self.num_train_timesteps = int(num_train_timesteps)
@@ -177,14 +182,22 @@ class RectifiedFlow(DiffusionObjective):
 
     def __init__(self, num_train_timesteps: int, condition_clean_share: float = 0.0, shift: float = 1.0,
                  predicts_sample: bool = False, timesteps: str = "logit_normal", logit_mean: float = 0.0,
-                 logit_std: float = 1.0, mode_scale: float = 1.29):
+                 logit_std: float = 1.0, mode_scale: float = 1.29, preconditioned: bool = False,
+                 sigma_data: float = 1.0):
         super().__init__(num_train_timesteps, condition_clean_share)
         if not shift > 0:
             raise ValueError(f"model.flow_shift={shift} must be > 0")
         if timesteps not in ("logit_normal", "uniform", "mode"):
             raise ValueError(f"model.flow_timesteps={timesteps!r}: expected one of logit_normal, uniform, mode")
+        if predicts_sample and preconditioned:
+            raise ValueError("rectified flow: the network predicts x0 or EDM's preconditioned output, not both")
+        if not sigma_data > 0:
+            raise ValueError(f"model.sigma_data={sigma_data} must be > 0")
         self.shift = float(shift)
         self.predicts_sample = bool(predicts_sample)
+        self.preconditioned = bool(preconditioned)
+        self.sigma_data = float(sigma_data)
+        self.velocity_needs_x_t = self.predicts_sample or self.preconditioned
         self.timesteps = timesteps
         self.logit_mean, self.logit_std, self.mode_scale = float(logit_mean), float(logit_std), float(mode_scale)
 
@@ -192,7 +205,25 @@ class RectifiedFlow(DiffusionObjective):
         """The velocity the network's output stands for. prediction_type=sample: the
         network predicts the clean image x0 (Li & He's JiT, "Back to Basics": a network
         need not carry the noise through its layers to predict it), and v = (x_t - x0) /
-        sigma, so the loss stays the velocity loss and the sampler the same Euler steps."""
+        sigma, so the loss stays the velocity loss and the sampler the same Euler steps.
+
+        prediction_type=edm: Karras et al.'s (EDM) preconditioning written for the flow's
+        x_t = a x0 + s noise (a = 1 - s). The x0 estimate is c_skip x_t + c_out F, F the
+        network's output, with c_skip = a sd^2 / D the best linear guess of x0 from x_t
+        for data of std sd (model.sigma_data), c_out = sd s / sqrt(D) the std of what that
+        guess leaves, D = a^2 sd^2 + s^2: F's target has unit variance at every noise level.
+        At s -> 1 that is x-prediction (c_skip -> 0, F's target x0 / sd: the network never
+        has to carry the noise to its output and cancel it, which a velocity network does
+        imperfectly, leaking noise into its x0 estimate), at s -> 0 epsilon prediction
+        (F's target -noise). The velocity (x_t - x0_hat) / s, simplified so that nothing
+        divides by s: v = (s - a sd^2) / D x_t - sd / sqrt(D) F. Relative to the velocity
+        loss, F's errors weigh sd^2 / D (between 1 and 2 for sd = 1): no blow-up at low
+        noise, unlike x-prediction's 1 / s^2."""
+        if self.preconditioned:
+            s = _rows(self.sigma(t).to(device=pred.device, dtype=torch.float32), pred)
+            a, sd2 = 1 - s, self.sigma_data ** 2
+            d = a * a * sd2 + s * s
+            return (s - a * sd2) / d * x_t.float() - self.sigma_data / d.sqrt() * pred.float()
         if not self.predicts_sample:
             return pred
         sigma = _rows(self.sigma(t).to(device=pred.device, dtype=torch.float32), pred)
@@ -243,7 +274,9 @@ def make_objective(cfg: FusionConfig) -> DiffusionObjective:
                              timesteps=getattr(cfg, "flow_timesteps", "logit_normal"),
                              logit_mean=float(getattr(cfg, "flow_logit_mean", 0.0)),
                              logit_std=float(getattr(cfg, "flow_logit_std", 1.0)),
-                             mode_scale=float(getattr(cfg, "flow_mode_scale", 1.29)))
+                             mode_scale=float(getattr(cfg, "flow_mode_scale", 1.29)),
+                             preconditioned=getattr(cfg, "prediction_type", "epsilon") == "edm",
+                             sigma_data=float(getattr(cfg, "sigma_data", 1.0)))
     raise ValueError(f"model.objective={cfg.objective!r}: expected one of ddpm, rectified_flow")
 
 

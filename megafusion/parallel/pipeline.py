@@ -198,7 +198,7 @@ class EmbedStage(_Stage):
             tokens, _ = f.image_tokenizer.embed(x_t, t)
             parts.append(tokens.reshape(-1, tokens.shape[-1]).to(parts[0].dtype if parts else dtype))
             target = f.objective.target(x0, noise, t).float()
-            if f.objective.predicts_sample:  # the last stage turns its x0 into a velocity at x_t
+            if f.objective.velocity_needs_x_t:  # the last stage turns its output into a velocity at x_t
                 target = torch.cat([target, x_t.float()], 1)
         else:
             target = torch.zeros(0, 1, 1, 1, device=device)
@@ -266,7 +266,7 @@ class HeadStage(_Stage):
             n_img = target.shape[0]
             hi = self.image_norm(h[routing.n_text:]).view(n_img, f.tokens_per_image, -1)
             pred = self.predictor(hi, t)
-            if f.objective.predicts_sample:
+            if f.objective.velocity_needs_x_t:
                 target, x_t = target.chunk(2, dim=1)
                 pred = f.objective.velocity(pred, x_t, t)
             noised = t > 0

@@ -126,7 +126,8 @@ def test_timestep_sampling_and_condition_cap(objective):
 
 @pytest.mark.parametrize("objective,shift,prediction", [("ddpm", 1.0, "epsilon"), ("rectified_flow", 1.0, "epsilon"),
                                                          ("rectified_flow", 3.0, "epsilon"),
-                                                         ("rectified_flow", 1.0, "sample")])
+                                                         ("rectified_flow", 1.0, "sample"),
+                                                         ("rectified_flow", 3.0, "edm")])
 def test_sampler_with_oracle_recovers_x0(objective, shift, prediction):
     # The sampler's time and noise conventions are the objective's: an oracle that knows
     # x0 is led back to it. (Latent space: pixel sampling would clip this randn x0.)
@@ -148,6 +149,9 @@ def test_sampler_with_oracle_recovers_x0(objective, shift, prediction):
             return (x_t - ac.sqrt() * x0) / (1 - ac).sqrt()
         if prediction == "sample":  # x-prediction: the network's answer is x0 itself
             return obj.velocity(x0, x_t, t.float().expand(x_t.shape[0]))
+        if prediction == "edm":  # EDM's F target, from EDM's own variables
+            f = _edm_f_target(x0, x_t, float(t) / obj.num_train_timesteps, obj.sigma_data)
+            return obj.velocity(f, x_t, t.float().expand(x_t.shape[0]))
         return noise - x0
 
     x = noise.clone()  # pure noise
@@ -242,6 +246,76 @@ def test_sample_prediction_loss_is_the_velocity_loss_of_its_x0():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="is for objective rectified_flow"):
         FusionConfig(objective="ddpm", prediction_type="sample").validate()
+
+
+def _edm_f_target(x0, x_t, s, sigma_data):
+    """What an EDM network F should output (Karras et al. 2022, Table 1): in EDM's own
+    variables x = x0 + sigma_e n, with x = x_t / (1 - s) and sigma_e = s / (1 - s), the
+    denoiser is c_skip x + c_out F(.), c_skip = sd^2 / (sigma_e^2 + sd^2), c_out =
+    sigma_e sd / sqrt(sigma_e^2 + sd^2), so F = (x0 - c_skip x) / c_out. Float64; s = 1
+    (pure noise, sigma_e infinite) is taken as 1 - 1e-9."""
+    s = torch.as_tensor(s, dtype=torch.float64).clamp(max=1 - 1e-9)
+    s = s.reshape(-1, *([1] * (x0.dim() - 1))) if s.dim() else s
+    sd = float(sigma_data)
+    sigma_e, x = s / (1 - s), x_t.double() / (1 - s)
+    c_skip = sd ** 2 / (sigma_e ** 2 + sd ** 2)
+    c_out = sigma_e * sd / (sigma_e ** 2 + sd ** 2).sqrt()
+    return ((x0.double() - c_skip * x) / c_out).to(x0.dtype)
+
+
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5])
+def test_edm_velocity_is_that_of_edms_denoiser(sigma_data):
+    """prediction_type edm: for any network output F the velocity is (x_t - D) / s, D
+    EDM's denoiser c_skip x + c_out F written in EDM's own variables; and F = 0 (the
+    zero-initialised head) already gives the best linear x0 estimate, not x_t."""
+    obj = make_objective(FusionConfig(objective="rectified_flow", image_mode="vae", vae_path="unused",
+                                      prediction_type="edm", sigma_data=sigma_data))
+    x0, noise = _fixed(n=5, shape=(3, 4, 4), seed=11)
+    f = torch.randn(x0.shape, generator=torch.Generator().manual_seed(12))
+    t = torch.tensor([2.0, 100.0, 500.0, 900.0, 998.0])
+    s = (t / 1000).double().view(-1, 1, 1, 1)
+    x_t = obj.add_noise(x0, noise, t)
+    sd = sigma_data
+    sigma_e, x = s / (1 - s), x_t.double() / (1 - s)
+    denoised = sd ** 2 / (sigma_e ** 2 + sd ** 2) * x + sigma_e * sd / (sigma_e ** 2 + sd ** 2).sqrt() * f.double()
+    torch.testing.assert_close(obj.velocity(f, x_t, t).double(), (x_t.double() - denoised) / s, rtol=1e-5, atol=1e-5)
+    # At pure noise the velocity of F = x0 / sd is exactly noise - x0: x-prediction there.
+    t1 = torch.full((5,), 1000.0)
+    torch.testing.assert_close(obj.velocity(x0 / sd, noise, t1), noise - x0, rtol=0, atol=1e-6)
+
+
+def test_edm_targets_have_unit_variance_and_no_noise_at_high_noise():
+    """EDM's design rule, checked on data whose answer is known: for x0 ~ N(0, sd^2) the F
+    that yields the true velocity has variance 1 at every noise level, and near pure noise
+    it is x0 / sd, uncorrelated with the noise (what a velocity network has to carry
+    through its layers and cancel, the velocity target noise - x0 has variance 1 + sd^2
+    there and is mostly noise)."""
+    sd = 0.5
+    obj = make_objective(FusionConfig(objective="rectified_flow", image_mode="vae", vae_path="unused",
+                                      prediction_type="edm", sigma_data=sd))
+    g = torch.Generator().manual_seed(13)
+    n = 200_000
+    x0, noise = sd * torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64), torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64)
+    for sigma in (0.02, 0.3, 0.5, 0.8, 0.999):
+        t = torch.full((n,), sigma * 1000, dtype=torch.float64)
+        x_t = obj.add_noise(x0, noise, t)
+        # Solve velocity(F) = noise - x0 for F: velocity is affine in F with slope
+        # velocity(1) - velocity(0).
+        v0 = obj.velocity(torch.zeros_like(x0), x_t, t).double()
+        slope = obj.velocity(torch.ones_like(x0), x_t, t).double() - v0
+        f = ((noise - x0) - v0) / slope
+        assert abs(f.var().item() - 1) < 0.02, (sigma, f.var().item())
+    corr = torch.corrcoef(torch.stack([f.flatten(), noise.flatten()]))[0, 1].item()
+    assert abs(corr) < 0.05 and torch.corrcoef(torch.stack([f.flatten(), x0.flatten()]))[0, 1] > 0.99
+
+
+def test_edm_prediction_is_checked():
+    with pytest.raises(ValueError, match="prediction_type='edm' is for objective rectified_flow"):
+        FusionConfig(objective="ddpm", prediction_type="edm").validate()
+    with pytest.raises(ValueError, match="sigma_data=0.0 must be > 0"):
+        FusionConfig(objective="rectified_flow", prediction_type="edm", sigma_data=0.0).validate()
+    with pytest.raises(ValueError, match="sigma_data=0.5 is for model.prediction_type edm"):
+        FusionConfig(objective="rectified_flow", sigma_data=0.5).validate()
 
 
 def test_flow_shift_is_checked():

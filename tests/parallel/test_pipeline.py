@@ -91,11 +91,12 @@ def run_stages(stages, batch, seed):
     return x.detach(), grads, saved
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "edm"])
 def test_stage_losses_equal_the_whole_models(tiny_llama, prediction):
-    """Rectified flow, velocity or x-prediction: the head stage's (total, lm, diffusion)
-    equal the single-process model's on the same batch and noise draw. x-prediction
-    needs x_t at the head (the velocity of an x0 is (x_t - x0) / sigma)."""
+    """Rectified flow, velocity, x-prediction or EDM's preconditioning: the head stage's
+    (total, lm, diffusion) equal the single-process model's on the same batch and noise
+    draw. x-prediction and edm need x_t at the head (the velocity of an x0 is (x_t - x0)
+    / sigma; edm's mixes x_t in by c_skip)."""
     from megafusion.model.fusion import LMFusionModel
 
     cfg = tiny_cfg(tiny_llama, "model.objective=rectified_flow", f"model.prediction_type={prediction}")
