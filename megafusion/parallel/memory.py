@@ -21,9 +21,10 @@ def parameter_counts(module: torch.nn.Module) -> tuple[int, int]:
     return frozen, trainable
 
 
-def held_bytes(engine) -> dict:
+def held_bytes(engine, extra_grads: torch.Tensor | None = None) -> dict:
     """What this rank actually holds (after the first optimiser step, when Adam's state
-    exists)."""
+    exists). extra_grads: a gradient buffer the trainer keeps outside DeepSpeed's optimiser
+    (stage 0's flat buffer; the parameters' .grad views of it are None between steps)."""
     params = 0
     for p in engine.module.parameters():
         params += _bytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _bytes(p.data)
@@ -47,6 +48,8 @@ def held_bytes(engine) -> dict:
     if not grads:
         for t in getattr(opt, "averaged_gradients", {}).values() if isinstance(getattr(opt, "averaged_gradients", None), dict) else []:
             grads += sum(_bytes(g) for g in t) if isinstance(t, list) else _bytes(t)
+    if extra_grads is not None:  # stage 0's flat buffer (parallel.flat_gradients), alive between steps
+        grads += _bytes(extra_grads)
     inner = getattr(opt, "optimizer", opt)
     state = 0
     for s in getattr(inner, "state", {}).values():
@@ -60,9 +63,9 @@ def zero3_theory(frozen: int, trainable: int, world_size: int) -> float:
     return (2 * frozen + 16 * trainable) / world_size
 
 
-def report(engine, world_size: int) -> str:
+def report(engine, world_size: int, extra_grads: torch.Tensor | None = None) -> str:
     frozen, trainable = parameter_counts(engine.module)
-    held = held_bytes(engine)
+    held = held_bytes(engine, extra_grads)
     gib = lambda b: f"{b / 2**20:,.1f} MiB"
     total = sum(held.values())
     lines = [

@@ -438,7 +438,7 @@ class Trainer:
     def _report_memory(self):
         from megafusion.parallel.memory import report
 
-        text = report(self.engine, self.world)
+        text = report(self.engine, self.world, self.flat_grads.buffer if self.flat_grads is not None else None)
         self._log0(text)
 
     def _tensorboard(self):

@@ -4,6 +4,7 @@ runs: an uninterrupted run for resume, a single-process run for the pipeline, th
 model on disk for frozen weights."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -384,6 +385,10 @@ def test_flat_gradients_equal_deepspeeds_own_reduction(tmp_path, tiny_llama, syn
         code, outs[flag] = run(run_dir, synthetic_shards, steps, *extra, f"parallel.flat_gradients={flag}")
         assert code == 0, outs[flag][-4000:]
     assert "all-reduced in place" in outs["true"] and "all-reduced in place" not in outs["false"]
+    # The memory report counts the flat buffer: fp32, one value per trainable parameter.
+    trainable = int(re.search(r"parameters: [\d,]+ frozen, ([\d,]+) trainable", outs["true"]).group(1).replace(",", ""))
+    grads_mib = float(re.search(r"this rank holds: .*?grads ([\d,.]+) MiB", outs["true"]).group(1).replace(",", ""))
+    assert grads_mib == pytest.approx(4 * trainable / 2**20, abs=0.05), (grads_mib, trainable)
     flat, own = by_step(metrics(dirs["true"])), by_step(metrics(dirs["false"]))
     for s in range(1, steps + 1):
         for k in ("loss", "lm_loss", "diffusion_loss"):
