@@ -35,9 +35,8 @@ def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class DiffusionObjective:
     num_train_timesteps: int
-    predicts_sample = False  # the network predicts x0 (RectifiedFlow with prediction_type sample)
-    # The velocity is a function of the network's output *and* x_t (prediction_type sample
-    # or edm): the pipeline's last stage needs x_t beside the target to form it.
+    # The velocity is a function of the network's output *and* x_t (RectifiedFlow with
+    # prediction_type sample or edm): the pipeline's last stage needs x_t beside the target.
     velocity_needs_x_t = False
 
     def __init__(self, num_train_timesteps: int, condition_clean_share: float = 0.0):
@@ -197,9 +196,12 @@ class RectifiedFlow(DiffusionObjective):
         self.predicts_sample = bool(predicts_sample)
         self.preconditioned = bool(preconditioned)
         self.sigma_data = float(sigma_data)
-        self.velocity_needs_x_t = self.predicts_sample or self.preconditioned
         self.timesteps = timesteps
         self.logit_mean, self.logit_std, self.mode_scale = float(logit_mean), float(logit_std), float(mode_scale)
+
+    @property
+    def velocity_needs_x_t(self) -> bool:
+        return self.predicts_sample or self.preconditioned
 
     def velocity(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The velocity the network's output stands for. prediction_type=sample: the
