@@ -81,7 +81,9 @@ from megafusion.model.attention import (  # noqa: E402
 )
 from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment  # noqa: E402
 from megafusion.model.config import FusionConfig  # noqa: E402
-from megafusion.model.fusion import FusionDecoderLayer, LMFusionModel, apply_rope  # noqa: E402
+from megafusion.model.fusion import LMFusionModel  # noqa: E402
+from megafusion.model.layer_lmfusion import LMFusionLayer  # noqa: E402
+from megafusion.model.towers import apply_rope  # noqa: E402
 
 # SmolLM2-135M, used only when load_base_config("smollm2") cannot run (package missing).
 SMOLLM2_DIMS = dict(
@@ -283,10 +285,10 @@ def drop_grads(*models):
 
 # ------------------------------------------------------------ both-towers baseline
 
-class BothTowersDecoderLayer(FusionDecoderLayer):
+class BothTowersDecoderLayer(LMFusionLayer):
     """The torch.where approach of a public LMFusion reimplementation: both towers' q/k/v,
     o and MLP run on every token (in sequence order) and each token keeps its modality's
-    result. Same parameters as FusionDecoderLayer; only the forward differs."""
+    result. Same parameters as LMFusionLayer; only the forward differs."""
 
     def forward(self, h, is_image, cos, sin, layout, batch_size, seq_len):
         """h [B*L, hidden] in sequence order; is_image [B*L, 1] bool."""

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+TOWER_MODES = ("lmfusion", "dual_tower", "xfuse", "single_tower", "gated_tower")
+
 
 @dataclass
 class FusionConfig:
     # Base text-only LLM: a Hugging Face LlamaForCausalLM directory, or a .gguf file.
     base: str = "smollm2"
-    # How towers are arranged. Only "lmfusion" (per-modality q/k/v/o, MLP and norms,
-    # shared attention) is implemented.
+    # What a decoder layer does with its towers (megafusion/model/layer_*.py, one file each):
+    # "lmfusion" (per-modality q/k/v/o, MLP and norms, one shared attention; X-Fusion's
+    # Dual Projection), X-Fusion's "dual_tower" (a frozen text block and a trainable
+    # vision block both read every token, each token keeps its own tower's output; its
+    # linear layers cost lmfusion's plus one more q/k/v projection of every token) and
+    # "xfuse" (dual_tower with a learned mix of both blocks' outputs at image tokens),
+    # "single_tower" (one tower, every weight trainable: needs train_text_tower) and
+    # "gated_tower" (the frozen LLM plus a tanh-gated trainable block for image tokens).
     tower_mode: str = "lmfusion"
 
     # Attention backend: "auto" (on CUDA flash-attn for fp16/bf16 when installed, else
@@ -100,7 +108,7 @@ class FusionConfig:
 
     def validate(self) -> None:
         choices = {
-            "tower_mode": ("lmfusion",),
+            "tower_mode": TOWER_MODES,
             "attention_backend": ("auto", "sdpa", "flex", "flash"),
             "fused_rmsnorm": ("none", "apex"),
             "image_mode": ("vae", "pixel"),
@@ -114,6 +122,9 @@ class FusionConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"model.{name}={value!r}: expected one of {', '.join(allowed)}")
+        if self.tower_mode == "single_tower" and not self.train_text_tower:
+            raise ValueError("model.tower_mode=single_tower trains every weight of its one tower: "
+                             "set model.train_text_tower=true (and train.text_lr > 0)")
         if self.image_mode == "vae" and not self.vae_path:
             raise ValueError("model.image_mode=vae needs model.vae_path (an AutoencoderKL directory)")
         if self.objective == "ddpm" and self.prediction_type in ("sample", "edm"):

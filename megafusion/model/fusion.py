@@ -1,9 +1,13 @@
-"""LMFusion: a frozen text-only Llama (the text tower) plus a trainable copy of every
-decoder layer's q/k/v/o projections, MLP and RMSNorms (the image tower), sharing one
-attention over all tokens with the hybrid mask.
+"""The fused model: a frozen text-only Llama (the text tower) plus trainable image modules,
+one attention layout over all tokens with the hybrid mask, and the image tokenizer and
+diffusion objective around the decoder stack.
 
-The text tower *is* the base model's modules (same objects, frozen), so text-only input
-reproduces the base model's computation exactly. The image tower starts as a deep copy.
+What a decoder layer does with its towers is the design, model.tower_mode: LMFusion's
+per-modality q/k/v/o, MLP and norms by default, or one of X-Fusion's (one file each,
+megafusion/model/layer_*.py). This class keeps what every design shares. The text tower
+*is* the base model's modules (same objects, frozen), so text-only input reproduces the
+base model's computation exactly wherever the design keeps the text path frozen. The
+trainable towers start as deep copies.
 """
 from __future__ import annotations
 
@@ -17,99 +21,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
-from .attention import AttentionLayout, hybrid_attention, select_backend
+from .attention import AttentionLayout, select_backend
 from .batch import IGNORE_INDEX, PackedBatch
 from .config import FusionConfig
 from .diffusion import make_objective
 from .fused_norm import image_norms
 from .image_io import ImageTokenizer
+from .layers import make_layer
 from .routing import Routing
+from .towers import DecoderLayer, HeadShape
 
 NUM_IMAGE_TOKENS = 2  # begin-of-image, end-of-image
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, d]; cos/sin [B, L, d] (from transformers' LlamaRotaryEmbedding, which
-    already applies Llama-3 rope scaling)."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
-
-
-class Tower(nn.Module):
-    """One modality's share of a decoder layer: norms, q/k/v/o and the MLP."""
-
-    def __init__(self, input_layernorm, q_proj, k_proj, v_proj, o_proj, post_attention_layernorm, mlp):
-        super().__init__()
-        self.input_layernorm = input_layernorm
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
-        self.post_attention_layernorm = post_attention_layernorm
-        self.mlp = mlp
-
-    @classmethod
-    def from_llama_layer(cls, layer) -> "Tower":
-        a = layer.self_attn
-        return cls(layer.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.post_attention_layernorm, layer.mlp)
-
-    def qkv(self, x):
-        x = self.input_layernorm(x)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
-    def ffn(self, h):
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
-class FusionDecoderLayer(nn.Module):
-    def __init__(self, llama_layer, num_heads: int, num_kv_heads: int, head_dim: int, clone=copy.deepcopy):
-        super().__init__()
-        self.text = Tower.from_llama_layer(llama_layer)
-        self.image = clone(self.text)
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
-
-    def forward(self, h: torch.Tensor, routing: Routing, cos, sin, layout: AttentionLayout) -> torch.Tensor:
-        """h: [B*L, hidden] in modality-sorted order."""
-        q, k, v = self._qkv(h, routing, cos, sin)
-        return self._finish(h, routing, hybrid_attention(q, k, v, layout, scale=self.scale))
-
-    def _qkv(self, h, routing: Routing, cos, sin):
-        """Each tower projects its own tokens; q/k/v go to sequence order, [B, H, L, d],
-        with RoPE applied."""
-        # Both towers run even on an empty slice (see Routing.run).
-        q, k, v = (torch.cat(p, 0) for p in zip(self.text.qkv(h[: routing.n_text]), self.image.qkv(h[routing.n_text:])))
-        B, L, d = routing.batch_size, routing.seq_len, self.head_dim
-        q = routing.to_sequence(q).view(B, L, self.num_heads, d).transpose(1, 2)
-        k = routing.to_sequence(k).view(B, L, self.num_kv_heads, d).transpose(1, 2)
-        v = routing.to_sequence(v).view(B, L, self.num_kv_heads, d).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def _finish(self, h, routing: Routing, o):
-        """Attention output [B, H, L, d] back to sorted order, o_proj, residual, MLP."""
-        B, L = routing.batch_size, routing.seq_len
-        o = routing.to_sorted(o.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
-        h = h + routing.run(self.text.o_proj, self.image.o_proj, o)
-        return routing.run(self.text.ffn, self.image.ffn, h)
-
-    def forward_cached(self, h: torch.Tensor, routing: Routing, cos, sin, attn_mask: torch.Tensor, kv_update) -> torch.Tensor:
-        """Inference over new tokens only, given the keys and values of earlier ones (KV
-        cache; megafusion/model/inference.py drives it). The same computation as forward
-        with the sdpa backend, except that attention runs over [earlier; new] keys.
-
-        h [B*Lq, hidden]: the new tokens in modality-sorted order (routing over [B, Lq]);
-        cos/sin [B, Lq, d] at their positions; kv_update(k, v) receives the new tokens'
-        keys and values after RoPE, [B, Hkv, Lq, d], and returns the keys and values to
-        attend over, [B, Hkv, Lk, d] (the cached ones, then these); attn_mask [B, 1, Lq, Lk]
-        bool, True where a new token may attend. Caching is exact because no token's keys
-        and values depend on later tokens: text is causal and an image, bidirectional
-        only within itself, enters the cache whole.
-        """
-        q, k, v = self._qkv(h, routing, cos, sin)
-        k, v = kv_update(k, v)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True)
-        return self._finish(h, routing, o)
 
 
 @dataclass
@@ -154,14 +76,14 @@ class LMFusionModel(nn.Module):
         head_dim = getattr(lc, "head_dim", None) or hidden // lc.num_attention_heads
 
         self.embed_tokens = inner.embed_tokens
+        heads = HeadShape(lc.num_attention_heads, lc.num_key_value_heads, head_dim)
         self.layers = nn.ModuleList(
-            FusionDecoderLayer(layer, lc.num_attention_heads, lc.num_key_value_heads, head_dim, clone) for layer in inner.layers
+            make_layer(cfg.tower_mode, layer, heads, clone, lambda norm: image_norms(cfg, norm)) for layer in inner.layers
         )
         self.text_norm = inner.norm
+        # The image tokens' final norm, a trainable copy in every design (single_tower too:
+        # it belongs to the image output path, like the patch embedding).
         self.image_norm = image_norms(cfg, clone(inner.norm))
-        for layer in self.layers:
-            layer.image.input_layernorm = image_norms(cfg, layer.image.input_layernorm)
-            layer.image.post_attention_layernorm = image_norms(cfg, layer.image.post_attention_layernorm)
         self.lm_head = base_model.lm_head
         self.rotary_emb = inner.rotary_emb
         # New rows for BOI/EOI live beside the frozen vocabulary rather than in a resized
@@ -261,7 +183,7 @@ class LMFusionModel(nn.Module):
         doc_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
         return last_image >= doc_start
 
-    def run_layer(self, layer: FusionDecoderLayer, h, routing, cos, sin, layout):
+    def run_layer(self, layer: DecoderLayer, h, routing, cos, sin, layout):
         """One decoder layer; with cfg.activation_checkpointing (and the layer training)
         only its inputs are kept and it runs again in backward. Pipeline stages call this
         too, so both paths recompute the same way."""

@@ -34,8 +34,15 @@ from .fused_norm import image_norms  # noqa: F401
 from .fusion import LMFusionModel
 from .image_io import ImageTokenizer  # noqa: F401
 from .inference import image_to_text, interleave, text_to_image
+from .layer_dual_tower import DualTowerLayer  # noqa: F401
+from .layer_gated_tower import GatedTowerLayer  # noqa: F401
+from .layer_lmfusion import LMFusionLayer  # noqa: F401
+from .layer_single_tower import SingleTowerLayer  # noqa: F401
+from .layer_xfuse import XFuseLayer  # noqa: F401
+from .layers import LAYER_CLASSES
 from .loading import BaseModelError  # noqa: F401
 from .routing import Routing
+from .towers import DecoderLayer  # noqa: F401
 
 MODEL_TYPE = "megafusion"
 VAE_SUBFOLDER = "vae"
@@ -99,7 +106,7 @@ class LMFusionForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MegafusionConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _no_split_modules = ["FusionDecoderLayer"]
+    _no_split_modules = [cls.__name__ for cls in LAYER_CLASSES.values()]
     # The frozen VAE is a diffusers model of its own (DIR/vae), loaded at construction.
     _keys_to_ignore_on_load_missing = [r"image_tokenizer\.vae\."]
     _tied_weights_keys = ["model.lm_head.weight"]

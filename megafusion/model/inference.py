@@ -9,7 +9,7 @@ Why a cache is exact here: under the hybrid mask no token's keys and values depe
 later token (text is causal; an image is bidirectional only within itself and enters the
 cache whole), so the keys/values of a prompt computed once equal those computed with any
 continuation. A denoising step therefore runs only the image tokens, attending to the
-cached prompt; FusionDecoderLayer.forward_cached is the per-layer computation.
+cached prompt; DecoderLayer.forward_cached (megafusion/model/towers.py) is the per-layer computation.
 
 Batches are left-padded: every row ends at the same column, so one new token per row
 appends at the same place. `valid` marks real tokens; padding is never attended to (a

@@ -212,7 +212,8 @@ class DecoderStage(_Stage):
         super().__init__(source)
         layer = self.fused.layers[index]
         source.load(source.base.model.layers[index], f"model.layers.{index}.")  # the text tower's modules
-        layer.image = copy.deepcopy(layer.text).requires_grad_(True)
+        if "image" in layer._modules:  # every design but single_tower trains a copy of the text tower
+            layer.image = copy.deepcopy(layer.text).requires_grad_(True)
         self.layer = layer
         self.rotary_emb = source.rotary()
 
