@@ -425,3 +425,69 @@ def test_caption_min_new_tokens_keeps_eos_out_of_the_first_steps(fused):
     assert inf.image_to_text(fused, img, bos=1, boi=boi, eoi=eoi, eos=first, max_new_tokens=2) == [[]]
     got = inf.image_to_text(fused, img, bos=1, boi=boi, eoi=eoi, eos=first, max_new_tokens=1, min_new_tokens=1)
     assert got == [[second]]
+
+
+# ------------------------------------------------------------- the X-Fusion designs
+
+@pytest.fixture(scope="module", params=["dual_tower", "xfuse", "gated_tower", "single_tower"])
+def design(request, base):
+    """Each model.tower_mode besides lmfusion, its trainable weights (mix scalars and
+    gate included) moved away from their start."""
+    mode = request.param
+    return make_fused(base, objective="rectified_flow", tower_mode=mode, train_text_tower=mode == "single_tower")
+
+
+def test_design_cache_and_captioning_equal_the_training_forward(design):
+    """Two-stream designs keep both blocks' keys and values in one cache entry per layer;
+    a wrong split or a stream left out of the cache shows here."""
+    model = design
+    boi, eoi = model.boi_id, model.eoi_id
+    cap = ids(6, 70)
+    g = torch.Generator().manual_seed(71)
+    x0 = torch.rand(3, SIZE, SIZE, generator=g) * 2 - 1
+    noise = torch.randn(1, 3, SIZE, SIZE, generator=g)
+    ref = training_forward(model, [[TextSegment([1] + cap), TextSegment([boi]), ImageSegment(x0, timestep=700.0),
+                                    TextSegment([eoi, 2])]], noise=noise)
+    prompt = [[1] + cap + [boi]]
+    cache, logits = inf.prefill(model, prompt)
+    t = torch.tensor([700.0])
+    got = inf.cached_denoiser(model, cache)(ref.noisy_images, t)
+    assert ref.image_prediction.abs().max() > 0.1
+    assert (got - ref.image_prediction).abs().max().item() <= TOL
+    assert (logits[0] - ref.logits[0, len(cap) + 1]).abs().max().item() <= TOL
+    img = x0[None]
+    got = inf.image_to_text(model, img, bos=1, boi=boi, eoi=eoi, eos=-1, max_new_tokens=3)[0]
+    new = []
+    for _ in range(3):
+        doc = [TextSegment([1, boi]), ImageSegment(x0, timestep=0.0, is_condition=True), TextSegment([eoi] + new)]
+        step = training_forward(model, [doc]).logits[0, -1].clone()
+        step[[boi, eoi]] = float("-inf")
+        new.append(int(step.argmax()))
+    assert got == new
+
+
+def test_design_exports_and_its_hf_text_path_is_the_bases(design, base, tiny_llama, tmp_path):
+    from megafusion.export import export_fused
+    from megafusion.model.hf import LMFusionForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    out = export_fused(copy.deepcopy(design), tok, tmp_path / "export", bos=1, eos=2)
+    hf = LMFusionForCausalLM.from_pretrained(out).eval()
+    loaded = hf.model
+    assert loaded.cfg.tower_mode == design.cfg.tower_mode
+    prompt = [[1] + ids(5, 72) + [design.boi_id]]
+    x_t = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(73))
+    t = torch.tensor([600.0])
+    with torch.no_grad():
+        ref = inf.cached_denoiser(design, inf.prefill(design, prompt)[0])(x_t, t)
+        got = inf.cached_denoiser(loaded, inf.prefill(loaded, prompt)[0])(x_t, t)
+    assert ref.abs().max() > 0.1
+    assert (got - ref).abs().max().item() <= TOL
+    if design.cfg.tower_mode == "single_tower":
+        return  # its text path is trained (perturbed here): not the base's
+    x = torch.tensor([[1] + ids(7, 74)])
+    with torch.no_grad():
+        out_ids = hf.generate(x, max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+                              suppress_tokens=[design.boi_id, design.eoi_id])
+        ref_ids = base.generate(x, max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out_ids.tolist() == ref_ids.tolist()
