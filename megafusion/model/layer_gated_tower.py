@@ -18,17 +18,18 @@ frozen attention, whose image keys and values the gated blocks shape.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from .routing import Routing
 from .towers import DecoderLayer, HeadShape, image_twin
 
 
 class GatedTowerLayer(DecoderLayer):
+    scalar_starts = {"gate": 0.0}
+
     def __init__(self, llama_layer, heads: HeadShape, clone, image_norm):
         super().__init__(llama_layer, heads)
         self.image = image_twin(self.text, clone, image_norm)  # F_gate
-        self.gate = nn.Parameter(torch.zeros(1))
+        self.make_scalars()
 
     def mix(self, h, routing: Routing, cos, sin, attend):
         n = routing.n_text

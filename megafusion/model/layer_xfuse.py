@@ -9,7 +9,6 @@ output the mix now uses."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from .layer_dual_tower import DualTowerLayer
 from .routing import Routing
@@ -17,11 +16,11 @@ from .towers import HeadShape
 
 
 class XFuseLayer(DualTowerLayer):
+    scalar_starts = {"alpha": 0.0, "beta": 1.0}
+
     def __init__(self, llama_layer, heads: HeadShape, clone, image_norm):
         super().__init__(llama_layer, heads, clone, image_norm)
-        # Shape [1], not a scalar: ZeRO-3 partitions every parameter and 0-d ones are a corner it handles badly.
-        self.alpha = nn.Parameter(torch.zeros(1))
-        self.beta = nn.Parameter(torch.ones(1))
+        self.make_scalars()
 
     def mix(self, h, routing: Routing, cos, sin, attend):
         n = routing.n_text

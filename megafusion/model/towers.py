@@ -120,11 +120,20 @@ class DecoderLayer(nn.Module):
     """Base of the designs: the frozen text tower (the base layer's own modules) and the
     head shapes. A subclass adds its trainable modules and defines mix()."""
 
+    # The design's learnable scalars and their starting values (shape [1], not 0-d: ZeRO-3
+    # partitions every parameter and 0-d ones are a corner it handles badly). Pipeline
+    # stages build them again from here (megafusion/parallel/pipeline.py).
+    scalar_starts: dict[str, float] = {}
+
     def __init__(self, llama_layer, heads: HeadShape):
         super().__init__()
         self.text = Tower.from_llama_layer(llama_layer)
         self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, heads.head_dim
         self.scale = heads.head_dim ** -0.5
+
+    def make_scalars(self, dtype=None, device=None) -> None:
+        for name, start in self.scalar_starts.items():
+            setattr(self, name, nn.Parameter(torch.full((1,), start, dtype=dtype, device=device)))
 
     def forward(self, h: torch.Tensor, routing: Routing, cos, sin, layout: AttentionLayout) -> torch.Tensor:
         """h: [B*L, hidden] in modality-sorted order."""

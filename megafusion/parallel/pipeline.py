@@ -84,6 +84,11 @@ class StageSource:
         self.cfg = cfg
         self.dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
         self.weights = BaseWeights(cfg.model.base)
+        if cfg.model.train_text_tower and getattr(self.weights.config, "tie_word_embeddings", False):
+            # The embedding lives on the first stage and the LM head on the last: one
+            # tied matrix would train as two, and the export keeps only one of them.
+            raise ValueError(f"model.train_text_tower (model.tower_mode={cfg.model.tower_mode}) with pipeline stages "
+                             f"needs a base with untied embeddings; {cfg.model.base} ties its embedding and LM head")
         self.base = skeleton_base_model(self.weights.config)
         # The image tokenizer's seed is the draw a single-process run makes (its rank 0
         # draws it right after torch.manual_seed(run.seed), nothing random before), so a
@@ -214,6 +219,7 @@ class DecoderStage(_Stage):
         source.load(source.base.model.layers[index], f"model.layers.{index}.")  # the text tower's modules
         if "image" in layer._modules:  # every design but single_tower trains a copy of the text tower
             layer.image = copy.deepcopy(layer.text).requires_grad_(True)
+        layer.make_scalars(dtype=source.dtype)  # X-Fusion's mix scalars and gate, at their starting values
         self.layer = layer
         self.rotary_emb = source.rotary()
 

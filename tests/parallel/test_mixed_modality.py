@@ -7,7 +7,12 @@ import pytest
     # the learned position table and x-prediction under ZeRO-3: the table is gathered with
     # the embedder, and the velocity of the predicted x0 is what is differentiated
     ("model.objective=rectified_flow", "model.prediction_type=sample", "model.image_position=learned"),
-], ids=["default", "x0_position_table"])
+    # X-Fusion's designs: two attention streams, the mix scalars and the gate are
+    # parameters every rank must gather and reduce; single_tower trains the base's modules
+    ("model.tower_mode=xfuse",),
+    ("model.tower_mode=gated_tower",),
+    ("model.tower_mode=single_tower", "model.train_text_tower=true", "train.text_lr=1e-4"),
+], ids=["default", "x0_position_table", "xfuse", "gated_tower", "single_tower"])
 def test_zero3_rank_without_images_matches_reference_gradients(run_two_ranks, overrides):
     text = run_two_ranks("mixed_modality_worker.py", *overrides)
     assert text.count("MIXED_OK") == 2, text[-4000:]

@@ -19,6 +19,11 @@ from fake_accelerator import FAKE, fake_accelerator, move_to_fake, tensors_in
 REPO = Path(__file__).resolve().parents[2]
 
 
+# Overrides for each decoder-layer design (model.tower_mode).
+DESIGNS = {"lmfusion": (), "xfuse": ("model.tower_mode=xfuse",), "gated_tower": ("model.tower_mode=gated_tower",),
+           "single_tower": ("model.tower_mode=single_tower", "model.train_text_tower=true", "train.text_lr=1e-4")}
+
+
 def tiny_cfg(base, *overrides):
     return load_config(REPO / "configs" / "tiny.yaml", [f"model.base={base}", *overrides])
 
@@ -91,15 +96,16 @@ def run_stages(stages, batch, seed):
     return x.detach(), grads, saved
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "sample", "edm"])
-def test_stage_losses_equal_the_whole_models(tiny_llama, prediction):
+@pytest.mark.parametrize("prediction,design", [("epsilon", "lmfusion"), ("sample", "lmfusion"), ("edm", "lmfusion"),
+                                               ("epsilon", "xfuse"), ("epsilon", "gated_tower")])
+def test_stage_losses_equal_the_whole_models(tiny_llama, prediction, design):
     """Rectified flow, velocity, x-prediction or EDM's preconditioning: the head stage's
     (total, lm, diffusion) equal the single-process model's on the same batch and noise
     draw. x-prediction and edm need x_t at the head (the velocity of an x0 is (x_t - x0)
     / sigma; edm's mixes x_t in by c_skip)."""
     from megafusion.model.fusion import LMFusionModel
 
-    cfg = tiny_cfg(tiny_llama, "model.objective=rectified_flow", f"model.prediction_type={prediction}")
+    cfg = tiny_cfg(tiny_llama, "model.objective=rectified_flow", f"model.prediction_type={prediction}", *DESIGNS[design])
     torch.manual_seed(cfg.run.seed)
     _, stages = all_stages(cfg)
     torch.manual_seed(cfg.run.seed)
@@ -135,11 +141,16 @@ def test_activation_checkpointing_recomputes_decoder_stages(tiny_llama):
     assert sum(saved_c) * 10 < sum(saved_p) and len(saved_c) * 10 < len(saved_p)
 
 
-def test_stages_start_as_the_whole_model_and_leave_the_noise_stream_alone(tiny_llama):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_stages_start_as_the_whole_model_and_leave_the_noise_stream_alone(tiny_llama, tiny_llama_untied, design):
     """Stages built one by one (each image-tokenizer side from its own seed) equal the
     whole model a single-process run builds after torch.manual_seed(run.seed), and the
-    global RNG (the diffusion noise drawn next) is where that build leaves it."""
-    cfg = tiny_cfg(tiny_llama)
+    global RNG (the diffusion noise drawn next) is where that build leaves it. Each
+    design: X-Fusion's mix scalars and gate start where the whole model's do, and what
+    trains there trains in the stages."""
+    if design == "single_tower":  # a trained text tower needs untied embeddings in a pipeline (see below)
+        tiny_llama = tiny_llama_untied
+    cfg = tiny_cfg(tiny_llama, *DESIGNS[design])
     torch.manual_seed(cfg.run.seed)
     source, stages = all_stages(cfg)
     after_stages = torch.rand(4)
@@ -153,6 +164,16 @@ def test_stages_start_as_the_whole_model_and_leave_the_noise_stream_alone(tiny_l
     assert mine.keys() == ref.keys()
     for k in ref:
         assert torch.equal(mine[k], ref[k]), k
+    trains = lambda m: {n for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
+    assert trains(source.fused) == trains(whole)
+
+
+def test_a_trained_text_tower_with_tied_embeddings_is_refused(tiny_llama):
+    """The embedding (first stage) and the LM head (last stage) of a tied base would train
+    as two matrices."""
+    with pytest.raises(ValueError, match="untied embeddings") as e:
+        StageSource(tiny_cfg(tiny_llama, *DESIGNS["single_tower"]))
+    assert "\n" not in str(e.value)
 
 
 def test_stages_hold_the_base_weights_in_the_training_dtype(tiny_llama):

@@ -132,9 +132,10 @@ def pipeline_reference(run_dir):
     return fused, cfg
 
 
-def check_round_trip(export_dir, fused, cfg, tmp, base_dir, inputs=None):
+def check_round_trip(export_dir, fused, cfg, tmp, base_dir, inputs=None, text_frozen=True):
     """Loaded in a fresh process: the trainer's logits and diffusion predictions (when
-    `fused`, the reference, is given), the base model's text logits and greedy output."""
+    `fused`, the reference, is given), the base model's text logits and greedy output
+    (where the run kept the text path frozen)."""
     from megafusion.model.loading import resolve_base
 
     inputs = inputs or fixed_inputs(cfg.model, fused.vocab_size)
@@ -152,6 +153,9 @@ def check_round_trip(export_dir, fused, cfg, tmp, base_dir, inputs=None):
         assert (got["image_prediction"] - ref_pred).abs().max().item() <= TOL
     V = got["base_text_logits"].shape[-1]
     assert got["text_logits"].shape[-1] == V + 2
+    if not text_frozen:
+        assert (got["text_logits"][..., :V] - got["base_text_logits"]).abs().max().item() > 1e-4  # it trained
+        return got, inputs, ref_logits, ref_pred
     # Text only: the base model's logits and greedy continuation.
     assert (got["text_logits"][..., :V] - got["base_text_logits"]).abs().max().item() <= TOL
     assert got["greedy"] == got["base_greedy"]
@@ -223,6 +227,22 @@ def test_zero3_round_trip(zero3_run, tmp_path, tiny_base):
     gen = G.load(zero3_run)
     logits, pred = reference_forward(gen.model, inputs)
     assert (logits - ref_logits).abs().max().item() <= TOL and (pred - ref_pred).abs().max().item() <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dual_tower", "xfuse", "gated_tower", "single_tower"])
+def test_zero3_round_trip_of_each_x_fusion_design(mode, tmp_path, tiny_llama, synthetic_shards):
+    """Each model.tower_mode trained under ZeRO-3 on two ranks, exported and loaded with
+    plain transformers: the trainer's model (base + DeepSpeed's consolidation) within
+    1e-5, and the base's text where the design keeps the text path frozen."""
+    extra = ["model.train_text_tower=true", "train.text_lr=1e-3"] if mode == "single_tower" else []
+    run = train(tmp_path / mode / "run", synthetic_shards, f"model.base={tiny_llama}", f"model.tower_mode={mode}", *extra)
+    out = tmp_path / "export"
+    p = convert(run, out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["fusion"]["tower_mode"] == mode
+    fused, cfg = zero_reference(run)
+    check_round_trip(out, fused, cfg, tmp_path / "load", tiny_llama, text_frozen=mode != "single_tower")
 
 
 @pytest.mark.slow
