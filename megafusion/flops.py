@@ -17,6 +17,12 @@ work on text tokens by half.
 Attention, per allowed pair and query head of dimension d: 2d for Q.K and 2d for P.V
 forward, twice that backward (dP and dV, then dQ and dK): 12d. Kernels that recompute
 scores in the backward pass (flash) do more hardware FLOPs; MFU counts model FLOPs.
+
+The decoder-layer design (model.tower_mode, megafusion/model/layer_*.py) adds to that:
+dual_tower runs the other tower's q/k/v on every token (the trainable one on text tokens,
+6 x; the text one on image tokens, w_text x) and two attentions; xfuse and gated_tower
+also run the text block's o_proj and MLP on image tokens (w_text x); single_tower is the
+dense count with the text tower trainable.
 """
 from __future__ import annotations
 
@@ -31,8 +37,11 @@ FORMULA = (
     "w_text = 4 when the text tower is frozen (forward 2 + input gradient 2, no weight gradient), "
     "else 6; attention_pairs = (query, key) pairs the mask allows, summed over rows; "
     "image_io = linear patcher 10*patch_dim*hidden per image token (in: 4, its input is data; out: 6); "
-    "MFU = flops / (step seconds * peak FLOP/s)"
+    "MFU = flops / (step seconds * peak FLOP/s); "
+    "dual_tower adds L*Pqkv*(6*text_tokens + w_text*image_tokens) and doubles attention; "
+    "xfuse and gated_tower add L*(P - Pqkv)*w_text*image_tokens on top"
 )
+TWO_STREAMS = ("dual_tower", "xfuse", "gated_tower")
 
 
 def head_dim(config) -> int:
@@ -44,6 +53,12 @@ def layer_matmul_params(config) -> int:
     h, d = config.hidden_size, head_dim(config)
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
     return h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size
+
+
+def layer_qkv_params(config) -> int:
+    """Weights of one decoder layer's q, k and v projections."""
+    h, d = config.hidden_size, head_dim(config)
+    return h * (config.num_attention_heads + 2 * config.num_key_value_heads) * d
 
 
 def causal_pairs(batch: int, seq_len: int) -> int:
@@ -108,7 +123,8 @@ def linear_patcher_flops(patch_dim: int, hidden: int, image_tokens: int) -> int:
 
 
 def train_step_flops(config, *, text_tokens: int, logit_tokens: int, attention_pairs: int,
-                     image_tokens: int = 0, frozen_text: bool = False, image_io: int = 0) -> dict:
+                     image_tokens: int = 0, frozen_text: bool = False, image_io: int = 0,
+                     tower_mode: str = "lmfusion") -> dict:
     """FLOPs of one forward + backward pass, by part (see FORMULA).
 
     A dense Llama step: text_tokens = logit_tokens = B * L, image_tokens = 0,
@@ -118,10 +134,17 @@ def train_step_flops(config, *, text_tokens: int, logit_tokens: int, attention_p
     """
     w_text = 4 if frozen_text else 6
     layers = config.num_hidden_layers
+    P, qkv = layer_matmul_params(config), layer_qkv_params(config)
+    matmuls = P * (w_text * text_tokens + 6 * image_tokens)
+    if tower_mode in TWO_STREAMS:
+        matmuls += qkv * (6 * text_tokens + w_text * image_tokens)
+    if tower_mode in ("xfuse", "gated_tower"):
+        matmuls += (P - qkv) * w_text * image_tokens
+    streams = 2 if tower_mode in TWO_STREAMS else 1
     parts = {
-        "layers": layers * layer_matmul_params(config) * (w_text * text_tokens + 6 * image_tokens),
+        "layers": layers * matmuls,
         "lm_head": w_text * config.hidden_size * config.vocab_size * logit_tokens,
-        "attention": 12 * layers * config.num_attention_heads * head_dim(config) * attention_pairs,
+        "attention": streams * 12 * layers * config.num_attention_heads * head_dim(config) * attention_pairs,
         "image_io": image_io,
     }
     parts["total"] = sum(parts.values())

@@ -96,6 +96,49 @@ def test_fused_step_counts_the_frozen_tower_as_4n():
     assert sum(io.values()) == linear_patcher_flops(12, 64, n_image) == (4 + 6) * 12 * 64 * n_image
 
 
+def sdpa_pairs(model, batch, monkeypatch) -> int:
+    """(query head, key) pairs handed to scaled_dot_product_attention in one forward."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(q, k, v, **kw):
+        seen.append(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    with torch.no_grad():
+        model(batch)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", real)
+    return sum(seen)
+
+
+@pytest.mark.parametrize("mode", ["dual_tower", "xfuse", "gated_tower", "single_tower"])
+def test_each_design_step_matches_flop_counter(mode, monkeypatch):
+    """The X-Fusion designs' training steps, frozen text tower (single_tower: trainable),
+    against FlopCounterMode for the linear layers, and the attention term's factor
+    against the pairs the designs hand to SDPA next to lmfusion's."""
+    fcfg = FusionConfig(image_mode="pixel", image_size=8, patch_size=2, patcher="linear", attention_backend="sdpa",
+                        tower_mode=mode, train_text_tower=mode == "single_tower")
+    torch.manual_seed(0)
+    model = LMFusionModel(llama(), fcfg).train()
+    batch = fused_batch()
+    n_image = int((batch.modality == 1).sum())
+    n_text = batch.modality.numel() - n_image
+    n_targets = int((model.lm_targets(batch) != -100).sum())
+    names = [f"LMFusionModel.layers.{i}" for i in range(CONFIG.num_hidden_layers)] + ["LMFusionModel.lm_head"]
+    got = counted(lambda: model(batch).loss.backward(), names)
+    want = train_step_flops(CONFIG, text_tokens=n_text, image_tokens=n_image, logit_tokens=n_targets,
+                            attention_pairs=0, frozen_text=mode != "single_tower", tower_mode=mode)
+    assert sum(got[n] for n in names[:-1]) == want["layers"]
+    assert got["LMFusionModel.lm_head"] == want["lm_head"]
+    one = train_step_flops(CONFIG, text_tokens=0, logit_tokens=0, attention_pairs=100)["attention"]
+    this = train_step_flops(CONFIG, text_tokens=0, logit_tokens=0, attention_pairs=100, tower_mode=mode)["attention"]
+    torch.manual_seed(0)
+    lmfusion = LMFusionModel(llama(), FusionConfig(image_mode="pixel", image_size=8, patch_size=2, patcher="linear",
+                                                   attention_backend="sdpa"))
+    assert this * sdpa_pairs(lmfusion, batch, monkeypatch) == one * sdpa_pairs(model, batch, monkeypatch)
+
+
 def test_attention_term_is_what_naive_attention_computes():
     """Naive attention computes every pair (a mask does not skip work), so with all pairs
     allowed its forward + backward matmuls equal the formula's attention term."""

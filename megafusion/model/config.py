@@ -94,7 +94,9 @@ class FusionConfig:
     # found clean condition images best for both tasks; on the demo task 1.0 did not beat
     # 0.0 on held-out caption NLL (configs/demo.yaml has the figures), hence 0.0.
     condition_clean_share: float = 0.0
-    # Total loss = lm + diffusion_loss_weight * diffusion.
+    # Total loss = lm_loss_weight * lm + diffusion_loss_weight * diffusion (LMFusion and
+    # Transfusion: 1 and 5; X-Fusion: 0.2 and 1).
+    lm_loss_weight: float = 1.0
     diffusion_loss_weight: float = 5.0
     # Transfusion puts no loss on the begin-of-image token; turn on to let the model
     # learn to start images by itself (interleaved generation).
@@ -138,6 +140,9 @@ class FusionConfig:
             raise ValueError(f"model.sigma_data={self.sigma_data} is for model.prediction_type edm")
         if not 0 <= self.condition_t_cap <= self.num_train_timesteps:
             raise ValueError(f"model.condition_t_cap={self.condition_t_cap} outside [0, {self.num_train_timesteps}]")
+        if self.lm_loss_weight < 0 or self.diffusion_loss_weight < 0:
+            raise ValueError(f"model.lm_loss_weight={self.lm_loss_weight} and model.diffusion_loss_weight="
+                             f"{self.diffusion_loss_weight} must be >= 0")
         if not self.pixel_scale > 0:
             raise ValueError(f"model.pixel_scale={self.pixel_scale} must be > 0")
         if not self.flow_shift > 0:

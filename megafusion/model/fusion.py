@@ -269,7 +269,7 @@ class LMFusionModel(nn.Module):
         if not n_images:
             pred = x_t = None
 
-        loss = lm_loss + self.cfg.diffusion_loss_weight * diffusion_loss
+        loss = self.cfg.lm_loss_weight * lm_loss + self.cfg.diffusion_loss_weight * diffusion_loss
         return FusionOutput(
             loss=loss,
             lm_loss=lm_loss.detach(),

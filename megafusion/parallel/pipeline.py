@@ -279,7 +279,7 @@ class HeadStage(_Stage):
             noised = t > 0
             if bool(noised.any()):
                 diff = F.mse_loss(pred[noised].float(), target[noised])
-        total = lm + f.cfg.diffusion_loss_weight * diff
+        total = f.cfg.lm_loss_weight * lm + f.cfg.diffusion_loss_weight * diff
         out = torch.stack([total, lm.detach(), diff.detach()])
         if hasattr(self, "records"):
             self.records.append(out.detach())

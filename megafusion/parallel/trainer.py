@@ -421,7 +421,7 @@ class Trainer:
         if writer:
             writer.add_scalar("val/lm", lm, step)
             writer.add_scalar("val/diffusion", diff, step)
-            writer.add_scalar("val/total", lm + self.cfg.model.diffusion_loss_weight * diff, step)
+            writer.add_scalar("val/total", self.cfg.model.lm_loss_weight * lm + self.cfg.model.diffusion_loss_weight * diff, step)
             if caption is not None:
                 writer.add_scalar("val/caption", caption, step)
         if self.rank == 0:

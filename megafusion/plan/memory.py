@@ -35,10 +35,17 @@ from megafusion.plan.shapes import ModelShape, stage_layers
 FP32 = 4
 
 
-def layer_activation_bytes_per_token(shape: ModelShape, w: int) -> int:
+def layer_activation_bytes_per_token(shape: ModelShape, w: int, image_share: float = 0.0) -> float:
+    """Bytes a decoder layer keeps per token; image_share, the share of image tokens,
+    matters to the designs that run a second block's o_proj and MLP on them."""
     h, kv, i = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
     kept = h + 2 * h + h + 2 * kv + h + h + 4 * i  # input, routing in/out, q, k+v, attn out, residual, MLP
-    return w * kept + 2 * (FP32 + w) * h           # + two RMSNorms
+    total = w * kept + 2 * (FP32 + w) * h          # + two RMSNorms
+    if shape.tower_mode in ("dual_tower", "xfuse", "gated_tower"):  # a second attention stream on every token
+        total += w * (h + 2 * kv + h) + (FP32 + w) * h
+    if shape.tower_mode in ("xfuse", "gated_tower"):  # the second block's residual, MLP and norm at image tokens
+        total += image_share * (w * (h + 4 * i) + (FP32 + w) * h)
+    return total
 
 
 def unet_activation_bytes_per_image(shape: ModelShape, w: int) -> int:
@@ -54,7 +61,7 @@ def activation_parts(shape: ModelShape, s: Setting, wl: Workload, layers: int, i
     """Activation memory of a rank running `layers` decoder layers with `in_flight`
     micro-batches alive (1 without pipeline stages)."""
     w = s.weight_bytes
-    per_layer = wl.tokens * layer_activation_bytes_per_token(shape, w)
+    per_layer = int(wl.tokens * layer_activation_bytes_per_token(shape, w, wl.image_tokens / max(1, wl.tokens)))
     layer_input = wl.tokens * shape.hidden * w
     if s.checkpointing:
         act = in_flight * (layers + 1) * layer_input

@@ -26,7 +26,13 @@ LLAMA3 = {
                       num_key_value_heads=8, vocab_size=128256),
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                        num_key_value_heads=8, vocab_size=128256),
+    # X-Fusion's 1B base (configs/xfusion_1b.yaml); it ties its embedding and LM head.
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
 }
+# A base directory's name (lower case, without "meta", "-", "_" and ".") -> its preset:
+# Meta-Llama-3-8B, Llama-3.1-8B-Instruct, Llama-3.3-70B, Llama-3.2-1B, ...
+_PRESET_NAMES = {"llama3-8b": r"^llama3(1)?8b", "llama3-70b": r"^llama3(1|3)?70b", "llama3.2-1b": r"^llama321b"}
 _LLAMA3_COMMON = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
                       tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
@@ -69,6 +75,7 @@ class ModelShape:
     unet_layers_per_block: int
     llama_config: object = None
     notes: list = field(default_factory=list)
+    tower_mode: str = "lmfusion"  # the decoder-layer design (megafusion/flops.py counts each)
 
     @property
     def frozen(self) -> int:
@@ -131,7 +138,7 @@ def llama_config_for(base: str, arch: str | None):
     note = None
     if arch:
         if arch in LLAMA3:
-            return LlamaConfig(**_LLAMA3_COMMON, **LLAMA3[arch]), f"architecture: built-in {arch}"
+            return LlamaConfig(**{**_LLAMA3_COMMON, **LLAMA3[arch]}), f"architecture: built-in {arch}"
         path = Path(arch).expanduser()
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
@@ -146,11 +153,10 @@ def llama_config_for(base: str, arch: str | None):
         except ValueError as exc:
             raise PlanError(str(exc).splitlines()[0]) from None
     name = local.name.lower().replace("meta-", "").replace("-", "").replace("_", "").replace(".", "")
-    for preset in LLAMA3:
-        size = preset.split("-")[1]
-        if name.startswith("llama3") and re.search(rf"(^|[^0-9]){size}($|[^0-9])", name.replace("llama3", "", 1)):
+    for preset, pattern in _PRESET_NAMES.items():
+        if re.match(pattern + r"($|[^0-9])", name):
             note = f"architecture: model.base={base} is not on this machine; using the built-in {preset} (--arch to choose)"
-            return LlamaConfig(**_LLAMA3_COMMON, **LLAMA3[preset]), note
+            return LlamaConfig(**{**_LLAMA3_COMMON, **LLAMA3[preset]}), note
     raise PlanError(f"model.base={base}: no config.json here and not a known Llama-3 name; pass --arch "
                     f"({', '.join(LLAMA3)} or a config.json)")
 
@@ -214,4 +220,5 @@ def model_shape(cfg, arch: str | None = None) -> ModelShape:
                       heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=head_dim,
                       intermediate=config.intermediate_size, vocab=config.vocab_size, tokens_per_image=tokens,
                       latent=latent, unet_channels=tuple(int(c) for c in cfg.model.unet_channels),
-                      unet_layers_per_block=int(cfg.model.unet_layers_per_block), llama_config=config, notes=notes)
+                      unet_layers_per_block=int(cfg.model.unet_layers_per_block), llama_config=config, notes=notes,
+                      tower_mode=cfg.model.tower_mode)

@@ -57,13 +57,14 @@ def unet_forward_flops(shape: ModelShape, images: int) -> float:
 
 def micro_batch_flops(shape: ModelShape, wl: Workload, s: Setting, frozen_text: bool) -> Flops:
     cfg = shape.llama_config
-    parts = train_step_flops(cfg, text_tokens=wl.text_tokens, logit_tokens=wl.logit_tokens,
-                             attention_pairs=wl.attention_pairs, image_tokens=wl.image_tokens,
-                             frozen_text=frozen_text, image_io=3 * unet_forward_flops(shape, wl.images))
+    counts = dict(text_tokens=wl.text_tokens, logit_tokens=wl.logit_tokens, attention_pairs=wl.attention_pairs,
+                  image_tokens=wl.image_tokens, tower_mode=shape.tower_mode)
+    parts = train_step_flops(cfg, frozen_text=frozen_text, image_io=3 * unet_forward_flops(shape, wl.images), **counts)
     layers = parts["layers"] + parts["attention"]
     recompute = 0.0
     if s.checkpointing:
-        recompute = parts["layers"] * 2 / ((4 if frozen_text else 6) * wl.text_tokens + 6 * wl.image_tokens) * wl.tokens
+        # The layers' forward again: every matmul costs 6 x weights with all of it trainable, 2 x forward.
+        recompute = train_step_flops(cfg, frozen_text=False, **counts)["layers"] / 3
         recompute += parts["attention"] / 3  # forward: 4d of the 12d per pair
     return Flops(model=parts["total"], hardware=parts["total"] + recompute,
                  layer_model=layers / shape.layers, layer_hardware=(layers + recompute) / shape.layers,

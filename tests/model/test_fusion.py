@@ -236,3 +236,21 @@ def test_caption_loss_is_the_lm_loss_over_text_after_an_image(tiny_base_dir):
     want = F.cross_entropy(out.logits[sel].float(), targets[sel])
     assert out.n_caption_targets == int(sel.sum()) == 2 * 4  # eoi->9..12 in both rows
     torch.testing.assert_close(out.caption_loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_weights_scale_each_losses_gradient(tiny_base_dir):
+    """model.lm_loss_weight and model.diffusion_loss_weight (X-Fusion: 0.2 and 1): each
+    loss's gradient alone, measured with the other weight 0, scales by its weight."""
+    def grads(**w):
+        torch.manual_seed(0)
+        model = LMFusionModel(load_base_model(tiny_base_dir), pixel_cfg(**w))
+        unzero_output_layer(model)
+        noise = torch.randn(3, *model.image_tokenizer.latent_shape, generator=torch.Generator().manual_seed(1))
+        model(mixed_batch(model), noise=noise).loss.backward()
+        return model.layers[0].image.q_proj.weight.grad.clone()
+
+    lm, diff = grads(lm_loss_weight=1.0, diffusion_loss_weight=0.0), grads(lm_loss_weight=0.0, diffusion_loss_weight=1.0)
+    assert lm.abs().max() > 0 and diff.abs().max() > 0
+    torch.testing.assert_close(grads(lm_loss_weight=0.2, diffusion_loss_weight=1.0), 0.2 * lm + diff, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="lm_loss_weight"):
+        pixel_cfg(lm_loss_weight=-1.0).validate()
