@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import importlib
 import inspect
@@ -329,7 +330,8 @@ class BothTowersModel(LMFusionModel):
 # baselines and the fused step are timed in one interleaved round (fused, dense,
 # both_towers, then the reverse, ...): one fused timing serves both ratios, and all three
 # see the same machine load.
-STEP_BASELINES = {"routing_vs_dense_finetune": "dense", "routing_vs_both_towers": "both_towers"}
+STEP_BASELINES = {"routing_vs_dense_finetune": "dense", "routing_vs_both_towers": "both_towers",
+                  "dual_tower_vs_lmfusion": "dual_tower"}
 
 
 def step_times(ctx: Context, entry: str) -> Timings:
@@ -344,6 +346,10 @@ def step_times(ctx: Context, entry: str) -> Timings:
         if "both_towers" in wanted:
             models["both_towers"] = BothTowersModel(base_llama(ctx), fusion_config()).train()
             steps["both_towers"] = fused_step(ctx, models["both_towers"])
+        if "dual_tower" in wanted:
+            cfg = dataclasses.replace(fusion_config(), tower_mode="dual_tower")
+            models["dual_tower"] = LMFusionModel(base_llama(ctx), cfg).train()
+            steps["dual_tower"] = fused_step(ctx, models["dual_tower"])
         return interleaved(steps, ctx.repeats, setup=drop_grads(*models.values()))
     return ctx.cached("step_times", build)
 
@@ -375,6 +381,16 @@ def routing_vs_both_towers(ctx: Context) -> dict:
     times = step_times(ctx, "routing_vs_both_towers")
     return ratio_entry(times.only("fused", "both_towers"), "fused", "both_towers", goal=0.6,
                        **step_meta(ctx))
+
+
+@benchmark("dual_tower_vs_lmfusion")
+def dual_tower_vs_lmfusion(ctx: Context) -> dict:
+    """X-Fusion's Dual Tower train step (model.tower_mode=dual_tower) / the lmfusion step,
+    same tokens: the price of letting both towers read every token. The paper's
+    implementation runs both blocks on the whole sequence, about 2x; this one runs the
+    second tower's q/k/v and attention only (megafusion/model/layer_dual_tower.py)."""
+    times = step_times(ctx, "dual_tower_vs_lmfusion")
+    return ratio_entry(times.only("dual_tower", "fused"), "dual_tower", "fused", goal=2.0, **step_meta(ctx))
 
 
 # ----------------------------------------------------------------- attention entry

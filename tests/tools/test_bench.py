@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "tools" / "bench.py"
-RATIO_ENTRIES = ("routing_vs_dense_finetune", "routing_vs_both_towers", "hybrid_vs_causal_attention")
+RATIO_ENTRIES = ("routing_vs_dense_finetune", "routing_vs_both_towers", "dual_tower_vs_lmfusion", "hybrid_vs_causal_attention")
 LAUNCHER_ENTRIES = ("demo_step_vs_compute",)  # not in the quick run (see the module docstring)
 
 
