@@ -113,13 +113,29 @@ def find_checkpoint(path: str | os.PathLike, tag: str | None = None) -> Checkpoi
     return CheckpointRef(run_dir, ckpt_dir, tag, kind)
 
 
+# Modules a run trains for a training loss only (the feature aligner's projection and its
+# frozen encoder): the model rebuilt from a checkpoint for export and sampling leaves them
+# out, and their checkpoint tensors are dropped.
+TRAINING_ONLY = ("aligner.",)
+
+
 def load_run_config(ref: CheckpointRef):
+    """The run's config, its model section without the training-only modules."""
+    import dataclasses
+
     from megafusion.config import ConfigError, load_config
 
     try:
-        return load_config(ref.run_dir / "config.yaml")
+        cfg = load_config(ref.run_dir / "config.yaml")
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         raise ExportError(f"{ref.run_dir / 'config.yaml'}: {str(exc).splitlines()[0]}") from None
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg.model) if f.name.startswith("align_")}
+    cfg.model = dataclasses.replace(cfg.model, **defaults)
+    return cfg
+
+
+def inference_tensors(names) -> list:
+    return [n for n in names if not n.startswith(TRAINING_ONLY)]
 
 
 # -------------------------------------------------------------------- consolidating
@@ -281,5 +297,6 @@ def load_checkpoint_model(path: str | os.PathLike, tag: str | None = None):
         state = pipeline_to_fusion_names(pipeline_layer_states(ref), len(fused.layers), ref.tag_dir)
         # The head stage trains its own copy of the BOI/EOI logit rows.
         fused.untie_image_token_head()
+    state = {k: state[k] for k in inference_tensors(state)}
     load_trainable(fused, state, ref.tag_dir)
     return fused.eval(), cfg, ref

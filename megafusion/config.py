@@ -228,6 +228,9 @@ def _validate_run(cfg: RunConfig) -> None:
 
     _check(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={p.zero_stage}: expected 0, 1, 2 or 3")
     _check(p.pipeline_stages >= 1, f"parallel.pipeline_stages={p.pipeline_stages}: must be >= 1")
+    _check(p.pipeline_stages == 1 or not cfg.model.align_encoder,
+           "model.align_encoder with parallel.pipeline_stages > 1: the align layer's hidden states live on a middle "
+           "stage, which has no loss; train with ZeRO instead")
     _check(
         p.pipeline_stages == 1 or p.zero_stage <= 1,
         f"parallel.pipeline_stages={p.pipeline_stages} needs parallel.zero_stage <= 1 (DeepSpeed's pipeline engine "

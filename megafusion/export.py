@@ -92,6 +92,9 @@ def hf_model(fused, *, bos: int | None, eos: int, dtype: torch.dtype = torch.flo
     fusion["attention_backend"] = "auto"  # training may have used flash; inference picks what the device has
     fusion["activation_checkpointing"] = False
     fusion["fused_rmsnorm"] = "none"  # a training-time kernel choice; the export loads without apex
+    for f in dataclasses.fields(fused.cfg):  # feature alignment is a training loss: its modules stay behind
+        if f.name.startswith("align_"):
+            fusion[f.name] = f.default
     if fused.cfg.image_mode == "vae":
         fusion["vae_path"] = VAE_SUBFOLDER
     base_config = {k: v for k, v in fused.llama_config.to_diff_dict().items()
@@ -102,6 +105,8 @@ def hf_model(fused, *, bos: int | None, eos: int, dtype: torch.dtype = torch.flo
                               bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
     config.architectures = ["LMFusionForCausalLM"]
     vae = fused.image_tokenizer.vae
+    fused.aligner = None  # `fused` is the export's own (callers hand over a copy)
+    fused.cfg = dataclasses.replace(fused.cfg, **{k: v for k, v in fusion.items() if k.startswith("align_")})
     fused = fused.to(dtype)
     if vae is not None:
         vae.to(torch.float32)

@@ -35,7 +35,8 @@ import torch
 import torch.utils.serialization
 
 from megafusion.checkpoint_reader import (PLAIN_FILE, CheckpointRef, ExportError, _quiet, frozen_names,
-                                          match_checkpoint, pipeline_layer_files, pipeline_to_fusion_names)
+                                          inference_tensors, match_checkpoint, pipeline_layer_files,
+                                          pipeline_to_fusion_names)
 
 # A ZeRO, stage-0 or pipeline checkpoint that cannot be read raises one of these.
 READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, EOFError, IndexError)
@@ -334,6 +335,7 @@ def stream_export(ref: CheckpointRef, cfg, out_dir, *, dtype: torch.dtype, max_s
         reader = PlainReader(ref, fused)
     else:
         reader = PipelineReader(ref, len(fused.layers))
+    reader.shapes = {k: reader.shapes[k] for k in inference_tensors(reader.shapes)}
     sources = TensorSources(fused, base, reader, weights, ref.tag_dir)
     tokenizer = tokenizer_with_image_tokens(tokenizer, fused.vocab_size)
     model = hf_model(fused, bos=bos, eos=eos, dtype=dtype, generation_defaults=generation_defaults)

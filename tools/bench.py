@@ -315,7 +315,7 @@ class BothTowersModel(LMFusionModel):
         for layer in self.layers:
             layer.__class__ = BothTowersDecoderLayer
 
-    def _run_layers(self, h, routing, cos, sin, layout):
+    def _run_layers(self, h, routing, cos, sin, layout, kept=None):
         B, L = routing.batch_size, routing.seq_len
         x = routing.to_sequence(h).reshape(B * L, -1)
         is_image = (routing.inv >= routing.n_text).unsqueeze(1)  # sorted position -> modality

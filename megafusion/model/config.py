@@ -102,6 +102,18 @@ class FusionConfig:
     # learn to start images by itself (interleaved generation).
     lm_loss_on_boi: bool = False
 
+    # Feature alignment (X-Fusion's REPA-style loss; megafusion/model/align.py): a local
+    # CLIPVisionModel, SiglipVisionModel or Dinov2Model directory (frozen); the image tower's
+    # hidden states after decoder layer align_layer (1-based; X-Fusion: 8) are projected
+    # to its patch features and the loss 1 - cosine, times align_weight, joins the total.
+    # align_feature_layer: which of the encoder's hidden states (None: CLIP's penultimate,
+    # as X-Fusion; the last for SigLIP and DINOv2). X-Fusion found it speeds up 1B models
+    # (~2.4x), helps less at 3B and slightly hurts at 8B.
+    align_encoder: str | None = None
+    align_layer: int = 8
+    align_weight: float = 1.0
+    align_feature_layer: int | None = None
+
     # Learning rate multiplier bookkeeping lives in the trainer; these only say which
     # parameters are trainable.
     train_text_tower: bool = False
@@ -140,6 +152,13 @@ class FusionConfig:
             raise ValueError(f"model.sigma_data={self.sigma_data} is for model.prediction_type edm")
         if not 0 <= self.condition_t_cap <= self.num_train_timesteps:
             raise ValueError(f"model.condition_t_cap={self.condition_t_cap} outside [0, {self.num_train_timesteps}]")
+        align = [f.name for f in fields(self) if f.name.startswith("align_") and f.name != "align_encoder"
+                 and getattr(self, f.name) != f.default]
+        if align and not self.align_encoder:
+            raise ValueError(f"model.{align[0]}={getattr(self, align[0])!r} is for model.align_encoder (not set)")
+        if self.align_encoder and (self.align_layer < 1 or not self.align_weight > 0):
+            raise ValueError(f"model.align_layer={self.align_layer} must be >= 1 and model.align_weight="
+                             f"{self.align_weight} > 0")
         if self.lm_loss_weight < 0 or self.diffusion_loss_weight < 0:
             raise ValueError(f"model.lm_loss_weight={self.lm_loss_weight} and model.diffusion_loss_weight="
                              f"{self.diffusion_loss_weight} must be >= 0")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
+from .align import FeatureAligner
 from .attention import AttentionLayout, select_backend
 from .batch import IGNORE_INDEX, PackedBatch
 from .config import FusionConfig
@@ -49,6 +50,7 @@ class FusionOutput(ModelOutput):
     caption_loss: torch.Tensor | None = None
     n_caption_targets: int | None = None
     n_noised_images: int | None = None
+    align_loss: torch.Tensor | None = None  # model.align_encoder runs only
     logits: torch.Tensor | None = None  # [B, L, V+2] at text positions (0 at image positions)
     image_prediction: torch.Tensor | None = None  # [N, C, h, w]
     noisy_images: torch.Tensor | None = None
@@ -99,6 +101,11 @@ class LMFusionModel(nn.Module):
             self.image_token_head = nn.Parameter(head_mean.repeat(NUM_IMAGE_TOKENS, 1).clone())
 
         self.image_tokenizer = image_tokenizer if image_tokenizer is not None else ImageTokenizer(cfg, hidden)
+        self.aligner = None
+        if cfg.align_encoder:
+            if not 1 <= cfg.align_layer <= len(self.layers):
+                raise ValueError(f"model.align_layer={cfg.align_layer}: the base has decoder layers 1..{len(self.layers)}")
+            self.aligner = FeatureAligner(cfg, hidden)
         self.objective = make_objective(cfg)
         self.attention_backend = cfg.attention_backend
         self.attention_primitive = None  # test hook: flash decomposition with a stand-in
@@ -191,9 +198,13 @@ class LMFusionModel(nn.Module):
             return checkpoint(layer, h, routing, cos, sin, layout, use_reentrant=False)
         return layer(h, routing, cos, sin, layout)
 
-    def _run_layers(self, h, routing, cos, sin, layout):
-        for layer in self.layers:
+    def _run_layers(self, h, routing, cos, sin, layout, kept: dict | None = None):
+        """The decoder stack; kept["align"] gets the hidden states after layer
+        cfg.align_layer when the model aligns features."""
+        for i, layer in enumerate(self.layers):
             h = self.run_layer(layer, h, routing, cos, sin, layout)
+            if kept is not None and i + 1 == self.cfg.align_layer:
+                kept["align"] = h
         return h
 
     # -- forward ----------------------------------------------------------------
@@ -234,7 +245,8 @@ class LMFusionModel(nn.Module):
         h = torch.cat([h_text_in, img_tokens.reshape(-1, img_tokens.shape[-1]).to(h_text_in.dtype)], 0)
 
         cos, sin = self.rotary_emb(h, batch.position_ids.to(device))
-        h = self._run_layers(h, routing, cos, sin, layout)
+        kept = {} if self.aligner is not None else None
+        h = self._run_layers(h, routing, cos, sin, layout, kept)
 
         h_text = self.text_norm(h[: routing.n_text])
         targets = self.lm_targets(batch).reshape(-1)[text_pos].to(device)
@@ -270,6 +282,11 @@ class LMFusionModel(nn.Module):
             pred = x_t = None
 
         loss = self.cfg.lm_loss_weight * lm_loss + self.cfg.diffusion_loss_weight * diffusion_loss
+        align_loss = None
+        if self.aligner is not None:
+            pixels = batch.images.to(device) if not batch.images_are_latents else self.image_tokenizer.decode_latents(x0)
+            align_loss = self._align_loss(kept["align"][routing.n_text:], pixels, n_images)
+            loss = loss + self.cfg.align_weight * align_loss
         return FusionOutput(
             loss=loss,
             lm_loss=lm_loss.detach(),
@@ -278,10 +295,24 @@ class LMFusionModel(nn.Module):
             caption_loss=caption_loss,
             n_caption_targets=n_caption,
             n_noised_images=n_noised,
+            align_loss=None if align_loss is None else align_loss.detach(),
             logits=logits,
             image_prediction=pred,
             noisy_images=x_t,
         )
+
+    def _align_loss(self, h_image: torch.Tensor, pixels: torch.Tensor, n_images: int) -> torch.Tensor:
+        """The feature-alignment loss of the image tokens' hidden states at the align
+        layer (megafusion/model/align.py). A batch without images still runs the frozen
+        encoder (on one blank image) and the projection (on zero rows): under ZeRO-3
+        every rank gathers their parameters collectively."""
+        grid = self.image_tokenizer.grid
+        if n_images == 0:
+            size = self.cfg.image_size
+            self.aligner.targets(pixels.new_zeros(1, 3, size, size), grid)
+            return self.aligner.proj(h_image).sum() * 0.0
+        h_image = h_image.view(n_images, self.tokens_per_image, -1)
+        return self.aligner.loss(h_image, self.aligner.targets(pixels, grid))
 
     @classmethod
     def from_base(cls, base: str, cfg: FusionConfig, dtype: torch.dtype = torch.float32) -> "LMFusionModel":

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, GenerationMixin, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .attention import hybrid_mask  # noqa: F401  (see the module docstring)
+from .align import FeatureAligner  # noqa: F401  (see the module docstring)
+from .attention import hybrid_mask  # noqa: F401
 from .batch import TEXT, PackedBatch  # noqa: F401
 from .config import FusionConfig
 from .diffusion import make_sampler_scheduler  # noqa: F401

@@ -45,10 +45,11 @@ class StopSignal:
         return any_rank(bool(self.received), device)
 
 
-def _caption_mean(parts: list[float], device) -> float | None:
-    """Caption loss of one step over all ranks, weighted by caption targets (None if none)."""
-    total, n = sum_over_ranks(parts, device)
-    return total / n if n > 0 else None
+def _step_means(parts: list[float], device) -> tuple[float | None, float | None]:
+    """(caption loss weighted by caption targets, mean feature-alignment loss) of one step
+    over all ranks; None where there was none."""
+    cap, n_cap, align, n_align = sum_over_ranks(parts, device)
+    return (cap / n_cap if n_cap > 0 else None), (align / n_align if n_align > 0 else None)
 
 
 def _nan_injection_steps() -> dict[int, set[int] | None]:
@@ -195,10 +196,10 @@ class Trainer:
             t_step = time.perf_counter()
             if cfg.parallel.pipeline_stages > 1:
                 losses, tokens, skipped_data, samples, bad = self._pipeline_step()
-                caption = None  # the pipeline's last stage reports total, LM and diffusion only
+                caption = align = None  # the pipeline's last stage reports total, LM and diffusion only
             else:
-                losses, tokens, skipped_data, samples, bad, caption_parts = self._zero_step(inject.get(step + 1, set()))
-                caption = _caption_mean(caption_parts, self.device)
+                losses, tokens, skipped_data, samples, bad, parts = self._zero_step(inject.get(step + 1, set()))
+                caption, align = _step_means(parts, self.device)
             samples_since += samples
             step += 1
             if bad:
@@ -227,6 +228,7 @@ class Trainer:
             if metrics:
                 metrics.write(json.dumps({"step": step, "loss": loss, "lm_loss": lm, "diffusion_loss": diff,
                                           "caption_loss": caption,
+                                          **({"align_loss": align} if cfg.model.align_encoder else {}),
                                           "grad_norm": gnorm, "lr": lr, "skipped": bad, "skipped_samples": skipped_data,
                                           "step_s": round(step_s, 4), "train_s": round(train_s, 3)}) + "\n")
                 metrics.flush()
@@ -239,6 +241,8 @@ class Trainer:
                               samples_since * self.data_parallel / dt, skipped_data, self._take_flops() / dt)
                 if caption is not None:
                     writer.add_scalar("loss/caption", caption, step)
+                if align is not None:
+                    writer.add_scalar("loss/align", align, step)
                 t_last, tokens_since, samples_since = time.time(), 0, 0
             if cfg.log.sample_every and step % cfg.log.sample_every == 0:
                 self._sample(step, writer)
@@ -292,7 +296,9 @@ class Trainer:
         taken once per optimiser step over all ranks: if any micro-batch of the step had
         a non-finite loss anywhere, the update at the boundary is skipped whole."""
         losses, tokens, skipped, samples = [], 0, 0, 0
-        caption = [0.0, 0.0]  # sum of caption-target losses, number of caption targets
+        # Sum of caption-target losses, number of caption targets; sum of feature-alignment
+        # losses, micro-batches that had one.
+        caption = [0.0, 0.0, 0.0, 0.0]
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         n = self.cfg.train.gradient_accumulation
         bad = False
@@ -319,10 +325,13 @@ class Trainer:
             if out.n_caption_targets:
                 caption[0] += out.caption_loss.item() * out.n_caption_targets
                 caption[1] += out.n_caption_targets
+            if out.align_loss is not None:
+                caption[2] += out.align_loss.item()
+                caption[3] += 1
             tokens += int(stats.get("tokens", batch.input_ids.numel()))
             samples += int(getattr(batch, "num_samples", batch.input_ids.shape[0]))
         if bad:
-            losses, caption = [], [0.0, 0.0]
+            losses, caption = [], [0.0] * 4
         return losses, tokens, skipped, samples, bad, caption
 
     def _pipeline_step(self):

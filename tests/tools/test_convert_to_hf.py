@@ -230,17 +230,35 @@ def test_zero3_round_trip(zero3_run, tmp_path, tiny_base):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["dual_tower", "xfuse", "gated_tower", "single_tower"])
+@pytest.mark.parametrize("mode", ["dual_tower", "xfuse", "gated_tower", "single_tower", "xfuse+align"])
 def test_zero3_round_trip_of_each_x_fusion_design(mode, tmp_path, tiny_llama, synthetic_shards):
     """Each model.tower_mode trained under ZeRO-3 on two ranks, exported and loaded with
     plain transformers: the trainer's model (base + DeepSpeed's consolidation) within
-    1e-5, and the base's text where the design keeps the text path frozen."""
+    1e-5, and the base's text where the design keeps the text path frozen. With feature
+    alignment (a training loss) the export leaves the aligner behind."""
     extra = ["model.train_text_tower=true", "train.text_lr=1e-3"] if mode == "single_tower" else []
+    if mode.endswith("+align"):
+        import transformers
+
+        mode = mode.split("+")[0]
+        torch.manual_seed(0)
+        transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                           mlp_ratio=2, image_size=16, patch_size=4)
+                                 ).save_pretrained(tmp_path / "dino")
+        extra = [f"model.align_encoder={tmp_path / 'dino'}", "model.align_layer=1"]
     run = train(tmp_path / mode / "run", synthetic_shards, f"model.base={tiny_llama}", f"model.tower_mode={mode}", *extra)
     out = tmp_path / "export"
     p = convert(run, out)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert json.loads((out / "config.json").read_text())["fusion"]["tower_mode"] == mode
+    fusion = json.loads((out / "config.json").read_text())["fusion"]
+    assert fusion["tower_mode"] == mode and fusion["align_encoder"] is None
+    if extra and "align" in extra[0]:
+        from safetensors import safe_open
+
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert all(0 < r["align_loss"] < 2 for r in rows)
+        with safe_open(out / "model.safetensors", "pt") as f:
+            assert not any("aligner" in k for k in f.keys())
     fused, cfg = zero_reference(run)
     check_round_trip(out, fused, cfg, tmp_path / "load", tiny_llama, text_frozen=mode != "single_tower")
 
