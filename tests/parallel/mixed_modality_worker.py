@@ -6,7 +6,12 @@ gathers and gradient reductions no longer matched (a hang or wrong values).
 Reference (independent of DeepSpeed): a plain copy of the same model, taken before
 deepspeed.initialize, computes the mean of the two ranks' losses on both batches and
 backpropagates; DeepSpeed's averaged gradient of every trainable parameter
-(safe_get_full_grad) must equal it. Prints MIXED_OK."""
+(safe_get_full_grad) must equal it. Prints MIXED_OK.
+
+    mixed_modality_worker.py CONFIG [overrides] [--then overrides] ...
+
+checks each group of overrides in turn, a fresh model and engine each, in one launch
+(most of a launch is start-up)."""
 import copy
 import sys
 from pathlib import Path
@@ -39,9 +44,21 @@ def batches(model, cfg):
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    cfg = load_config(args[0], ["train.grad_clip=0", *args[1:]])
+    groups, current = [], []
+    for a in args[1:]:
+        if a == "--then":
+            groups.append(current)
+            current = []
+        else:
+            current.append(a)
+    groups.append(current)
     env = setup_environment()
     init_distributed(env)
+    for overrides in groups:
+        check(load_config(args[0], ["train.grad_clip=0", *overrides]), env, " ".join(overrides) or "defaults")
+
+
+def check(cfg, env, label):
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
@@ -71,7 +88,7 @@ def main():
         assert err <= 1e-5 * max(1.0, want.abs().max().item()), f"{name}: ZeRO-3 gradient differs by {err}"
         worst, checked = max(worst, err), checked + 1
     dist.barrier()
-    print(f"MIXED_OK rank {rank}: {checked} gradients, max abs diff {worst:.2e}", flush=True)
+    print(f"MIXED_OK rank {rank} [{label}]: {checked} gradients, max abs diff {worst:.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""tools/ablate.py: two designs trained on two CPU ranks through the real launcher,
+"""tools/ablate.py: two designs trained (one CPU rank, the trainer run as the harness runs it),
 exported and scored; the table against each run's own files (its metrics, its export's
 scores recomputed by tools/evaluate.py), and its bad inputs."""
 import json
@@ -51,7 +51,7 @@ def test_bad_input_is_one_line(args, message):
 def test_two_designs_side_by_side(tmp_path, tiny_llama, synthetic_shards):
     out = tmp_path / "ablate"
     cmd = [*ABLATE, "--config", str(REPO / "configs/tiny.yaml"), "--tower-modes", "lmfusion,dual_tower",
-           "--steps", "3", "--n", "4", "--data", synthetic_shards, "--out", str(out),
+           "--steps", "3", "--n", "4", "--data", synthetic_shards, "--out", str(out), "--ranks", "1",
            f"model.base={tiny_llama}", "log.tensorboard=false", "log.sample_diffusion_steps=2",
            f"data.run_id=ablate-{tmp_path.name}"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
