@@ -22,7 +22,8 @@ class SampleBuilder:
     def __init__(self, *, tokenizer, tokens_per_image: int, vocab_size: int, bos: int | None, eos: int,
                  seq_len: int, image_size: int, use_latents: bool, latent_shape: tuple | None,
                  generation_ratio: float, caption_drop: float, max_caption_tokens: int | None,
-                 condition_t_cap: int, fusion_cfg, seed: int, vary_with_epoch: bool = True):
+                 condition_t_cap: int, fusion_cfg, seed: int, vary_with_epoch: bool = True,
+                 feature_shape: tuple | None = None):
         self.tokenizer = tokenizer
         self.tokens_per_image = tokens_per_image
         self.boi, self.eoi = image_token_ids(vocab_size)
@@ -39,6 +40,8 @@ class SampleBuilder:
         self.seed = seed
         # False (validation): every pass draws the same orders, drops and timesteps.
         self.vary_with_epoch = vary_with_epoch
+        # (P, D): take each image's pre-encoded alignment features from the row.
+        self.feature_shape = feature_shape
         self._objective = None
 
     @property
@@ -94,7 +97,13 @@ class SampleBuilder:
         if self.max_caption_tokens is not None:
             ids = ids[:self.max_caption_tokens]
         t = sample_timestep(self.objective, plan.understanding, self.cap, plan.timestep_seed)
-        doc = image_caption_document(ids, image, plan, t, self.bos, self.eos, self.boi, self.eoi)
+        features = None
+        if self.feature_shape is not None:
+            features = np.asarray(row.get("align_features"), dtype=np.float32)
+            if tuple(features.shape) != tuple(self.feature_shape):
+                raise ImageSkip("bad_align_features", f"shape {features.shape}")
+            features = torch.from_numpy(features.copy())
+        doc = image_caption_document(ids, image, plan, t, self.bos, self.eos, self.boi, self.eoi, features)
         return {"kind": "image", "docs": [doc]}
 
 

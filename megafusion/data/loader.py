@@ -200,6 +200,14 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
     else:
         latent_shape = None
         image_shape = (3, fusion_cfg.image_size, fusion_cfg.image_size)
+    # Pre-encoded alignment targets (tools/prepare_data.py --align-encoder), used when the
+    # model aligns features and every image stream has them; else the model encodes.
+    feature_shape = None
+    if getattr(fusion_cfg, "align_encoder", None) and image_streams and all("align_features" in c for c in image_streams):
+        shapes = {_latent_shape(c["align_features"]) for c in image_streams}
+        if len(shapes) != 1 or None in shapes:
+            raise ValueError(f"data.{split}: image streams have different align_features shapes {sorted(map(str, shapes))}")
+        feature_shape = shapes.pop()
 
     bos, eos = text_special_ids(tokenizer)
     if data_cfg.bos_token_id is not None:
@@ -213,7 +221,7 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
         use_latents=use_latents, latent_shape=latent_shape,
         generation_ratio=data_cfg.generation_ratio, caption_drop=data_cfg.caption_drop,
         max_caption_tokens=data_cfg.max_caption_tokens, condition_t_cap=fusion_cfg.condition_t_cap,
-        fusion_cfg=fusion_cfg, seed=data_cfg.seed, vary_with_epoch=(split == "train"),
+        fusion_cfg=fusion_cfg, seed=data_cfg.seed, vary_with_epoch=(split == "train"), feature_shape=feature_shape,
     )
     # The step's sample count, from its token budget and what the mix's samples look
     # like; streaming reads batch_size and predownload first when iteration starts.
@@ -228,7 +236,7 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
     dataset.num_canonical_nodes = canonical_nodes(data_cfg.num_canonical_nodes, dataset.samples_per_stream)
 
     packer = Packer(data_cfg.batch_size, data_cfg.seq_len, tokens_per_image, image_shape, use_latents,
-                    carry_tokens=carry_tokens)
+                    carry_tokens=carry_tokens, feature_shape=feature_shape)
     kwargs = {}
     if data_cfg.num_workers > 0 and data_cfg.prefetch_factor is not None:
         kwargs["prefetch_factor"] = data_cfg.prefetch_factor

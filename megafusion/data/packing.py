@@ -159,13 +159,14 @@ class Packer:
     over -> TrainBatch. Runs in the loader's main process, step after step."""
 
     def __init__(self, num_rows: int, seq_len: int, tokens_per_image: int, image_shape: Sequence[int],
-                 images_are_latents: bool, carry_tokens: int):
+                 images_are_latents: bool, carry_tokens: int, feature_shape: Sequence[int] | None = None):
         self.num_rows = num_rows
         self.seq_len = seq_len
         self.tokens_per_image = tokens_per_image
         self.image_shape = tuple(image_shape)
         self.images_are_latents = images_are_latents
         self.carry_tokens = carry_tokens
+        self.feature_shape = feature_shape
         self.carry: list[Piece] = []
 
     def place(self, pieces: list[Piece], stats: Counter) -> list[list[Document]]:
@@ -203,7 +204,7 @@ class Packer:
         rows = self.place(pieces, stats)
         stats["carried"] = len(self.carry)
         batch = PackedBatch.from_rows(rows, self.seq_len, self.tokens_per_image, self.image_shape,
-                                      self.images_are_latents)
+                                      self.images_are_latents, self.feature_shape)
         stats["images"] = batch.num_images
         for key in ("image_samples", "text_samples", "skipped", "dropped_overflow", "dropped_tokens", "split",
                     "truncated", "too_long"):

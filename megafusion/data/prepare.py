@@ -1,13 +1,16 @@
 """Writing MDS shards: the library behind tools/prepare_data.py.
 
-    prepare_data.py synthetic --out DIR --n N [--size 32] [--seed S] [--val-n M]
-    prepare_data.py images SOURCE... --out DIR [--size 256] [--vae PATH]
+    prepare_data.py synthetic --out DIR --n N [--size 32] [--seed S] [--val-n M] [--vae PATH] [--align-encoder PATH]
+    prepare_data.py images SOURCE... --out DIR [--size 256] [--vae PATH] [--align-encoder PATH]
     prepare_data.py text SOURCE.jsonl... --out DIR
 
 Image-caption shards: columns image (PNG, or JPEG above 128 px, bytes), caption (str),
 id (str), plus latents with --vae (float16 [C, h, w] from megafusion.model.image_io's
 vae_encode, the model's own encoder: posterior mean, shift_factor and scaling_factor
-applied), and meta (json ground truth) for synthetic data. Text shards: text, id. zstd
+applied), align_features with --align-encoder (float16 [P, D]: the patch features of
+megafusion.model.align's AlignEncoder, the feature-alignment targets the trainer would
+otherwise compute; --align-feature-layer picks the encoder layer, as model.align_feature_layer
+does), and meta (json ground truth) for synthetic data. Text shards: text, id. zstd
 compression, xxh64 hashes. `out` may be a local directory or a URL streaming can write
 to (s3://, gs://, ...).
 
@@ -151,11 +154,12 @@ class ImageShardWriter:
     """Buffers converted images so latents are encoded in batches, then writes rows."""
 
     def __init__(self, out: str, size: int, vae_path: str | None = None, image_format: str = "auto",
-                 shard_size: int = DEFAULT_SHARD_SIZE, with_meta: bool = False, vae_batch: int = 16):
+                 shard_size: int = DEFAULT_SHARD_SIZE, with_meta: bool = False, vae_batch: int = 16,
+                 align_encoder: str | None = None, align_feature_layer: int | None = None):
         self.size = size
         self.image_format = ("png" if size <= 128 else "jpeg") if image_format == "auto" else image_format
         self.with_meta = with_meta
-        self.vae = None
+        self.vae = self.align = None
         self.vae_batch = vae_batch
         columns = {"image": "bytes", "caption": "str", "id": "str"}
         if with_meta:
@@ -164,6 +168,10 @@ class ImageShardWriter:
             self.vae = load_vae(vae_path)
             c, h, w = self._encode([_blank_image(size)])[0].shape
             columns["latents"] = f"ndarray:float16:{c},{h},{w}"
+        if align_encoder:
+            self.align = load_align(align_encoder, align_feature_layer)
+            p, d = self._features([_blank_image(size)])[0].shape
+            columns["align_features"] = f"ndarray:float16:{p},{d}"
         self.pending: list[dict] = []
         self.writer = _mds_writer(out, columns, shard_size)
         self.written = 0
@@ -179,23 +187,36 @@ class ImageShardWriter:
         latent = vae_encode(self.vae, torch.stack([to_tensor(im) for im in images]))
         return [np.ascontiguousarray(t.float().cpu().numpy().astype(np.float16)) for t in latent]
 
+    def _features(self, images) -> list:
+        import numpy as np
+        import torch
+
+        from .images import to_tensor
+
+        feats = self.align(torch.stack([to_tensor(im) for im in images]))
+        return [np.ascontiguousarray(f.cpu().numpy().astype(np.float16)) for f in feats]
+
     def add(self, sample_id: str, image, caption: str, meta: dict | None = None) -> None:
         row = {"image": encode_image(image, self.image_format), "caption": caption, "id": sample_id}
         if self.with_meta:
             row["meta"] = meta or {}
-        if self.vae is not None:
+        encoding = self.vae is not None or self.align is not None
+        if encoding:
             row["_pil"] = image
         self.pending.append(row)
-        if self.vae is None or len(self.pending) >= self.vae_batch:
+        if not encoding or len(self.pending) >= self.vae_batch:
             self.flush()
 
     def flush(self) -> None:
         if not self.pending:
             return
+        images = [r.pop("_pil") for r in self.pending if "_pil" in r]
         if self.vae is not None:
-            latents = self._encode([r.pop("_pil") for r in self.pending])
-            for r, lat in zip(self.pending, latents):
+            for r, lat in zip(self.pending, self._encode(images)):
                 r["latents"] = lat
+        if self.align is not None:
+            for r, f in zip(self.pending, self._features(images)):
+                r["align_features"] = f
         for r in self.pending:
             self.writer.write(r)
             self.written += 1
@@ -210,6 +231,17 @@ def _blank_image(size: int):
     from PIL import Image
 
     return Image.new("RGB", (size, size), (128, 128, 128))
+
+
+def load_align(path: str, feature_layer: int | None):
+    from megafusion.model.align import AlignEncoder, AlignEncoderError
+
+    try:
+        return AlignEncoder(path, feature_layer)
+    except AlignEncoderError as e:
+        raise PrepareError(f"--align-encoder {path}: {str(e).split(': ', 1)[-1]}") from None
+    except Exception as e:  # a directory that transformers cannot load
+        raise PrepareError(f"--align-encoder {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def load_vae(path: str):
@@ -368,10 +400,11 @@ def check_image_sources(sources: list[str]) -> None:
 
 
 def write_images(sources: list[str], out: str, size: int = 256, vae_path: str | None = None,
-                 image_format: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE) -> Summary:
+                 image_format: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE, **align) -> Summary:
+    """align: align_encoder, align_feature_layer (ImageShardWriter's)."""
     check_image_sources(sources)
     summary = Summary()
-    writer = ImageShardWriter(out, size, vae_path, image_format, shard_size)
+    writer = ImageShardWriter(out, size, vae_path, image_format, shard_size, **align)
     seen: set[str] = set()
     with _progress("images") as bar:
         for raw in image_items(sources, summary):
@@ -401,11 +434,11 @@ def write_images(sources: list[str], out: str, size: int = 256, vae_path: str | 
 # ------------------------------------------------------------------------- synthetic
 
 def write_synthetic(out: str, n: int, size: int = 32, seed: int = 0, split: str = "train",
-                    vae_path: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE) -> Summary:
+                    vae_path: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE, **align) -> Summary:
     from .synthetic import synthetic_samples
 
     summary = Summary()
-    writer = ImageShardWriter(out, size, vae_path, "png", shard_size, with_meta=True)
+    writer = ImageShardWriter(out, size, vae_path, "png", shard_size, with_meta=True, **align)
     with _progress(f"synthetic {split}", total=n) as bar:
         for s in synthetic_samples(seed, n, size, split):
             writer.add(s.id, s.image, s.caption, s.meta)
@@ -486,6 +519,12 @@ def build_parser(prog: str = "prepare_data.py") -> argparse.ArgumentParser:
         sp.add_argument("--overwrite", action="store_true", help="replace a non-empty local --out")
         sp.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="bytes per shard (before compression)")
 
+    def aligned(sp):
+        sp.add_argument("--align-encoder", default=None, metavar="PATH",
+                        help="CLIP, SigLIP or DINOv2 directory: also store its patch features (model.align_encoder)")
+        sp.add_argument("--align-feature-layer", type=int, default=None, metavar="K",
+                        help="which of its hidden states (default: CLIP's penultimate, the last for the others)")
+
     s = sub.add_parser("synthetic", help="built-in coloured-shapes image-caption data")
     common(s)
     s.add_argument("--n", type=int, required=True, help="training samples")
@@ -493,6 +532,7 @@ def build_parser(prog: str = "prepare_data.py") -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--val-n", type=int, default=None, help="held-out samples written to OUT/val (default n/10, at most 1000; 0: none)")
     s.add_argument("--vae", default=None, help="AutoencoderKL directory: also store latents")
+    aligned(s)
 
     i = sub.add_parser("images", help="folders or webdataset .tar files of captioned images")
     i.add_argument("sources", nargs="*", metavar="SOURCE")
@@ -500,6 +540,7 @@ def build_parser(prog: str = "prepare_data.py") -> argparse.ArgumentParser:
     i.add_argument("--size", type=int, default=256)
     i.add_argument("--vae", default=None, help="AutoencoderKL directory: also store latents")
     i.add_argument("--image-format", choices=("auto", "png", "jpeg"), default="auto")
+    aligned(i)
 
     t = sub.add_parser("text", help="jsonl files with a `text` field")
     t.add_argument("sources", nargs="*", metavar="SOURCE")
@@ -522,18 +563,23 @@ def main(argv: list[str] | None = None, prog: str = "prepare_data.py") -> int:
             raise PrepareError(f"--size {args.size}: must be >= 1")
         if args.command == "images":
             check_image_sources(args.sources)
+        if getattr(args, "align_feature_layer", None) is not None and not args.align_encoder:
+            raise PrepareError(f"--align-feature-layer {args.align_feature_layer} is for --align-encoder (not given)")
         check_out(args.out, args.overwrite)
         if args.command == "synthetic":
             if args.n < 1:
                 raise PrepareError(f"--n {args.n}: must be >= 1")
-            summary = write_synthetic(args.out, args.n, args.size, args.seed, "train", args.vae, args.shard_size)
+            align = dict(align_encoder=args.align_encoder, align_feature_layer=args.align_feature_layer)
+            summary = write_synthetic(args.out, args.n, args.size, args.seed, "train", args.vae, args.shard_size, **align)
             _report(summary, args.out)
             val_n = min(max(args.n // 10, 1), 1000) if args.val_n is None else args.val_n
             if val_n > 0:
                 val_out = join_out(args.out, "val")
-                _report(write_synthetic(val_out, val_n, args.size, args.seed, "val", args.vae, args.shard_size), val_out)
+                _report(write_synthetic(val_out, val_n, args.size, args.seed, "val", args.vae, args.shard_size,
+                                        **align), val_out)
         elif args.command == "images":
-            summary = write_images(args.sources, args.out, args.size, args.vae, args.image_format, args.shard_size)
+            summary = write_images(args.sources, args.out, args.size, args.vae, args.image_format, args.shard_size,
+                                   align_encoder=args.align_encoder, align_feature_layer=args.align_feature_layer)
             _report(summary, args.out)
         else:
             summary = write_text(args.sources, args.out, args.shard_size)

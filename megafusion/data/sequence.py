@@ -86,9 +86,9 @@ def sample_timestep(objective, is_condition: bool, cap: int, seed: int) -> float
 # ------------------------------------------------------------------------- documents
 
 def image_caption_document(caption_ids: list[int], image: torch.Tensor, plan: SamplePlan, timestep: float,
-                           bos: int | None, eos: int, boi: int, eoi: int) -> Document:
+                           bos: int | None, eos: int, boi: int, eoi: int, features=None) -> Document:
     head = [TextSegment([bos], loss=False)] if bos is not None else []
-    img = ImageSegment(image=image, timestep=float(timestep), is_condition=plan.understanding)
+    img = ImageSegment(image=image, timestep=float(timestep), is_condition=plan.understanding, features=features)
     if plan.understanding:
         return head + [TextSegment([boi]), img, TextSegment([eoi]), TextSegment(list(caption_ids) + [eos])]
     prompt = [] if plan.drop_caption else [TextSegment(list(caption_ids))]

@@ -66,44 +66,62 @@ def load_align_encoder(path: str):
     return encoder.eval().requires_grad_(False), kind, mean, std
 
 
-class FeatureAligner(nn.Module):
-    def __init__(self, cfg, hidden_size: int):
+class AlignEncoder(nn.Module):
+    """The frozen encoder with its preprocessing: pixels -> patch features at its own grid.
+    tools/prepare_data.py --align-encoder writes these into shards; the model uses them
+    from there, or runs this on the batch's images."""
+
+    def __init__(self, path: str, feature_layer: int | None = None):
         super().__init__()
-        encoder, kind, mean, std = load_align_encoder(cfg.align_encoder)
+        encoder, kind, mean, std = load_align_encoder(path)
         self.encoder = encoder
         vc = encoder.config
         self.image_size = int(vc.image_size)
-        self.feature_layer = cfg.align_feature_layer if cfg.align_feature_layer is not None else ENCODERS[kind][1]
+        self.dim = int(vc.hidden_size)
+        self.feature_layer = feature_layer if feature_layer is not None else ENCODERS[kind][1]
         # Leading non-patch tokens: CLIP's and DINOv2's class token (and DINOv2's registers).
         self.skip = 0 if kind.startswith("siglip") else 1 + int(getattr(vc, "num_register_tokens", 0) or 0)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.proj = nn.Linear(hidden_size, int(vc.hidden_size))
 
     def train(self, mode: bool = True):
-        super().train(mode)
-        self.encoder.eval()  # frozen: no dropout, whatever the model's mode
+        super().train(False)  # frozen: no dropout, whatever the model's mode
         return self
 
     @torch.no_grad()
-    def targets(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """pixels [N, 3, H, W] in [-1, 1] -> the encoder's patch features resized to the
-        image-token grid, [N, grid_h * grid_w, D] (float32)."""
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N, 3, H, W] in [-1, 1] -> patch features [N, P, D] (float32)."""
         dtype = next(self.encoder.parameters()).dtype
         x = (pixels.float() + 1) / 2
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
                           antialias=True)
         x = ((x - self.mean) / self.std).to(dtype)
         hidden = self.encoder(pixel_values=x, output_hidden_states=True).hidden_states[self.feature_layer]
-        feats = hidden[:, self.skip:].float()
-        n, p, d = feats.shape
-        side = int(round(p ** 0.5))
-        if side * side != p:
-            raise ValueError(f"align encoder gave {p} patch tokens, not a square grid")
-        feats = feats.transpose(1, 2).reshape(n, d, side, side)
-        if (side, side) != tuple(grid):
-            feats = F.interpolate(feats, size=tuple(grid), mode="bilinear", align_corners=False)
-        return feats.flatten(2).transpose(1, 2)
+        return hidden[:, self.skip:].float()
+
+
+def to_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Patch features [N, P, D] on a square grid -> [N, grid_h * grid_w, D] (bilinear)."""
+    n, p, d = features.shape
+    side = int(round(p ** 0.5))
+    if side * side != p:
+        raise ValueError(f"align features of {p} patches: not a square grid")
+    f = features.float().transpose(1, 2).reshape(n, d, side, side)
+    if (side, side) != tuple(grid):
+        f = F.interpolate(f, size=tuple(grid), mode="bilinear", align_corners=False)
+    return f.flatten(2).transpose(1, 2)
+
+
+class FeatureAligner(nn.Module):
+    def __init__(self, cfg, hidden_size: int):
+        super().__init__()
+        self.encoder = AlignEncoder(cfg.align_encoder, cfg.align_feature_layer)
+        self.proj = nn.Linear(hidden_size, self.encoder.dim)
+
+    def targets(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """pixels [N, 3, H, W] in [-1, 1] -> the encoder's patch features resized to the
+        image-token grid, [N, grid_h * grid_w, D] (float32)."""
+        return to_grid(self.encoder(pixels), grid)
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """hidden [N, T, hidden] (image tower, the align layer), targets [N, T, D] ->

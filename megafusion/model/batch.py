@@ -43,6 +43,9 @@ class ImageSegment:
     image: torch.Tensor  # [C, h, w]
     timestep: float = 0.0
     is_condition: bool = False
+    # [P, D]: the feature-alignment encoder's patch features of this image, pre-encoded
+    # into the shards (tools/prepare_data.py --align-encoder); None when not.
+    features: torch.Tensor | None = None
 
 
 Document = Sequence["TextSegment | ImageSegment"]
@@ -64,6 +67,9 @@ class PackedBatch:
     timesteps: torch.Tensor
     image_is_condition: torch.Tensor
     images_are_latents: bool = True
+    # [N, P, D] pre-encoded feature-alignment targets, one per image (megafusion/model/align.py);
+    # None: the model encodes the images itself when it aligns.
+    align_features: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -91,8 +97,11 @@ class PackedBatch:
         tokens_per_image: int,
         image_shape: Sequence[int] | None = None,
         images_are_latents: bool = True,
+        feature_shape: Sequence[int] | None = None,
     ) -> "PackedBatch":
-        """Lay out documents row by row; each row is padded to seq_len.
+        """Lay out documents row by row; each row is padded to seq_len. feature_shape
+        (P, D): every image carries pre-encoded alignment features of that shape, stacked
+        into align_features (an empty [0, P, D] when the batch has no image).
 
         Raises ValueError when a row does not fit: splitting an image across rows is
         never allowed, and choosing what goes in which row is the packer's job.
@@ -104,7 +113,7 @@ class PackedBatch:
         position_ids = torch.zeros(B, seq_len, dtype=torch.long)
         document_ids = torch.zeros(B, seq_len, dtype=torch.long)
         image_ids = torch.full((B, seq_len), -1, dtype=torch.long)
-        images, timesteps, is_cond = [], [], []
+        images, timesteps, is_cond, features = [], [], [], []
         for b, docs in enumerate(rows):
             pos = 0
             for d, doc in enumerate(docs):
@@ -127,6 +136,7 @@ class PackedBatch:
                         images.append(seg.image)
                         timesteps.append(float(seg.timestep))
                         is_cond.append(bool(seg.is_condition))
+                        features.append(seg.features)
                     pos += n
                 position_ids[b, start:pos] = torch.arange(pos - start)
                 document_ids[b, start:pos] = d
@@ -138,6 +148,11 @@ class PackedBatch:
         else:
             shape = tuple(image_shape) if image_shape is not None else (0, 0, 0)
             images_t = torch.zeros((0, *shape))
+        align = None
+        if feature_shape is not None:
+            if any(f is None or tuple(f.shape) != tuple(feature_shape) for f in features):
+                raise ValueError(f"every image needs alignment features of shape {tuple(feature_shape)}")
+            align = torch.stack(features).float() if features else torch.zeros((0, *feature_shape))
         return cls(
             input_ids=input_ids,
             labels=labels,
@@ -149,4 +164,5 @@ class PackedBatch:
             timesteps=torch.tensor(timesteps, dtype=torch.float32),
             image_is_condition=torch.tensor(is_cond, dtype=torch.bool),
             images_are_latents=images_are_latents,
+            align_features=align,
         )

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
-from .align import FeatureAligner
+from .align import FeatureAligner, to_grid
 from .attention import AttentionLayout, select_backend
 from .batch import IGNORE_INDEX, PackedBatch
 from .config import FusionConfig
@@ -284,8 +284,7 @@ class LMFusionModel(nn.Module):
         loss = self.cfg.lm_loss_weight * lm_loss + self.cfg.diffusion_loss_weight * diffusion_loss
         align_loss = None
         if self.aligner is not None:
-            pixels = batch.images.to(device) if not batch.images_are_latents else self.image_tokenizer.decode_latents(x0)
-            align_loss = self._align_loss(kept["align"][routing.n_text:], pixels, n_images)
+            align_loss = self._align_loss(kept["align"][routing.n_text:], batch, x0, n_images)
             loss = loss + self.cfg.align_weight * align_loss
         return FusionOutput(
             loss=loss,
@@ -301,18 +300,31 @@ class LMFusionModel(nn.Module):
             noisy_images=x_t,
         )
 
-    def _align_loss(self, h_image: torch.Tensor, pixels: torch.Tensor, n_images: int) -> torch.Tensor:
+    def _align_loss(self, h_image: torch.Tensor, batch: PackedBatch, x0: torch.Tensor, n_images: int) -> torch.Tensor:
         """The feature-alignment loss of the image tokens' hidden states at the align
-        layer (megafusion/model/align.py). A batch without images still runs the frozen
-        encoder (on one blank image) and the projection (on zero rows): under ZeRO-3
-        every rank gathers their parameters collectively."""
+        layer (megafusion/model/align.py). Targets: the batch's pre-encoded features, else
+        the frozen encoder run on the clean images (pixel batches as they are, latent ones
+        through the VAE's decoder). Without pre-encoded features a batch without images
+        still runs the encoder (on one blank image), and the projection always runs (on
+        zero rows): under ZeRO-3 every rank gathers their parameters collectively."""
         grid = self.image_tokenizer.grid
-        if n_images == 0:
+        device = h_image.device
+        if batch.align_features is not None:
+            if batch.align_features.shape[-1] != self.aligner.encoder.dim:
+                raise ValueError(f"the batch's align_features have width {batch.align_features.shape[-1]}, "
+                                 f"model.align_encoder's features {self.aligner.encoder.dim}: shards written with "
+                                 "another --align-encoder")
+            targets = to_grid(batch.align_features.to(device), grid)
+        elif n_images == 0:
             size = self.cfg.image_size
-            self.aligner.targets(pixels.new_zeros(1, 3, size, size), grid)
+            self.aligner.encoder(torch.zeros(1, 3, size, size, device=device))
+            targets = None
+        else:
+            pixels = batch.images.to(device) if not batch.images_are_latents else self.image_tokenizer.decode_latents(x0)
+            targets = self.aligner.targets(pixels, grid)
+        if n_images == 0:
             return self.aligner.proj(h_image).sum() * 0.0
-        h_image = h_image.view(n_images, self.tokens_per_image, -1)
-        return self.aligner.loss(h_image, self.aligner.targets(pixels, grid))
+        return self.aligner.loss(h_image.view(n_images, self.tokens_per_image, -1), targets)
 
     @classmethod
     def from_base(cls, base: str, cfg: FusionConfig, dtype: torch.dtype = torch.float32) -> "LMFusionModel":

@@ -84,7 +84,7 @@ def test_a_saved_image_processor_sets_the_normalisation(tmp_path):
     pixels = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1
     proc = transformers.CLIPImageProcessor.from_pretrained(path)
     x = proc(images=list(u8), do_resize=False, do_center_crop=False, return_tensors="pt").pixel_values
-    want = aligner.encoder(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+    want = aligner.encoder.encoder(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
     assert (aligner.targets(pixels, (4, 4)) - want).abs().max().item() <= 1e-4
 
 
