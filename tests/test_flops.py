@@ -68,19 +68,25 @@ def fused_batch():
                                  images_are_latents=False)
 
 
+def fused_step_setup(fcfg):
+    """The fused model on fused_batch(): (model, batch, (text, image, target) token counts,
+    the FlopCounterMode names of its decoder layers and LM head)."""
+    torch.manual_seed(0)
+    model = LMFusionModel(llama(), fcfg).train()
+    batch = fused_batch()
+    n_image = int((batch.modality == 1).sum())
+    counts = (batch.modality.numel() - n_image, n_image, int((model.lm_targets(batch) != -100).sum()))
+    names = [f"LMFusionModel.layers.{i}" for i in range(CONFIG.num_hidden_layers)] + ["LMFusionModel.lm_head"]
+    return model, batch, counts, names
+
+
 def test_fused_step_counts_the_frozen_tower_as_4n():
     """With the text tower frozen autograd skips its weight gradients: text tokens cost
     4 x weights, image tokens 6 x, and the frozen LM head 4 x at text targets only. With
     the text tower trainable, text tokens cost 6 x again."""
     fcfg = FusionConfig(image_mode="pixel", image_size=8, patch_size=2, patcher="linear", attention_backend="sdpa")
-    torch.manual_seed(0)
-    model = LMFusionModel(llama(), fcfg).train()
-    batch = fused_batch()
-    n_image = int((batch.modality == 1).sum())
-    n_text = batch.modality.numel() - n_image
-    n_targets = int((model.lm_targets(batch) != -100).sum())
+    model, batch, (n_text, n_image, n_targets), names = fused_step_setup(fcfg)
     assert (n_text, n_image, n_targets) == (48, 32, 9 + 6 + 4 + 2)
-    names = [f"LMFusionModel.layers.{i}" for i in range(CONFIG.num_hidden_layers)] + ["LMFusionModel.lm_head"]
     for frozen in (True, False):
         model.set_text_tower_trainable(not frozen)
         model.zero_grad(set_to_none=True)
@@ -119,13 +125,7 @@ def test_each_design_step_matches_flop_counter(mode, monkeypatch):
     against the pairs the designs hand to SDPA next to lmfusion's."""
     fcfg = FusionConfig(image_mode="pixel", image_size=8, patch_size=2, patcher="linear", attention_backend="sdpa",
                         tower_mode=mode, train_text_tower=mode == "single_tower")
-    torch.manual_seed(0)
-    model = LMFusionModel(llama(), fcfg).train()
-    batch = fused_batch()
-    n_image = int((batch.modality == 1).sum())
-    n_text = batch.modality.numel() - n_image
-    n_targets = int((model.lm_targets(batch) != -100).sum())
-    names = [f"LMFusionModel.layers.{i}" for i in range(CONFIG.num_hidden_layers)] + ["LMFusionModel.lm_head"]
+    model, batch, (n_text, n_image, n_targets), names = fused_step_setup(fcfg)
     got = counted(lambda: model(batch).loss.backward(), names)
     want = train_step_flops(CONFIG, text_tokens=n_text, image_tokens=n_image, logit_tokens=n_targets,
                             attention_pairs=0, frozen_text=mode != "single_tower", tower_mode=mode)

@@ -80,12 +80,12 @@ def training_forward(model, rows, noise=None):
 
 # ------------------------------------------------------------------- the forward paths
 
-@pytest.mark.parametrize("which", ["fused", "fused_rf", "fused_x0"])
-def test_cached_denoising_step_equals_the_training_forward(which, request):
-    model = request.getfixturevalue(which)
+def check_cached_denoising_step(model, seed):
+    """The cached and uncached denoisers' step and the logits at BOI against the training
+    forward over [BOS caption BOI image EOI EOS]; returns the image."""
     boi, eoi = model.boi_id, model.eoi_id
-    cap = ids(7, 1)
-    g = torch.Generator().manual_seed(2)
+    cap = ids(7, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     x0 = torch.rand(3, SIZE, SIZE, generator=g) * 2 - 1
     noise = torch.randn(1, 3, SIZE, SIZE, generator=g)
     ref = training_forward(model, [[TextSegment([1] + cap), TextSegment([boi]), ImageSegment(x0, timestep=700.0),
@@ -99,6 +99,12 @@ def test_cached_denoising_step_equals_the_training_forward(which, request):
     assert (cached - ref.image_prediction).abs().max().item() <= TOL
     assert (uncached - ref.image_prediction).abs().max().item() <= TOL
     assert (logits[0] - ref.logits[0, len(cap) + 1]).abs().max().item() <= TOL  # at BOI
+    return x0
+
+
+@pytest.mark.parametrize("which", ["fused", "fused_rf", "fused_x0"])
+def test_cached_denoising_step_equals_the_training_forward(which, request):
+    check_cached_denoising_step(request.getfixturevalue(which), seed=1)
 
 
 def test_prefill_with_an_image_and_padding_equals_the_training_forward(fused):
@@ -302,11 +308,16 @@ def test_export_of_x_prediction_with_position_table_loads_back(fused_x0, tmp_pat
     loaded = LMFusionForCausalLM.from_pretrained(out).model.eval()
     assert loaded.cfg.prediction_type == "sample" and loaded.cfg.image_position == "learned"
     assert torch.equal(loaded.image_tokenizer.embedder.position, fused_x0.image_tokenizer.embedder.position)
-    prompt = [[1] + ids(5, 8) + [fused_x0.boi_id]]
-    x_t = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    check_same_denoising_step(fused_x0, loaded, seed=4)
+
+
+def check_same_denoising_step(source, loaded, seed):
+    """The loaded model's cached denoising step (a velocity or noise) equals the source's."""
+    prompt = [[1] + ids(5, seed + 4) + [source.boi_id]]
+    x_t = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
     t = torch.tensor([600.0])
     with torch.no_grad():
-        ref = inf.cached_denoiser(fused_x0, inf.prefill(fused_x0, prompt)[0])(x_t, t)
+        ref = inf.cached_denoiser(source, inf.prefill(source, prompt)[0])(x_t, t)
         got = inf.cached_denoiser(loaded, inf.prefill(loaded, prompt)[0])(x_t, t)
     assert ref.abs().max() > 0.1
     assert (got - ref).abs().max().item() <= TOL
@@ -442,19 +453,7 @@ def test_design_cache_and_captioning_equal_the_training_forward(design):
     a wrong split or a stream left out of the cache shows here."""
     model = design
     boi, eoi = model.boi_id, model.eoi_id
-    cap = ids(6, 70)
-    g = torch.Generator().manual_seed(71)
-    x0 = torch.rand(3, SIZE, SIZE, generator=g) * 2 - 1
-    noise = torch.randn(1, 3, SIZE, SIZE, generator=g)
-    ref = training_forward(model, [[TextSegment([1] + cap), TextSegment([boi]), ImageSegment(x0, timestep=700.0),
-                                    TextSegment([eoi, 2])]], noise=noise)
-    prompt = [[1] + cap + [boi]]
-    cache, logits = inf.prefill(model, prompt)
-    t = torch.tensor([700.0])
-    got = inf.cached_denoiser(model, cache)(ref.noisy_images, t)
-    assert ref.image_prediction.abs().max() > 0.1
-    assert (got - ref.image_prediction).abs().max().item() <= TOL
-    assert (logits[0] - ref.logits[0, len(cap) + 1]).abs().max().item() <= TOL
+    x0 = check_cached_denoising_step(model, seed=70)
     img = x0[None]
     got = inf.image_to_text(model, img, bos=1, boi=boi, eoi=eoi, eos=-1, max_new_tokens=3)[0]
     new = []
@@ -475,14 +474,7 @@ def test_design_exports_and_its_hf_text_path_is_the_bases(design, base, tiny_lla
     hf = LMFusionForCausalLM.from_pretrained(out).eval()
     loaded = hf.model
     assert loaded.cfg.tower_mode == design.cfg.tower_mode
-    prompt = [[1] + ids(5, 72) + [design.boi_id]]
-    x_t = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(73))
-    t = torch.tensor([600.0])
-    with torch.no_grad():
-        ref = inf.cached_denoiser(design, inf.prefill(design, prompt)[0])(x_t, t)
-        got = inf.cached_denoiser(loaded, inf.prefill(loaded, prompt)[0])(x_t, t)
-    assert ref.abs().max() > 0.1
-    assert (got - ref).abs().max().item() <= TOL
+    check_same_denoising_step(design, loaded, seed=73)
     if design.cfg.tower_mode == "single_tower":
         return  # its text path is trained (perturbed here): not the base's
     x = torch.tensor([[1] + ids(7, 74)])

@@ -9,8 +9,8 @@ sequence; o_proj and the MLP only where their output is kept (the text tower's o
 rows, the vision tower's on image rows). The text tower's output at an image position is
 discarded by the design, so computing it, as running "the full block on the whole
 sequence" literally would, changes nothing but the cost: this way the linear layers cost
-lmfusion's plus one extra q/k/v projection of every token (megafusion/flops.py,
-tower_mode_linear_flops), not twice lmfusion's.
+lmfusion's plus one extra q/k/v projection of every token (megafusion/flops.py counts
+it), not twice lmfusion's.
 """
 from __future__ import annotations
 
