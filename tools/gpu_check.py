@@ -17,7 +17,8 @@ every check passed. Under 8 minutes on one H200.
               the GPU): 10 steps uninterrupted against 5 plus a resume to 10, on metrics.jsonl.
   throughput  the fused train step of a Llama-3.2-1B-sized random model on 4096 tokens (half
               image) against the dense HF LlamaForCausalLM step: tokens/s and MFU of each, the
-              frozen text tower counted at 4N (megafusion/flops.py states the formula).
+              frozen text tower counted at 4N (megafusion/flops.py states the formula); and
+              X-Fusion's Dual Tower step (model.tower_mode=dual_tower) beside the lmfusion one.
   kernels     the optional fused kernels against the defaults (tools/gpu_kernels.py): apex's
               FusedRMSNorm against the Llama norm, DeepSpeed's and apex's FusedAdam against
               torch's fused AdamW; times and differences, "not installed" where absent.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import importlib.metadata
@@ -323,24 +325,34 @@ def check_throughput(device, s, peak: float | None) -> dict:
             out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         return out
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        fused = LMFusionModel(LlamaForCausalLM(config).to(dtype), fcfg).to(device, dtype).train()
     n_image = int((batch.modality == 1).sum())
-    n_targets = int((fused.lm_targets(batch) != -100).sum())
     backend = select_backend(fcfg.attention_backend, device, dtype=dtype)
-    log(f"throughput: fused step, {T} tokens ({n_image} image), attention {backend}")
     batch_dev = batch.to(device)
-    fused_result = measure(fused, lambda m: m(batch_dev, noise=noise).loss)
-    fused_result["flops"] = train_step_flops(
-        config, text_tokens=T - n_image, image_tokens=n_image, logit_tokens=n_targets, frozen_text=True,
-        attention_pairs=attention_pairs(batch.document_ids, batch.image_ids),
-        image_io=linear_patcher_flops(3 * 2 * 2, config.hidden_size, n_image))
-    frozen, trainable = (sum(p.numel() for p in fused.parameters() if p.requires_grad is t) for t in (False, True))
-    del fused
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+
+    def fused_step(mode: str) -> tuple[dict, int, int]:
+        """The fused step of one decoder-layer design (model.tower_mode)."""
+        torch.manual_seed(0)
+        with torch.device(device):
+            fused = LMFusionModel(LlamaForCausalLM(config).to(dtype), dataclasses.replace(fcfg, tower_mode=mode))
+            fused = fused.to(device, dtype).train()
+        n_targets = int((fused.lm_targets(batch) != -100).sum())
+        log(f"throughput: fused step ({mode}), {T} tokens ({n_image} image), attention {backend}")
+        result = measure(fused, lambda m: m(batch_dev, noise=noise).loss)
+        result["flops"] = train_step_flops(
+            config, text_tokens=T - n_image, image_tokens=n_image, logit_tokens=n_targets, frozen_text=True,
+            attention_pairs=attention_pairs(batch.document_ids, batch.image_ids), tower_mode=mode,
+            image_io=linear_patcher_flops(3 * 2 * 2, config.hidden_size, n_image))
+        counts = [sum(p.numel() for p in fused.parameters() if p.requires_grad is t) for t in (False, True)]
+        del fused
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        return result, n_targets, counts
+
+    fused_result, n_targets, (frozen, trainable) = fused_step("lmfusion")
+    # X-Fusion's Dual Tower: what its second stream costs on this device (tools/bench.py's
+    # dual_tower_vs_lmfusion measures the same on the CPU).
+    dual_result, _, _ = fused_step("dual_tower")
 
     log("throughput: dense HF step")
     torch.manual_seed(1)
@@ -352,21 +364,23 @@ def check_throughput(device, s, peak: float | None) -> dict:
     del dense
     gc.collect()
 
-    for r in (fused_result, dense_result):
+    for r in (fused_result, dual_result, dense_result):
         med = r["step_ms_median"] / 1e3
         r["achieved_flops_per_s"] = float(f"{r['flops']['total'] / med:.4g}")
         r["mfu"] = round(r["flops"]["total"] / med / peak, 4) if peak else None
-    ok = all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in (fused_result, dense_result))
+    results = (fused_result, dual_result, dense_result)
+    ok = all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in results)
     if peak:  # above 100% the FLOP count would be wrong
-        ok &= all(0 < r["mfu"] < 1 for r in (fused_result, dense_result))
+        ok &= all(0 < r["mfu"] < 1 for r in results)
     return {"ok": ok, "dtype": str(dtype).removeprefix("torch."), "tokens": T, "image_tokens": n_image,
             "text_targets": n_targets, "attention_backend": backend, "peak_flops": peak, "formula": FORMULA,
             "model": s["model"],
             "parameters": {"fused_frozen": frozen, "fused_trainable": trainable, "dense": dense_params},
             "what": "one packed row; forward + backward + AdamW step; fused: frozen text tower, linear patcher, "
                     "pixel images; dense: every weight trainable, labels on every token",
-            "fused": fused_result, "dense": dense_result,
-            "fused_over_dense_step_time": round(fused_result["step_ms_median"] / dense_result["step_ms_median"], 4)}
+            "fused": fused_result, "dense": dense_result, "dual_tower": dual_result,
+            "fused_over_dense_step_time": round(fused_result["step_ms_median"] / dense_result["step_ms_median"], 4),
+            "dual_tower_over_fused_step_time": round(dual_result["step_ms_median"] / fused_result["step_ms_median"], 4)}
 
 
 # ---------------------------------------------------------------------------- main

@@ -157,7 +157,13 @@ def test_cpu_dry_run_passes(tmp_path):
     assert tp["fused"]["flops"]["layers"] == m["num_hidden_layers"] * P * (4 * text + 6 * tp["image_tokens"])
     assert tp["dense"]["flops"]["layers"] == m["num_hidden_layers"] * P * 6 * tp["tokens"]
     assert tp["dense"]["flops"]["lm_head"] == 6 * 64 * m["vocab_size"] * tp["tokens"]
-    for side in ("fused", "dense"):
+    # Dual Tower: one more q/k/v projection of every token (q 64x64, k and v 64x32), by the
+    # trainable tower on text tokens (6 x) and the frozen one on image tokens (4 x).
+    qkv = 64 * 64 + 2 * 64 * 32
+    assert tp["dual_tower"]["flops"]["layers"] - tp["fused"]["flops"]["layers"] == \
+        m["num_hidden_layers"] * qkv * (6 * text + 4 * tp["image_tokens"])
+    assert tp["dual_tower_over_fused_step_time"] > 0
+    for side in ("fused", "dense", "dual_tower"):
         assert tp[side]["tokens_per_s"] > 0 and tp[side]["mfu"] is None
     assert "4" in tp["formula"] and "frozen" in tp["formula"]
 
