@@ -533,6 +533,7 @@ def config_from_dict(data: dict | None, overrides: typing.Iterable[str] = (), *,
         raise ConfigError(f"{source}: {exc}") from None
     for text in overrides:
         _apply_override(cfg, text, explicit)
+    _fill_design_defaults(cfg, explicit)
     _fill_derived(cfg, explicit)
     cfg.validate()
     return cfg
@@ -616,6 +617,30 @@ def _is_plain_str(raw: str) -> bool:
         return not isinstance(_yaml_load(raw), (list, dict))
     except yaml.YAMLError:
         return True
+
+
+# X-Fusion's recipe (Mo et al.), the defaults of a run whose model.tower_mode is one of
+# the designs its paper compares: a key the config or an override sets keeps its value.
+# tools/ablate.py pins them to the config's own values so that designs differ in design only.
+XFUSION_DESIGNS = ("dual_tower", "xfuse", "single_tower", "gated_tower")
+XFUSION_DEFAULTS = {
+    "model.objective": "rectified_flow",      # SD3-style rectified flow
+    "model.patcher": "linear",                # trainable linear patchify
+    "model.patch_size": 2,                    # 2x2 patches
+    "model.lm_loss_weight": 0.2,              # 0.2 x AR
+    "model.diffusion_loss_weight": 1.0,       # + 1.0 x diffusion
+    "model.condition_clean_share": 1.0,       # clean images for understanding samples
+    "data.generation_ratio": 0.667,           # generation:understanding 2:1
+}
+
+
+def _fill_design_defaults(cfg: RunConfig, explicit: set) -> None:
+    if cfg.model.tower_mode not in XFUSION_DESIGNS:
+        return
+    for key, value in XFUSION_DEFAULTS.items():
+        if key not in explicit:
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
 
 
 # Fields of other sections that the run config derives from its own, so that each value

@@ -478,3 +478,27 @@ def test_make_tiny_llama(tmp_path):
 
     cfg = load_config(TINY, [f"model.base={out}"])
     assert cfg.model.base == str(out)
+
+
+def test_x_fusion_designs_default_to_x_fusions_recipe(tmp_path):
+    """A run whose model.tower_mode is one of X-Fusion's designs takes X-Fusion's recipe
+    (rectified flow, linear 2x2 patches, 0.2 AR + 1.0 diffusion, clean condition images,
+    2:1 generation:understanding) where neither its YAML nor its overrides say otherwise;
+    lmfusion keeps the field defaults. tools/ablate.py's pins keep a config's recipe."""
+    from megafusion.config import XFUSION_DEFAULTS, config_from_dict
+    from megafusion.eval.ablate import pinned_recipe
+
+    data = {"model": {"base": "x", "patch_size": 4}, "data": {"train": "d"}}
+    lm = config_from_dict(data)
+    assert (lm.model.objective, lm.model.lm_loss_weight, lm.model.diffusion_loss_weight) == ("ddpm", 1.0, 5.0)
+    for mode in ("dual_tower", "xfuse", "gated_tower", "single_tower"):
+        extra = ["model.train_text_tower=true", "train.text_lr=1e-4"] if mode == "single_tower" else []
+        cfg = config_from_dict(data, [f"model.tower_mode={mode}", "model.diffusion_loss_weight=2.0", *extra])
+        m = cfg.model
+        assert (m.objective, m.patcher, m.lm_loss_weight, m.condition_clean_share) == ("rectified_flow", "linear", 0.2, 1.0)
+        assert cfg.data.generation_ratio == 0.667
+        assert m.patch_size == 4 and m.diffusion_loss_weight == 2.0  # set by the YAML / an override: kept
+        pinned = config_from_dict(data, [f"model.tower_mode={mode}", *pinned_recipe(lm, []), *extra])
+        for key in XFUSION_DEFAULTS:
+            section, name = key.split(".")
+            assert getattr(getattr(pinned, section), name) == getattr(getattr(lm, section), name), key

@@ -17,7 +17,10 @@ at a step boundary (the trainer checkpoints there), with the config's train.step
 schedule's length, and the table shows the steps each design reached. A design whose
 OUT/MODE/result.json exists is not run again unless --fresh; an interrupted one resumes
 from its last checkpoint. single_tower trains its text tower at the run's train.lr.
-Extra key=value arguments are overrides for every design.
+Extra key=value arguments are overrides for every design. Every design trains the
+config's own recipe: the X-Fusion defaults that its designs would otherwise take
+(megafusion/config.py, XFUSION_DEFAULTS) are pinned to the config's values, so the
+designs differ in their layers only.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from megafusion.eval.ablate import (design_overrides, design_row, format_ablation, parse_modes,  # noqa: E402
-                                    plot_ablation, run_cost)
+                                    pinned_recipe, plot_ablation, run_cost)
 from tools.demo import DATA, ensure_shards, free_port  # noqa: E402
 
 
@@ -157,6 +160,7 @@ def main(argv: list[str]) -> int:
         train_dir = DATA / "train"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    overrides = [*pinned_recipe(cfg, overrides), *overrides]
     results = {mode: run_design(mode, args, overrides, cfg, train_dir) for mode in args.modes}
     rows = {mode: r["row"] for mode, r in results.items()}
     (out / "ablation.json").write_text(json.dumps(dict(config=str(args.config), overrides=overrides, steps=args.steps,

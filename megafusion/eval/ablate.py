@@ -46,6 +46,21 @@ def design_overrides(mode: str, lr: float) -> list[str]:
     return out
 
 
+def pinned_recipe(cfg, overrides: list[str]) -> list[str]:
+    """Overrides that keep the config's own values of the keys X-Fusion's designs would
+    otherwise take from X-Fusion's recipe (megafusion/config.py, XFUSION_DEFAULTS), except
+    those the caller's overrides set: every design then trains the same recipe."""
+    from megafusion.config import XFUSION_DEFAULTS
+
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    out = []
+    for key in XFUSION_DEFAULTS:
+        if key not in given:
+            section, name = key.split(".")
+            out.append(f"{key}={getattr(getattr(cfg, section), name)}")
+    return out
+
+
 def run_cost(run_dir: Path, skip: int = 3) -> dict:
     """Steps reached and the median wall clock of a training step (the first `skip` steps,
     which include warm-up work, left out) from the run's metrics.jsonl."""

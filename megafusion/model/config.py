@@ -22,6 +22,8 @@ class FusionConfig:
     # "xfuse" (dual_tower with a learned mix of both blocks' outputs at image tokens),
     # "single_tower" (one tower, every weight trainable: needs train_text_tower) and
     # "gated_tower" (the frozen LLM plus a tanh-gated trainable block for image tokens).
+    # In a run config, X-Fusion's designs default to X-Fusion's recipe (megafusion/config.py,
+    # XFUSION_DEFAULTS) where the config is silent.
     tower_mode: str = "lmfusion"
 
     # Attention backend: "auto" (on CUDA flash-attn for fp16/bf16 when installed, else
