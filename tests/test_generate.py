@@ -133,7 +133,11 @@ def test_cached_sampling_equals_uncached(which, request):
     rounding difference of up to ~6e-6 after six guided DDPM steps, close to TOL and
     over it on some runs. In float64 the difference is rounding-free here (0.0 measured),
     while a wrong cache, mask or position moves samples by far more than 1e-10."""
-    model = copy.deepcopy(request.getfixturevalue(which)).double()
+    check_cached_sampling(request.getfixturevalue(which))
+
+
+def check_cached_sampling(source):
+    model = copy.deepcopy(source).double()
     prompts = [ids(9, 10), ids(3, 11)]  # different lengths: left padding
     kw = dict(bos=1, boi=model.boi_id, num_images=2, steps=6, guidance_scale=3.0)
     a = inf.text_to_image(model, prompts, generator=torch.Generator().manual_seed(0), use_cache=True, **kw)
@@ -463,6 +467,12 @@ def test_design_cache_and_captioning_equal_the_training_forward(design):
         step[[boi, eoi]] = float("-inf")
         new.append(int(step.argmax()))
     assert got == new
+
+
+def test_design_cached_sampling_equals_uncached(design):
+    """Guided sampling with the prompt cache (both streams' keys and values in one entry)
+    equals sampling without it, in float64 (see test_cached_sampling_equals_uncached)."""
+    check_cached_sampling(design)
 
 
 def test_design_exports_and_its_hf_text_path_is_the_bases(design, base, tiny_llama, tmp_path):
