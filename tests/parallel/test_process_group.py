@@ -11,10 +11,18 @@ from torch.distributed.distributed_c10d import BackendConfig
 from megafusion.parallel import collectives, launch
 
 
+def no_accelerator_chosen(monkeypatch):
+    """DS_ACCELERATOR unset for this test and restored after it: choose_accelerator()
+    writes its choice into os.environ, which would otherwise leak "cuda" into every later
+    test's launches (setenv first, so that monkeypatch records the variable's state)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "unset")
+    monkeypatch.delenv("DS_ACCELERATOR")
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """A machine whose torch sees a GPU and where nobody chose DS_ACCELERATOR."""
-    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    no_accelerator_chosen(monkeypatch)
     monkeypatch.setattr(launch, "has_cuda", lambda: True)
 
 
@@ -27,7 +35,7 @@ def test_cuda_environment_gets_a_group_that_serves_cpu_tensors_too(fake_cuda):
 
 
 def test_cpu_environment_stays_on_gloo(monkeypatch):
-    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    no_accelerator_chosen(monkeypatch)
     monkeypatch.setattr(launch, "has_cuda", lambda: False)
     assert launch.process_group_backend(launch.choose_accelerator()) == "gloo"
     monkeypatch.setattr(launch, "has_cuda", lambda: True)

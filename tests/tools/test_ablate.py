@@ -2,6 +2,7 @@
 exported and scored; the table against each run's own files (its metrics, its export's
 scores recomputed by tools/evaluate.py), and its bad inputs."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,8 @@ def test_two_designs_side_by_side(tmp_path, tiny_llama, synthetic_shards):
            "--steps", "3", "--n", "4", "--data", synthetic_shards, "--out", str(out), "--ranks", "1",
            f"model.base={tiny_llama}", "log.tensorboard=false", "log.sample_diffusion_steps=2",
            f"data.run_id=ablate-{tmp_path.name}"]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     report = json.loads((out / "ablation.json").read_text())
     assert list(report["designs"]) == ["lmfusion", "dual_tower"]
@@ -76,5 +78,5 @@ def test_two_designs_side_by_side(tmp_path, tiny_llama, synthetic_shards):
         assert r["shapes"]["generation"] == scores["generation"] and r["shapes"]["captioning"] == scores["captioning"]
     assert "dual_tower" in p.stdout and "gen shape" in p.stdout and "x)" in p.stdout
     # Run again: both designs are scored already, nothing is trained.
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.count("scored already") == 2, p.stdout[-2000:]
