@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # tests/launchers.py (site-packages may hold a "tests" package)
 
 
 def cache_root() -> Path:
@@ -46,6 +47,16 @@ def tiny_llama_untied() -> str:
 
     out = cache_root() / "tiny-llama-untied"
     make_tiny_llama(str(out), seed=0, untied=True)
+    return str(out)
+
+
+@pytest.fixture(scope="session", params=["llava", "llava_next"])
+def tiny_llava(request) -> str:
+    """A tiny random LLaVA (or LLaVA-NeXT) with its processor (tools/make_tiny_llava.py)."""
+    from tools.make_tiny_llava import make_tiny_llava
+
+    out = cache_root() / f"tiny-{request.param.replace('_', '-')}"
+    make_tiny_llava(str(out), seed=0, next_=request.param == "llava_next")
     return str(out)
 
 

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 from streaming import StreamingDataset
 
-from .images import ImageSkip, load_rgb, to_tensor
+from megafusion.model.batch import VLMImageSegment
+
+from .images import ImageSkip, decode_image, load_rgb, to_rgb, to_tensor
 from .sequence import (image_caption_document, image_token_ids, plan_sample, sample_timestep,
-                       text_documents)
+                       text_documents, vlm_understanding_document)
 
 
 class SampleBuilder:
@@ -23,7 +25,7 @@ class SampleBuilder:
                  seq_len: int, image_size: int, use_latents: bool, latent_shape: tuple | None,
                  generation_ratio: float, caption_drop: float, max_caption_tokens: int | None,
                  condition_t_cap: int, fusion_cfg, seed: int, vary_with_epoch: bool = True,
-                 feature_shape: tuple | None = None):
+                 feature_shape: tuple | None = None, vlm_processor=None):
         self.tokenizer = tokenizer
         self.tokens_per_image = tokens_per_image
         self.boi, self.eoi = image_token_ids(vocab_size)
@@ -42,6 +44,8 @@ class SampleBuilder:
         self.vary_with_epoch = vary_with_epoch
         # (P, D): take each image's pre-encoded alignment features from the row.
         self.feature_shape = feature_shape
+        # A LLaVA base's AutoProcessor: understanding rows then take the VLM's own path.
+        self.vlm_processor = vlm_processor
         self._objective = None
 
     @property
@@ -103,8 +107,33 @@ class SampleBuilder:
             if tuple(features.shape) != tuple(self.feature_shape):
                 raise ImageSkip("bad_align_features", f"shape {features.shape}")
             features = torch.from_numpy(features.copy())
-        doc = image_caption_document(ids, image, plan, t, self.bos, self.eos, self.boi, self.eoi, features)
+        if plan.understanding and self.vlm_processor is not None:
+            doc = vlm_understanding_document(ids, self.vlm_image(row), self.tokenize("\n"), self.bos, self.eos)
+        else:
+            doc = image_caption_document(ids, image, plan, t, self.bos, self.eos, self.boi, self.eoi, features)
         return {"kind": "image", "docs": [doc]}
+
+    def vlm_image(self, row: dict) -> VLMImageSegment:
+        """The row's image as a LLaVA base's processor prepares it (its own resizing,
+        crops and placeholder count), from the stored pixels."""
+        data = row.get("image")
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageSkip("missing_image", "a LLaVA base understands images from their pixels")
+        proc = self.vlm_processor
+        out = proc(images=[to_rgb(decode_image(bytes(data)))], text=[proc.image_token], return_tensors="pt",
+                   add_special_tokens=False)
+        ids = out["input_ids"][0].tolist()
+        token_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
+        pixels, size = out["pixel_values"][0], None
+        if "image_sizes" in out:  # LLaVA-NeXT: keep the crops this image has (the rest is batch padding)
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            size = tuple(int(x) for x in out["image_sizes"][0])
+            crop = proc.image_processor.crop_size["height"]
+            pixels = pixels[:image_size_to_num_patches(size, proc.image_processor.image_grid_pinpoints, crop)]
+        if ids != [token_id] * len(ids):
+            raise ImageSkip("vlm_prompt", "the processor wrote more than the image's placeholders")
+        return VLMImageSegment(pixels, token_id, len(ids), size)
 
 
 class FusionDataset(StreamingDataset):

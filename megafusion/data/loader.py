@@ -135,6 +135,25 @@ def _latent_shape(encoding: str | None):
     return tuple(int(x) for x in m.group(1).split(",")) if m else None
 
 
+def _vlm_processor(fusion_cfg, specs, columns, data_cfg, split):
+    """A LLaVA base's processor when understanding rows will take the VLM's own path
+    (LLaVAFusion), else None; those rows need the stored pixels."""
+    base = getattr(fusion_cfg, "base", None)
+    if not base or data_cfg.generation_ratio >= 1.0:
+        return None
+    from megafusion.model.loading import is_vlm_base, resolve_base
+
+    if not is_vlm_base(base):
+        return None
+    for spec, cols in zip(specs, columns):
+        if "caption" in cols and "image" not in cols:
+            raise ValueError(f"data.{split}: {spec.remote} has no image column, and a LLaVA base understands images "
+                             "from their pixels (data.generation_ratio < 1)")
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(resolve_base(base)))
+
+
 def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg, tokenizer,
            tokens_per_image: int, env: DistEnv | None, vocab_size: int | None, shuffle: bool,
            replication: int = 1) -> FusionLoader:
@@ -222,6 +241,7 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
         generation_ratio=data_cfg.generation_ratio, caption_drop=data_cfg.caption_drop,
         max_caption_tokens=data_cfg.max_caption_tokens, condition_t_cap=fusion_cfg.condition_t_cap,
         fusion_cfg=fusion_cfg, seed=data_cfg.seed, vary_with_epoch=(split == "train"), feature_shape=feature_shape,
+        vlm_processor=_vlm_processor(fusion_cfg, specs, columns, data_cfg, split),
     )
     # The step's sample count, from its token budget and what the mix's samples look
     # like; streaming reads batch_size and predownload first when iteration starts.

@@ -4,6 +4,9 @@ Image-caption row, one document:
 
   generation     BOS caption BOI image EOI EOS        (generation_ratio of rows)
   understanding  BOS BOI image EOI caption EOS        (the rest; the image is a condition)
+  understanding with a LLaVA base (LLaVAFusion)
+                 BOS <image> x n "\n" caption EOS  (the VLM's own path: its processor's
+                 placeholder tokens, read by the frozen text tower as the VLM does)
 
 Loss: caption tokens and EOS are targets. EOI is labelled but never a target: the
 position that would predict it is the image's last token, and image positions predict
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megafusion.model.batch import Document, ImageSegment, TextSegment
+from megafusion.model.batch import Document, ImageSegment, TextSegment, VLMImageSegment
 
 
 def image_token_ids(vocab_size: int) -> tuple[int, int]:
@@ -93,6 +96,13 @@ def image_caption_document(caption_ids: list[int], image: torch.Tensor, plan: Sa
         return head + [TextSegment([boi]), img, TextSegment([eoi]), TextSegment(list(caption_ids) + [eos])]
     prompt = [] if plan.drop_caption else [TextSegment(list(caption_ids))]
     return head + prompt + [TextSegment([boi]), img, TextSegment([eoi, eos])]
+
+
+def vlm_understanding_document(caption_ids: list[int], image: VLMImageSegment, separator: list[int],
+                               bos: int | None, eos: int) -> Document:
+    """An understanding row for a LLaVA base: the image as the VLM reads it, then the caption."""
+    head = [TextSegment([bos], loss=False)] if bos is not None else []
+    return head + [image, TextSegment(list(separator), loss=False), TextSegment(list(caption_ids) + [eos])]
 
 
 def text_documents(ids: list[int], bos: int | None, eos: int, seq_len: int) -> list[Document]:

@@ -15,6 +15,11 @@ Every per-position tensor is [B, L]:
   document_ids  same value for all positions of one document; padding gets its own id
   image_ids     index into `images` for image positions, -1 for text
 
+With a LLaVA base (LLaVAFusion, megafusion/model/vlm.py) an image to be understood can
+instead be a VLMImageSegment: its placeholder tokens are text positions (the frozen text
+tower reads the VLM's features there, with no loss), and its pixels, as the VLM's
+processor made them, go to vlm_pixel_values (and vlm_image_sizes for LLaVA-NeXT).
+
 Per image (N images in row-major order of appearance):
   images        [N, C, h, w] clean latents (or pixels in [-1, 1] when images_are_latents
                 is False and the model must run the VAE encoder)
@@ -48,11 +53,26 @@ class ImageSegment:
     features: torch.Tensor | None = None
 
 
-Document = Sequence["TextSegment | ImageSegment"]
+@dataclass
+class VLMImageSegment:
+    """An image understood through a LLaVA base's own vision path: `n_tokens` copies of
+    the VLM's image placeholder id, whose embeddings become the image's features."""
+
+    pixel_values: torch.Tensor  # [C, H, W] (LLaVA) or [crops, C, H, W] (LLaVA-NeXT)
+    token_id: int
+    n_tokens: int
+    image_size: tuple[int, int] | None = None  # (height, width), LLaVA-NeXT
+
+    @property
+    def ids(self) -> list[int]:
+        return [self.token_id] * self.n_tokens
+
+
+Document = Sequence["TextSegment | ImageSegment | VLMImageSegment"]
 
 
 def document_length(doc: Document, tokens_per_image: int) -> int:
-    return sum(len(s.ids) if isinstance(s, TextSegment) else tokens_per_image for s in doc)
+    return sum(tokens_per_image if isinstance(s, ImageSegment) else len(s.ids) for s in doc)
 
 
 @dataclass
@@ -70,6 +90,10 @@ class PackedBatch:
     # [N, P, D] pre-encoded feature-alignment targets, one per image (megafusion/model/align.py);
     # None: the model encodes the images itself when it aligns.
     align_features: torch.Tensor | None = None
+    # Images understood through a LLaVA base's own path, in order of appearance: all
+    # their pixel tensors concatenated on dim 0, and (LLaVA-NeXT) each one's [height, width].
+    vlm_pixel_values: torch.Tensor | None = None
+    vlm_image_sizes: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -114,18 +138,24 @@ class PackedBatch:
         document_ids = torch.zeros(B, seq_len, dtype=torch.long)
         image_ids = torch.full((B, seq_len), -1, dtype=torch.long)
         images, timesteps, is_cond, features = [], [], [], []
+        vlm_pixels, vlm_sizes = [], []
         for b, docs in enumerate(rows):
             pos = 0
             for d, doc in enumerate(docs):
                 start = pos
                 for seg in doc:
-                    if isinstance(seg, TextSegment):
+                    if isinstance(seg, (TextSegment, VLMImageSegment)):
                         n = len(seg.ids)
                         if pos + n > seq_len:
                             raise ValueError(f"row {b} overflows seq_len={seq_len}")
                         ids = torch.as_tensor(list(seg.ids), dtype=torch.long)
                         input_ids[b, pos:pos + n] = ids
-                        if seg.loss:
+                        if isinstance(seg, VLMImageSegment):
+                            px = seg.pixel_values
+                            vlm_pixels.append(px if px.dim() == 4 else px.unsqueeze(0))
+                            if seg.image_size is not None:
+                                vlm_sizes.append(list(seg.image_size))
+                        elif seg.loss:
                             labels[b, pos:pos + n] = ids
                     else:
                         n = tokens_per_image
@@ -165,4 +195,6 @@ class PackedBatch:
             image_is_condition=torch.tensor(is_cond, dtype=torch.bool),
             images_are_latents=images_are_latents,
             align_features=align,
+            vlm_pixel_values=torch.cat(vlm_pixels) if vlm_pixels else None,
+            vlm_image_sizes=torch.tensor(vlm_sizes, dtype=torch.long) if vlm_sizes else None,
         )

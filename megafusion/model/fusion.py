@@ -57,8 +57,11 @@ class FusionOutput(ModelOutput):
 
 
 class LMFusionModel(nn.Module):
-    def __init__(self, base_model, cfg: FusionConfig, clone=None, gather=None, image_tokenizer=None):
+    def __init__(self, base_model, cfg: FusionConfig, clone=None, gather=None, image_tokenizer=None,
+                 understanding=None):
         """base_model: a transformers LlamaForCausalLM whose modules become the text tower.
+        understanding: a LLaVA base's frozen vision encoder and projector
+        (megafusion/model/vlm.py), or None for a text-only base.
 
         clone(module) makes an image-tower twin of a text-tower module and gather(params)
         is a context in which partitioned parameters are whole; the defaults (deepcopy,
@@ -106,6 +109,7 @@ class LMFusionModel(nn.Module):
             if not 1 <= cfg.align_layer <= len(self.layers):
                 raise ValueError(f"model.align_layer={cfg.align_layer}: the base has decoder layers 1..{len(self.layers)}")
             self.aligner = FeatureAligner(cfg, hidden)
+        self.understanding = understanding
         self.objective = make_objective(cfg)
         self.attention_backend = cfg.attention_backend
         self.attention_primitive = None  # test hook: flash decomposition with a stand-in
@@ -146,13 +150,35 @@ class LMFusionModel(nn.Module):
         return self.image_tokenizer.tokens_per_image
 
     # -- pieces -----------------------------------------------------------------
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, understood: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings of text ids [T]; with a LLaVA base, the rows of its image
+        placeholder tokens are the understood images' features [n, D] (in order)."""
         base = self.embed_tokens(ids.clamp(max=self.vocab_size - 1))
         is_new = ids >= self.vocab_size
         # Always through torch.where, even without BOI/EOI here: the new rows then get a
         # (zero) gradient on every rank, as ZeRO-3's gradient reduction expects.
         new = self.image_token_embed[(ids - self.vocab_size).clamp(min=0, max=NUM_IMAGE_TOKENS - 1)]
-        return torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
+        out = torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
+        if self.understanding is not None:
+            out = self.understanding.place(ids, out, understood)
+        return out
+
+    def understood_features(self, batch) -> torch.Tensor | None:
+        """The features of the batch's images to be understood through a LLaVA base's own
+        path (None without them). A batch with none still runs the encoder on a blank
+        image when the model has one: under ZeRO-3 every rank gathers its parameters."""
+        if self.understanding is None:
+            return None
+        device = self.embed_tokens.weight.device
+        pixels = getattr(batch, "vlm_pixel_values", None)
+        if pixels is None or pixels.shape[0] == 0:
+            if bool((batch.input_ids == self.understanding.image_token_id).any()):
+                raise ValueError(f"the batch has image placeholder tokens (id {self.understanding.image_token_id}) "
+                                 "but no pixels to understand (vlm_pixel_values)")
+            self.understanding.blank(device)
+            return None
+        sizes = batch.vlm_image_sizes.to(device) if batch.vlm_image_sizes is not None else None
+        return self.understanding(pixels.to(device), sizes)
 
     def logits(self, h_text: torch.Tensor) -> torch.Tensor:
         """Logits over the base vocabulary plus BOI/EOI; the first V columns are the base
@@ -225,7 +251,7 @@ class LMFusionModel(nn.Module):
         # ranks gather parameters and reduce gradients collectively, so a rank whose
         # batch is text-only must still take part in the image modules' collectives.
         text_pos = routing.text_positions
-        h_text_in = self.embed(batch.input_ids.reshape(-1)[text_pos])
+        h_text_in = self.embed(batch.input_ids.reshape(-1)[text_pos], self.understood_features(batch))
 
         n_images = batch.images.shape[0]
         if routing.n_image != n_images * self.tokens_per_image:
@@ -328,6 +354,7 @@ class LMFusionModel(nn.Module):
 
     @classmethod
     def from_base(cls, base: str, cfg: FusionConfig, dtype: torch.dtype = torch.float32) -> "LMFusionModel":
-        from .loading import load_base_model
+        from .loading import load_base
 
-        return cls(load_base_model(base, dtype=dtype), cfg)
+        text, understanding = load_base(base, dtype=dtype)
+        return cls(text, cfg, understanding=understanding)

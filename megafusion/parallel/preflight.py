@@ -37,12 +37,14 @@ def preflight(cfg: RunConfig) -> None:
             apex_rmsnorm_class()
         except ValueError as exc:
             _fail(str(exc))
-    from megafusion.model.loading import BaseModelError, load_base_config
+    from megafusion.model.loading import BaseModelError, is_vlm_base
 
     try:
-        load_base_config(cfg.model.base)
+        vlm = is_vlm_base(cfg.model.base)
     except BaseModelError as exc:
         _fail(str(exc))
+    if vlm:
+        _check_vlm_base(cfg)
     try:
         locations = _stream_locations(cfg.data.train)
     except ValueError as exc:
@@ -54,6 +56,17 @@ def preflight(cfg: RunConfig) -> None:
             continue
         if not (Path(loc).expanduser() / "index.json").is_file():
             _fail(f"data.train={loc}: no MDS shards there (no index.json); write them with tools/prepare_data.py")
+
+
+def _check_vlm_base(cfg: RunConfig) -> None:
+    """What a LLaVA base (LLaVAFusion) does not run with yet, refused in one line."""
+    p = cfg.parallel
+    if p.pipeline_stages > 1:
+        _fail(f"model.base={cfg.model.base} is a LLaVA-family model: its vision encoder and projector have no "
+              "pipeline stage yet; use parallel.pipeline_stages=1 (ZeRO-3)")
+    if p.zero_stage == 3 and getattr(p, "zero_init", False):
+        _fail(f"model.base={cfg.model.base} is a LLaVA-family model: parallel.zero_init reads Llama checkpoints "
+              "only; set parallel.zero_init=false (each rank loads the VLM once, then ZeRO-3 partitions it)")
 
 
 QUANTIZED_KEYS = ("zero_quantized_weights", "zero_quantized_nontrainable_weights", "zero_quantized_gradients")

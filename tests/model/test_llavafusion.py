@@ -1,0 +1,158 @@
+"""LLaVAFusion (issue 15): a LLaVA-family base keeps its understanding path. References:
+the base VLM itself in plain transformers (its forward's logits and its generate), the
+base's weights on disk, and autograd's view of which parameters learn."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment, VLMImageSegment
+from megafusion.model.config import FusionConfig
+from megafusion.model.fusion import LMFusionModel
+from megafusion.model.inference import vlm_image_to_text
+from megafusion.model.loading import BaseModelError, is_vlm_base, load_base_config
+
+PROMPT = "<image>\nWhat is in the picture?"
+
+
+def cfg(**kw) -> FusionConfig:
+    args = dict(image_mode="pixel", image_size=16, patch_size=4, patcher="linear", attention_backend="sdpa")
+    args.update(kw)
+    return FusionConfig(**args)
+
+
+def picture(seed: int, size=(40, 56)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((*size, 3)) * 255).astype("uint8"))
+
+
+def processed(base: str, images, texts):
+    processor = AutoProcessor.from_pretrained(base)
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+def understanding_doc(inputs, row: int, token_id: int, caption_loss: bool = False):
+    """The processor's row as megafusion segments: text, the image's placeholder run, text."""
+    ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
+    first = ids.index(token_id)
+    n = ids.count(token_id)
+    pixels = inputs["pixel_values"][row]
+    size = None
+    if "image_sizes" in inputs:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        size = tuple(int(x) for x in inputs["image_sizes"][row])
+        pixels = pixels[:image_size_to_num_patches(size, [[32, 32], [32, 64], [64, 32], [64, 64]], 32)]
+    return [TextSegment(ids[:first], loss=False), VLMImageSegment(pixels, token_id, n, size),
+            TextSegment(ids[first + n:], loss=caption_loss)]
+
+
+@torch.no_grad()
+def test_logits_on_image_and_text_equal_the_base_vlm(tiny_llava):
+    hf = AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = LMFusionModel.from_base(tiny_llava, cfg()).eval()
+    inputs = processed(tiny_llava, [picture(0)], [PROMPT])
+    reference = hf(**inputs).logits[0]
+    doc = understanding_doc(inputs, 0, hf.config.image_token_index)
+    batch = PackedBatch.from_rows([[doc]], seq_len=reference.shape[0], tokens_per_image=model.tokens_per_image,
+                                  image_shape=(3, 16, 16))
+    ours = model(batch, return_logits=True).logits[0, :, :reference.shape[-1]]
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0), (ours - reference).abs().max()
+    # The image matters: without it (placeholders as plain tokens) the logits move.
+    plain = hf(input_ids=inputs["input_ids"]).logits[0]
+    assert (plain - reference).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_caption_equals_the_base_vlms_greedy_generate(tiny_llava):
+    hf = AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = LMFusionModel.from_base(tiny_llava, cfg()).eval()
+    inputs = processed(tiny_llava, [picture(1), picture(2, (32, 32))], [PROMPT, PROMPT])
+    n_new = 12
+    reference = hf.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+    reference = reference[:, inputs["input_ids"].shape[1]:].tolist()
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+    pixels, sizes = inputs["pixel_values"], inputs.get("image_sizes")
+    ours = vlm_image_to_text(model, prompts, pixels, sizes, eos=-1, max_new_tokens=n_new,
+                             banned=(model.boi_id, model.eoi_id))
+    assert ours == reference
+
+
+def test_training_moves_only_the_image_tower(tiny_llava):
+    """A few AdamW steps on understanding (the VLM's path) and generation (the new tower)
+    samples: the diffusion loss falls, the LLM, vision encoder and projector stay bitwise
+    the base's, and the understanding path's logits still equal the base VLM's."""
+    torch.manual_seed(0)
+    model = LMFusionModel.from_base(tiny_llava, cfg())
+    token_id = model.understanding.image_token_id
+    inputs = processed(tiny_llava, [picture(3)], [PROMPT + " A red square."])
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("understanding.vlm.vision_tower.") for n in frozen)
+    assert any(n.startswith("understanding.vlm.multi_modal_projector.") for n in frozen)
+    assert not any(p.requires_grad for p in model.understanding.parameters())
+    caption = model_tokenize(tiny_llava, "A red square.")
+    image = torch.rand(3, 16, 16) * 2 - 1
+    docs = [understanding_doc(inputs, 0, token_id, caption_loss=True),
+            [TextSegment(caption), TextSegment([model.boi_id]), ImageSegment(image, timestep=600.0),
+             TextSegment([model.eoi_id])]]
+    seq = sum(len(s.ids) if not isinstance(s, ImageSegment) else model.tokens_per_image for d in docs for s in d)
+    batch = PackedBatch.from_rows([docs], seq_len=seq, tokens_per_image=model.tokens_per_image,
+                                  images_are_latents=False, image_shape=(3, 16, 16))
+    noise = torch.randn(1, *model.image_tokenizer.latent_shape)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(8):
+        out = model(batch, noise=noise)
+        out.loss.backward()
+        assert all(p.grad is None for p in model.understanding.parameters())
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.diffusion_loss))
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    # The base's own weights on disk, not only the start of this run.
+    hf = AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        reference = hf(**inputs).logits[0]
+        model.eval()
+        one = PackedBatch.from_rows([[docs[0]]], seq_len=reference.shape[0], tokens_per_image=model.tokens_per_image,
+                                    image_shape=(3, 16, 16))
+        ours = model(one, return_logits=True).logits[0, :, :reference.shape[-1]]
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0)
+
+
+def model_tokenize(base: str, text: str) -> list[int]:
+    return AutoProcessor.from_pretrained(base).tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_placeholders_without_pixels_are_refused(tiny_llava):
+    model = LMFusionModel.from_base(tiny_llava, cfg())
+    ids = [1, model.understanding.image_token_id, 5]
+    batch = PackedBatch.from_rows([[[TextSegment(ids)]]], seq_len=3, tokens_per_image=model.tokens_per_image,
+                                  image_shape=(3, 16, 16))
+    with pytest.raises(ValueError, match="placeholder tokens .* but no pixels"):
+        model(batch)
+
+
+def test_base_kinds_are_detected_and_the_rest_refused(tiny_llava, tiny_llama, tmp_path):
+    assert is_vlm_base(tiny_llava) and not is_vlm_base(tiny_llama)
+    assert load_base_config(tiny_llava).model_type == "llama"
+    other = tmp_path / "idefics"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
+    with pytest.raises(BaseModelError, match=r"model_type='idefics3', expected a Llama-family model .* LLaVA") as err:
+        load_base_config(str(other))
+    assert "\n" not in str(err.value)
+    bare = tmp_path / "llava-without-processor"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tiny_llava}/{f}", bare / f)
+    with pytest.raises(BaseModelError, match="without its processor") as err:
+        LMFusionModel.from_base(str(bare), cfg())
+    assert "\n" not in str(err.value)
