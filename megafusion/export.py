@@ -226,7 +226,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     megafusion/export_stream.py: host memory of a shard and a layer, not of the model).
     dtype "bf16"/"fp32" (default: the run's train.dtype)."""
     from megafusion.export_stream import stream_export
-    from megafusion.model.loading import BaseModelError, load_tokenizer, resolve_base
+    from megafusion.model.loading import BaseModelError, is_vlm_base, load_tokenizer, resolve_base
 
     from transformers.utils.hub import convert_file_size_to_int
 
@@ -249,9 +249,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     try:
         tokenizer = load_tokenizer(cfg.model.base)
         base_resolved = str(resolve_base(cfg.model.base))
+        vlm = is_vlm_base(cfg.model.base)
     except (BaseModelError, OSError, ValueError) as exc:
         raise ExportError(f"{ref.run_dir / 'config.yaml'} names a base model that cannot be loaded: "
                           f"{str(exc).splitlines()[0]}") from None
+    if vlm:
+        raise ExportError(f"{ref.run_dir}: trained on a LLaVA base ({cfg.model.base}), whose export is not built yet; "
+                          "sample its checkpoints with megafusion.checkpoint_reader.load_checkpoint_model")
     bos, eos = special_ids(tokenizer, cfg.data)
     card = model_card(cfg, ref, torch_dtype, base_resolved)
     run_config = (ref.run_dir / "config.yaml").read_text()

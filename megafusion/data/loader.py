@@ -151,7 +151,7 @@ def _vlm_processor(fusion_cfg, specs, columns, data_cfg, split):
                              "from their pixels (data.generation_ratio < 1)")
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(str(resolve_base(base)))
+    return AutoProcessor.from_pretrained(str(resolve_base(base)), use_fast=False)  # the saved (slow) processor, without its warning
 
 
 def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg, tokenizer,

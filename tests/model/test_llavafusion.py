@@ -156,3 +156,60 @@ def test_base_kinds_are_detected_and_the_rest_refused(tiny_llava, tiny_llama, tm
     with pytest.raises(BaseModelError, match="without its processor") as err:
         LMFusionModel.from_base(str(bare), cfg())
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_run_keeps_every_frozen_weight(tiny_llava, synthetic_shards, tmp_path):
+    """train.py on two CPU ranks under ZeRO-3 with understanding and generation rows: the
+    run's frozen check covers the LLM, vision encoder and projector (all bitwise
+    unchanged), the checkpoint holds trainable tensors only, and the model rebuilt from
+    it understands exactly as the base VLM on disk while its image tower has moved."""
+    import subprocess
+    import sys
+
+    from launchers import launcher_cmd, launcher_env
+
+    from megafusion.checkpoint_reader import consolidate_zero, find_checkpoint, load_checkpoint_model
+    from megafusion.export import ExportError, export_checkpoint
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
+    run_dir = tmp_path / "run"
+    cmd = [*launcher_cmd(2), str(repo / "megafusion/train.py"), "--config", str(repo / "configs/tiny.yaml"),
+           f"model.base={tiny_llava}", f"run.dir={run_dir}", f"data.train={synthetic_shards}",
+           f"data.run_id=vlm-{tmp_path.name}", "train.steps=3", "log.tensorboard=false", "data.generation_ratio=0.5"]
+    p = subprocess.run(cmd, cwd=repo, env=launcher_env(2), capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    from megafusion.checkpoint_reader import load_run_config
+
+    ref = find_checkpoint(run_dir)
+    start = LMFusionModel.from_base(tiny_llava, load_run_config(ref).model)  # copies of the base where not random
+    n_frozen = sum(1 for q in start.parameters() if not q.requires_grad)
+    n_vision = sum(1 for _ in start.understanding.parameters())
+    assert f"frozen check: {n_frozen} frozen tensors on rank 0 bitwise unchanged" in out, out[-3000:]
+    assert n_vision > 0
+
+    stored = consolidate_zero(ref)
+    trainable = {n for n, q in start.named_parameters() if q.requires_grad}
+    assert set(stored) <= trainable and not any(n.startswith("understanding.") for n in stored)
+
+    model, _, _ = load_checkpoint_model(run_dir)
+    # The image tower's decoder layers start as copies of the base's (deterministic), so
+    # a change there is training, not another random initialisation.
+    initial = dict(start.named_parameters())
+    copied = [n for n in trainable if n.startswith("layers.") and ".image." in n]
+    moved = [n for n, q in model.named_parameters() if n in copied and not torch.equal(q, initial[n])]
+    assert copied and moved, "training changed no image-tower weight"
+    hf = AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.float32, attn_implementation="sdpa").eval()
+    inputs = processed(tiny_llava, [picture(4)], [PROMPT])
+    with torch.no_grad():
+        reference = hf(**inputs).logits[0]
+        batch = PackedBatch.from_rows([[understanding_doc(inputs, 0, hf.config.image_token_index)]],
+                                      seq_len=reference.shape[0], tokens_per_image=model.tokens_per_image,
+                                      image_shape=(3, 16, 16))
+        ours = model(batch, return_logits=True).logits[0, :, :reference.shape[-1]]
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0)
+    # Not exported yet: refused in one line rather than written wrong.
+    with pytest.raises(ExportError, match="LLaVA base") as err:
+        export_checkpoint(run_dir, tmp_path / "hf")
+    assert "\n" not in str(err.value)
