@@ -64,6 +64,8 @@ class Generator:
     steps: int = 50
     guidance_scale: float = 3.0
     source: str = ""
+    # A LLaVA base's AutoProcessor (LLaVAFusion): captions then take the VLM's own path.
+    processor: object = None
 
     @property
     def device(self) -> torch.device:
@@ -139,9 +141,20 @@ def load(path: str | os.PathLike, tag: str | None = None, device: str | torch.de
             for param in fused.parameters():
                 param.data = param.data.to(dtype)
         gen = Generator(fused, tokenizer, bos, eos, fused.boi_id, fused.eoi_id,
-                        steps=cfg.log.sample_diffusion_steps, source=str(p))
+                        steps=cfg.log.sample_diffusion_steps, source=str(p), processor=vlm_processor(fused, cfg.model.base))
     gen.model.to(device)
     return gen
+
+
+def vlm_processor(fused, base: str):
+    """The base's processor when the model understands through a LLaVA base, else None."""
+    if getattr(fused, "understanding", None) is None:
+        return None
+    from transformers import AutoProcessor
+
+    from megafusion.model.loading import resolve_base
+
+    return AutoProcessor.from_pretrained(str(resolve_base(base)), use_fast=False)
 
 
 # ------------------------------------------------------------------------------- images
@@ -243,12 +256,50 @@ def caption(gen: Generator, images: ImageLike | Sequence[ImageLike], *, max_new_
     is often EOS, an empty caption."""
     images = _as_list(images)
     m = gen.model
+    if gen.processor is not None:
+        return _caption_through_vlm(gen, images, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    seed=seed, prompt=prompt, min_new_tokens=min_new_tokens)
     pixels = torch.stack([_pixels(gen, im) for im in images]).to(device=gen.device, dtype=m.image_token_embed.dtype)
     latents = m.image_tokenizer.encode_images(pixels)
     ids = inf.image_to_text(m, latents, bos=gen.bos, boi=gen.boi, eoi=gen.eoi, eos=gen.eos,
                             prompt=gen.tokenize(prompt) if prompt else (), max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(int(seed)),
                             min_new_tokens=min_new_tokens)
+    return [gen.detokenize(x) for x in ids]
+
+
+def _caption_through_vlm(gen: Generator, images: list, *, max_new_tokens: int, temperature: float, top_p: float,
+                        seed: int, prompt: str, min_new_tokens: int) -> list[str]:
+    """LLaVAFusion's captions: the layout of the data pipeline's understanding rows
+    ([BOS], the image's placeholders as the VLM's processor writes them, a newline, then
+    `prompt`), decoded by the frozen VLM path."""
+    from PIL import Image
+
+    pil = []
+    for im in images:
+        if isinstance(im, torch.Tensor):  # [3, H, W] in [-1, 1]
+            im = to_pil(im.float())
+        elif not isinstance(im, Image.Image):
+            path = Path(im)
+            if not path.is_file():
+                raise GenerateError(f"--image {im}: no such file")
+            with Image.open(path) as f:
+                im = f.convert("RGB")
+        pil.append(im.convert("RGB"))
+    proc = gen.processor
+    inputs = proc(images=pil, text=[proc.image_token + "\n" + prompt] * len(pil), return_tensors="pt",
+                  add_special_tokens=False, padding=True)
+    head = [gen.bos] if gen.bos is not None else []
+    prompts = [head + ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+    pixels = inputs["pixel_values"]
+    sizes = inputs.get("image_sizes")
+    if sizes is not None:  # LLaVA-NeXT
+        from megafusion.model.vlm import own_crops
+
+        pixels = torch.cat([own_crops(px, s, proc.image_processor) for px, s in zip(pixels, sizes)])
+    ids = inf.vlm_image_to_text(gen.model, prompts, pixels, sizes, eos=gen.eos, max_new_tokens=max_new_tokens,
+                                banned=(gen.boi, gen.eoi), temperature=temperature, top_p=top_p,
+                                generator=torch.Generator().manual_seed(int(seed)), min_new_tokens=min_new_tokens)
     return [gen.detokenize(x) for x in ids]
 
 

@@ -1,6 +1,7 @@
 """Run configs: YAML -> typed dataclasses, overrides, errors, DeepSpeed dicts, lr schedule."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -98,6 +99,18 @@ def test_llama3_configs_carry_lmfusion_recipe(name):
     assert cfg.data.generation_ratio == 0.8
     assert cfg.train.dtype == "bf16" and cfg.parallel.zero_stage == 3
     assert cfg.model.activation_checkpointing
+
+
+def test_llavafusion_config_carries_the_recipe_on_a_frozen_vlm():
+    """LLaVAFusion: LMFusion's recipe (configs/llama3_8b.yaml's) on LLaVA-NeXT 8B, text-to-image
+    rows only, built whole on each rank (parallel.zero_init reads plain Llama checkpoints)."""
+    cfg = load_config(REPO / "configs" / "llavafusion_8b.yaml")
+    ref = load_config(REPO / "configs" / "llama3_8b.yaml")
+    for key, value in PAPER.items():
+        assert getattr(cfg.train, key) == value, key
+    assert cfg.model == dataclasses.replace(ref.model, base=cfg.model.base)
+    assert "llava-next" in cfg.model.base and cfg.data.generation_ratio == 1.0
+    assert cfg.parallel.zero_stage == 3 and cfg.parallel.zero_init is False and cfg.parallel.pipeline_stages == 1
 
 
 def test_llama3_base_paths_come_from_the_environment(monkeypatch, tmp_path):

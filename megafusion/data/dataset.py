@@ -125,12 +125,11 @@ class SampleBuilder:
         ids = out["input_ids"][0].tolist()
         token_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
         pixels, size = out["pixel_values"][0], None
-        if "image_sizes" in out:  # LLaVA-NeXT: keep the crops this image has (the rest is batch padding)
-            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        if "image_sizes" in out:  # LLaVA-NeXT
+            from megafusion.model.vlm import own_crops
 
             size = tuple(int(x) for x in out["image_sizes"][0])
-            crop = proc.image_processor.crop_size["height"]
-            pixels = pixels[:image_size_to_num_patches(size, proc.image_processor.image_grid_pinpoints, crop)]
+            pixels = own_crops(pixels, size, proc.image_processor)
         if ids != [token_id] * len(ids):
             raise ImageSkip("vlm_prompt", "the processor wrote more than the image's placeholders")
         return VLMImageSegment(pixels, token_id, len(ids), size)

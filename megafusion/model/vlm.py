@@ -32,6 +32,16 @@ def split_vlm(vlm):
     return text, VisionUnderstanding(inner, vlm.config)
 
 
+def own_crops(pixels: torch.Tensor, image_size, image_processor) -> torch.Tensor:
+    """One image's row of a LLaVA-NeXT processor's pixel_values [crops, C, H, W] without
+    the batch padding after its own crops (their number follows from its size)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    size = tuple(int(x) for x in image_size)
+    return pixels[:image_size_to_num_patches(size, image_processor.image_grid_pinpoints,
+                                             image_processor.crop_size["height"])]
+
+
 class VisionUnderstanding(nn.Module):
     """The VLM's vision encoder and projector (its inner model without the language
     model), frozen. forward gives the features of a batch of images, one row per

@@ -42,7 +42,7 @@ def understanding_doc(inputs, row: int, token_id: int, caption_loss: bool = Fals
     n = ids.count(token_id)
     pixels = inputs["pixel_values"][row]
     size = None
-    if "image_sizes" in inputs:
+    if "image_sizes" in inputs:  # the row's own crops; the tiny model's grid (tools/make_tiny_llava.py)
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         size = tuple(int(x) for x in inputs["image_sizes"][row])
@@ -209,6 +209,22 @@ def test_two_rank_zero3_run_keeps_every_frozen_weight(tiny_llava, synthetic_shar
                                       image_shape=(3, 16, 16))
         ours = model(batch, return_logits=True).logits[0, :, :reference.shape[-1]]
     assert torch.allclose(ours, reference, atol=1e-5, rtol=0)
+    # Sampling from the checkpoint captions through the VLM's path: the base's own
+    # greedy output on the same layout ([BOS], the image, a newline).
+    from megafusion.generate import load
+
+    gen = load(run_dir)
+    assert gen.processor is not None
+    image, n = picture(5), 8
+    text = gen.caption([image], max_new_tokens=n, min_new_tokens=n)
+    proc = AutoProcessor.from_pretrained(tiny_llava)
+    ref_in = proc(images=[image], text=[proc.image_token + "\n"], return_tensors="pt", add_special_tokens=False)
+    ids = torch.cat([torch.tensor([[gen.bos]]), ref_in["input_ids"]], 1) if gen.bos is not None else ref_in["input_ids"]
+    extra = {"image_sizes": ref_in["image_sizes"]} if "image_sizes" in ref_in else {}
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=ref_in["pixel_values"],
+                          max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=gen.eos, **extra)
+    assert text == [gen.detokenize(out[0, ids.shape[1]:].tolist())]
     # Not exported yet: refused in one line rather than written wrong.
     with pytest.raises(ExportError, match="LLaVA base") as err:
         export_checkpoint(run_dir, tmp_path / "hf")
