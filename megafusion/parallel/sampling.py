@@ -152,13 +152,14 @@ class TrainingSampler:
         self.engine = engine
         self.mode = gather_mode(cfg.log.sample_gather, model)
         from megafusion.export import special_ids
-        from megafusion.generate import Generator
+        from megafusion.generate import Generator, vlm_processor
 
         self.cfg, self.model, self.rank = cfg, model, rank
         self.dir = run_dir / "samples"
         bos, eos = special_ids(tokenizer, cfg.data)
         self.gen = Generator(model, tokenizer, bos, eos, model.boi_id, model.eoi_id,
-                             steps=cfg.log.sample_diffusion_steps, guidance_scale=cfg.log.sample_guidance)
+                             steps=cfg.log.sample_diffusion_steps, guidance_scale=cfg.log.sample_guidance,
+                             processor=vlm_processor(model, cfg.model.base))  # LLaVA bases caption through the VLM
         held = held_out_images(cfg, cfg.log.sample_captions, with_meta=True)
         self.images = [h[:3] for h in held]
         self.metas = [h[3] for h in held]

@@ -176,7 +176,8 @@ def test_two_rank_zero3_run_keeps_every_frozen_weight(tiny_llava, synthetic_shar
     run_dir = tmp_path / "run"
     cmd = [*launcher_cmd(2), str(repo / "megafusion/train.py"), "--config", str(repo / "configs/tiny.yaml"),
            f"model.base={tiny_llava}", f"run.dir={run_dir}", f"data.train={synthetic_shards}",
-           f"data.run_id=vlm-{tmp_path.name}", "train.steps=3", "log.tensorboard=false", "data.generation_ratio=0.5"]
+           f"data.run_id=vlm-{tmp_path.name}", "train.steps=3", "log.tensorboard=false", "data.generation_ratio=0.5",
+           "log.sample_every=3"]
     p = subprocess.run(cmd, cwd=repo, env=launcher_env(2), capture_output=True, text=True, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
@@ -188,6 +189,8 @@ def test_two_rank_zero3_run_keeps_every_frozen_weight(tiny_llava, synthetic_shar
     n_vision = sum(1 for _ in start.understanding.parameters())
     assert f"frozen check: {n_frozen} frozen tensors on rank 0 bitwise unchanged" in out, out[-3000:]
     assert n_vision > 0
+    # The sample point ran on both ranks (ZeRO-3 gathers the vision encoder for captions too).
+    assert (run_dir / "samples" / "step_0000003.png").is_file() and (run_dir / "samples" / "step_0000003.txt").is_file()
 
     stored = consolidate_zero(ref)
     trainable = {n for n, q in start.named_parameters() if q.requires_grad}
