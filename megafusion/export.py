@@ -99,7 +99,12 @@ def hf_model(fused, *, bos: int | None, eos: int, dtype: torch.dtype = torch.flo
         fusion["vae_path"] = VAE_SUBFOLDER
     base_config = {k: v for k, v in fused.llama_config.to_diff_dict().items()
                    if k not in ("_name_or_path", "transformers_version", "architectures")}
-    config = MegafusionConfig(base_config=base_config, fusion=fusion,
+    vlm_config = None
+    if fused.understanding is not None:  # a LLaVA base: the export rebuilds its vision parts from this
+        vlm_config = {k: v for k, v in fused.understanding.vlm_config.to_diff_dict().items()
+                      if k not in ("_name_or_path", "transformers_version", "architectures")}
+        vlm_config["model_type"] = fused.understanding.vlm_config.model_type
+    config = MegafusionConfig(base_config=base_config, fusion=fusion, vlm_config=vlm_config,
                               untied_image_token_head=bool(getattr(fused.llama_config, "tie_word_embeddings", False))
                               and not fused.tied_embeddings,
                               bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
@@ -122,9 +127,9 @@ def hf_model(fused, *, bos: int | None, eos: int, dtype: torch.dtype = torch.flo
 
 
 def finish_model_dir(out: Path, model, tokenizer, *, card: str | None = None,
-                     extra_files: dict[str, str] | None = None) -> Path:
-    """Beside what save_pretrained wrote: the model code (auto_map), the tokenizer, the VAE,
-    extra files and the model card."""
+                     extra_files: dict[str, str] | None = None, processor=None) -> Path:
+    """Beside what save_pretrained wrote: the model code (auto_map), the tokenizer (inside
+    a LLaVA base's processor, when given), the VAE, extra files and the model card."""
     from megafusion.model.hf import VAE_SUBFOLDER
 
     for f in model_code_files():  # the trainer's code, flat (save_pretrained copied part of it already)
@@ -133,7 +138,11 @@ def finish_model_dir(out: Path, model, tokenizer, *, card: str | None = None,
     cfg_json["auto_map"] = {"AutoConfig": f"{ENTRY_MODULE}.MegafusionConfig",
                             "AutoModelForCausalLM": f"{ENTRY_MODULE}.LMFusionForCausalLM"}
     (out / "config.json").write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
-    tokenizer.save_pretrained(out)
+    if processor is not None:
+        processor.tokenizer = tokenizer
+        processor.save_pretrained(out)
+    else:
+        tokenizer.save_pretrained(out)
     vae = model.model.image_tokenizer.vae
     if vae is not None:  # frozen, kept in its own precision (fp32)
         copy.deepcopy(vae).to(torch.float32).save_pretrained(out / VAE_SUBFOLDER, safe_serialization=True)
@@ -226,7 +235,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     megafusion/export_stream.py: host memory of a shard and a layer, not of the model).
     dtype "bf16"/"fp32" (default: the run's train.dtype)."""
     from megafusion.export_stream import stream_export
-    from megafusion.model.loading import BaseModelError, is_vlm_base, load_tokenizer, resolve_base
+    from megafusion.model.loading import BaseModelError, load_tokenizer, resolve_base
 
     from transformers.utils.hub import convert_file_size_to_int
 
@@ -249,13 +258,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     try:
         tokenizer = load_tokenizer(cfg.model.base)
         base_resolved = str(resolve_base(cfg.model.base))
-        vlm = is_vlm_base(cfg.model.base)
     except (BaseModelError, OSError, ValueError) as exc:
         raise ExportError(f"{ref.run_dir / 'config.yaml'} names a base model that cannot be loaded: "
                           f"{str(exc).splitlines()[0]}") from None
-    if vlm:
-        raise ExportError(f"{ref.run_dir}: trained on a LLaVA base ({cfg.model.base}), whose export is not built yet; "
-                          "sample its checkpoints with megafusion.checkpoint_reader.load_checkpoint_model")
     bos, eos = special_ids(tokenizer, cfg.data)
     card = model_card(cfg, ref, torch_dtype, base_resolved)
     run_config = (ref.run_dir / "config.yaml").read_text()

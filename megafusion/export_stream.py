@@ -222,13 +222,22 @@ def fused_skeleton(cfg, weights, untie_head: bool, where):
     from megafusion.model.image_io import ImageTokenizer
     from megafusion.parallel.base_weights import skeleton_base_model
 
-    base = skeleton_base_model(weights.config)
+    understanding = None
+    if weights.vlm_config is not None:  # a LLaVA base: its language model and its vision parts
+        from transformers import AutoModelForImageTextToText
+
+        from megafusion.model.vlm import split_vlm
+
+        with torch.device("meta"):
+            base, understanding = split_vlm(AutoModelForImageTextToText.from_config(weights.vlm_config))
+    else:
+        base = skeleton_base_model(weights.config)
     try:
         with torch.device("meta"):  # the patchers' shapes; their weights come from the checkpoint
             image_tokenizer = ImageTokenizer(cfg.model, weights.config.hidden_size, side_seed=0)
     except ValueError as exc:  # e.g. the VAE the run used is gone
         raise ExportError(f"{where}: {str(exc).splitlines()[0]}") from None
-    fused = LMFusionModel(base, cfg.model, image_tokenizer=image_tokenizer)
+    fused = LMFusionModel(base, cfg.model, image_tokenizer=image_tokenizer, understanding=understanding)
     if untie_head:
         fused.untie_image_token_head()
     return fused, base
@@ -263,6 +272,10 @@ class TensorSources:
         for name, t in targets.items():
             self.checkpoint[id(t)].append(name)
         self.base_key = {id(p): n for n, p in base.named_parameters()}
+        if fused.understanding is not None:  # a LLaVA base's vision encoder and projector
+            from megafusion.parallel.base_weights import UNDERSTANDING
+
+            self.base_key.update({id(p): UNDERSTANDING + n for n, p in fused.understanding.vlm.named_parameters()})
         self.reader, self.weights, self.where = reader, base_weights, where
 
     def check(self, name: str, t: torch.Tensor) -> None:
@@ -345,4 +358,9 @@ def stream_export(ref: CheckpointRef, cfg, out_dir, *, dtype: torch.dtype, max_s
     out = prepare_out_dir(out_dir, overwrite)  # everything checked: now the old directory may go
     model.save_pretrained(out, state_dict={}, safe_serialization=True)  # config, generation config, code
     write_weights(model, state, sources, out, max_shard_size)
-    return finish_model_dir(out, model, tokenizer, card=card, extra_files=extra_files)
+    processor = None
+    if fused.understanding is not None:  # a LLaVA base's processor travels with the export
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(weights.dir), use_fast=False)
+    return finish_model_dir(out, model, tokenizer, card=card, extra_files=extra_files, processor=processor)

@@ -115,9 +115,15 @@ def load(path: str | os.PathLike, tag: str | None = None, device: str | torch.de
         hf = LMFusionForCausalLM.from_pretrained(str(p), dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(p))
         c, g = hf.config, hf.generation_config
+        processor = None
+        if hf.model.understanding is not None:  # a LLaVA base's processor, saved with the export
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(str(p), use_fast=False)
         gen = Generator(hf.model.eval(), tokenizer, c.bos_token_id, c.eos_token_id, c.boi_token_id, c.eoi_token_id,
                         steps=int(getattr(g, "image_num_inference_steps", 50) or 50),
-                        guidance_scale=float(getattr(g, "image_guidance_scale", 3.0) or 3.0), source=str(p))
+                        guidance_scale=float(getattr(g, "image_guidance_scale", 3.0) or 3.0), source=str(p),
+                        processor=processor)
     else:
         from megafusion.checkpoint_reader import ExportError, find_checkpoint, load_checkpoint_model
         from megafusion.export import special_ids

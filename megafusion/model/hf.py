@@ -14,6 +14,7 @@ that this list covers every module the others import).
     model.generate(input_ids)          # text only (BOI/EOI suppressed): the base model's output
     model.generate_images(prompt_ids)  # pixels in [-1, 1], by the model's diffusion sampler
     model.caption_images(pixels)       # token ids
+    model.caption_with_vlm(ids, pixel_values)  # a LLaVA base's own captioning (LLaVAFusion)
     model.model                        # the LMFusionModel; model.model(PackedBatch) is the training forward
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .diffusion import make_sampler_scheduler  # noqa: F401
 from .fused_norm import image_norms  # noqa: F401
 from .fusion import LMFusionModel
 from .image_io import ImageTokenizer  # noqa: F401
-from .inference import image_to_text, interleave, text_to_image
+from .inference import image_to_text, interleave, text_to_image, vlm_image_to_text
 from .layer_dual_tower import DualTowerLayer  # noqa: F401
 from .layer_gated_tower import GatedTowerLayer  # noqa: F401
 from .layer_lmfusion import LMFusionLayer  # noqa: F401
@@ -44,6 +45,7 @@ from .layers import LAYER_CLASSES
 from .loading import BaseModelError  # noqa: F401
 from .routing import Routing
 from .towers import DecoderLayer  # noqa: F401
+from .vlm import split_vlm, vlm_from_config
 
 MODEL_TYPE = "megafusion"
 VAE_SUBFOLDER = "vae"
@@ -57,8 +59,12 @@ class MegafusionConfig(PretrainedConfig):
 
     def __init__(self, base_config: Optional[dict] = None, fusion: Optional[dict] = None,
                  untied_image_token_head: bool = False, boi_token_id: Optional[int] = None,
-                 eoi_token_id: Optional[int] = None, use_cache: bool = True, **kwargs):
+                 eoi_token_id: Optional[int] = None, use_cache: bool = True, vlm_config: Optional[dict] = None,
+                 **kwargs):
         base_config = dict(base_config or {})
+        # A LLaVA base's whole config (LLaVAFusion): its vision encoder and projector are
+        # part of the model; base_config is then its language model's.
+        self.vlm_config = dict(vlm_config) if vlm_config else None
         self.use_cache = use_cache
         self.base_config = base_config
         self.fusion = dict(fusion or {})
@@ -116,8 +122,12 @@ class LMFusionForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MegafusionConfig, fused: Optional[LMFusionModel] = None):
         super().__init__(config)
         if fused is None:
-            base = LlamaForCausalLM(config.llama_config())
-            fused = LMFusionModel(base, config.fusion_config())
+            understanding = None
+            if config.vlm_config:
+                base, understanding = split_vlm(vlm_from_config(config.vlm_config))
+            else:
+                base = LlamaForCausalLM(config.llama_config())
+            fused = LMFusionModel(base, config.fusion_config(), understanding=understanding)
             if config.untied_image_token_head:
                 fused.untie_image_token_head()
         self.model = fused
@@ -209,6 +219,16 @@ class LMFusionForCausalLM(PreTrainedModel, GenerationMixin):
         fused = self.model
         latents = fused.image_tokenizer.encode_images(pixels.to(fused.image_token_embed))
         return image_to_text(fused, latents, bos=bos, boi=boi, eoi=eoi, eos=eos, max_new_tokens=max_new_tokens, **kwargs)
+
+    @torch.no_grad()
+    def caption_with_vlm(self, input_ids: Sequence[Sequence[int]], pixel_values: torch.Tensor,
+                         image_sizes: Optional[torch.Tensor] = None, max_new_tokens: int = 64, **kwargs) -> list:
+        """Image to text through a LLaVA base's own understanding path (LLaVAFusion):
+        input_ids as the export's processor writes them (placeholders expanded, one list
+        per row, no padding), its pixel_values (and image_sizes) -> new token ids per row."""
+        _, eos, boi, eoi = self._ids()
+        return vlm_image_to_text(self.model, input_ids, pixel_values, image_sizes, eos=eos, banned=(boi, eoi),
+                                 max_new_tokens=max_new_tokens, **kwargs)
 
     @torch.no_grad()
     def interleave(self, prompt_ids: Sequence[int], num_inference_steps: Optional[int] = None,

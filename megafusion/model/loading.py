@@ -127,6 +127,12 @@ def is_vlm_base(base: str) -> bool:
     return _read_config(base)[0].model_type in LLAVA_MODEL_TYPES
 
 
+def load_vlm_config(base: str):
+    """A LLaVA base's whole config (LlavaConfig, LlavaNextConfig), None for a Llama."""
+    config, _ = _read_config(base)
+    return config if config.model_type in LLAVA_MODEL_TYPES else None
+
+
 def load_base_config(base: str):
     """The text tower's LlamaConfig: the base's own, or a LLaVA's text_config."""
     config, _ = _read_config(base)

@@ -15,6 +15,16 @@ import torch
 import torch.nn as nn
 
 
+def vlm_from_config(config_dict: dict):
+    """A LLaVA-family model built from its config (as an export stores it), weights uninitialised
+    where the caller's context says so (from_pretrained: the meta device)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    fields = dict(config_dict)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return AutoModelForImageTextToText.from_config(config)
+
+
 def split_vlm(vlm):
     """(text LlamaForCausalLM, VisionUnderstanding) sharing the VLM's own modules.
 
@@ -50,6 +60,7 @@ class VisionUnderstanding(nn.Module):
     def __init__(self, inner: nn.Module, config):
         super().__init__()
         self.vlm = inner
+        self.vlm_config = config  # the whole VLM config: an export rebuilds this module from it
         self.model_type = config.model_type
         self.image_token_id = int(config.image_token_index)
         self.image_size = int(config.vision_config.image_size)

@@ -18,17 +18,27 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from megafusion.model.loading import BaseModelError, load_base_config, resolve_base
+from megafusion.model.loading import BaseModelError, load_base_config, load_vlm_config, resolve_base
+
+UNDERSTANDING = "understanding:"  # names of a LLaVA base's vision parts (VisionUnderstanding.vlm's own)
 
 
 class BaseWeights:
     """Key -> tensor of a Hugging Face checkpoint directory (one model.safetensors or a
-    sharded one with model.safetensors.index.json). `reads` lists the keys read so far."""
+    sharded one with model.safetensors.index.json). `reads` lists the keys read so far.
+
+    Names are the text tower's LlamaForCausalLM names; for a LLaVA base also
+    UNDERSTANDING + a name inside its inner model without the language model
+    (vision_tower..., multi_modal_projector..., image_newline). They are found under the
+    VLM's keys in either layout transformers saves: model.language_model.* / model.* (4.52
+    and later) or language_model.model.* / language_model.lm_head / bare (earlier, as
+    llava-hf's checkpoints on the Hub)."""
 
     def __init__(self, base: str):
         self.base = base
         self.dir = Path(resolve_base(base))
         self.config = load_base_config(base)
+        self.vlm_config = load_vlm_config(base)  # None for a Llama base
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             self.file_of = {k: self.dir / f for k, f in json.loads(index.read_text())["weight_map"].items()}
@@ -44,9 +54,23 @@ class BaseWeights:
 
     def key_for(self, name: str) -> str:
         """A tied output head has no tensor of its own on disk: it is the embedding."""
+        if self.vlm_config is not None:
+            return self._vlm_key(name)
         if name == "lm_head.weight" and name not in self.file_of and getattr(self.config, "tie_word_embeddings", False):
             return "model.embed_tokens.weight"
         return name
+
+    def _vlm_key(self, name: str) -> str:
+        if name.startswith(UNDERSTANDING):
+            inner = name[len(UNDERSTANDING):]
+            candidates = [f"model.{inner}", inner]
+        elif name.startswith("model."):
+            candidates = [f"model.language_model.{name[len('model.'):]}", f"language_model.{name}"]
+        else:  # lm_head
+            candidates = [name, f"language_model.{name}"]
+            if getattr(self.config, "tie_word_embeddings", False):
+                candidates += [self._vlm_key("model.embed_tokens.weight")]
+        return next((c for c in candidates if c in self.file_of), candidates[0])
 
     def check_shapes(self, shapes) -> str | None:
         """None if every (name, shape) has a tensor of that shape in the files, else a

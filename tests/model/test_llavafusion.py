@@ -162,15 +162,16 @@ def test_base_kinds_are_detected_and_the_rest_refused(tiny_llava, tiny_llama, tm
 def test_two_rank_zero3_run_keeps_every_frozen_weight(tiny_llava, synthetic_shards, tmp_path):
     """train.py on two CPU ranks under ZeRO-3 with understanding and generation rows: the
     run's frozen check covers the LLM, vision encoder and projector (all bitwise
-    unchanged), the checkpoint holds trainable tensors only, and the model rebuilt from
-    it understands exactly as the base VLM on disk while its image tower has moved."""
+    unchanged), the checkpoint holds trainable tensors only, the model rebuilt from it
+    understands exactly as the base VLM on disk while its image tower has moved, and its
+    export round-trips."""
     import subprocess
     import sys
 
     from launchers import launcher_cmd, launcher_env
 
     from megafusion.checkpoint_reader import consolidate_zero, find_checkpoint, load_checkpoint_model
-    from megafusion.export import ExportError, export_checkpoint
+    from megafusion.export import export_checkpoint
 
     repo = __import__("pathlib").Path(__file__).resolve().parents[2]
     run_dir = tmp_path / "run"
@@ -228,7 +229,58 @@ def test_two_rank_zero3_run_keeps_every_frozen_weight(tiny_llava, synthetic_shar
         out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=ref_in["pixel_values"],
                           max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=gen.eos, **extra)
     assert text == [gen.detokenize(out[0, ids.shape[1]:].tolist())]
-    # Not exported yet: refused in one line rather than written wrong.
-    with pytest.raises(ExportError, match="LLaVA base") as err:
-        export_checkpoint(run_dir, tmp_path / "hf")
-    assert "\n" not in str(err.value)
+    # The export (tools/convert_to_hf.py's code) round-trips: loaded with transformers'
+    # remote code, it holds the checkpoint's image tower exactly (fp32), the base's vision
+    # parts, and captions as the base VLM.
+    from transformers import AutoModelForCausalLM
+
+    export_checkpoint(run_dir, tmp_path / "hf", dtype="fp32")
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    assert type(exported).__module__.startswith("transformers_modules")
+    ours_state = {f"model.{n}": t for n, t in model.state_dict().items() if ".vae." not in n}
+    theirs = exported.state_dict()
+    assert set(ours_state) == set(theirs)
+    for name, t in ours_state.items():
+        assert torch.equal(theirs[name], t), name
+    proc_out = AutoProcessor.from_pretrained(str(tmp_path / "hf"))(images=[image], text=[proc.image_token + "\n"],
+                                                                    return_tensors="pt", add_special_tokens=False)
+    assert torch.equal(proc_out["input_ids"], ref_in["input_ids"])
+    rows = [ids[0].tolist()]
+    new = exported.caption_with_vlm(rows, proc_out["pixel_values"], proc_out.get("image_sizes"), max_new_tokens=n,
+                                    min_new_tokens=n)
+    assert new == [out[0, ids.shape[1]:].tolist()]
+
+
+@pytest.mark.parametrize("layout", ["saved", "prefixed"])
+def test_base_weights_find_every_tensor_in_either_vlm_layout(tiny_llava, tmp_path, layout):
+    """The streamed export reads a LLaVA base by key. transformers 4.57 saves the legacy
+    layout (language_model.model.*, vision_tower.*); newer versions save model.language_model.*,
+    model.vision_tower.* (the in-memory names). Every tensor of the fused model's frozen
+    parts must be found, and equal to what transformers itself loads, in both."""
+    from safetensors.torch import load_file, save_file
+
+    from megafusion.model.vlm import split_vlm
+    from megafusion.parallel.base_weights import UNDERSTANDING, BaseWeights
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llava, base)
+    if layout == "prefixed":
+        state = load_file(str(base / "model.safetensors"))
+
+        def new_key(key):
+            if key.startswith("language_model.model."):
+                return "model.language_model." + key[len("language_model.model."):]
+            if key == "language_model.lm_head.weight":
+                return "lm_head.weight"
+            return "model." + key
+
+        save_file({new_key(k): v for k, v in state.items()}, str(base / "model.safetensors"), metadata={"format": "pt"})
+        assert not any(k.startswith("language_model.") for k in load_file(str(base / "model.safetensors")))
+    hf = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32)
+    text, understanding = split_vlm(hf)
+    weights = BaseWeights(str(base))
+    wanted = {n: p for n, p in text.named_parameters()}
+    wanted.update({UNDERSTANDING + n: p for n, p in understanding.vlm.named_parameters()})
+    assert len(wanted) == len(weights.file_of)  # every tensor on disk has one name
+    for name, p in wanted.items():
+        assert torch.equal(weights.get(name), p), name
