@@ -3,14 +3,12 @@ rank 0 reads the base's safetensors files, the image tower is copied from each r
 own partitions with no collective, and the model assembled that way equals the one
 built whole, in fp32 and bf16. One two-rank run of zero_init_startup_worker.py measures
 all of it (see its docstring) for a single-file tied base and a sharded untied one."""
-import os
 import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launchers import launcher_cmd, launcher_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,14 +24,9 @@ def startup_checks(tiny_llama, tiny_llama_untied, tmp_path_factory) -> dict:
     model.save_pretrained(sharded, max_shard_size="5MB")
     assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) >= 3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-           str(REPO / "tests/parallel/zero_init_startup_worker.py"), str(REPO / "configs/tiny.yaml"),
-           tiny_llama, str(sharded)]
-    out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
-                         timeout=1500)
+    cmd = [*launcher_cmd(2), str(REPO / "tests/parallel/zero_init_startup_worker.py"),
+           str(REPO / "configs/tiny.yaml"), tiny_llama, str(sharded)]
+    out = subprocess.run(cmd, cwd=REPO, env=launcher_env(2), capture_output=True, text=True, timeout=1500)
     text = out.stdout + out.stderr
     assert out.returncode == 0 and text.count("STARTUP_WORKER_DONE") == 2, text[-4000:]
     # Two ranks print at once: a line may hold both ranks' checks.

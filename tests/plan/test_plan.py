@@ -2,14 +2,13 @@
 published parameter counts, models built for real, DeepSpeed's own memory estimators,
 and what DeepSpeed holds and sends in a real two-rank run."""
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launchers import launcher_cmd, launcher_env
 
 from megafusion.config import load_config
 from megafusion.plan.choose import configured_setting, evaluate, plan
@@ -120,15 +119,10 @@ def run_worker(tmp_path, name, overrides, ds_changes, base="zero3.json"):
     ds_path = tmp_path / f"{name}.json"
     ds_path.write_text(json.dumps(ds))
     out = tmp_path / f"{name}-out.json"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-           str(REPO / "tests/plan/plan_memory_worker.py"), str(TINY), str(out), f"parallel.ds_config={ds_path}",
+    cmd = [*launcher_cmd(2), str(REPO / "tests/plan/plan_memory_worker.py"), str(TINY), str(out), f"parallel.ds_config={ds_path}",
            f"run.dir={tmp_path / name}", f"data.run_id=plan-{name}-{tmp_path.name}", "log.tensorboard=false",
            "checkpoint.every=0", "train.dtype=bf16", *overrides]
-    res = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
-                         timeout=900)
+    res = subprocess.run(cmd, cwd=REPO, env=launcher_env(2), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return json.loads(out.read_text())
 

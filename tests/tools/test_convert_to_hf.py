@@ -6,35 +6,27 @@ from the base plus DeepSpeed's own consolidation (zero_to_fp32) or the pipeline'
 stage modules loading their layer files, as DeepSpeed's PipelineModule does."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launchers import launcher_cmd, launcher_env
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 CONVERT = str(REPO / "tools" / "convert_to_hf.py")
 WORKER = str(Path(__file__).resolve().parent / "hf_load_worker.py")
 TOL = 1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(run_dir, shards, *extra, ranks=2, config="configs/tiny.yaml", steps=2, timeout=600):
-    cmd = ([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port())] if ranks > 1 else [PY])
+    cmd = launcher_cmd(ranks) if ranks > 1 else [PY]
     cmd += [str(REPO / "megafusion" / "train.py"), "--config", str(REPO / config), f"run.dir={run_dir}",
             f"data.train={shards}", f"data.run_id={Path(run_dir).parent.name}-{Path(run_dir).name}-{os.getpid()}", f"train.steps={steps}",
             "log.tensorboard=false", *extra]
-    p = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1"),
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=REPO, env=launcher_env(ranks), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return Path(run_dir)
 

@@ -1,12 +1,12 @@
 """The trainer through its real entry points: `deepspeed --num_gpus 2 megafusion/train.py`
-(two CPU ranks, gloo) and `python megafusion/train.py` (one rank). References are other
+and `torchrun --nproc_per_node 2 megafusion/train.py` (two CPU ranks, gloo; tests/launchers.py
+says which test uses which) and `python megafusion/train.py` (one rank). References are other
 runs: an uninterrupted run for resume, a single-process run for the pipeline, the base
 model on disk for frozen weights."""
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from launchers import launcher_cmd, launcher_env
 
 REPO = Path(__file__).resolve().parents[2]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 TRAIN = str(REPO / "megafusion" / "train.py")
 # train.py with load_base_model counted and a self-sent SIGUSR1 at a chosen step.
 INSTRUMENTED = str(REPO / "tests" / "train" / "instrumented_train.py")
@@ -24,24 +24,18 @@ INSTRUMENTED = str(REPO / "tests" / "train" / "instrumented_train.py")
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def overrides(run_dir, shards, steps, *extra):
     return [f"run.dir={run_dir}", f"data.train={shards}", f"data.run_id={Path(run_dir).name}-{os.getpid()}",
             f"train.steps={steps}", "log.tensorboard=false", *extra]
 
 
-def launch(run_dir, shards, steps, *extra, ranks=2, env=None, script=TRAIN):
-    cmd = ([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), script] if ranks > 1
-           else [sys.executable, script])
+def launch(run_dir, shards, steps, *extra, ranks=2, env=None, script=TRAIN, launcher="torchrun"):
+    """train.py (or `script`) on `ranks` CPU ranks; tests/launchers.py says why most
+    tests use torchrun and which use the deepspeed launcher."""
+    cmd = [*launcher_cmd(ranks, launcher), script] if ranks > 1 else [sys.executable, script]
     cmd += ["--config", str(REPO / "configs" / "tiny.yaml"), *overrides(run_dir, shards, steps, *extra)]
-    full_env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=launcher_env(ranks, launcher, **(env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def run(*args, timeout=600, **kw):
@@ -72,11 +66,11 @@ def wait_for_step(run_dir, step, proc, timeout=300):
 
 
 def rank_processes(launcher: subprocess.Popen):
-    """The rank processes (not deepspeed's own launch.py, whose command line also names
-    train.py): what a scheduler signals."""
+    """The rank processes (not the launcher's own processes, whose command lines also
+    name train.py): what a scheduler signals."""
     return [p for p in psutil.Process(launcher.pid).children(recursive=True)
             if any(part.endswith("train.py") for part in p.cmdline())
-            and not any("deepspeed.launcher" in part for part in p.cmdline())]
+            and not any("deepspeed.launcher" in part or "torch.distributed.run" in part for part in p.cmdline())]
 
 
 REF_STEPS = 40
@@ -146,7 +140,7 @@ def test_resume_after_sigkill_is_bitwise_exact(reference_run, tmp_path, syntheti
     code, out = run(run_dir, synthetic_shards, REF_STEPS, *extra)
     assert code == 0, out[-4000:]
     assert (run_dir / "samples" / "step_0000039.png").is_file() and "validation lm" in out
-    assert f"resumed from" in out and f"at step {resumed_from}" in out
+    assert "resumed from" in out and f"at step {resumed_from}" in out
     rows = metrics(run_dir)
     redone = [r for r in rows if r["step"] > resumed_from][-(REF_STEPS - resumed_from):]
     assert [r["step"] for r in redone] == list(range(resumed_from + 1, REF_STEPS + 1))
@@ -157,7 +151,7 @@ def test_resume_after_sigkill_is_bitwise_exact(reference_run, tmp_path, syntheti
 
 def test_sigterm_checkpoints_at_step_boundary_and_exits_zero(tmp_path, tiny_llama, synthetic_shards):
     run_dir = tmp_path / "run"
-    p = launch(run_dir, synthetic_shards, 500, "checkpoint.every=0")
+    p = launch(run_dir, synthetic_shards, 500, "checkpoint.every=0", launcher="deepspeed")
     wait_for_step(run_dir, 3, p)
     for rank in rank_processes(p):
         rank.send_signal(signal.SIGTERM)
@@ -198,12 +192,12 @@ def test_production_settings_resume_bitwise_after_sigusr1_without_reloading_the_
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1) as pool:
-        ref_proc = launch(ref_dir, synthetic_shards, steps, *extra, script=INSTRUMENTED)
+        ref_proc = launch(ref_dir, synthetic_shards, steps, *extra, script=INSTRUMENTED, launcher="deepspeed")
         ref_done = pool.submit(ref_proc.communicate, timeout=600)  # drains its pipe meanwhile
         deadline = time.time() + 400
         while not (ref_dir / "metrics.jsonl").exists() and ref_proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
-        stopped = launch(run_dir, synthetic_shards, steps, *extra, script=INSTRUMENTED,
+        stopped = launch(run_dir, synthetic_shards, steps, *extra, script=INSTRUMENTED, launcher="deepspeed",
                          env={"MEGAFUSION_TEST_SIGUSR1_AT_STEP": "3"})
         out, _ = stopped.communicate(timeout=600)
         ref_out, _ = ref_done.result()
@@ -215,7 +209,7 @@ def test_production_settings_resume_bitwise_after_sigusr1_without_reloading_the_
     assert "frozen check:" not in out
     assert (run_dir / "checkpoints" / "latest").read_text() == "global_step3"
 
-    code, out = run(run_dir, synthetic_shards, steps, *extra, script=INSTRUMENTED)
+    code, out = run(run_dir, synthetic_shards, steps, *extra, script=INSTRUMENTED, launcher="deepspeed")
     assert code == 0, out[-4000:]
     assert "at step 3" in out and base_loads(out) == [1, 1] and "frozen check:" in out
     ref, rows = by_step(metrics(ref_dir)), by_step(metrics(run_dir))

@@ -1,0 +1,46 @@
+"""How the tests start several CPU ranks on one machine.
+
+Most multi-rank tests use torchrun (torch.distributed.run): it imports torch alone,
+while the deepspeed launcher imports all of DeepSpeed twice (its runner, then its
+launch.py) before the first rank starts. On this 2-core machine that is several seconds
+of every launch, and the suite launches some eighty times. The ranks see the same
+environment either way (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; init_dist_env
+reads LOCAL_WORLD_SIZE from torchrun and LOCAL_SIZE from the deepspeed launcher), and
+`deepspeed megafusion/train.py`, what users run, stays covered: the tests that pass
+launcher="deepspeed" (the production-settings resume, the signal stop at a step
+boundary, the demo) and tests/data's launcher-environment tests.
+"""
+import os
+import socket
+import sys
+from pathlib import Path
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_cmd(ranks: int, launcher: str = "torchrun", port: int | None = None) -> list[str]:
+    """The command prefix that starts `ranks` local ranks of the script that follows."""
+    port = port or free_port()
+    if launcher == "deepspeed":
+        return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port)]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                "--master_port", str(port)]
+    raise ValueError(f"unknown launcher {launcher!r}")
+
+
+def launcher_env(ranks: int, launcher: str = "torchrun", **extra: str) -> dict:
+    """The environment for a CPU launch. Under torchrun OMP_NUM_THREADS is set to what
+    megafusion's launch chooses when it is unset (cores / local ranks, which the
+    deepspeed launcher leaves to it): torchrun would otherwise set 1 and print a banner."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    if launcher == "torchrun":
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+    env.update(extra)
+    return env
