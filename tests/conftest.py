@@ -50,14 +50,24 @@ def tiny_llama_untied() -> str:
     return str(out)
 
 
+def _tiny_llava(kind: str) -> str:
+    from tools.make_tiny_llava import make_tiny_llava
+
+    out = cache_root() / f"tiny-{kind.replace('_', '-')}"
+    make_tiny_llava(str(out), seed=0, next_=kind == "llava_next")
+    return str(out)
+
+
 @pytest.fixture(scope="session", params=["llava", "llava_next"])
 def tiny_llava(request) -> str:
     """A tiny random LLaVA (or LLaVA-NeXT) with its processor (tools/make_tiny_llava.py)."""
-    from tools.make_tiny_llava import make_tiny_llava
+    return _tiny_llava(request.param)
 
-    out = cache_root() / f"tiny-{request.param.replace('_', '-')}"
-    make_tiny_llava(str(out), seed=0, next_=request.param == "llava_next")
-    return str(out)
+
+@pytest.fixture(scope="session")
+def tiny_llava_only() -> str:
+    """The tiny LLaVA alone, for tests too slow to run for both kinds."""
+    return _tiny_llava("llava")
 
 
 @pytest.fixture(scope="session")

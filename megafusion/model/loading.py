@@ -142,14 +142,18 @@ def load_base_config(base: str):
 def load_base(base: str, dtype: torch.dtype = torch.float32):
     """(text LlamaForCausalLM, frozen VisionUnderstanding or None), in `dtype`, SDPA attention."""
     config, path = _read_config(base)
+    # Loading draws nothing from the global RNG: transformers initialises some LLaVA
+    # modules before their weights arrive, and the image tower's seed is drawn right
+    # after (a pipeline stage draws it without loading; both must agree).
     try:
-        if config.model_type not in LLAVA_MODEL_TYPES:
-            from transformers import LlamaForCausalLM
+        with torch.random.fork_rng(devices=[]):
+            if config.model_type not in LLAVA_MODEL_TYPES:
+                from transformers import LlamaForCausalLM
 
-            return LlamaForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa"), None
-        from transformers import AutoModelForImageTextToText
+                return LlamaForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa"), None
+            from transformers import AutoModelForImageTextToText
 
-        vlm = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+            vlm = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     except Exception as exc:
         raise BaseModelError(f"model.base={base}: cannot load weights ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     from .vlm import split_vlm

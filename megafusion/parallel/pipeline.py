@@ -69,11 +69,17 @@ def _from_bits(x: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def batch_to_inputs(batch: PackedBatch) -> tuple:
+    """The first stage's inputs. The last three are a LLaVA base's understood images
+    (bit-cast pixels, their shape, image sizes), empty when there are none."""
     images = batch.images if batch.images.numel() or batch.images.dim() == 4 else batch.images.reshape(0, 1, 1, 1)
     device = batch.input_ids.device
+    vlm = batch.vlm_pixel_values if batch.vlm_pixel_values is not None else torch.zeros(0, 1, 1, 1, device=device)
+    sizes = batch.vlm_image_sizes if batch.vlm_image_sizes is not None else torch.zeros(0, 2, dtype=torch.long,
+                                                                                         device=device)
     return (batch.input_ids, batch.labels, batch.modality, batch.position_ids, batch.document_ids, batch.image_ids,
             _to_bits(images.float()), torch.tensor(list(images.shape), dtype=torch.long, device=device),
-            _to_bits(batch.timesteps.float()), torch.tensor([int(batch.images_are_latents)], device=device))
+            _to_bits(batch.timesteps.float()), torch.tensor([int(batch.images_are_latents)], device=device),
+            _to_bits(vlm.float()), torch.tensor(list(vlm.shape), dtype=torch.long, device=device), sizes)
 
 
 class StageSource:
@@ -89,7 +95,16 @@ class StageSource:
             # tied matrix would train as two, and the export keeps only one of them.
             raise ValueError(f"model.train_text_tower (model.tower_mode={cfg.model.tower_mode}) with pipeline stages "
                              f"needs a base with untied embeddings; {cfg.model.base} ties its embedding and LM head")
-        self.base = skeleton_base_model(self.weights.config)
+        understanding = None
+        if self.weights.vlm_config is not None:  # a LLaVA base: its language model and vision parts
+            from transformers import AutoModelForImageTextToText
+
+            from megafusion.model.vlm import split_vlm
+
+            with torch.device("meta"):
+                self.base, understanding = split_vlm(AutoModelForImageTextToText.from_config(self.weights.vlm_config))
+        else:
+            self.base = skeleton_base_model(self.weights.config)
         # The image tokenizer's seed is the draw a single-process run makes (its rank 0
         # draws it right after torch.manual_seed(run.seed), nothing random before), so a
         # stage's side starts equal to that run's. This rank's own stream then advances by
@@ -100,7 +115,7 @@ class StageSource:
             seed = ImageTokenizer.draw_seed()
         ImageTokenizer.draw_seed()
         tokenizer = ImageTokenizer(cfg.model, self.weights.config.hidden_size, sides=(), side_seed=seed)
-        self.fused = LMFusionModel(self.base, cfg.model, image_tokenizer=tokenizer)
+        self.fused = LMFusionModel(self.base, cfg.model, image_tokenizer=tokenizer, understanding=understanding)
         self._rotary = None
 
     def __repr__(self) -> str:  # LayerSpec logs its arguments
@@ -131,6 +146,25 @@ class StageSource:
 
             self._rotary = self.fused.rotary_emb = LlamaRotaryEmbedding(config=self.weights.config)
         return self._rotary
+
+
+def _real_understanding(source: "StageSource") -> nn.Module:
+    """The skeleton's VisionUnderstanding with real modules on the first stage: its vision
+    tower and projector built from the VLM config (their buffers, such as position ids,
+    are computed at construction and are not in the checkpoint) and every parameter read
+    from the base, in the training dtype and frozen."""
+    from megafusion.parallel.base_weights import UNDERSTANDING
+
+    from transformers import AutoModel
+
+    und = source.fused.understanding
+    config = source.weights.vlm_config
+    inner = und.vlm
+    with torch.device("cpu"):
+        inner.vision_tower = AutoModel.from_config(config.vision_config)
+        inner.multi_modal_projector = type(inner.multi_modal_projector)(config)
+    materialize(inner, UNDERSTANDING, source.weights, source.dtype)
+    return und.requires_grad_(False)
 
 
 def _mean_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -179,9 +213,12 @@ class EmbedStage(_Stage):
         self.image_token_embed = f.image_token_embed
         self.embedder = source.cast(tok.embedder)
         self.vae = source.cast(tok.vae) if tok.vae is not None else None
+        # A LLaVA base's understanding path feeds the embeddings: it lives on this stage.
+        self.understanding = _real_understanding(source) if f.understanding is not None else None
 
     def forward(self, inputs):
-        input_ids, labels, modality, position_ids, document_ids, image_ids, img_bits, img_shape, t_bits, are_latents = inputs
+        (input_ids, labels, modality, position_ids, document_ids, image_ids, img_bits, img_shape, t_bits, are_latents,
+         vlm_bits, vlm_shape, vlm_sizes) = inputs
         f = self.fused
         device = self.embed_tokens.weight.device
         routing = Routing.from_modality(modality)
@@ -190,7 +227,11 @@ class EmbedStage(_Stage):
                             images=empty, timesteps=empty, image_is_condition=empty)
         targets = f.lm_targets(batch)
         dtype = self.image_token_embed.dtype
-        parts = [f.embed(input_ids.reshape(-1)[routing.text_positions])] if routing.n_text else []
+        understood = None
+        if self.understanding is not None and int(vlm_shape[0]):
+            pixels = _from_bits(vlm_bits, torch.float32).view(*vlm_shape.tolist())
+            understood = self.understanding(pixels, vlm_sizes if self.understanding.uses_image_sizes else None)
+        parts = [f.embed(input_ids.reshape(-1)[routing.text_positions], understood)] if routing.n_text else []
         t = _from_bits(t_bits, torch.float32)
         if routing.n_image:
             x0 = _from_bits(img_bits, torch.float32).view(*img_shape.tolist()).to(dtype)

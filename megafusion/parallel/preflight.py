@@ -61,9 +61,6 @@ def preflight(cfg: RunConfig) -> None:
 def _check_vlm_base(cfg: RunConfig) -> None:
     """What a LLaVA base (LLaVAFusion) does not run with yet, refused in one line."""
     p = cfg.parallel
-    if p.pipeline_stages > 1:
-        _fail(f"model.base={cfg.model.base} is a LLaVA-family model: its vision encoder and projector have no "
-              "pipeline stage yet; use parallel.pipeline_stages=1 (ZeRO-3)")
     if p.zero_stage == 3 and getattr(p, "zero_init", False):
         _fail(f"model.base={cfg.model.base} is a LLaVA-family model: parallel.zero_init reads Llama checkpoints "
               "only; set parallel.zero_init=false (each rank loads the VLM once, then ZeRO-3 partitions it)")
