@@ -131,7 +131,9 @@ READER_RANK = 0  # the one rank that reads the base's files under ZeRO-3
 
 def load_base_zero3(base: str, dtype: torch.dtype, ds_config: dict):
     """The base LlamaForCausalLM born partitioned under ZeRO-3 (`ds_config`), in `dtype`,
-    its weights read from the safetensors files by rank 0 alone.
+    its weights read from the safetensors files by rank 0 alone. For a LLaVA base, the
+    pair (its language model as a LlamaForCausalLM, its VisionUnderstanding), both
+    partitioned, as load_base splits the VLM.
 
     transformers 4.57's from_pretrained under an HfDeepSpeedConfig reads every shard whole
     on every rank: modeling_utils.load_shard_file asks load_state_dict for
@@ -158,13 +160,25 @@ def load_base_zero3(base: str, dtype: torch.dtype, ds_config: dict):
 
     from megafusion.parallel.gather import gathered
 
-    config = load_base_config(base)
+    vlm_config = load_vlm_config(base)
+    config = vlm_config if vlm_config is not None else load_base_config(base)
     config.name_or_path = str(resolve_base(base))  # as from_pretrained records it
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers reads it through a global weak reference)
+    understanding = None
     with no_init_weights():
-        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        if vlm_config is None:
+            model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        else:  # a LLaVA base, born partitioned whole, then split as load_base splits it
+            from transformers import AutoModelForImageTextToText
+
+            from megafusion.model.vlm import split_vlm
+
+            vlm = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            model, understanding = split_vlm(vlm)
     model.tie_weights()  # no_init_weights also skips post_init's tying; from_pretrained ties here too
     params = list(model.named_parameters())  # a tied head appears once, as the embedding
+    if understanding is not None:
+        params += [(UNDERSTANDING + n, p) for n, p in understanding.vlm.named_parameters()]
 
     weights, error = None, None
     if dist.get_rank() == READER_RANK:
@@ -183,4 +197,6 @@ def load_base_zero3(base: str, dtype: torch.dtype, ds_config: dict):
             with gathered([p], modifier_rank=READER_RANK):
                 if weights is not None:
                     p.data.copy_(weights.get(name))
+    if understanding is not None:
+        return model.eval(), understanding.eval()
     return model.eval()  # as from_pretrained returns it

@@ -40,11 +40,10 @@ def preflight(cfg: RunConfig) -> None:
     from megafusion.model.loading import BaseModelError, is_vlm_base
 
     try:
-        vlm = is_vlm_base(cfg.model.base)
+        is_vlm_base(cfg.model.base)  # reads and checks the base's config (a Llama, or a LLaVA with its processor)
     except BaseModelError as exc:
         _fail(str(exc))
-    if vlm:
-        _check_vlm_base(cfg)
+
     try:
         locations = _stream_locations(cfg.data.train)
     except ValueError as exc:
@@ -56,14 +55,6 @@ def preflight(cfg: RunConfig) -> None:
             continue
         if not (Path(loc).expanduser() / "index.json").is_file():
             _fail(f"data.train={loc}: no MDS shards there (no index.json); write them with tools/prepare_data.py")
-
-
-def _check_vlm_base(cfg: RunConfig) -> None:
-    """What a LLaVA base (LLaVAFusion) does not run with yet, refused in one line."""
-    p = cfg.parallel
-    if p.zero_stage == 3 and getattr(p, "zero_init", False):
-        _fail(f"model.base={cfg.model.base} is a LLaVA-family model: parallel.zero_init reads Llama checkpoints "
-              "only; set parallel.zero_init=false (each rank loads the VLM once, then ZeRO-3 partitions it)")
 
 
 QUANTIZED_KEYS = ("zero_quantized_weights", "zero_quantized_nontrainable_weights", "zero_quantized_gradients")

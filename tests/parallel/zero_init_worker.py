@@ -1,7 +1,9 @@
 """Run under `deepspeed --num_gpus 2`: builds the tiny fused model with parallel.zero_init
 and checks, on every rank, that (1) every parameter was born partitioned (ZeRO-3 ds_id,
 local shard smaller than the whole), and (2) gathered, each image-tower tensor equals its
-text-tower twin, which equals the base checkpoint on disk. Prints ZERO_INIT_OK."""
+text-tower twin, which equals the base checkpoint on disk, and (3) with a LLaVA base, its
+vision encoder and projector are partitioned too and equal the VLM's own load. Prints
+ZERO_INIT_OK (and ZERO_INIT_VLM_OK)."""
 import sys
 from pathlib import Path
 
@@ -39,6 +41,16 @@ def main():
                                                 "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj"}
                                                .get(name.split(".")[0], name.split(".")[0])) + "." + name.split(".", 1)[1]
                 assert torch.equal(t.detach(), base[key]), f"{key} differs from the base"
+    if model.understanding is not None:  # a LLaVA base: its vision parts, born partitioned, equal its own load
+        from megafusion.model.loading import load_base
+
+        reference = dict(load_base(cfg.model.base)[1].named_parameters())
+        vision = list(model.understanding.named_parameters())
+        assert vision and all(hasattr(p, "ds_id") for _, p in vision)
+        for name, p in vision:
+            with gathered([p]):
+                assert torch.equal(p.detach(), reference[name]), f"{name} differs from the base VLM's"
+        print(f"ZERO_INIT_VLM_OK rank {dist.get_rank()}: {len(vision)} vision tensors", flush=True)
     dist.barrier()
     print(f"ZERO_INIT_OK rank {dist.get_rank()}: {len(big)} partitioned tensors", flush=True)
 

@@ -1,6 +1,6 @@
 """megafusion/train.py with two test hooks, for tests/train/test_train.py:
 
-- every build of the base model is counted, whole (megafusion.model.loading.load_base_model)
+- every build of the base model is counted, whole (megafusion.model.loading.load_base)
   or born partitioned under ZeRO-3 (megafusion.parallel.base_weights.load_base_zero3,
   where rank 0 alone reads the files); each rank prints `BASE_LOADS rank=<rank> n=<calls>`
   when it exits normally;
@@ -36,7 +36,7 @@ def counted(real):
     return counted_load
 
 
-loading.load_base_model = model_setup.load_base_model = counted(loading.load_base_model)
+loading.load_base = model_setup.load_base = counted(loading.load_base)
 base_weights.load_base_zero3 = model_setup.load_base_zero3 = counted(base_weights.load_base_zero3)
 atexit.register(lambda: print(f"BASE_LOADS rank={os.environ.get('RANK', '0')} n={calls}", flush=True))
 
