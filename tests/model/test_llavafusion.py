@@ -161,7 +161,7 @@ def test_base_kinds_are_detected_and_the_rest_refused(tiny_llava, tiny_llama, tm
 @pytest.mark.slow
 def test_two_rank_zero3_run_keeps_every_frozen_weight(tiny_llava, synthetic_shards, tmp_path):
     """train.py on two CPU ranks under ZeRO-3 with understanding and generation rows: the
-    run's frozen check covers the LLM, vision encoder and projector (all bitwise
+    diffusion loss falls, the run's frozen check covers the LLM, vision encoder and projector (all bitwise
     unchanged), the checkpoint holds trainable tensors only, the model rebuilt from it
     understands exactly as the base VLM on disk while its image tower has moved, and its
     export round-trips."""
@@ -190,6 +190,8 @@ def test_two_rank_zero3_run_keeps_every_frozen_weight(tiny_llava, synthetic_shar
     n_vision = sum(1 for _ in start.understanding.parameters())
     assert f"frozen check: {n_frozen} frozen tensors on rank 0 bitwise unchanged" in out, out[-3000:]
     assert n_vision > 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["diffusion_loss"] < rows[0]["diffusion_loss"], rows
     # The sample point ran on both ranks (ZeRO-3 gathers the vision encoder for captions too).
     assert (run_dir / "samples" / "step_0000003.png").is_file() and (run_dir / "samples" / "step_0000003.txt").is_file()
 
