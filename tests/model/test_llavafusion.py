@@ -127,6 +127,21 @@ def test_training_moves_only_the_image_tower(tiny_llava):
     assert torch.allclose(ours, reference, atol=1e-5, rtol=0)
 
 
+def assert_understands_as_the_base(model, base: str, seed: int):
+    """model's logits on an image and a prompt equal the base VLM's (fp32, within 1e-5);
+    returns the base VLM."""
+    hf = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa").eval()
+    inputs = processed(base, [picture(seed)], [PROMPT])
+    with torch.no_grad():
+        reference = hf(**inputs).logits[0]
+        batch = PackedBatch.from_rows([[understanding_doc(inputs, 0, hf.config.image_token_index)]],
+                                      seq_len=reference.shape[0], tokens_per_image=model.tokens_per_image,
+                                      image_shape=model.image_tokenizer.latent_shape)
+        ours = model(batch, return_logits=True).logits[0, :, :reference.shape[-1]]
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0), (ours - reference).abs().max()
+    return hf
+
+
 def model_tokenize(base: str, text: str) -> list[int]:
     return AutoProcessor.from_pretrained(base).tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -166,7 +181,6 @@ def test_two_rank_zero3_run_keeps_every_frozen_weight(tiny_llava, synthetic_shar
     understands exactly as the base VLM on disk while its image tower has moved, and its
     export round-trips."""
     import subprocess
-    import sys
 
     from launchers import launcher_cmd, launcher_env
 
@@ -206,15 +220,7 @@ def test_two_rank_zero3_run_keeps_every_frozen_weight(tiny_llava, synthetic_shar
     copied = [n for n in trainable if n.startswith("layers.") and ".image." in n]
     moved = [n for n, q in model.named_parameters() if n in copied and not torch.equal(q, initial[n])]
     assert copied and moved, "training changed no image-tower weight"
-    hf = AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.float32, attn_implementation="sdpa").eval()
-    inputs = processed(tiny_llava, [picture(4)], [PROMPT])
-    with torch.no_grad():
-        reference = hf(**inputs).logits[0]
-        batch = PackedBatch.from_rows([[understanding_doc(inputs, 0, hf.config.image_token_index)]],
-                                      seq_len=reference.shape[0], tokens_per_image=model.tokens_per_image,
-                                      image_shape=(3, 16, 16))
-        ours = model(batch, return_logits=True).logits[0, :, :reference.shape[-1]]
-    assert torch.allclose(ours, reference, atol=1e-5, rtol=0)
+    hf = assert_understands_as_the_base(model, tiny_llava, seed=4)
     # Sampling from the checkpoint captions through the VLM's path: the base's own
     # greedy output on the same layout ([BOS], the image, a newline).
     from megafusion.generate import load
@@ -371,12 +377,4 @@ def test_two_pipeline_stages_train_and_export(tiny_llava_only, synthetic_shards,
     for name, t in model.state_dict().items():
         if ".vae." not in name:
             assert torch.equal(theirs[f"model.{name}"], t), name
-    hf = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa").eval()
-    inputs = processed(base, [picture(7)], [PROMPT])
-    with torch.no_grad():
-        reference = hf(**inputs).logits[0]
-        batch = PackedBatch.from_rows([[understanding_doc(inputs, 0, hf.config.image_token_index)]],
-                                      seq_len=reference.shape[0], tokens_per_image=model.tokens_per_image,
-                                      image_shape=(3, 32, 32))
-        ours = exported.model(batch, return_logits=True).logits[0, :, :reference.shape[-1]]
-    assert torch.allclose(ours, reference, atol=1e-5, rtol=0)
+    assert_understands_as_the_base(exported.model, base, seed=7)
