@@ -8,9 +8,11 @@ environment either way (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; init_dis
 reads LOCAL_WORLD_SIZE from torchrun and LOCAL_SIZE from the deepspeed launcher), and
 `deepspeed megafusion/train.py`, what users run, stays covered: the tests that pass
 launcher="deepspeed" (the production-settings resume, the signal stop at a step
-boundary, the demo) and tests/data's launcher-environment tests.
+boundary, the demo) and tests/data's launcher-environment tests. Kill a launched job
+with kill_job, not os.killpg (see there).
 """
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -44,3 +46,22 @@ def launcher_env(ranks: int, launcher: str = "torchrun", **extra: str) -> dict:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
     env.update(extra)
     return env
+
+
+def kill_job(launcher, sig=signal.SIGKILL) -> None:
+    """Send `sig` to a launched job at once: its ranks (and their DataLoader workers) and
+    the launcher. torchrun starts each rank in a session of its own, so a kill of the
+    launcher's process group would leave the ranks running, holding the run's data-cache
+    lock for every later run of the same data.run_id."""
+    import psutil
+
+    try:
+        procs = psutil.Process(launcher.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for proc in [*procs, psutil.Process(launcher.pid)] if launcher.poll() is None else procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    launcher.wait()

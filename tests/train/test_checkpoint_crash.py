@@ -2,12 +2,11 @@
 trainer). The save is held open by the MEGAFUSION_TEST_HOLD_SAVE hook after DeepSpeed
 has written its files and before the ranks' client files and `latest`: the directory is
 torn. Reference: an uninterrupted run of the same configuration."""
-import os
-import signal
 import time
 from pathlib import Path
 
 import pytest
+from launchers import kill_job
 
 from test_train import by_step, launch, metrics, run
 
@@ -37,8 +36,7 @@ def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path, ti
 
     p = launch(run_dir, synthetic_shards, STEPS, *EXTRA, env={"MEGAFUSION_TEST_HOLD_SAVE": f"{TORN}:{hold}"})
     wait_for_files([hold / "held.rank0", hold / "held.rank1"], p)
-    os.killpg(p.pid, signal.SIGKILL)  # every rank, mid-save
-    p.wait()
+    kill_job(p)  # every rank, mid-save
     ckpt = run_dir / "checkpoints"
     torn = ckpt / f"global_step{TORN}"
     assert any(torn.glob("*model_states.pt")), "the hook should hold the save after DeepSpeed's files"

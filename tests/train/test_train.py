@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launchers import launcher_cmd, launcher_env
+from launchers import kill_job, launcher_cmd, launcher_env
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "megafusion" / "train.py")
@@ -132,8 +132,7 @@ def test_resume_after_sigkill_is_bitwise_exact(reference_run, tmp_path, syntheti
              "log.val_batches=1", f"data.val={Path(synthetic_shards) / 'val'}")
     p = launch(run_dir, synthetic_shards, REF_STEPS, *extra)
     wait_for_step(run_dir, 13, p)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_job(p)
     latest = (run_dir / "checkpoints" / "latest").read_text()
     resumed_from = int(latest.removeprefix("global_step"))
     assert 10 <= resumed_from <= 15
