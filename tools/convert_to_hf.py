@@ -38,6 +38,13 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     args = p.parse_args(argv)
 
+    # DeepSpeed (read for its checkpoint layout) picks an accelerator when imported and,
+    # finding no GPU, says so in a warning; the export is CPU work either way.
+    import os
+
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from megafusion.export import ExportError, export_checkpoint
 
     try:

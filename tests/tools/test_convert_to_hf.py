@@ -32,7 +32,10 @@ def train(run_dir, shards, *extra, ranks=2, config="configs/tiny.yaml", steps=2,
 
 
 def convert(*args, timeout=300):
-    return subprocess.run([PY, CONVERT, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    # As a user runs it: DS_ACCELERATOR unset (an earlier test's process may have set it).
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    return subprocess.run([PY, CONVERT, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def fresh_load(export_dir, inputs, tmp, base_dir=None):
@@ -209,6 +212,8 @@ def test_zero3_round_trip(zero3_run, tmp_path, tiny_base):
     assert (out / "keep.txt").exists()
     p = convert(zero3_run, out, "--max-shard-size", "2MB", "--overwrite")
     assert p.returncode == 0, p.stderr[-3000:]
+    # Quiet: the output directory on stdout and no library warning anywhere.
+    assert p.stdout.splitlines() == [str(out)] and "WARNING" not in p.stderr, (p.stdout + p.stderr)[-3000:]
     assert not (out / "keep.txt").exists()
     check_layout(out, zero3_run)
     fused, cfg = zero_reference(zero3_run)
