@@ -198,8 +198,6 @@ def image_grid(images: Sequence, cols: int | None = None):
 def _pixels(gen: Generator, image: ImageLike) -> torch.Tensor:
     """An image (path, PIL or [3, H, W] tensor in [-1, 1]) -> [3, S, S] in [-1, 1] at the
     model's image size, resized and centre-cropped as the data pipeline does."""
-    from PIL import Image, UnidentifiedImageError
-
     from megafusion.data.images import resize_center_crop, to_rgb, to_tensor
 
     size = gen.model.cfg.image_size
@@ -207,17 +205,24 @@ def _pixels(gen: Generator, image: ImageLike) -> torch.Tensor:
         if tuple(image.shape) != (3, size, size):
             raise GenerateError(f"image tensor of shape {tuple(image.shape)}: expected (3, {size}, {size})")
         return image.float()
-    if not isinstance(image, Image.Image):
-        path = Path(image)
-        if not path.is_file():
-            raise GenerateError(f"--image {image}: no such file")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                image = im.copy()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise GenerateError(f"--image {path}: not a readable image ({type(exc).__name__})") from None
-    return to_tensor(resize_center_crop(to_rgb(image), size))
+    return to_tensor(resize_center_crop(to_rgb(_open_image(image)), size))
+
+
+def _open_image(image):
+    """A PIL image as it is, or the image file at a path, loaded (one-line errors)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image
+    path = Path(image)
+    if not path.is_file():
+        raise GenerateError(f"--image {image}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise GenerateError(f"--image {path}: not a readable image ({type(exc).__name__})") from None
 
 
 def _decode(gen: Generator, latents: torch.Tensor) -> list:
@@ -279,31 +284,13 @@ def _caption_through_vlm(gen: Generator, images: list, *, max_new_tokens: int, t
     """LLaVAFusion's captions: the layout of the data pipeline's understanding rows
     ([BOS], the image's placeholders as the VLM's processor writes them, a newline, then
     `prompt`), decoded by the frozen VLM path."""
-    from PIL import Image
-
-    pil = []
-    for im in images:
-        if isinstance(im, torch.Tensor):  # [3, H, W] in [-1, 1]
-            im = to_pil(im.float())
-        elif not isinstance(im, Image.Image):
-            path = Path(im)
-            if not path.is_file():
-                raise GenerateError(f"--image {im}: no such file")
-            with Image.open(path) as f:
-                im = f.convert("RGB")
-        pil.append(im.convert("RGB"))
+    pil = [to_pil(im.float()) if isinstance(im, torch.Tensor) else _open_image(im).convert("RGB") for im in images]
     proc = gen.processor
     inputs = proc(images=pil, text=[proc.image_token + "\n" + prompt] * len(pil), return_tensors="pt",
                   add_special_tokens=False, padding=True)
     head = [gen.bos] if gen.bos is not None else []
     prompts = [head + ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
-    pixels = inputs["pixel_values"]
-    sizes = inputs.get("image_sizes")
-    if sizes is not None:  # LLaVA-NeXT
-        from megafusion.model.vlm import own_crops
-
-        pixels = torch.cat([own_crops(px, s, proc.image_processor) for px, s in zip(pixels, sizes)])
-    ids = inf.vlm_image_to_text(gen.model, prompts, pixels, sizes, eos=gen.eos, max_new_tokens=max_new_tokens,
+    ids = inf.vlm_image_to_text(gen.model, prompts, inputs["pixel_values"], inputs.get("image_sizes"), eos=gen.eos, max_new_tokens=max_new_tokens,
                                 banned=(gen.boi, gen.eoi), temperature=temperature, top_p=top_p,
                                 generator=torch.Generator().manual_seed(int(seed)), min_new_tokens=min_new_tokens)
     return [gen.detokenize(x) for x in ids]

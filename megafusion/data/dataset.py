@@ -122,17 +122,12 @@ class SampleBuilder:
         proc = self.vlm_processor
         out = proc(images=[to_rgb(decode_image(bytes(data)))], text=[proc.image_token], return_tensors="pt",
                    add_special_tokens=False)
-        ids = out["input_ids"][0].tolist()
-        token_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
-        pixels, size = out["pixel_values"][0], None
-        if "image_sizes" in out:  # LLaVA-NeXT
-            from megafusion.model.vlm import own_crops
-
-            size = tuple(int(x) for x in out["image_sizes"][0])
-            pixels = own_crops(pixels, size, proc.image_processor)
+        ids, token_id = out["input_ids"][0].tolist(), proc.image_token_id
+        # One image: pixel_values[0] holds its own crops only (a batch pads to its most).
+        size = tuple(int(x) for x in out["image_sizes"][0]) if "image_sizes" in out else None  # LLaVA-NeXT
         if ids != [token_id] * len(ids):
             raise ImageSkip("vlm_prompt", "the processor wrote more than the image's placeholders")
-        return VLMImageSegment(pixels, token_id, len(ids), size)
+        return VLMImageSegment(out["pixel_values"][0], token_id, len(ids), size)
 
 
 class FusionDataset(StreamingDataset):

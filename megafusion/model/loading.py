@@ -122,21 +122,23 @@ def _read_config(base: str):
     return config, path
 
 
+def load_base_configs(base: str):
+    """(the text tower's LlamaConfig, the whole LLaVA config or None), from one read: a
+    Llama base's own config, or a LLaVA's text_config and itself."""
+    config, _ = _read_config(base)
+    if config.model_type in LLAVA_MODEL_TYPES:
+        return config.text_config, config
+    return config, None
+
+
 def is_vlm_base(base: str) -> bool:
     """True for a LLaVA-family base (LLaVAFusion)."""
-    return _read_config(base)[0].model_type in LLAVA_MODEL_TYPES
-
-
-def load_vlm_config(base: str):
-    """A LLaVA base's whole config (LlavaConfig, LlavaNextConfig), None for a Llama."""
-    config, _ = _read_config(base)
-    return config if config.model_type in LLAVA_MODEL_TYPES else None
+    return load_base_configs(base)[1] is not None
 
 
 def load_base_config(base: str):
     """The text tower's LlamaConfig: the base's own, or a LLaVA's text_config."""
-    config, _ = _read_config(base)
-    return config.text_config if config.model_type in LLAVA_MODEL_TYPES else config
+    return load_base_configs(base)[0]
 
 
 def load_base(base: str, dtype: torch.dtype = torch.float32):

@@ -42,16 +42,6 @@ def split_vlm(vlm):
     return text, VisionUnderstanding(inner, vlm.config)
 
 
-def own_crops(pixels: torch.Tensor, image_size, image_processor) -> torch.Tensor:
-    """One image's row of a LLaVA-NeXT processor's pixel_values [crops, C, H, W] without
-    the batch padding after its own crops (their number follows from its size)."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    size = tuple(int(x) for x in image_size)
-    return pixels[:image_size_to_num_patches(size, image_processor.image_grid_pinpoints,
-                                             image_processor.crop_size["height"])]
-
-
 class VisionUnderstanding(nn.Module):
     """The VLM's vision encoder and projector (its inner model without the language
     model), frozen. forward gives the features of a batch of images, one row per
@@ -73,8 +63,9 @@ class VisionUnderstanding(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """pixel_values as the base's processor gives them (LLaVA [N, C, H, W]; LLaVA-NeXT
-        its crops [N, crops, C, H, W] or all crops concatenated [sum crops, C, H, W], with
-        image_sizes [N, 2]) -> [placeholder tokens, D]."""
+        [N, crops, C, H, W] padded to the batch's most crops, or every image's own crops
+        concatenated [sum crops, C, H, W], with image_sizes [N, 2]: the base's
+        get_image_features drops the padding) -> [placeholder tokens, D]."""
         dtype = next(self.vlm.multi_modal_projector.parameters()).dtype
         pixel_values = pixel_values.to(dtype)
         if self.uses_image_sizes:

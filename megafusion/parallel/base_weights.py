@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from megafusion.model.loading import BaseModelError, load_base_config, load_vlm_config, resolve_base
+from megafusion.model.loading import BaseModelError, load_base_configs, resolve_base
 
 UNDERSTANDING = "understanding:"  # names of a LLaVA base's vision parts (VisionUnderstanding.vlm's own)
 
@@ -37,8 +37,7 @@ class BaseWeights:
     def __init__(self, base: str):
         self.base = base
         self.dir = Path(resolve_base(base))
-        self.config = load_base_config(base)
-        self.vlm_config = load_vlm_config(base)  # None for a Llama base
+        self.config, self.vlm_config = load_base_configs(base)  # vlm_config: None for a Llama base
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             self.file_of = {k: self.dir / f for k, f in json.loads(index.read_text())["weight_map"].items()}
@@ -130,9 +129,9 @@ READER_RANK = 0  # the one rank that reads the base's files under ZeRO-3
 
 
 def load_base_zero3(base: str, dtype: torch.dtype, ds_config: dict):
-    """The base LlamaForCausalLM born partitioned under ZeRO-3 (`ds_config`), in `dtype`,
-    its weights read from the safetensors files by rank 0 alone. For a LLaVA base, the
-    pair (its language model as a LlamaForCausalLM, its VisionUnderstanding), both
+    """(the base LlamaForCausalLM, None) born partitioned under ZeRO-3 (`ds_config`), in
+    `dtype`, its weights read from the safetensors files by rank 0 alone; for a LLaVA base
+    (its language model as a LlamaForCausalLM, its VisionUnderstanding), both
     partitioned, as load_base splits the VLM.
 
     transformers 4.57's from_pretrained under an HfDeepSpeedConfig reads every shard whole
@@ -160,8 +159,8 @@ def load_base_zero3(base: str, dtype: torch.dtype, ds_config: dict):
 
     from megafusion.parallel.gather import gathered
 
-    vlm_config = load_vlm_config(base)
-    config = vlm_config if vlm_config is not None else load_base_config(base)
+    text_config, vlm_config = load_base_configs(base)
+    config = vlm_config if vlm_config is not None else text_config
     config.name_or_path = str(resolve_base(base))  # as from_pretrained records it
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers reads it through a global weak reference)
     understanding = None
@@ -197,6 +196,4 @@ def load_base_zero3(base: str, dtype: torch.dtype, ds_config: dict):
             with gathered([p], modifier_rank=READER_RANK):
                 if weights is not None:
                     p.data.copy_(weights.get(name))
-    if understanding is not None:
-        return model.eval(), understanding.eval()
-    return model.eval()  # as from_pretrained returns it
+    return model.eval(), (understanding.eval() if understanding is not None else None)  # as from_pretrained returns them

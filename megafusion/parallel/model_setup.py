@@ -145,8 +145,7 @@ def _warn_once(msg: str) -> None:
 def _build_zero3_partitioned(cfg: RunConfig, ds_config: dict) -> LMFusionModel:
     import deepspeed
 
-    base = load_base_zero3(cfg.model.base, model_dtype(cfg), ds_config)
-    base, understanding = base if isinstance(base, tuple) else (base, None)  # a LLaVA base: (text, vision parts)
+    base, understanding = load_base_zero3(cfg.model.base, model_dtype(cfg), ds_config)  # understanding: LLaVA only
     init = deepspeed.zero.Init(config_dict_or_path=ds_config)  # its rules; not entered as a context
 
     model = LMFusionModel(base, cfg.model, clone=lambda module: partitioned_twin(module, init), gather=gathered,
