@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO))
 
 from megafusion.eval.ablate import (design_overrides, design_row, format_ablation, parse_modes,  # noqa: E402
                                     pinned_recipe, plot_ablation, run_cost)
-from tools.demo import DATA, ensure_shards, free_port  # noqa: E402
+from megafusion.parallel.launch import local_deepspeed_command  # noqa: E402
+from tools.demo import DATA, ensure_shards  # noqa: E402
 
 
 def parse(argv):
@@ -114,8 +115,7 @@ def run_design(mode: str, args, overrides: list[str], cfg, train_dir: Path) -> d
         run.append(f"train.steps={args.steps}")
     entry = [str(REPO / "megafusion/train.py"), "--config", str(Path(args.config).resolve()), *run]
     if args.ranks > 1:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port",
-               str(free_port()), "--log_level", "warning", *entry]
+        cmd = [*local_deepspeed_command(args.ranks, str(Path(sys.executable).parent / "deepspeed")), *entry]
     else:
         cmd = [sys.executable, *entry]
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))

@@ -155,8 +155,10 @@ def launch_command(config: Path, shards: Path, run_dir: Path, cache_root: Path, 
     """The demo's training as tools/demo.py launches it (two ranks, the deepspeed launcher,
     the config's own parallel settings), without sampling, validation, tensorboard or
     intermediate checkpoints, for `steps` optimiser steps on the given shards."""
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(RANKS), "--master_port", str(port),
-            "--log_level", "warning", str(REPO / "megafusion" / "train.py"), "--config", str(config),
+    from megafusion.parallel.launch import local_deepspeed_command
+
+    return [*local_deepspeed_command(RANKS, str(Path(sys.executable).parent / "deepspeed"), port),
+            str(REPO / "megafusion" / "train.py"), "--config", str(config),
             f"run.dir={run_dir}", f"data.train={shards}", "data.val=null", f"data.run_id={run_id}",
             f"data.cache_root={cache_root}", "log.sample_every=0", "log.val_every=0", "checkpoint.every=0",
             "log.tensorboard=false", f"train.steps={steps}"]

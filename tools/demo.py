@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,12 +29,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("MEGAFUSION_DATA", REPO / "data")) / "synthetic"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shard_image_size(path: Path) -> int | None:
@@ -151,8 +144,10 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(run_dir)
     overrides = [f"data.train={DATA / 'train'}", f"data.val={DATA / 'train' / 'val'}", f"run.dir={run_dir}", *argv]
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "--log_level", "warning",
+    sys.path.insert(0, str(REPO))
+    from megafusion.parallel.launch import local_deepspeed_command
+
+    cmd = [*local_deepspeed_command(2, str(Path(sys.executable).parent / "deepspeed")),
            str(REPO / "megafusion/train.py"),
            "--config", str(REPO / "configs/demo.yaml"), *overrides]
     print("+", " ".join(cmd), flush=True)

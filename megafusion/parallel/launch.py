@@ -30,6 +30,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_deepspeed_command(ranks: int, deepspeed: str = "deepspeed", port: int | None = None) -> list[str]:
+    """The command prefix that starts `ranks` ranks of the script that follows on this
+    machine through the deepspeed launcher, as the project's tools do (make demo,
+    tools/ablate.py, tools/bench_demo.py): a free rendezvous port, and the launcher's own
+    log level at error. At warning, every local launch begins with DeepSpeed's "Unable to
+    find hostfile, will proceed with training with local resources only", which is what a
+    local launch means; the level reaches only the launcher processes, not the ranks."""
+    return [deepspeed, "--num_gpus", str(int(ranks)), "--master_port", str(port or _free_port()), "--log_level", "error"]
+
+
 def setup_environment() -> DistEnv:
     """Normalise the rank variables (see megafusion/data/dist_env.py) and the rendezvous
     address; returns the rank layout."""
