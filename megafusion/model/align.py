@@ -24,16 +24,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# config.json model_type -> (transformers class name, default feature layer, mean, std).
-# CLIP's and SigLIP's normalisation are their image processors' defaults; DINOv2's are
-# ImageNet's. A preprocessor_config.json beside the weights overrides them.
-ENCODERS = {
+# Encoder family -> (transformers class name, default feature layer, mean, std). CLIP's and
+# SigLIP's normalisation are their image processors' defaults; DINOv2's are ImageNet's. A
+# preprocessor_config.json beside the weights overrides them.
+FAMILIES = {
     "clip": ("CLIPVisionModel", -2, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "clip_vision_model": ("CLIPVisionModel", -2, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "siglip": ("SiglipVisionModel", -1, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "siglip_vision_model": ("SiglipVisionModel", -1, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "dinov2": ("Dinov2Model", -1, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+# config.json model_type -> family: a full CLIP/SigLIP checkpoint or its vision half.
+ENCODERS = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip",
+            "dinov2": "dinov2"}
 
 
 class AlignEncoderError(ValueError):
@@ -57,7 +58,7 @@ def load_align_encoder(path: str):
                                 "DINOv2 (clip, clip_vision_model, siglip, siglip_vision_model, dinov2)")
     import transformers
 
-    cls_name, _, mean, std = ENCODERS[kind]
+    cls_name, _, mean, std = FAMILIES[ENCODERS[kind]]
     encoder = getattr(transformers, cls_name).from_pretrained(str(path), dtype=torch.float32)
     pre = os.path.join(str(path), "preprocessor_config.json")
     if os.path.isfile(pre):
@@ -78,7 +79,7 @@ class AlignEncoder(nn.Module):
         vc = encoder.config
         self.image_size = int(vc.image_size)
         self.dim = int(vc.hidden_size)
-        self.feature_layer = feature_layer if feature_layer is not None else ENCODERS[kind][1]
+        self.feature_layer = feature_layer if feature_layer is not None else FAMILIES[ENCODERS[kind]][1]
         # Leading non-patch tokens: CLIP's and DINOv2's class token (and DINOv2's registers).
         self.skip = 0 if kind.startswith("siglip") else 1 + int(getattr(vc, "num_register_tokens", 0) or 0)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
