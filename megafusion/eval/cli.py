@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--only", choices=("generation", "captioning"), default=None, help="one direction only")
     s.add_argument("--save-images", default=None, metavar="DIR", help="also write the drawn images as PNGs")
 
-    s = sub.add_parser("probe", help="which words of a prompt the image generator reads (seconds, no sampling)")
+    s = sub.add_parser("probe", help="which words of a prompt the image generator reads, and whether its image "
+                                      "tokens know their place in the grid (seconds, no sampling)")
     common(s, model_required=True)
     s.set_defaults(n=64)
     s.add_argument("--data", default=DEFAULT_SHAPES_DATA, help="held-out synthetic shards (with a meta column)")
@@ -123,7 +124,7 @@ def run_shapes(args) -> tuple[dict, str]:
 
 def run_probe(args) -> tuple[dict, str]:
     from megafusion.eval.model_io import load_model
-    from megafusion.eval.probe import format_probe, probe_prompt_use
+    from megafusion.eval.probe import format_probe, probe_prompt_use, probe_token_place
     from megafusion.eval.rows import read_shards
 
     try:
@@ -135,6 +136,7 @@ def run_probe(args) -> tuple[dict, str]:
     rows = read_shards(args.data, args.n, "--data")
     gen = load_model(args.model, args.tag, args.device)
     result = probe_prompt_use(gen, rows, levels=levels, seed=args.seed, batch=args.batch, progress=not args.no_progress)
+    result["place"] = probe_token_place(gen, rows, level=max(levels), seed=args.seed, batch=args.batch)
     result.update(model=str(args.model), data=str(args.data))
     return result, format_probe(result)
 

@@ -122,6 +122,63 @@ def probe_prompt_use(gen, rows: list[dict], *, levels=DEFAULT_LEVELS, seed: int 
     return dict(task="probe", n=len(rows), levels=list(levels), seed=seed, table=table)
 
 
+def ridge_accuracy(features: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, ridge: float = 10.0) -> float:
+    """Held-out accuracy of a linear read-out: features [M, D] standardised on the
+    training rows, one-hot least squares with an L2 penalty `ridge` fitted on
+    `train` (bool [M]), argmax on the rest."""
+    x = features.double()
+    x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+    y = torch.nn.functional.one_hot(labels, int(labels.max()) + 1).double()
+    a = x[train]
+    w = torch.linalg.solve(a.T @ a + ridge * torch.eye(x.shape[1], dtype=x.dtype), a.T @ y[train])
+    return float(((x[~train] @ w).argmax(1) == labels[~train]).double().mean())
+
+
+@torch.no_grad()
+def probe_token_place(gen, rows: list[dict], *, level: float = 0.98, layers=None, seed: int = 0,
+                      batch: int = 16) -> dict:
+    """Does an image token know where in the image it sits? For held-out rows, each image
+    noised to `level` (sigma for rectified flow) and denoised once as sampling does (its
+    caption prefilled), a linear read-out of the token's grid index from its hidden state
+    is fitted on half the images and scored on the other half, at the image tokens'
+    input and after each layer of `layers` (1-based; default 1, a quarter, half, all).
+    A token that cannot tell its place cannot draw a shape or put an object where the
+    caption says: each decides alone whether to be coloured. Chance is 1/tokens."""
+    from megafusion.generate import _pixels
+    from megafusion.model import inference as inf
+
+    from megafusion.eval.run_shapes import _image
+
+    model = gen.model
+    n_layers = len(model.layers)
+    layers = sorted(set(layers or (1, max(1, n_layers // 4), max(1, n_layers // 2), n_layers)))
+    if not all(1 <= k <= n_layers for k in layers):
+        raise EvalError(f"probe: layers {layers} outside 1..{n_layers}")
+    if len(rows) < 4:
+        raise EvalError(f"probe: {len(rows)} rows; the place read-out needs at least 4 images")
+    n_tok = model.tokens_per_image
+    dtype = model.image_token_embed.dtype
+    pixels = torch.stack([_pixels(gen, _image(r)) for r in rows])
+    x0 = model.image_tokenizer.encode_images(pixels.to(device=gen.device, dtype=dtype))
+    g = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn(x0.shape, generator=g).to(device=x0.device, dtype=x0.dtype)
+    t = torch.full((len(rows),), level * (model.objective.num_train_timesteps - 1), device=x0.device)
+    x_t = model.objective.add_noise(x0, noise, t)
+    head = [gen.bos] if gen.bos is not None else []
+    feats = {k: [] for k in (0, *layers)}
+    for i in range(0, len(rows), batch):
+        cache, _ = inf.prefill(model, [head + gen.tokenize(r["caption"]) + [gen.boi] for r in rows[i:i + batch]])
+        outs = []
+        inf.forward_tokens(model, inf.image_batch(x_t[i:i + batch], t[i:i + batch], n_tok), cache, store=False,
+                           layer_outputs=outs)
+        for k in feats:  # only image tokens here, in image order
+            feats[k].append(outs[k].float().cpu())
+    labels = torch.arange(n_tok).repeat(len(rows))
+    train = torch.arange(len(rows) * n_tok) < (len(rows) // 2) * n_tok
+    table = [dict(layer=k, accuracy=ridge_accuracy(torch.cat(feats[k]), labels, train)) for k in feats]
+    return dict(n=len(rows), level=level, tokens=n_tok, chance=1.0 / n_tok, table=table)
+
+
 def format_probe(result: dict) -> str:
     from megafusion.eval.rows import table
 
@@ -129,4 +186,13 @@ def format_probe(result: dict) -> str:
              f"{r['prefers_true']:.2f}"] for r in result["table"]]
     head = (f"probe: n={result['n']} one-object rows, seed={result['seed']}: denoising loss with the true caption "
             "and with one attribute changed (same image, same noise); prefers true 0.5 = the attribute is ignored")
-    return head + "\n" + table(rows, ["attribute", "t/T", "true loss", "changed loss", "prefers true"])
+    out = head + "\n" + table(rows, ["attribute", "t/T", "true loss", "changed loss", "prefers true"])
+    place = result.get("place")
+    if place:
+        cells = [["input" if r["layer"] == 0 else f"after layer {r['layer']}", f"{r['accuracy']:.2f}"]
+                 for r in place["table"]]
+        out += (f"\n\nplace: does an image token know its cell of the {place['tokens']}-token grid? A linear read-out "
+                f"of the cell from its hidden state at t/T {place['level']:.2f}, held-out accuracy (n={place['n']} "
+                f"images; chance {place['chance']:.2f}, a DiT-like model 1.00)\n"
+                + table(cells, ["hidden state", "accuracy"]))
+    return out

@@ -212,11 +212,12 @@ def embed_tokens(model, batch: TokenBatch, understood: Optional[torch.Tensor] = 
 
 @torch.no_grad()
 def forward_tokens(model, batch: TokenBatch, cache: Optional[KVCache] = None, store: bool = True,
-                   understood: Optional[torch.Tensor] = None) -> StepOutput:
+                   understood: Optional[torch.Tensor] = None, layer_outputs: Optional[list] = None) -> StepOutput:
     """Run new tokens through the decoder stack against `cache` (earlier tokens).
 
     store=True returns the cache extended by the new tokens; store=False leaves it alone
-    (denoising steps: the noisy image changes every step)."""
+    (denoising steps: the noisy image changes every step). layer_outputs, a list, gets
+    the input hidden states and those after each layer (modality-sorted), for probes."""
     device = model.image_token_embed.device
     batch = _to(batch, device)
     h, routing, aux, n_images = embed_tokens(model, batch, understood)
@@ -226,6 +227,8 @@ def forward_tokens(model, batch: TokenBatch, cache: Optional[KVCache] = None, st
     positions = (start[:, None] + n_valid - 1).clamp_min(0)
     cos, sin = model.rotary_emb(h, positions)
     mask = _attention_mask(batch, cache)
+    if layer_outputs is not None:
+        layer_outputs.append(h)
     new_keys, new_values = [], []
     for i, layer in enumerate(model.layers):
         def kv_update(k, v, i=i):
@@ -237,6 +240,8 @@ def forward_tokens(model, batch: TokenBatch, cache: Optional[KVCache] = None, st
             return torch.cat([cache.keys[i], k], 2), torch.cat([cache.values[i], v], 2)
 
         h = layer.forward_cached(h, routing, cos, sin, mask, kv_update)
+        if layer_outputs is not None:
+            layer_outputs.append(h)
     new_cache = None
     if store:
         if cache is None or cache.length == 0:

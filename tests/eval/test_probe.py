@@ -89,5 +89,41 @@ def test_probe_cli_writes_every_field(tmp_path, tiny_export, val_shards, capsys)
     for row in result["table"]:
         assert set(row) == {"attribute", "level", "true_loss", "counterfactual_loss", "prefers_true"}
         assert 0 <= row["prefers_true"] <= 1 and row["true_loss"] > 0
+    place = result["place"]
+    assert place["level"] == 0.9 and place["chance"] == 1 / place["tokens"]
+    assert [r["layer"] for r in place["table"]][0] == 0 and all(0 <= r["accuracy"] <= 1 for r in place["table"])
+    assert "know its cell" in printed
     assert main(["probe", "--model", str(tiny_export), "--data", val_shards, "--levels", "1.5"]) == 2
     assert "--levels 1.5" in capsys.readouterr().err
+
+
+def test_ridge_read_out_finds_a_linear_code_and_nothing_in_noise():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(16).repeat(40)
+    train = torch.arange(labels.numel()) < 20 * 16
+    coded = 3 * torch.nn.functional.one_hot(labels, 16).float() @ torch.randn(16, 64, generator=g)
+    assert P.ridge_accuracy(coded + 0.1 * torch.randn(coded.shape, generator=g), labels, train) == 1.0
+    # Features independent of the label: held-out accuracy near chance (1/16).
+    assert P.ridge_accuracy(torch.randn(labels.numel(), 64, generator=g), labels, train) < 0.15
+
+
+def test_place_probe_sees_a_position_table_and_no_place_without_one(gen, val_shards):
+    """Without a position table a token's input is its noisy patch and the timestep, which
+    say nothing of its cell at t/T 0.98 (about chance); with a table of distinct rows
+    large against the patch embedding every cell is read from the input exactly."""
+    from megafusion.eval.rows import read_shards
+
+    rows = read_shards(val_shards, 16)
+    model = gen.model
+    n_tok = model.tokens_per_image
+    before = P.probe_token_place(gen, rows, layers=(1, len(model.layers)))
+    assert before["chance"] == 1 / n_tok and [r["layer"] for r in before["table"]] == [0, 1, len(model.layers)]
+    assert before["table"][0]["accuracy"] < 3 / n_tok
+    embedder = model.image_tokenizer.embedder
+    g = torch.Generator().manual_seed(1)
+    embedder.position = torch.nn.Parameter(30 * torch.randn(1, n_tok, model.llama_config.hidden_size, generator=g))
+    try:
+        after = P.probe_token_place(gen, rows, layers=(1,))
+    finally:
+        del embedder.position
+    assert after["table"][0]["accuracy"] == 1.0
