@@ -27,7 +27,8 @@ Two patchers (same token grid (h/p, w/p), so the token count never depends on th
           cross stage boundaries instead of full-resolution feature maps.
 
 model.image_position=learned adds a learned table [tokens_per_image, hidden] to the
-embedder's tokens (ViT's absolute position embedding; embedder.position). Without it an
+embedder's tokens (ViT's absolute position embedding; embedder.position, std 0.02 at
+first); image_position=sincos is the same table started from DiT's 2D sine-cosine one. Without it an
 image token knows where it sits only through RoPE's relative offsets to the tokens it
 attends to, which the copied text weights do not read as a place in a 2D grid.
 
@@ -50,7 +51,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from diffusers import AutoencoderKL
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from diffusers.models.unets.unet_2d_blocks import DownBlock2D, UpDecoderBlock2D
 
 from .config import FusionConfig
@@ -314,10 +315,19 @@ class ImageTokenizer(nn.Module):
                 self.vae = self._vae_loader(cfg.vae_path) if cfg.image_mode == "vae" else None
                 self.embedder = (LinearEmbedder(c, p, hidden) if cfg.patcher == "linear"
                                  else UNetEmbedder(c, p, hidden, channels, cfg.unet_layers_per_block))
-                if getattr(cfg, "image_position", "none") == "learned":
+                position = getattr(cfg, "image_position", "none")
+                if position == "learned":
                     # ViT's learned absolute position embedding, one row per patch of the
-                    # grid, drawn as ViT/DiT draw theirs (normal, std 0.02).
+                    # grid, drawn as ViT draws its own (normal, std 0.02).
                     self.embedder.position = nn.Parameter(torch.randn(1, self.tokens_per_image, hidden) * 0.02)
+                elif position == "sincos":
+                    # DiT's and MAE's 2D sine-cosine table (diffusers' own), trained from
+                    # there: rms 0.71, the size of a patch embedding, where a std-0.02
+                    # table is lost beside the noisy patch and the timestep.
+                    if hidden % 4:
+                        raise ValueError(f"model.image_position=sincos needs a hidden size divisible by 4, not {hidden}")
+                    table = get_2d_sincos_pos_embed(hidden, self.grid, output_type="pt")
+                    self.embedder.position = nn.Parameter(table.float().reshape(1, self.tokens_per_image, hidden))
             else:
                 self.predictor = (LinearPredictor(c, p, hidden, h, w) if cfg.patcher == "linear"
                                   else UNetPredictor(c, p, hidden, channels, cfg.unet_layers_per_block, h, w))

@@ -139,7 +139,28 @@ def test_learned_position_table_tells_equal_patches_apart(patcher):
     torch.testing.assert_close(moved, tokens + table, rtol=0, atol=1e-6)
     assert len({tuple(row.tolist()) for row in moved[0]}) == moved.shape[1]  # every token its own
     with pytest.raises(ValueError, match="image_position"):
-        _cfg(image_position="sincos").validate()
+        _cfg(image_position="rope").validate()
+
+
+def test_sincos_position_table_is_a_trainable_2d_grid():
+    """image_position=sincos starts from diffusers' 2D sine-cosine table (DiT's) and trains
+    it. Token k sits at grid row k // w, column k % w: tokens of one column share the half
+    of the table that codes the column, tokens of one row the half that codes the row."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    tok = ImageTokenizer(_cfg(image_size=16, patch_size=4, image_position="sincos"), HIDDEN, side_seed=5)
+    table = dict(tok.named_parameters())["embedder.position"]
+    assert table.requires_grad and table.shape == (1, 4 * 4, HIDDEN)
+    torch.testing.assert_close(table[0], get_2d_sincos_pos_embed(HIDDEN, 4, output_type="pt").float())
+    half = HIDDEN // 2
+    for k in range(16):
+        for j in range(16):
+            same_col, same_row = k % 4 == j % 4, k // 4 == j // 4
+            assert torch.equal(table[0, k, :half], table[0, j, :half]) == same_col
+            assert torch.equal(table[0, k, half:], table[0, j, half:]) == same_row
+    assert abs(float(table.pow(2).mean().sqrt()) - 0.5 ** 0.5) < 1e-3  # a patch embedding's size, not std 0.02
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ImageTokenizer(_cfg(image_size=16, patch_size=4, image_position="sincos"), 30, side_seed=5)
 
 
 def test_missing_or_wrong_vae_path_names_it(tmp_path):
