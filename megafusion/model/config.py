@@ -51,7 +51,7 @@ class FusionConfig:
     patch_size: int = 2
     # "learned": a learned absolute position embedding per patch added to the image tokens
     # (ViT's, std 0.02 at first); "sincos": the same table started from DiT's 2D
-    # sine-cosine one (rms 0.71); "none": the tokens know their place from the sequence's
+    # sine-cosine one, centred over the grid; "none": the tokens know their place from the sequence's
     # RoPE alone (configs/demo.yaml has what each gives on the demo task).
     image_position: str = "none"
     unet_channels: tuple[int, ...] = (64, 128)
