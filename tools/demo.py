@@ -115,8 +115,8 @@ def evaluate(gen, run_dir: Path, steps: int, guidance: float) -> dict:
     out = write_json(result, run_dir / "eval_shapes.json")
     print()
     print(format_shapes(result))
-    print(f"(generation: the share of images drawn from held-out captions with that attribute right; captioning: "
-          f"the share of captions of held-out images naming it; scored by megafusion/eval/shapes.py)")
+    print("(generation: the share of images drawn from held-out captions with that attribute right; captioning: "
+          "the share of captions of held-out images naming it; scored by megafusion/eval/shapes.py)")
     print(f"evaluation:     {out}")
     return result
 

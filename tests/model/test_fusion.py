@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlamaForCausalLM
 
 from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment
 from megafusion.model.config import FusionConfig

@@ -3,7 +3,6 @@ transformers' own LlamaDecoderLayer run as each paper describes the design (ever
 over the whole sequence, each token taking its tower's output or the mix), the base
 model's logits, autograd's view of which parameters got gradients, and FlopCounterMode's
 count of the linear layers against closed-form extra costs."""
-import copy
 import re
 
 import pytest
