@@ -60,6 +60,21 @@ def _probe_rows(rows: list[dict]) -> list[dict]:
 
 
 @torch.no_grad()
+def _clean_and_noise(gen, rows: list[dict], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' images as the model sees them (float32 latents) and seeded noise: what
+    both probes start from."""
+    from megafusion.generate import _pixels
+
+    from megafusion.eval.run_shapes import _image
+
+    model = gen.model
+    pixels = torch.stack([_pixels(gen, _image(r)) for r in rows])
+    x0 = model.image_tokenizer.encode_images(pixels.to(device=gen.device, dtype=model.image_token_embed.dtype)).float()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed))).to(x0.device)
+    return x0, noise
+
+
+@torch.no_grad()
 def prompt_losses(gen, captions: list[str], x0: torch.Tensor, noise: torch.Tensor, ts) -> torch.Tensor:
     """Per-image denoising loss [len(ts), N] of the model at each timestep of ts (the
     training loss's own target and prediction), each image prompted by its caption as
@@ -84,18 +99,10 @@ def probe_prompt_use(gen, rows: list[dict], *, levels=DEFAULT_LEVELS, seed: int 
     """rows: held-out synthetic rows ({image, caption, meta}); one-object rows are used.
     Returns n, levels, and per attribute and level: the mean loss with the true caption,
     with the counterfactual one, and the share of rows on which the true one is lower."""
-    from megafusion.generate import _pixels
-
-    from megafusion.eval.run_shapes import _image
-
     rows = _probe_rows(rows)
     model = gen.model
     T = model.objective.num_train_timesteps
-    pixels = torch.stack([_pixels(gen, _image(r)) for r in rows])
-    dtype = model.image_token_embed.dtype
-    x0 = model.image_tokenizer.encode_images(pixels.to(device=gen.device, dtype=dtype)).float()
-    g = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    x0, noise = _clean_and_noise(gen, rows, seed)
     variants = {"true": [r["caption"] for r in rows]}
     variants.update({a: [counterfactual(r["meta"], a) for r in rows] for a in ATTRIBUTES})
     ts = [lv * (T - 1) for lv in levels]
@@ -144,10 +151,7 @@ def probe_token_place(gen, rows: list[dict], *, level: float = 0.98, layers=None
     input and after each layer of `layers` (1-based; default 1, a quarter, half, all).
     A token that cannot tell its place cannot draw a shape or put an object where the
     caption says: each decides alone whether to be coloured. Chance is 1/tokens."""
-    from megafusion.generate import _pixels
     from megafusion.model import inference as inf
-
-    from megafusion.eval.run_shapes import _image
 
     model = gen.model
     n_layers = len(model.layers)
@@ -157,13 +161,9 @@ def probe_token_place(gen, rows: list[dict], *, level: float = 0.98, layers=None
     if len(rows) < 4:
         raise EvalError(f"probe: {len(rows)} rows; the place read-out needs at least 4 images")
     n_tok = model.tokens_per_image
-    dtype = model.image_token_embed.dtype
-    pixels = torch.stack([_pixels(gen, _image(r)) for r in rows])
-    x0 = model.image_tokenizer.encode_images(pixels.to(device=gen.device, dtype=dtype))
-    g = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn(x0.shape, generator=g).to(device=x0.device, dtype=x0.dtype)
+    x0, noise = _clean_and_noise(gen, rows, seed)
     t = torch.full((len(rows),), level * (model.objective.num_train_timesteps - 1), device=x0.device)
-    x_t = model.objective.add_noise(x0, noise, t)
+    x_t = model.objective.add_noise(x0, noise, t).to(model.image_token_embed.dtype)
     head = [gen.bos] if gen.bos is not None else []
     feats = {k: [] for k in (0, *layers)}
     for i in range(0, len(rows), batch):
