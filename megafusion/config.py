@@ -24,21 +24,18 @@ they are parsed, so `data.train=[${A}, ${B}]` needs no quotes.
 Every mistake (unknown key, wrong type, impossible combination) raises ConfigError with a
 one-line message naming the key; nothing is guessed and nothing is silently ignored.
 
+The typed-YAML machinery (expansion, coercion, overrides) is megafusion/typed_yaml.py.
 The DeepSpeed JSON (parallel.ds_config) holds only engine tuning (bucket sizes,
 prefetching, offload devices). Values the run config owns -- batch sizes, gradient
-clipping, precision, ZeRO stage -- are filled in by deepspeed_config() and must not be
+clipping, precision, ZeRO stage -- are filled in by megafusion/parallel/ds_config.py's
+deepspeed_config() and must not be
 written in the JSON; nor may an optimizer or scheduler be, since the trainer builds them
 (parameter groups with separate learning rates for the two towers).
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
 import math
 import os
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,12 +44,12 @@ import yaml
 
 from megafusion.data.config import DataConfig
 from megafusion.model.config import FusionConfig
+from megafusion.typed_yaml import ConfigError, apply_override, build, config_to_dict, dump_yaml, expand, load_yaml, show
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "config_to_dict", "save_resolved",
+           "lr_multiplier", "lr_at", "ds_config_path", "XFUSION_DESIGNS", "XFUSION_DEFAULTS"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class ConfigError(ValueError):
-    """A bad run config; the message is one line naming the offending key."""
 
 
 # --------------------------------------------------------------------------- sections
@@ -257,262 +254,6 @@ def _validate_run(cfg: RunConfig) -> None:
     _check(lg.peak_flops_per_device >= 0, f"log.peak_flops_per_device={lg.peak_flops_per_device}: must be >= 0")
 
 
-
-
-# --------------------------------------------------------------------------- YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 1e-4 as a float (PyYAML's YAML 1.1 resolver wants a dot)."""
-
-
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
-    _resolvers[:] = [(tag, rx) for tag, rx in _resolvers if tag != "tag:yaml.org,2002:float"]
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _construct_mapping(loader, node, deep=False):
-    # A key written twice is a mistake that PyYAML would silently resolve to the last.
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} written twice", key_node.start_mark)
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)
-
-
-# --------------------------------------------------------------------------- expansion
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
-
-
-def expand(value: str, key: str = "") -> str:
-    """`${VAR}`, `${VAR:-default}` (default if unset or empty), `${VAR-default}` (if
-    unset) and a leading `~`, as a shell would expand them."""
-
-    def sub(m: re.Match) -> str:
-        name, op, default = m.group(1), m.group(2), m.group(3)
-        current = os.environ.get(name)
-        if op == ":-" and not current:
-            return default
-        if op == "-" and current is None:
-            return default
-        if current is None:
-            where = f"config key {key}: " if key else ""
-            raise ConfigError(f"{where}environment variable {name} is not set (written {m.group(0)}; use ${{{name}:-default}} for a default)")
-        return current
-
-    out = _ENV.sub(sub, value)
-    if out == "~" or out.startswith("~/"):
-        out = os.path.expanduser(out)
-    return out
-
-
-# --------------------------------------------------------------------------- typing
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _is_union(tp) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType)
-
-
-def _type_name(tp) -> str:
-    if tp is type(None):
-        return "null"
-    if _is_union(tp):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    origin = typing.get_origin(tp)
-    if origin in (list, tuple):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        if origin is tuple and args and Ellipsis not in typing.get_args(tp):
-            return f"list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if origin is dict or tp is dict:
-        return "mapping"
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if dataclasses.is_dataclass(tp):
-        return "mapping (section)"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _accepts_str(tp) -> bool:
-    if tp is str or tp is typing.Any:
-        return True
-    return _is_union(tp) and any(_accepts_str(a) for a in typing.get_args(tp))
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def _coerce(value, tp, key: str, explicit: set | None = None):
-    """`value` (from YAML) as type `tp`, or ConfigError naming `key`."""
-    if isinstance(value, str):
-        expanded = expand(value, key)
-        if expanded != value and not _accepts_str(tp):
-            expanded = _yaml_load(expanded) if expanded.strip() else None
-        value = expanded
-    try:
-        return _convert(value, tp, key, explicit)
-    except _Mismatch:
-        raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {_show(value)}") from None
-
-
-def _show(value) -> str:
-    text = repr(value) if not isinstance(value, (list, tuple, dict)) else json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _expand_tree(value, key: str):
-    """Expand the strings inside an untyped value (model.extra, data.train's stream list)."""
-    if isinstance(value, str):
-        return expand(value, key)
-    if isinstance(value, dict):
-        return {k: _expand_tree(v, f"{key}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_expand_tree(v, f"{key}[{i}]") for i, v in enumerate(value))
-    return value
-
-
-def _convert(value, tp, key, explicit):
-    if tp is typing.Any:
-        return _expand_tree(value, key)
-    if _is_union(tp):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Mismatch
-        # Prefer an arm the value already is (so 1 stays an int in int | float).
-        ordered = sorted((a for a in args if a is not type(None)), key=lambda a: not _is_instance(value, a))
-        nested_error = None
-        for arm in ordered:
-            try:
-                return _convert(value, arm, key, explicit)
-            except _Mismatch:
-                continue
-            except ConfigError as exc:  # the right shape, wrong inside: that error says more
-                if nested_error is None and _is_instance(value, arm):
-                    nested_error = exc
-        if nested_error is not None:
-            raise nested_error
-        raise _Mismatch
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return _build(tp, value, key, explicit)
-    if origin is typing.Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _Mismatch
-    if origin is tuple or tp is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        if not args:
-            return tuple(value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise _Mismatch
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list or tp is list:
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        if not args:
-            return _expand_tree(list(value), key)
-        return [_coerce(v, args[0], f"{key}[{i}]", explicit) for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        if not args:
-            return _expand_tree(dict(value), key)
-        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():  # steps: 1e5
-            return int(value)
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Mismatch
-        return float(value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # name: 2024
-            return str(value)
-        raise _Mismatch
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise _Mismatch
-    return value
-
-
-def _is_instance(value, tp) -> bool:
-    if tp is float:
-        return isinstance(value, float)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    origin = typing.get_origin(tp) or tp
-    if dataclasses.is_dataclass(tp):
-        return isinstance(value, dict)
-    return isinstance(origin, type) and isinstance(value, origin)
-
-
-def _unknown(key: str, valid) -> ConfigError:
-    return ConfigError(f"unknown config key {key} (valid: {', '.join(valid)})")
-
-
-def _build(cls, data: dict, prefix: str, explicit: set | None):
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in names:
-            raise _unknown(key, names)
-        kwargs[name] = _coerce(value, hints[name], key, explicit)
-        if explicit is not None and not dataclasses.is_dataclass(hints[name]):
-            explicit.add(key)
-    return cls(**kwargs)
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -525,14 +266,14 @@ def config_from_dict(data: dict | None, overrides: typing.Iterable[str] = (), *,
     try:
         for section, value in data.items():
             if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"config key {section}: a section must be a mapping of fields, got {_show(value)}")
-        cfg = _build(RunConfig, {k: (v or {}) for k, v in data.items()}, "", explicit)
+                raise ConfigError(f"config key {section}: a section must be a mapping of fields, got {show(value)}")
+        cfg = build(RunConfig, {k: (v or {}) for k, v in data.items()}, "", explicit)
     except ConfigError as exc:
         if source is None:
             raise
         raise ConfigError(f"{source}: {exc}") from None
     for text in overrides:
-        _apply_override(cfg, text, explicit)
+        apply_override(cfg, text, explicit)
     _fill_design_defaults(cfg, explicit)
     _fill_derived(cfg, explicit)
     cfg.validate()
@@ -547,76 +288,13 @@ def load_config(path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read run config ({exc.strerror or type(exc).__name__})") from None
     try:
-        data = _yaml_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     return config_from_dict(data, overrides, source=str(path))
-
-
-def _apply_override(cfg: RunConfig, text: str, explicit: set) -> None:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.field=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    raw = expand(raw, key)  # before parsing, as a shell would: `x=[${A}, ${B}]` works
-    parts = key.split(".")
-    if not all(parts):
-        raise ConfigError(f"override {text!r}: expected section.field=value")
-    if len(parts) == 1:
-        if parts[0] in [f.name for f in dataclasses.fields(RunConfig)]:
-            raise ConfigError(f"override {text!r}: {parts[0]} is a section; set {parts[0]}.<field>=value")
-        raise _unknown(key, [f.name for f in dataclasses.fields(RunConfig)])
-    obj = cfg
-    for depth, name in enumerate(parts):
-        sub = ".".join(parts[: depth + 1])
-        last = depth == len(parts) - 1
-        if isinstance(obj, dict):  # free-form mapping such as model.extra
-            if last:
-                obj[name] = _coerce(_parse_value(raw, text), typing.Any, key)
-                break
-            obj = obj.setdefault(name, {})
-            if not isinstance(obj, dict):
-                raise ConfigError(f"override {text!r}: {sub} is not a mapping")
-            continue
-        if not dataclasses.is_dataclass(obj):
-            raise ConfigError(f"override {text!r}: {'.'.join(parts[:depth])} is not a section")
-        names = [f.name for f in dataclasses.fields(obj)]
-        if name not in names:
-            raise _unknown(sub, names)
-        tp = _hints(type(obj))[name]
-        if last:
-            if dataclasses.is_dataclass(tp):
-                raise ConfigError(f"override {text!r}: {sub} is a section; set {sub}.<field>=value")
-            if _accepts_str(tp) and raw.strip().lower() not in ("null", "none", "~", ""):
-                value = raw if tp is str or _is_plain_str(raw) else _parse_value(raw, text)
-            else:
-                value = _parse_value(raw, text)
-            setattr(obj, name, _coerce(value, tp, key))
-            explicit.add(key)
-        else:
-            obj = getattr(obj, name)
-
-
-def _parse_value(raw: str, text: str):
-    if not raw.strip():
-        return None
-    try:
-        return _yaml_load(raw)
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from None
-
-
-def _is_plain_str(raw: str) -> bool:
-    """True when `raw` is meant as text for a field that also takes other types: it does
-    not parse as a YAML list or mapping."""
-    try:
-        return not isinstance(_yaml_load(raw), (list, dict))
-    except yaml.YAMLError:
-        return True
 
 
 # X-Fusion's recipe (Mo et al.), the defaults of a run whose model.tower_mode is one of
@@ -662,39 +340,6 @@ def _fill_derived(cfg: RunConfig, explicit: set) -> None:
         setattr(target, name, getattr(getattr(cfg, o_section), o_name))
 
 
-# --------------------------------------------------------------------------- saving
-
-
-def config_to_dict(cfg) -> dict:
-    """Plain dict (lists, not tuples) of a config or section, ready for YAML or JSON."""
-
-    def plain(value):
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, Path):
-            return str(value)
-        return value
-
-    return plain(cfg)
-
-
-class _Dumper(yaml.SafeDumper):
-    """Sections and mappings in block style, lists of scalars on one line."""
-
-
-def _represent_list(dumper, value):
-    flow = all(not isinstance(v, (list, tuple, dict)) for v in value)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flow)
-
-
-_Dumper.add_representer(list, _represent_list)
-_Dumper.add_representer(dict, lambda dumper, value: dumper.represent_mapping("tag:yaml.org,2002:map", value, flow_style=False))
-
-
 def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config (environment expanded, overrides applied, derived values
     filled) as YAML; load_config() of that file gives the same RunConfig."""
@@ -707,7 +352,7 @@ def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write("# Resolved run config (what this run used); load with megafusion.config.load_config.\n")
-        yaml.dump(data, f, Dumper=_Dumper, sort_keys=False, width=100)
+        dump_yaml(data, f)
     os.replace(tmp, path)
     return path
 
@@ -742,21 +387,7 @@ def lr_at(step: int, train: TrainSection, peak: float | None = None) -> float:
     return (train.lr if peak is None else peak) * lr_multiplier(step, train)
 
 
-# --------------------------------------------------------------------------- DeepSpeed
-
-# JSON keys (dotted paths) the run config owns: {path: run-config key that sets it}.
-DS_OWNED = {
-    "train_batch_size": "train.micro_batch_size x train.gradient_accumulation x data-parallel size",
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.gradient_accumulation",
-    "gradient_clipping": "train.grad_clip",
-    "bf16.enabled": "train.dtype",
-    "bfloat16.enabled": "train.dtype",
-    "fp16.enabled": "train.dtype",
-    "zero_optimization.stage": "parallel.zero_stage",
-    "optimizer": "train.lr/betas/eps/weight_decay (the trainer builds the optimizer)",
-    "scheduler": "train.warmup_steps/schedule/min_lr (the trainer builds the schedule)",
-}
+# --------------------------------------------------------------------------- DeepSpeed JSON
 
 
 def ds_config_path(cfg: RunConfig) -> Path:
@@ -769,69 +400,3 @@ def ds_config_path(cfg: RunConfig) -> Path:
     raise ConfigError(f"parallel.ds_config={name}: no such file (looked in {', '.join(str(c) for c in candidates)})")
 
 
-def _get_path(d: dict, dotted: str):
-    node = d
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _strip_comments(value):
-    if isinstance(value, dict):
-        return {k: _strip_comments(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, list):
-        return [_strip_comments(v) for v in value]
-    return value
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed config dict: parallel.ds_config with the run config's values filled in.
-
-    `world_size` is the total number of ranks; the data-parallel size is world_size /
-    parallel.pipeline_stages. Keys starting with "_" (comments) are dropped.
-    """
-    path = ds_config_path(cfg)
-    try:
-        raw = json.loads(path.read_text(), object_pairs_hook=_no_duplicates)
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise ConfigError(f"{path}: invalid DeepSpeed JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
-    for key, owner in DS_OWNED.items():
-        if _get_path(raw, key) is not None:
-            raise ConfigError(f"{path}: {key} is filled in from the run config ({owner}); remove it from the JSON")
-
-    p, t = cfg.parallel, cfg.train
-    if world_size < 1 or world_size % p.pipeline_stages:
-        raise ConfigError(f"world size {world_size} is not a multiple of parallel.pipeline_stages={p.pipeline_stages}")
-    data_parallel = world_size // p.pipeline_stages
-
-    ds = _strip_comments(copy.deepcopy(raw))
-    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
-    ds["gradient_accumulation_steps"] = t.gradient_accumulation
-    ds["train_batch_size"] = t.micro_batch_size * t.gradient_accumulation * data_parallel
-    ds["gradient_clipping"] = t.grad_clip
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.dtype == "bf16"}
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
-    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": p.zero_stage}
-    # The trainer logs; DeepSpeed's own per-step prints would only duplicate it.
-    ds.setdefault("steps_per_print", 2**31 - 1)
-    return ds
-
-
-def optimizer_offloaded(ds: dict) -> bool:
-    """Whether a (filled-in) DeepSpeed config keeps optimizer states on the CPU; the
-    trainer then builds DeepSpeedCPUAdam rather than torch.optim.AdamW."""
-    device = _get_path(ds, "zero_optimization.offload_optimizer.device")
-    return device not in (None, "none")
-
-
-def _no_duplicates(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
-        seen[key] = value
-    return seen

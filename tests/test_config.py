@@ -16,13 +16,12 @@ from megafusion.config import (
     TrainSection,
     config_from_dict,
     config_to_dict,
-    deepspeed_config,
     load_config,
     lr_at,
     lr_multiplier,
-    optimizer_offloaded,
     save_resolved,
 )
+from megafusion.parallel.ds_config import deepspeed_config, optimizer_offloaded
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

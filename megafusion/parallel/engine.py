@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from megafusion.config import RunConfig, lr_multiplier, optimizer_offloaded
+from megafusion.config import RunConfig, lr_multiplier
+from megafusion.parallel.ds_config import optimizer_offloaded
 
 # Parameters that are rows of an embedding table although they are not an nn.Embedding:
 # the begin/end-of-image rows beside the frozen vocabulary and, for untied heads, their

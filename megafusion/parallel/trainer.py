@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megafusion.config import RunConfig, deepspeed_config, save_resolved
+from megafusion.config import RunConfig, save_resolved
+from megafusion.parallel.ds_config import deepspeed_config
 from megafusion.parallel import checkpoint, elastic, frozen
 from megafusion.parallel.collectives import any_rank, any_rank_tensor, mean_over_ranks, sum_over_ranks
 from megafusion.parallel.launch import device_for, init_distributed, setup_environment

@@ -35,7 +35,8 @@ class Estimate:
 
 def configured_setting(cfg, world: int) -> Setting:
     """The setting the run config and its DeepSpeed JSON describe, at `world` GPUs."""
-    from megafusion.config import ConfigError, deepspeed_config
+    from megafusion.config import ConfigError
+    from megafusion.parallel.ds_config import deepspeed_config
 
     try:
         ds = deepspeed_config(cfg, world)

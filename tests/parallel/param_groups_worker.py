@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megafusion.config import deepspeed_config, load_config  # noqa: E402
+from megafusion.config import load_config  # noqa: E402
+from megafusion.parallel.ds_config import deepspeed_config  # noqa: E402
 
 
 def describe(cfg) -> dict:

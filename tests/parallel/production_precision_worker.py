@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from megafusion.config import deepspeed_config, load_config  # noqa: E402
+from megafusion.config import load_config  # noqa: E402
+from megafusion.parallel.ds_config import deepspeed_config  # noqa: E402
 from megafusion.parallel.launch import init_distributed, setup_environment  # noqa: E402
 
 PRODUCTION = ["train.dtype=bf16", "parallel.zero_init=true", "model.activation_checkpointing=true",

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from megafusion.config import deepspeed_config, load_config  # noqa: E402
+from megafusion.config import load_config  # noqa: E402
+from megafusion.parallel.ds_config import deepspeed_config  # noqa: E402
 from megafusion.parallel.launch import init_distributed, setup_environment  # noqa: E402
 
 # The BOI/EOI rows start at the mean of the embedding (head) rows. Built partitioned in
