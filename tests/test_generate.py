@@ -65,6 +65,13 @@ def fused_x0(base):
     return make_fused(base, objective="rectified_flow", prediction_type="sample", image_position="learned")
 
 
+@pytest.fixture(scope="module")
+def fused_shared(base):
+    """Rectified flow with every token of an image at one RoPE position
+    (model.image_rope=shared) and the learned table as its place."""
+    return make_fused(base, objective="rectified_flow", image_position="learned", image_rope="shared")
+
+
 def ids(n, seed, vocab=49152):
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -102,14 +109,16 @@ def check_cached_denoising_step(model, seed):
     return x0
 
 
-@pytest.mark.parametrize("which", ["fused", "fused_rf", "fused_x0"])
+@pytest.mark.parametrize("which", ["fused", "fused_rf", "fused_x0", "fused_shared"])
 def test_cached_denoising_step_equals_the_training_forward(which, request):
     check_cached_denoising_step(request.getfixturevalue(which), seed=1)
 
 
-def test_prefill_with_an_image_and_padding_equals_the_training_forward(fused):
+@pytest.mark.parametrize("which", ["fused", "fused_shared"])
+def test_prefill_with_an_image_and_padding_equals_the_training_forward(which, request):
     """A clean image inside a row, batched with a longer text row (left padding): the
     logits at every text position."""
+    fused = request.getfixturevalue(which)
     boi, eoi = fused.boi_id, fused.eoi_id
     img = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2 - 1
     caption = ids(6, 4)

@@ -54,6 +54,13 @@ class FusionConfig:
     # sine-cosine one, centred over the grid; "none": the tokens know their place from the sequence's
     # RoPE alone (configs/demo.yaml has what each gives on the demo task).
     image_position: str = "none"
+    # The images' RoPE positions. "sequential": an image's tokens count on like text
+    # (Transfusion, LMFusion), so the copied text weights' recency bias tells them apart
+    # by their raster index. "shared": every token of an image sits at the image's first
+    # position (Qwen2-VL's M-RoPE without its 2D part: its t index), so no token of an
+    # image is nearer than another to anything, and where a token sits in the grid is
+    # only what image_position gives it. Text after the image counts on as before.
+    image_rope: str = "sequential"
     unet_channels: tuple[int, ...] = (64, 128)
     unet_layers_per_block: int = 1
 
@@ -131,6 +138,7 @@ class FusionConfig:
             "image_mode": ("vae", "pixel"),
             "patcher": ("linear", "unet"),
             "image_position": ("none", "learned", "sincos"),
+            "image_rope": ("sequential", "shared"),
             "objective": ("ddpm", "rectified_flow"),
             "prediction_type": ("epsilon", "v_prediction", "sample", "edm"),
             "flow_timesteps": ("logit_normal", "uniform", "mode"),
@@ -165,6 +173,9 @@ class FusionConfig:
         if self.lm_loss_weight < 0 or self.diffusion_loss_weight < 0:
             raise ValueError(f"model.lm_loss_weight={self.lm_loss_weight} and model.diffusion_loss_weight="
                              f"{self.diffusion_loss_weight} must be >= 0")
+        if self.image_rope == "shared" and self.image_position == "none":
+            raise ValueError("model.image_rope=shared gives an image's tokens one position; they need "
+                             "model.image_position (sincos or learned) to know where they sit")
         if not self.pixel_scale > 0:
             raise ValueError(f"model.pixel_scale={self.pixel_scale} must be > 0")
         if not self.flow_shift > 0:

@@ -225,6 +225,7 @@ def forward_tokens(model, batch: TokenBatch, cache: Optional[KVCache] = None, st
     start = cache.next_position if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
     n_valid = batch.valid.long().cumsum(1)
     positions = (start[:, None] + n_valid - 1).clamp_min(0)
+    positions = model.rope_positions(positions, batch.image_ids)
     cos, sin = model.rotary_emb(h, positions)
     mask = _attention_mask(batch, cache)
     if layer_outputs is not None:

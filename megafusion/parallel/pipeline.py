@@ -249,6 +249,7 @@ class EmbedStage(_Stage):
         else:
             target = torch.zeros(0, 1, 1, 1, device=device)
         h = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        position_ids = f.rope_positions(position_ids, image_ids)  # what every decoder stage's RoPE reads
         return (h, modality, position_ids, document_ids, image_ids, targets, _to_bits(target.contiguous()),
                 torch.tensor(list(target.shape), dtype=torch.long, device=device), t_bits)
 

@@ -221,3 +221,29 @@ def test_unet_keeps_the_token_grid_and_embed_predict_are_disjoint():
     assert tok.tokens_per_image == lin.tokens_per_image == 64
     emb = {id(p) for p in tok.embedder.parameters()}
     assert not emb & {id(p) for p in tok.predictor.parameters()}
+
+
+def test_shared_rope_positions_put_each_image_at_its_first_position():
+    """Against a loop over the tokens: two documents in a row, three images, padding.
+    "shared" gives every token of an image the smallest position among that image's
+    tokens; text keeps its position; "sequential" changes nothing."""
+    from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment
+    from megafusion.model.image_io import rope_positions
+
+    img = lambda: ImageSegment(torch.zeros(3, 4, 4), timestep=0.0)  # noqa: E731
+    rows = [[[TextSegment([1, 2, 3]), img(), TextSegment([4])], [TextSegment([5]), img(), img(), TextSegment([6])]],
+            [[img(), TextSegment([7, 8])]]]
+    batch = PackedBatch.from_rows(rows, seq_len=24, tokens_per_image=4)
+    got = rope_positions(batch.position_ids, batch.image_ids, "shared")
+    for b in range(2):
+        for i in range(24):
+            k = int(batch.image_ids[b, i])
+            if k < 0:
+                want = int(batch.position_ids[b, i])
+            else:
+                want = min(int(batch.position_ids[b, j]) for j in range(24) if int(batch.image_ids[b, j]) == k)
+            assert int(got[b, i]) == want, (b, i)
+    assert got[0, 3:7].tolist() == [3, 3, 3, 3] and got[0, 7].item() == 7  # text after an image counts on
+    assert torch.equal(rope_positions(batch.position_ids, batch.image_ids, "sequential"), batch.position_ids)
+    with pytest.raises(ValueError, match="image_rope"):
+        _cfg(image_rope="2d").validate()

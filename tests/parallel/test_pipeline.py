@@ -103,9 +103,28 @@ def test_stage_losses_equal_the_whole_models(tiny_llama, prediction, design):
     (total, lm, diffusion) equal the single-process model's on the same batch and noise
     draw. x-prediction and edm need x_t at the head (the velocity of an x0 is (x_t - x0)
     / sigma; edm's mixes x_t in by c_skip)."""
+    check_stage_losses(tiny_llama, f"model.prediction_type={prediction}", *DESIGNS[design])
+
+
+def test_stage_losses_with_one_rope_position_per_image(tiny_llama):
+    """model.image_rope=shared: the losses as the whole model's, and the positions the
+    embedding stage hands the decoder stages put every token of an image at that image's
+    first position (a loop over the tokens); text positions stay."""
+    stages, batch = check_stage_losses(tiny_llama, "model.image_position=learned", "model.image_rope=shared")
+    emitted = stages[0](batch_to_inputs(batch))[2]
+    for b in range(batch.position_ids.shape[0]):
+        for i in range(batch.position_ids.shape[1]):
+            k = int(batch.image_ids[b, i])
+            same = [int(batch.position_ids[b, j]) for j in range(batch.position_ids.shape[1])
+                    if k >= 0 and int(batch.image_ids[b, j]) == k]
+            assert int(emitted[b, i]) == (min(same) if same else int(batch.position_ids[b, i])), (b, i)
+    assert bool((batch.image_ids >= 0).any())
+
+
+def check_stage_losses(tiny_llama, *overrides):
     from megafusion.model.fusion import LMFusionModel
 
-    cfg = tiny_cfg(tiny_llama, "model.objective=rectified_flow", f"model.prediction_type={prediction}", *DESIGNS[design])
+    cfg = tiny_cfg(tiny_llama, "model.objective=rectified_flow", *overrides)
     torch.manual_seed(cfg.run.seed)
     _, stages = all_stages(cfg)
     torch.manual_seed(cfg.run.seed)
@@ -122,6 +141,7 @@ def test_stage_losses_equal_the_whole_models(tiny_llama, prediction, design):
         ref = whole(batch)
     torch.testing.assert_close(losses[2], ref.diffusion_loss.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses[1], ref.lm_loss.float(), rtol=1e-5, atol=1e-6)
+    return stages, batch
 
 
 def test_activation_checkpointing_recomputes_decoder_stages(tiny_llama):
