@@ -228,7 +228,7 @@ def test_two_stages_build_only_their_own_layers(run_two_ranks, synthetic_shards,
         assert r["stage"] == mine and r["decoder_layers"] == [mine], r
         assert r["skeleton_layers_with_storage"] == [mine], r
         names = r["parameter_names"]
-        assert all(f".layer.text." in n or ".layer.image." in n for n in names if ".layer." in n)
+        assert all(".layer.text." in n or ".layer.image." in n for n in names if ".layer." in n)
         assert len({n.split(".")[0] for n in names if ".layer." in n}) == 1, names
         assert len(layer_keys(r, mine)) == 9 and not layer_keys(r, other), r["base_tensors_read"]
         assert r["whole_base_loads"] == [], r["whole_base_loads"]
