@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 from pathlib import Path
 
 from streaming import Stream
@@ -23,6 +24,18 @@ def _samples(batch: list) -> list:
     return batch
 
 
+def _worker_leaves_stop_signals_to_the_rank(worker_id: int) -> None:
+    """A stop signal sent to a whole process group or cgroup (`kill -TERM -PGID`, a
+    container or systemd stop) reaches the DataLoader workers as well as the rank. The
+    rank handles it (parallel/trainer.py's StopSignal: finish the step, checkpoint, exit
+    0) and shuts its workers down itself; a worker that died of the signal first would
+    fail the rank instead ("DataLoader worker ... is killed by signal: Terminated") and
+    lose the steps since the last checkpoint. A SIGKILL'd rank still takes its workers
+    with it (torch's workers watch their parent)."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class FusionLoader(StreamingDataLoader):
     """StreamingDataLoader of TrainBatch.
 
@@ -35,6 +48,8 @@ class FusionLoader(StreamingDataLoader):
     """
 
     def __init__(self, dataset: FusionDataset, *, packer: Packer, keep_carry: bool = True, **kwargs):
+        if kwargs.get("num_workers"):
+            kwargs.setdefault("worker_init_fn", _worker_leaves_stop_signals_to_the_rank)
         super().__init__(dataset, collate_fn=_samples, **kwargs)
         self.packer = packer
         self.keep_carry = keep_carry

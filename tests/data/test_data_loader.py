@@ -69,3 +69,31 @@ def test_several_ranks_need_a_process_group(tokenizer, synthetic_dir, make_cfg, 
 
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         build_train_loader(make_cfg(synthetic_dir), fusion_cfg, tokenizer, 16, DistEnv(0, 2, 0, 2))
+
+
+def test_a_stop_signal_sent_to_the_workers_is_left_to_the_rank(tokenizer, synthetic_dir, make_cfg, fusion_cfg):
+    """SIGTERM and SIGUSR1 reach the DataLoader workers when a stop is sent to the whole
+    process group; the rank checkpoints and stops (trainer.StopSignal), so the workers
+    must outlive the signal and keep serving the step in flight. Before, the worker died
+    of it and the rank failed with "DataLoader worker ... is killed by signal"."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    cfg = make_cfg(synthetic_dir, seq_len=128, batch_size=1, samples_per_step=2, num_workers=1, shuffle=False)
+    loader = build_train_loader(cfg, fusion_cfg, tokenizer, TOKENS_PER_IMAGE, SINGLE)
+    before = {c.pid for c in psutil.Process().children()}
+    batches = iter(loader)
+    next(batches)
+    workers = [c.pid for c in psutil.Process().children() if c.pid not in before]
+    assert len(workers) == 1
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    assert all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers)
+    for _ in range(3):
+        assert next(batches).num_samples == 2
+    del batches
