@@ -72,6 +72,12 @@ def fused_shared(base):
     return make_fused(base, objective="rectified_flow", image_position="learned", image_rope="shared")
 
 
+@pytest.fixture(scope="module")
+def fused_2d(base):
+    """Rectified flow with rows and columns as RoPE offsets (model.image_rope=2d)."""
+    return make_fused(base, objective="rectified_flow", image_rope="2d")
+
+
 def ids(n, seed, vocab=49152):
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -109,12 +115,12 @@ def check_cached_denoising_step(model, seed):
     return x0
 
 
-@pytest.mark.parametrize("which", ["fused", "fused_rf", "fused_x0", "fused_shared"])
+@pytest.mark.parametrize("which", ["fused", "fused_rf", "fused_x0", "fused_shared", "fused_2d"])
 def test_cached_denoising_step_equals_the_training_forward(which, request):
     check_cached_denoising_step(request.getfixturevalue(which), seed=1)
 
 
-@pytest.mark.parametrize("which", ["fused", "fused_shared"])
+@pytest.mark.parametrize("which", ["fused", "fused_shared", "fused_2d"])
 def test_prefill_with_an_image_and_padding_equals_the_training_forward(which, request):
     """A clean image inside a row, batched with a longer text row (left padding): the
     logits at every text position."""

@@ -54,12 +54,12 @@ class FusionConfig:
     # sine-cosine one, centred over the grid; "none": the tokens know their place from the sequence's
     # RoPE alone (configs/demo.yaml has what each gives on the demo task).
     image_position: str = "none"
-    # The images' RoPE positions. "sequential": an image's tokens count on like text
-    # (Transfusion, LMFusion), so the copied text weights' recency bias tells them apart
-    # by their raster index. "shared": every token of an image sits at the image's first
-    # position (Qwen2-VL's M-RoPE without its 2D part: its t index), so no token of an
-    # image is nearer than another to anything, and where a token sits in the grid is
-    # only what image_position gives it. Text after the image counts on as before.
+    # The images' RoPE positions (megafusion/model/image_rope.py). "sequential": an
+    # image's tokens count on like text (Transfusion, LMFusion), so the copied text
+    # weights' recency bias tells them apart by their raster index. "shared": every token
+    # of an image at the image's first position (Qwen2-VL's M-RoPE t index alone), its
+    # place in the grid only what image_position gives it. "2d": rows and columns as
+    # RoPE offsets (Qwen3-VL's interleaved M-RoPE); text keeps exactly its 1D RoPE.
     image_rope: str = "sequential"
     unet_channels: tuple[int, ...] = (64, 128)
     unet_layers_per_block: int = 1
@@ -138,7 +138,7 @@ class FusionConfig:
             "image_mode": ("vae", "pixel"),
             "patcher": ("linear", "unet"),
             "image_position": ("none", "learned", "sincos"),
-            "image_rope": ("sequential", "shared"),
+            "image_rope": ("sequential", "shared", "2d"),
             "objective": ("ddpm", "rectified_flow"),
             "prediction_type": ("epsilon", "v_prediction", "sample", "edm"),
             "flow_timesteps": ("logit_normal", "uniform", "mode"),

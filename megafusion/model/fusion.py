@@ -27,7 +27,8 @@ from .batch import IGNORE_INDEX, PackedBatch
 from .config import FusionConfig
 from .diffusion import make_objective
 from .fused_norm import image_norms
-from .image_io import ImageTokenizer, rope_positions
+from .image_io import ImageTokenizer
+from .image_rope import rope_cos_sin, rope_positions
 from .layers import make_layer
 from .routing import Routing
 from .towers import DecoderLayer, HeadShape
@@ -187,8 +188,9 @@ class LMFusionModel(nn.Module):
         return torch.cat([self.lm_head(h_text), h_text @ head_new.to(h_text.dtype).t()], dim=-1)
 
     def rope_positions(self, position_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
-        """The RoPE positions the layers see (model.image_rope; image_io.rope_positions)."""
-        return rope_positions(position_ids, image_ids, self.cfg.image_rope)
+        """The RoPE positions the layers see (model.image_rope; image_rope.py): [B, L],
+        or [3, B, L] for 2d; rope_cos_sin reads either."""
+        return rope_positions(position_ids, image_ids, self.cfg.image_rope, self.image_tokenizer.grid[1])
 
     def lm_targets(self, batch: PackedBatch) -> torch.Tensor:
         """[B, L]: the token position i must predict, -100 where there is no loss.
@@ -274,7 +276,7 @@ class LMFusionModel(nn.Module):
         img_tokens, aux = self.image_tokenizer.embed(x_t, t)
         h = torch.cat([h_text_in, img_tokens.reshape(-1, img_tokens.shape[-1]).to(h_text_in.dtype)], 0)
 
-        cos, sin = self.rotary_emb(h, self.rope_positions(batch.position_ids, batch.image_ids).to(device))
+        cos, sin = rope_cos_sin(self.rotary_emb, h, self.rope_positions(batch.position_ids, batch.image_ids).to(device))
         kept = {} if self.aligner is not None else None
         h = self._run_layers(h, routing, cos, sin, layout, kept)
 

@@ -35,6 +35,7 @@ from .diffusion import make_sampler_scheduler  # noqa: F401
 from .fused_norm import image_norms  # noqa: F401
 from .fusion import LMFusionModel
 from .image_io import ImageTokenizer  # noqa: F401
+from .image_rope import rope_cos_sin  # noqa: F401
 from .inference import image_to_text, interleave, text_to_image, vlm_image_to_text
 from .layer_dual_tower import DualTowerLayer  # noqa: F401
 from .layer_gated_tower import GatedTowerLayer  # noqa: F401

@@ -32,8 +32,7 @@ first); image_position=sincos is the same table started from DiT's 2D sine-cosin
 centred over the grid. Without it an
 image token knows where it sits only through RoPE's relative offsets to the tokens it
 attends to, which the copied text weights do not read as a place in a 2D grid.
-model.image_rope=shared (rope_positions below) takes those offsets away: every token of
-an image gets the image's first RoPE position, and the table is then its only place.
+model.image_rope (image_rope.py) chooses the RoPE positions of an image's tokens.
 
 aux returned by embed is the timesteps t [N]; predict needs nothing else. The parameters
 of the two sides are disjoint (`embedder`, `predictor`; each has its own timestep
@@ -380,22 +379,3 @@ class ImageTokenizer(nn.Module):
         if hidden.dim() != 3 or hidden.shape[1] != self.tokens_per_image:
             raise ValueError(f"hidden shape {tuple(hidden.shape)}: expected [N, {self.tokens_per_image}, {self.hidden_size}]")
         return self.predictor(hidden, aux)
-
-
-def rope_positions(position_ids: torch.Tensor, image_ids: torch.Tensor, mode: str) -> torch.Tensor:
-    """RoPE positions [B, L] under model.image_rope: "sequential" leaves them; "shared"
-    gives every token of an image (image_ids >= 0, one id per image) the smallest
-    position among that image's tokens. Text positions never change."""
-    if mode == "sequential":
-        return position_ids
-    if mode != "shared":
-        raise ValueError(f"model.image_rope={mode!r}: expected sequential or shared")
-    is_image = image_ids >= 0
-    if not bool(is_image.any()):
-        return position_ids
-    ids, pos = image_ids[is_image], position_ids[is_image]
-    first = torch.full((int(ids.max()) + 1,), torch.iinfo(pos.dtype).max, dtype=pos.dtype, device=pos.device)
-    first = first.scatter_reduce(0, ids, pos, "amin")
-    out = position_ids.clone()
-    out[is_image] = first[ids]
-    return out

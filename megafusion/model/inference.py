@@ -28,6 +28,7 @@ import torch
 
 from .batch import IMAGE
 from .diffusion import denoise_step, make_sampler_scheduler
+from .image_rope import rope_cos_sin
 from .routing import Routing
 
 
@@ -226,7 +227,7 @@ def forward_tokens(model, batch: TokenBatch, cache: Optional[KVCache] = None, st
     n_valid = batch.valid.long().cumsum(1)
     positions = (start[:, None] + n_valid - 1).clamp_min(0)
     positions = model.rope_positions(positions, batch.image_ids)
-    cos, sin = model.rotary_emb(h, positions)
+    cos, sin = rope_cos_sin(model.rotary_emb, h, positions)
     mask = _attention_mask(batch, cache)
     if layer_outputs is not None:
         layer_outputs.append(h)

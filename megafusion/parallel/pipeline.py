@@ -54,6 +54,7 @@ from megafusion.model.batch import IGNORE_INDEX, PackedBatch
 from megafusion.model.fused_norm import image_norms
 from megafusion.model.fusion import NUM_IMAGE_TOKENS, LMFusionModel
 from megafusion.model.image_io import ImageTokenizer
+from megafusion.model.image_rope import rope_cos_sin
 from megafusion.model.routing import Routing
 from megafusion.parallel.base_weights import BaseWeights, materialize, skeleton_base_model
 
@@ -268,7 +269,7 @@ class DecoderStage(_Stage):
     def forward(self, inputs):
         h, modality, position_ids, document_ids, image_ids, *rest = inputs
         routing, layout = self.routing_and_layout(modality, document_ids, image_ids, h.dtype)
-        cos, sin = self.rotary_emb(h, position_ids)
+        cos, sin = rope_cos_sin(self.rotary_emb, h, position_ids)  # [B, L] or image_rope=2d's [3, B, L]
         h = self.fused.run_layer(self.layer, h, routing, cos, sin, layout)
         return (h, modality, position_ids, document_ids, image_ids, *rest)
 

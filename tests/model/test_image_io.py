@@ -228,7 +228,7 @@ def test_shared_rope_positions_put_each_image_at_its_first_position():
     "shared" gives every token of an image the smallest position among that image's
     tokens; text keeps its position; "sequential" changes nothing."""
     from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment
-    from megafusion.model.image_io import rope_positions
+    from megafusion.model.image_rope import rope_positions
 
     img = lambda: ImageSegment(torch.zeros(3, 4, 4), timestep=0.0)  # noqa: E731
     rows = [[[TextSegment([1, 2, 3]), img(), TextSegment([4])], [TextSegment([5]), img(), img(), TextSegment([6])]],
@@ -246,4 +246,37 @@ def test_shared_rope_positions_put_each_image_at_its_first_position():
     assert got[0, 3:7].tolist() == [3, 3, 3, 3] and got[0, 7].item() == 7  # text after an image counts on
     assert torch.equal(rope_positions(batch.position_ids, batch.image_ids, "sequential"), batch.position_ids)
     with pytest.raises(ValueError, match="image_rope"):
-        _cfg(image_rope="2d").validate()
+        _cfg(image_rope="3d").validate()
+
+
+def test_2d_rope_angles_are_rows_and_columns_and_text_keeps_its_1d_rope():
+    """image_rope=2d against the closed form: a token's angle at frequency f is
+    theta^(-2f/D) times its t, row or column position (stream f % 3), where an image
+    starting at p has t = p, row = p + k // w, column = p + k % w for raster index k; a
+    text token's angles are its 1D RoPE's, bitwise."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment
+    from megafusion.model.image_rope import rope_cos_sin, rope_positions
+
+    D, theta, w = 16, 100.0, 3
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=4 * D, num_attention_heads=4, rope_theta=theta))
+    img = lambda: ImageSegment(torch.zeros(3, 4, 4), timestep=0.0)  # noqa: E731
+    rows = [[[TextSegment([1, 2]), img(), TextSegment([3, 4])]], [[img(), img(), TextSegment([5])]]]
+    batch = PackedBatch.from_rows(rows, seq_len=24, tokens_per_image=9)  # 3x3 grids
+    h = torch.zeros(2, 24, 4 * D)
+    cos, sin = rope_cos_sin(rotary, h, rope_positions(batch.position_ids, batch.image_ids, "2d", grid_width=w))
+    plain_cos, plain_sin = rotary(h, batch.position_ids)
+    for b in range(2):
+        for i in range(24):
+            pos, k = int(batch.position_ids[b, i]), int(batch.image_ids[b, i])
+            if k < 0:
+                assert torch.equal(cos[b, i], plain_cos[b, i]) and torch.equal(sin[b, i], plain_sin[b, i])
+                continue
+            start = min(int(batch.position_ids[b, j]) for j in range(24) if int(batch.image_ids[b, j]) == k)
+            r, c = divmod(pos - start, w)
+            stream = [start, start + r, start + c]
+            angle = torch.tensor([stream[f % 3] * theta ** (-2 * f / D) for f in range(D // 2)] * 2)
+            torch.testing.assert_close(cos[b, i], angle.cos(), rtol=0, atol=1e-5)
+            torch.testing.assert_close(sin[b, i], angle.sin(), rtol=0, atol=1e-5)

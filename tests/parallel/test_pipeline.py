@@ -121,6 +121,22 @@ def test_stage_losses_with_one_rope_position_per_image(tiny_llama):
     assert bool((batch.image_ids >= 0).any())
 
 
+def test_stage_losses_with_rows_and_columns_as_rope_offsets(tiny_llama):
+    """model.image_rope=2d: the decoder stages read the embedding stage's three position
+    streams; the losses equal the whole model's, whose positions they are."""
+    stages, batch = check_stage_losses(tiny_llama, "model.image_rope=2d")
+    emitted = stages[0](batch_to_inputs(batch))[2]
+    assert emitted.shape == (3, *batch.position_ids.shape)
+    w = stages[0].fused.image_tokenizer.grid[1]
+    for b in range(batch.position_ids.shape[0]):
+        for i in range(batch.position_ids.shape[1]):
+            pos, k = int(batch.position_ids[b, i]), int(batch.image_ids[b, i])
+            start = min((int(batch.position_ids[b, j]) for j in range(batch.position_ids.shape[1])
+                         if k >= 0 and int(batch.image_ids[b, j]) == k), default=pos)
+            r, c = divmod(pos - start, w)
+            assert emitted[:, b, i].tolist() == [start, start + r, start + c], (b, i)
+
+
 def check_stage_losses(tiny_llama, *overrides):
     from megafusion.model.fusion import LMFusionModel
 
