@@ -26,13 +26,13 @@ MODES = ("sequential", "shared", "2d")
 def _first_positions(position_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
     """[B, L]: each image token's smallest position among its image's tokens
     (image_ids >= 0, one id per image in the batch); text as given."""
+    # Sized by the token count (an image id is below it), so no host sync reads the ids.
     is_image = image_ids >= 0
-    ids, pos = image_ids[is_image], position_ids[is_image]
-    first = torch.full((int(ids.max()) + 1,), torch.iinfo(pos.dtype).max, dtype=pos.dtype, device=pos.device)
-    first = first.scatter_reduce(0, ids, pos, "amin")
-    out = position_ids.clone()
-    out[is_image] = first[ids]
-    return out
+    ids = image_ids.clamp_min(0).reshape(-1)
+    first = torch.full((ids.numel(),), torch.iinfo(position_ids.dtype).max, dtype=position_ids.dtype,
+                       device=position_ids.device)
+    first = first.scatter_reduce(0, ids[is_image.reshape(-1)], position_ids[is_image], "amin")
+    return torch.where(is_image, first[ids].view_as(position_ids), position_ids)
 
 
 def rope_positions(position_ids: torch.Tensor, image_ids: torch.Tensor, mode: str,
@@ -43,7 +43,7 @@ def rope_positions(position_ids: torch.Tensor, image_ids: torch.Tensor, mode: st
         raise ValueError(f"model.image_rope={mode!r}: expected one of {', '.join(MODES)}")
     if mode == "sequential":
         return position_ids
-    first = _first_positions(position_ids, image_ids) if bool((image_ids >= 0).any()) else position_ids
+    first = _first_positions(position_ids, image_ids)
     if mode == "shared":
         return first
     if not grid_width:
