@@ -73,6 +73,13 @@ def fused_shared(base):
 
 
 @pytest.fixture(scope="module")
+def fused_blocks(base):
+    """Rectified flow with image-only blocks on both sides of the patcher
+    (model.patcher_layers) and the sincos table."""
+    return make_fused(base, objective="rectified_flow", image_position="sincos", patcher_layers=1)
+
+
+@pytest.fixture(scope="module")
 def fused_2d(base):
     """Rectified flow with rows and columns as RoPE offsets (model.image_rope=2d)."""
     return make_fused(base, objective="rectified_flow", image_rope="2d")
@@ -115,7 +122,7 @@ def check_cached_denoising_step(model, seed):
     return x0
 
 
-@pytest.mark.parametrize("which", ["fused", "fused_rf", "fused_x0", "fused_shared", "fused_2d"])
+@pytest.mark.parametrize("which", ["fused", "fused_rf", "fused_x0", "fused_shared", "fused_2d", "fused_blocks"])
 def test_cached_denoising_step_equals_the_training_forward(which, request):
     check_cached_denoising_step(request.getfixturevalue(which), seed=1)
 
@@ -328,6 +335,19 @@ def test_export_of_x_prediction_with_position_table_loads_back(fused_x0, tmp_pat
     assert loaded.cfg.prediction_type == "sample" and loaded.cfg.image_position == "learned"
     assert torch.equal(loaded.image_tokenizer.embedder.position, fused_x0.image_tokenizer.embedder.position)
     check_same_denoising_step(fused_x0, loaded, seed=4)
+
+
+def test_export_of_patcher_layers_loads_back(fused_blocks, tmp_path, tiny_llama):
+    """Both sides' image-only blocks survive the export: the loaded model's denoising step
+    equals the source model's."""
+    from megafusion.export import export_fused
+    from megafusion.model.hf import LMFusionForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    out = export_fused(copy.deepcopy(fused_blocks), tok, tmp_path / "blocks_export", bos=1, eos=2)
+    loaded = LMFusionForCausalLM.from_pretrained(out).model.eval()
+    assert loaded.cfg.patcher_layers == 1
+    check_same_denoising_step(fused_blocks, loaded, seed=5)
 
 
 def check_same_denoising_step(source, loaded, seed):

@@ -63,6 +63,13 @@ class FusionConfig:
     image_rope: str = "sequential"
     unet_channels: tuple[int, ...] = (64, 128)
     unet_layers_per_block: int = 1
+    # Image-only transformer blocks on each side of the patcher (DiT's blocks: trained
+    # from scratch, bidirectional over one image's tokens, head size 64): the input side
+    # runs them after the patch embedding, the output side before the patch projection,
+    # with its own timestep embedding and position table. The copied text weights hardly
+    # let an image's tokens attend to each other (configs/demo.yaml has the measurement);
+    # these blocks do from the first step. 0: none (LMFusion, X-Fusion).
+    patcher_layers: int = 0
 
     # Diffusion: "ddpm" (epsilon prediction, cosine schedule) or "rectified_flow".
     objective: str = "ddpm"
@@ -173,6 +180,8 @@ class FusionConfig:
         if self.lm_loss_weight < 0 or self.diffusion_loss_weight < 0:
             raise ValueError(f"model.lm_loss_weight={self.lm_loss_weight} and model.diffusion_loss_weight="
                              f"{self.diffusion_loss_weight} must be >= 0")
+        if self.patcher_layers < 0:
+            raise ValueError(f"model.patcher_layers={self.patcher_layers} must be >= 0")
         if self.image_rope == "shared" and self.image_position == "none":
             raise ValueError("model.image_rope=shared gives an image's tokens one position; they need "
                              "model.image_position (sincos or learned) to know where they sit")

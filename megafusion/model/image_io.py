@@ -34,6 +34,13 @@ image token knows where it sits only through RoPE's relative offsets to the toke
 attends to, which the copied text weights do not read as a place in a 2D grid.
 model.image_rope (image_rope.py) chooses the RoPE positions of an image's tokens.
 
+model.patcher_layers=N adds N image-only transformer blocks (ImageBlocks, trained from
+scratch, bidirectional over one image's tokens) on each side: after the embedder's
+patch embedding, timestep and position table, and before the predictor's projection,
+where the transformer's hidden states get the predictor's own timestep embedding and
+position table first. They live inside `embedder` and `predictor`, so the sides stay
+disjoint and a pipeline stage still owns whole sides.
+
 aux returned by embed is the timesteps t [N]; predict needs nothing else. The parameters
 of the two sides are disjoint (`embedder`, `predictor`; each has its own timestep
 embedding), so pipeline stages can own them without weight tying.
@@ -53,6 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from diffusers import AutoencoderKL
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from diffusers.models.unets.unet_2d_blocks import DownBlock2D, UpDecoderBlock2D
 
@@ -181,10 +189,62 @@ def _groups(channels) -> int:
 
 
 def _add_position(embedder: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens + the embedder's learned position table, where it has one. Inside the
-    embedder's own forward, so that ZeRO-3 has gathered the table with the embedder."""
+    """tokens + the embedder's learned position table, where it has one, then its
+    image-only blocks, where it has them. Inside the embedder's own forward, so that
+    ZeRO-3 has gathered the table and the blocks with the embedder."""
     position = getattr(embedder, "position", None)
-    return tokens if position is None else tokens + position.to(tokens.dtype)
+    tokens = tokens if position is None else tokens + position.to(tokens.dtype)
+    blocks = getattr(embedder, "blocks", None)
+    return tokens if blocks is None else blocks(tokens)
+
+
+def _refine_hidden(predictor: nn.Module, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The output side's image-only blocks, where it has them: the transformer's hidden
+    states at an image's tokens plus the timestep embedding and the position table, run
+    through the blocks together (model.patcher_layers)."""
+    blocks = getattr(predictor, "blocks", None)
+    if blocks is None:
+        return hidden
+    x = hidden + _embed_time(predictor.block_time, t)[:, None, :].to(hidden.dtype)
+    position = getattr(predictor, "position", None)
+    return blocks(x if position is None else x + position.to(x.dtype))
+
+
+class ImageBlocks(nn.Module):
+    """model.patcher_layers transformer blocks over the tokens of one image [N, T, hidden]:
+    diffusers' BasicTransformerBlock (pre-norm self-attention and a GELU MLP of 4x hidden,
+    no dropout: DiT's block without its adaLN), every token attending to every token of
+    its image and to nothing else. Trained from scratch, so unlike the image tower (a
+    copy of the text weights, whose attention keeps to recent tokens and the first one)
+    they can mix an image's tokens from the first step.
+
+    Each block's residual branches end in zero-initialised projections (DiT's
+    adaLN-Zero idea), so the blocks start as the identity and the model starts as it
+    would without them. With default-initialised branches and a closing LayerNorm the
+    demo's diffusion loss stalled at 1.5 (0.5 without the blocks; configs/demo.yaml).
+    Every weight sits in the nn.Linear or nn.LayerNorm that uses it, as ZeRO-3's
+    gathering hooks need (torch's TransformerEncoderLayer reads its attention's weights
+    from its own forward on its inference fast path)."""
+
+    HEAD_SIZE = 64
+
+    def __init__(self, hidden: int, layers: int):
+        super().__init__()
+        if hidden % self.HEAD_SIZE:
+            raise ValueError(f"model.patcher_layers needs a hidden size divisible by {self.HEAD_SIZE}, not {hidden}")
+        self.layers = nn.ModuleList(
+            BasicTransformerBlock(hidden, hidden // self.HEAD_SIZE, self.HEAD_SIZE, activation_fn="gelu",
+                                  norm_type="layer_norm")
+            for _ in range(layers))
+        for block in self.layers:
+            for out in (block.attn1.to_out[0], block.ff.net[-1]):
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 class LinearEmbedder(nn.Module):
@@ -208,7 +268,7 @@ class LinearPredictor(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unpatchify(self.proj(hidden), self.p, self.c, self.h, self.w)
+        return unpatchify(self.proj(_refine_hidden(self, hidden, t)), self.p, self.c, self.h, self.w)
 
 
 class UNetEmbedder(nn.Module):
@@ -259,7 +319,8 @@ class UNetPredictor(nn.Module):
 
     def forward(self, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = _embed_time(self.time, t)
-        x = unpatchify(self.proj(hidden), self.p, self.proj.out_features // (self.p * self.p), self.h, self.w)
+        x = self.proj(_refine_hidden(self, hidden, t))
+        x = unpatchify(x, self.p, self.proj.out_features // (self.p * self.p), self.h, self.w)
         for block in self.up_blocks:
             x = block(x, temb)
         return self.conv_out(nn.functional.silu(self.norm_out(x)))
@@ -317,27 +378,37 @@ class ImageTokenizer(nn.Module):
                 self.vae = self._vae_loader(cfg.vae_path) if cfg.image_mode == "vae" else None
                 self.embedder = (LinearEmbedder(c, p, hidden) if cfg.patcher == "linear"
                                  else UNetEmbedder(c, p, hidden, channels, cfg.unet_layers_per_block))
-                position = getattr(cfg, "image_position", "none")
-                if position == "learned":
-                    # ViT's learned absolute position embedding, one row per patch of the
-                    # grid, drawn as ViT draws its own (normal, std 0.02).
-                    self.embedder.position = nn.Parameter(torch.randn(1, self.tokens_per_image, hidden) * 0.02)
-                elif position == "sincos":
-                    # DiT's and MAE's 2D sine-cosine table (diffusers' own), centred over
-                    # the grid, trained from there. On a small grid most of its
-                    # frequencies barely turn: on 4x4 tokens its mean is rms 0.63 of its
-                    # 0.71, a constant shift of every image token that slowed the demo's
-                    # diffusion loss (1.55 against 0.65 after 280 steps); what varies
-                    # with the place (rms 0.32) is the size of a patch embedding, where a
-                    # std-0.02 table is lost beside the noisy patch and the timestep.
-                    if hidden % 4:
-                        raise ValueError(f"model.image_position=sincos needs a hidden size divisible by 4, not {hidden}")
-                    table = get_2d_sincos_pos_embed(hidden, self.grid, output_type="pt").float()
-                    table = table - table.mean(0, keepdim=True)
-                    self.embedder.position = nn.Parameter(table.reshape(1, self.tokens_per_image, hidden))
+                self._add_position_table(self.embedder)
+                if cfg.patcher_layers:
+                    self.embedder.blocks = ImageBlocks(hidden, cfg.patcher_layers)
             else:
                 self.predictor = (LinearPredictor(c, p, hidden, h, w) if cfg.patcher == "linear"
                                   else UNetPredictor(c, p, hidden, channels, cfg.unet_layers_per_block, h, w))
+                if cfg.patcher_layers:
+                    self.predictor.block_time = _time_embedding(256, hidden)
+                    self._add_position_table(self.predictor)
+                    self.predictor.blocks = ImageBlocks(hidden, cfg.patcher_layers)
+
+    def _add_position_table(self, side: nn.Module) -> None:
+        """model.image_position's table [1, tokens_per_image, hidden] as side.position."""
+        hidden, position = self.hidden_size, getattr(self.cfg, "image_position", "none")
+        if position == "learned":
+            # ViT's learned absolute position embedding, one row per patch of the grid,
+            # drawn as ViT draws its own (normal, std 0.02).
+            side.position = nn.Parameter(torch.randn(1, self.tokens_per_image, hidden) * 0.02)
+        elif position == "sincos":
+            # DiT's and MAE's 2D sine-cosine table (diffusers' own), centred over the grid,
+            # trained from there. On a small grid most of its frequencies barely turn: on
+            # 4x4 tokens its mean is rms 0.63 of its 0.71, a constant shift of every image
+            # token that slowed the demo's diffusion loss (1.55 against 0.65 after 280
+            # steps); what varies with the place (rms 0.32) is the size of a patch
+            # embedding, where a std-0.02 table is lost beside the noisy patch and the
+            # timestep.
+            if hidden % 4:
+                raise ValueError(f"model.image_position=sincos needs a hidden size divisible by 4, not {hidden}")
+            table = get_2d_sincos_pos_embed(hidden, self.grid, output_type="pt").float()
+            table = table - table.mean(0, keepdim=True)
+            side.position = nn.Parameter(table.reshape(1, self.tokens_per_image, hidden))
 
     def train(self, mode: bool = True):
         super().train(mode)

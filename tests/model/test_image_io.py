@@ -280,3 +280,72 @@ def test_2d_rope_angles_are_rows_and_columns_and_text_keeps_its_1d_rope():
             angle = torch.tensor([stream[f % 3] * theta ** (-2 * f / D) for f in range(D // 2)] * 2)
             torch.testing.assert_close(cos[b, i], angle.cos(), rtol=0, atol=1e-5)
             torch.testing.assert_close(sin[b, i], angle.sin(), rtol=0, atol=1e-5)
+
+
+def _open_blocks(tok, std=0.05):
+    """Give the zero-initialised ends of every image-only block (and of the output side)
+    the nonzero values training would."""
+    with torch.no_grad():
+        for name, param in tok.named_parameters():
+            if ".to_out." in name or ".ff.net.2." in name or name in ("predictor.proj.weight",
+                                                                       "predictor.conv_out.weight"):
+                param.normal_(std=std)
+
+
+@pytest.mark.parametrize("patcher", ["linear", "unet"])
+def test_patcher_layers_start_as_the_plain_patcher_then_mix_one_image_and_no_other(patcher):
+    """model.patcher_layers: at first the input side gives the plain patcher's tokens
+    bitwise (same seed: the same patch weights; the blocks start as the identity) and the
+    prediction is exactly 0. Once the blocks' ends are nonzero, changing one patch of
+    image 0 changes every token of image 0 (without the blocks, linear: token 0 only) and
+    none of image 1; on the output side, changing token 0's hidden state moves every pixel
+    of image 0 and none of image 1."""
+    hidden, size, p = 64, 8, 2
+    t = torch.tensor([300.0, 700.0])
+    cfg = dict(image_size=size, patch_size=p, patcher=patcher, image_position="sincos")
+    tok = ImageTokenizer(_cfg(**cfg, patcher_layers=1), hidden, side_seed=3)
+    plain = ImageTokenizer(_cfg(**cfg), hidden, side_seed=3)
+    x = _pixels(n=2, size=size)
+    poked = x.clone()
+    poked[0, :, :p, :p] += 0.5  # patch (0, 0) of image 0
+    tokens, aux = tok.embed(x, t)
+    assert torch.equal(tokens, plain.embed(x, t)[0])
+    assert torch.equal(tok.predict(tokens, aux), torch.zeros_like(x))
+    if patcher == "linear":
+        base = plain.embed(poked, t)[0] - plain.embed(x, t)[0]
+        assert bool((base[0, 0].abs() > 0).any()) and torch.equal(base[0, 1:], torch.zeros_like(base[0, 1:]))
+    _open_blocks(tok)
+    tokens, aux = tok.embed(x, t)
+    moved = tok.embed(poked, t)[0] - tokens
+    assert torch.equal(moved[1], torch.zeros_like(moved[1]))
+    assert bool((moved[0].abs().amax(-1) > 1e-4).all())  # every token of image 0
+    h = torch.randn(2, tok.tokens_per_image, hidden, generator=torch.Generator().manual_seed(1))
+    h2 = h.clone()
+    h2[0, 0] += torch.randn(hidden, generator=torch.Generator().manual_seed(2))
+    delta = tok.predict(h2, aux) - tok.predict(h, aux)
+    assert torch.equal(delta[1], torch.zeros_like(delta[1]))
+    assert bool((delta[0].abs().amax(0) > 1e-5).all())  # every pixel of image 0
+
+
+def test_patcher_layers_train_every_weight_and_sides_build_alone():
+    """Gradients reach every parameter of both sides' blocks, timestep embedding and
+    tables; a side built alone (a pipeline stage's) equals that side of the whole."""
+    cfg = _cfg(image_size=8, patch_size=2, patcher_layers=2, image_position="learned")
+    tok = ImageTokenizer(cfg, 64, side_seed=7)
+    _open_blocks(tok, std=0.01)
+    tokens, aux = tok.embed(_pixels(size=8), torch.tensor([10.0, 900.0]))
+    tok.predict(tokens, aux).square().mean().backward()
+    named = dict(tok.named_parameters())
+    assert any(n.startswith("embedder.blocks.") for n in named) and "predictor.position" in named
+    assert "predictor.block_time.mlp.linear_1.weight" in named
+    for name, param in named.items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    alone = ImageTokenizer(cfg, 64, sides=("predictor",), side_seed=7)
+    whole = ImageTokenizer(cfg, 64, side_seed=7)
+    assert alone.predictor.state_dict().keys() == whole.predictor.state_dict().keys()
+    for key, value in alone.predictor.state_dict().items():
+        assert torch.equal(value, whole.predictor.state_dict()[key]), key
+    with pytest.raises(ValueError, match="divisible by 64"):
+        ImageTokenizer(cfg, 48)
+    with pytest.raises(ValueError, match="patcher_layers"):
+        _cfg(patcher_layers=-1).validate()

@@ -1,12 +1,13 @@
 """Run as one rank (`python bf16_zero_init_worker.py configs/tiny.yaml`): tiny.yaml with
 the large configs' precision, train.dtype=bf16 and parallel.zero_init=true, for both
-patchers. Before the fix deepspeed.initialize asserted in ZeRO-3's defragment (the image
+patchers and for the linear one with image-only blocks (model.patcher_layers, diffusers'
+transformer blocks, which ZeRO-3 must gather and partition like the rest). Before the fix deepspeed.initialize asserted in ZeRO-3's defragment (the image
 tokenizer was fp32 beside bf16 tower copies).
 
 Reference: the same model built whole (parallel.zero_init=false), which
 deepspeed.initialize casts itself; both paths must give every parameter and buffer the
 same dtype. Then one optimiser step must give a finite loss and gradient norm. Prints
-BF16_ZERO_INIT_OK <patcher>."""
+BF16_ZERO_INIT_OK <variant>."""
 import math
 import sys
 from pathlib import Path
@@ -27,12 +28,16 @@ def dtypes(module) -> dict:
     return out
 
 
-def build(config: str, patcher: str, zero_init: bool):
+VARIANTS = {"linear": ["model.patcher=linear"], "unet": ["model.patcher=unet"],
+            "blocks": ["model.patcher=linear", "model.patcher_layers=1", "model.image_position=sincos"]}
+
+
+def build(config: str, variant: str, zero_init: bool):
     from megafusion.parallel.engine import initialize
     from megafusion.parallel.model_setup import build_model
 
     cfg = load_config(config, ["train.dtype=bf16", f"parallel.zero_init={str(zero_init).lower()}",
-                               f"model.patcher={patcher}"])
+                               *VARIANTS[variant]])
     ds = deepspeed_config(cfg, 1)
     torch.manual_seed(0)
     model = build_model(cfg, ds)
@@ -45,10 +50,10 @@ def main():
     init_distributed(setup_environment())
     from mixed_modality_worker import batches
 
-    for patcher in ("linear", "unet"):
-        cfg, engine = build(config, patcher, zero_init=True)
+    for variant in VARIANTS:
+        cfg, engine = build(config, variant, zero_init=True)
         trainable = {p.dtype for p in engine.module.parameters() if p.requires_grad}
-        assert trainable == {torch.bfloat16}, f"{patcher}: trainable dtypes {trainable}"
+        assert trainable == {torch.bfloat16}, f"{variant}: trainable dtypes {trainable}"
         _, images, noise = batches(engine.module, cfg)
         out = engine(images, noise=noise)
         engine.backward(out.loss)
@@ -56,12 +61,12 @@ def main():
         norm = float(engine.get_global_grad_norm())
         assert math.isfinite(out.loss.item()) and math.isfinite(norm) and norm > 0, (out.loss.item(), norm)
 
-        _, whole = build(config, patcher, zero_init=False)
+        _, whole = build(config, variant, zero_init=False)
         got, want = dtypes(engine.module), dtypes(whole.module)
         assert got.keys() == want.keys()
         differ = {k: (got[k], want[k]) for k in got if got[k] != want[k]}
-        assert not differ, f"{patcher}: zero_init dtypes differ from deepspeed's own cast: {list(differ.items())[:5]}"
-        print(f"BF16_ZERO_INIT_OK {patcher}: {len(got)} tensors, loss {out.loss.item():.4f}, grad norm {norm:.4f}",
+        assert not differ, f"{variant}: zero_init dtypes differ from deepspeed's own cast: {list(differ.items())[:5]}"
+        print(f"BF16_ZERO_INIT_OK {variant}: {len(got)} tensors, loss {out.loss.item():.4f}, grad norm {norm:.4f}",
               flush=True)
 
 
