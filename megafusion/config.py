@@ -79,6 +79,10 @@ class TrainSection:
     # Peak learning rate of the text tower; 0 with model.train_text_tower false (frozen),
     # as in LMFusion. It follows the same schedule shape as lr.
     text_lr: float = 0.0
+    # Peak learning rate of model.patcher_layers' image-only blocks (trained from
+    # scratch; DiT trains its blocks at 1e-4). At the demo's lr of 1e-3 they stalled its
+    # diffusion loss (configs/demo.yaml). Same schedule shape as lr.
+    patcher_layers_lr: float = 1e-4
     min_lr: float = 1.5e-5  # lr at the end of the decay (text tower: scaled alike)
     warmup_steps: int = 100  # linear warmup from ~0 to lr
     schedule: str = "cosine"  # after warmup: "cosine" | "linear" decay to min_lr, or "constant"
@@ -212,6 +216,7 @@ def _validate_run(cfg: RunConfig) -> None:
         need(getattr(t, name) >= 1, name, "must be >= 1")
     need(t.lr > 0, "lr", "must be > 0 (the image tower is what trains)")
     need(t.text_lr >= 0, "text_lr", "must be >= 0")
+    need(t.patcher_layers_lr > 0, "patcher_layers_lr", "must be > 0")
     need(0 <= t.min_lr <= t.lr, "min_lr", "must be in [0, train.lr]")
     need(t.warmup_steps >= 0, "warmup_steps", "must be >= 0")
     need(all(0 <= b < 1 for b in t.betas), "betas", "each must be in [0, 1)")

@@ -200,14 +200,13 @@ def _add_position(embedder: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def _refine_hidden(predictor: nn.Module, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The output side's image-only blocks, where it has them: the transformer's hidden
-    states at an image's tokens plus the timestep embedding and the position table, run
-    through the blocks together (model.patcher_layers)."""
+    states at an image's tokens plus the position table, then the blocks (which add
+    their timestep embedding first; model.patcher_layers)."""
     blocks = getattr(predictor, "blocks", None)
     if blocks is None:
         return hidden
-    x = hidden + _embed_time(predictor.block_time, t)[:, None, :].to(hidden.dtype)
     position = getattr(predictor, "position", None)
-    return blocks(x if position is None else x + position.to(x.dtype))
+    return blocks(hidden if position is None else hidden + position.to(hidden.dtype), t)
 
 
 class ImageBlocks(nn.Module):
@@ -218,17 +217,22 @@ class ImageBlocks(nn.Module):
     copy of the text weights, whose attention keeps to recent tokens and the first one)
     they can mix an image's tokens from the first step.
 
+    With `timestep` (the output side, whose input has no timestep in it yet) a timestep
+    embedding is added to every token first.
+
     Each block's residual branches end in zero-initialised projections (DiT's
     adaLN-Zero idea), so the blocks start as the identity and the model starts as it
-    would without them. With default-initialised branches and a closing LayerNorm the
-    demo's diffusion loss stalled at 1.5 (0.5 without the blocks; configs/demo.yaml).
+    would without them. They train at their own peak lr, train.patcher_layers_lr (the
+    engine finds them by this class): at the demo's lr of 1e-3 they stalled its
+    diffusion loss at 1.2 (0.5 without them), at DiT's 1e-4 the loss follows the run
+    without them (configs/demo.yaml).
     Every weight sits in the nn.Linear or nn.LayerNorm that uses it, as ZeRO-3's
     gathering hooks need (torch's TransformerEncoderLayer reads its attention's weights
     from its own forward on its inference fast path)."""
 
     HEAD_SIZE = 64
 
-    def __init__(self, hidden: int, layers: int):
+    def __init__(self, hidden: int, layers: int, timestep: bool = False):
         super().__init__()
         if hidden % self.HEAD_SIZE:
             raise ValueError(f"model.patcher_layers needs a hidden size divisible by {self.HEAD_SIZE}, not {hidden}")
@@ -240,8 +244,11 @@ class ImageBlocks(nn.Module):
             for out in (block.attn1.to_out[0], block.ff.net[-1]):
                 nn.init.zeros_(out.weight)
                 nn.init.zeros_(out.bias)
+        self.time = _time_embedding(256, hidden) if timestep else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        if self.time is not None:
+            x = x + _embed_time(self.time, t)[:, None, :].to(x.dtype)
         for layer in self.layers:
             x = layer(x)
         return x
@@ -385,9 +392,8 @@ class ImageTokenizer(nn.Module):
                 self.predictor = (LinearPredictor(c, p, hidden, h, w) if cfg.patcher == "linear"
                                   else UNetPredictor(c, p, hidden, channels, cfg.unet_layers_per_block, h, w))
                 if cfg.patcher_layers:
-                    self.predictor.block_time = _time_embedding(256, hidden)
                     self._add_position_table(self.predictor)
-                    self.predictor.blocks = ImageBlocks(hidden, cfg.patcher_layers)
+                    self.predictor.blocks = ImageBlocks(hidden, cfg.patcher_layers, timestep=True)
 
     def _add_position_table(self, side: nn.Module) -> None:
         """model.image_position's table [1, tokens_per_image, hidden] as side.position."""

@@ -13,6 +13,7 @@ import sys
 import torch
 
 from megafusion.config import RunConfig, lr_multiplier
+from megafusion.model.image_io import ImageBlocks
 from megafusion.parallel.ds_config import optimizer_offloaded
 
 # Parameters that are rows of an embedding table although they are not an nn.Embedding:
@@ -52,17 +53,20 @@ def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
             if p is not None and p.requires_grad:
                 params[id(p)] = p
                 decay[id(p)] = decay.get(id(p), True) and decays(module, attr, p)
-    groups = {("image", True): [], ("image", False): [], ("text", True): [], ("text", False): []}
+    # model.patcher_layers' blocks are new, from-scratch transformer blocks: their own lr.
+    block_ids = {id(p) for m in model.modules() if isinstance(m, ImageBlocks) for p in m.parameters()}
+    groups = {(tower, d): [] for tower in ("image", "text", "image_blocks") for d in (True, False)}
     for key, p in params.items():
-        tower = "text" if key in text_ids else "image"
+        tower = "text" if key in text_ids else "image_blocks" if key in block_ids else "image"
         groups[(tower, decay[key])].append(p)
     t = cfg.train
+    peak = {"image": t.lr, "text": t.text_lr, "image_blocks": t.patcher_layers_lr}
     out = []
     for (tower, decay), params in groups.items():
         if params:
             out.append({
                 "params": params,
-                "lr": t.lr if tower == "image" else t.text_lr,
+                "lr": peak[tower],
                 "weight_decay": t.weight_decay if decay else 0.0,
                 "name": f"{tower}{'' if decay else '_no_decay'}",
             })

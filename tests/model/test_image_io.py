@@ -337,7 +337,7 @@ def test_patcher_layers_train_every_weight_and_sides_build_alone():
     tok.predict(tokens, aux).square().mean().backward()
     named = dict(tok.named_parameters())
     assert any(n.startswith("embedder.blocks.") for n in named) and "predictor.position" in named
-    assert "predictor.block_time.mlp.linear_1.weight" in named
+    assert "predictor.blocks.time.mlp.linear_1.weight" in named
     for name, param in named.items():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     alone = ImageTokenizer(cfg, 64, sides=("predictor",), side_seed=7)

@@ -1,5 +1,5 @@
 """Prints the optimiser groups of the tiny fused model as JSON: one line
-`GROUPS {"name": {"weight_decay": wd, "params": [parameter names]}, ...}`.
+`GROUPS {"name": {"weight_decay": wd, "lr": peak lr, "params": [parameter names]}, ...}`.
 
     python param_groups_worker.py CONFIG.yaml [section.key=value ...]
 
@@ -16,7 +16,7 @@ from megafusion.parallel.ds_config import deepspeed_config  # noqa: E402
 
 
 def describe(cfg) -> dict:
-    """{"groups": {name: {"weight_decay", "params": [names]}}, "trainable": [names]}"""
+    """{"groups": {name: {"weight_decay", "lr", "params": [names]}}, "trainable": [names]}"""
     from megafusion.parallel.engine import parameter_groups
     from megafusion.parallel.model_setup import build_model
 
@@ -24,7 +24,7 @@ def describe(cfg) -> dict:
     names = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), n)  # a tied parameter by its first name
-    groups = {g["name"]: {"weight_decay": g["weight_decay"], "params": [names[id(p)] for p in g["params"]]}
+    groups = {g["name"]: {"weight_decay": g["weight_decay"], "lr": g["lr"], "params": [names[id(p)] for p in g["params"]]}
               for g in parameter_groups(model, cfg)}
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     return {"groups": groups, "trainable": trainable}

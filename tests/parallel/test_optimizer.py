@@ -88,7 +88,7 @@ def decays_by_name(name: str) -> bool:
     owner = parts[-2] if len(parts) > 1 else ""
     if parts[-1] == "bias" or "norm" in owner or owner == "embed_tokens":
         return False
-    if name == "image_tokenizer.embedder.position":
+    if name in ("image_tokenizer.embedder.position", "image_tokenizer.predictor.position"):
         return False
     return name not in ("image_token_embed", "image_token_head")
 
@@ -109,6 +109,7 @@ def check_groups(described: dict, weight_decay: float) -> None:
     ["model.patcher=linear"],
     ["model.patcher=unet"],
     ["model.image_position=learned"],
+    ["model.patcher_layers=1", "model.image_position=learned"],
     ["model.train_text_tower=true", "train.text_lr=1e-4"],  # tied embedding + LM head trainable
 ])
 def test_weight_decay_groups_follow_name_rule(tiny_llama, extra):
@@ -118,6 +119,26 @@ def test_weight_decay_groups_follow_name_rule(tiny_llama, extra):
     described = describe(cfg)
     check_groups(described, 0.1)
     assert "image_token_embed" in described["trainable"]
+
+
+def test_patcher_layers_train_at_their_own_lr(tiny_llama):
+    """model.patcher_layers' blocks (every parameter under a `.blocks.` of the image
+    tokenizer, by name) and nothing else train at train.patcher_layers_lr; the rest of
+    the image side at train.lr."""
+    from megafusion.config import load_config
+
+    cfg = load_config(TINY, ["train.weight_decay=0.1", "model.patcher_layers=1", "train.lr=1e-3",
+                             "train.patcher_layers_lr=3e-5"])
+    described = describe(cfg)
+    check_groups(described, 0.1)
+    blocks = sorted(n for n in described["trainable"] if n.startswith(("image_tokenizer.embedder.blocks.",
+                                                                       "image_tokenizer.predictor.blocks.")))
+    assert any(".predictor.blocks.time." in n for n in blocks) and any(".embedder.blocks." in n for n in blocks)
+    at_block_lr = sorted(n for g in described["groups"].values() if g["lr"] == 3e-5 for n in g["params"])
+    assert at_block_lr == blocks
+    assert all(g["lr"] == 1e-3 for g in described["groups"].values() if g["lr"] != 3e-5)
+    with pytest.raises(Exception, match="patcher_layers_lr"):
+        load_config(TINY, ["train.patcher_layers_lr=0"])
 
 
 def test_weight_decay_spares_untied_boi_eoi_head_rows(tiny_llama_untied):
