@@ -188,7 +188,7 @@ def _groups(channels) -> int:
     return max(d for d in (32, 16, 8, 4, 2, 1) if g % d == 0)
 
 
-def _add_position(embedder: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def _finish_tokens(embedder: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """tokens + the embedder's learned position table, where it has one, then its
     image-only blocks, where it has them. Inside the embedder's own forward, so that
     ZeRO-3 has gathered the table and the blocks with the embedder."""
@@ -263,7 +263,7 @@ class LinearEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tokens = self.proj(patchify(x.to(self.proj.weight.dtype), self.p))
-        return _add_position(self, tokens + _embed_time(self.time, t)[:, None, :].to(tokens.dtype))
+        return _finish_tokens(self, tokens + _embed_time(self.time, t)[:, None, :].to(tokens.dtype))
 
 
 class LinearPredictor(nn.Module):
@@ -301,7 +301,7 @@ class UNetEmbedder(nn.Module):
         for block in self.down_blocks:
             h, _ = block(h, temb)  # the per-layer outputs would be skips; unused (see top)
         h = nn.functional.silu(self.norm_out(h))
-        return _add_position(self, self.proj(patchify(h, self.p)))
+        return _finish_tokens(self, self.proj(patchify(h, self.p)))
 
 
 class UNetPredictor(nn.Module):

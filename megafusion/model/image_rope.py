@@ -26,12 +26,14 @@ MODES = ("sequential", "shared", "2d")
 def _first_positions(position_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
     """[B, L]: each image token's smallest position among its image's tokens
     (image_ids >= 0, one id per image in the batch); text as given."""
-    # Sized by the token count (an image id is below it), so no host sync reads the ids.
+    # Sized by the token count (an image id is below it) and scattered from every token
+    # (text carries the dtype's maximum, which amin ignores): no boolean indexing, whose
+    # output size the host would have to read back on every forward and sampler step.
     is_image = image_ids >= 0
     ids = image_ids.clamp_min(0).reshape(-1)
-    first = torch.full((ids.numel(),), torch.iinfo(position_ids.dtype).max, dtype=position_ids.dtype,
-                       device=position_ids.device)
-    first = first.scatter_reduce(0, ids[is_image.reshape(-1)], position_ids[is_image], "amin")
+    none = torch.iinfo(position_ids.dtype).max
+    first = torch.full((ids.numel(),), none, dtype=position_ids.dtype, device=position_ids.device)
+    first = first.scatter_reduce(0, ids, position_ids.masked_fill(~is_image, none).reshape(-1), "amin")
     return torch.where(is_image, first[ids].view_as(position_ids), position_ids)
 
 

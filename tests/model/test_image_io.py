@@ -245,6 +245,12 @@ def test_shared_rope_positions_put_each_image_at_its_first_position():
             assert int(got[b, i]) == want, (b, i)
     assert got[0, 3:7].tolist() == [3, 3, 3, 3] and got[0, 7].item() == 7  # text after an image counts on
     assert torch.equal(rope_positions(batch.position_ids, batch.image_ids, "sequential"), batch.position_ids)
+    # No value is read back to the host (it runs on every forward and sampler step; a
+    # CUDA sync each time): the meta device has shapes only, so any read, boolean
+    # indexing included, raises there.
+    meta = [t.to("meta") for t in (batch.position_ids, batch.image_ids)]
+    assert rope_positions(*meta, "shared").shape == got.shape
+    assert rope_positions(*meta, "2d", grid_width=2).shape == (3, *got.shape)
     with pytest.raises(ValueError, match="image_rope"):
         _cfg(image_rope="3d").validate()
 
