@@ -80,6 +80,14 @@ def fused_blocks(base):
 
 
 @pytest.fixture(scope="module")
+def fused_context(base):
+    """fused_blocks whose output blocks also read the prompt's vector
+    (model.prompt_context)."""
+    return make_fused(base, objective="rectified_flow", image_position="sincos", patcher_layers=1,
+                      prompt_context=True)
+
+
+@pytest.fixture(scope="module")
 def fused_2d(base):
     """Rectified flow with rows and columns as RoPE offsets (model.image_rope=2d)."""
     return make_fused(base, objective="rectified_flow", image_rope="2d")
@@ -122,7 +130,8 @@ def check_cached_denoising_step(model, seed):
     return x0
 
 
-@pytest.mark.parametrize("which", ["fused", "fused_rf", "fused_x0", "fused_shared", "fused_2d", "fused_blocks"])
+@pytest.mark.parametrize("which", ["fused", "fused_rf", "fused_x0", "fused_shared", "fused_2d", "fused_blocks",
+                                   "fused_context"])
 def test_cached_denoising_step_equals_the_training_forward(which, request):
     check_cached_denoising_step(request.getfixturevalue(which), seed=1)
 
@@ -337,17 +346,20 @@ def test_export_of_x_prediction_with_position_table_loads_back(fused_x0, tmp_pat
     check_same_denoising_step(fused_x0, loaded, seed=4)
 
 
-def test_export_of_patcher_layers_loads_back(fused_blocks, tmp_path, tiny_llama):
-    """Both sides' image-only blocks survive the export: the loaded model's denoising step
-    equals the source model's."""
+@pytest.mark.parametrize("which", ["fused_blocks", "fused_context"])
+def test_export_of_patcher_layers_loads_back(which, request, tmp_path, tiny_llama):
+    """Both sides' image-only blocks (and the prompt vector's projection) survive the
+    export: the loaded model's denoising step equals the source model's."""
     from megafusion.export import export_fused
     from megafusion.model.hf import LMFusionForCausalLM
 
+    model = request.getfixturevalue(which)
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    out = export_fused(copy.deepcopy(fused_blocks), tok, tmp_path / "blocks_export", bos=1, eos=2)
+    out = export_fused(copy.deepcopy(model), tok, tmp_path / "blocks_export", bos=1, eos=2)
     loaded = LMFusionForCausalLM.from_pretrained(out).model.eval()
     assert loaded.cfg.patcher_layers == 1
-    check_same_denoising_step(fused_blocks, loaded, seed=5)
+    assert loaded.cfg.prompt_context == model.cfg.prompt_context
+    check_same_denoising_step(model, loaded, seed=5)
 
 
 def check_same_denoising_step(source, loaded, seed):

@@ -70,6 +70,13 @@ class FusionConfig:
     # let an image's tokens attend to each other (configs/demo.yaml has the measurement);
     # these blocks do from the first step. 0: none (LMFusion, X-Fusion).
     patcher_layers: int = 0
+    # The output side's blocks also read the prompt's vector: the text tower's last
+    # hidden state (after its final norm) at the token just before the image, its BOI,
+    # which has read the whole prompt (SD3's and Imagen's pooled text vector, taken from
+    # the fused model's own text tower). A linear read-out of SmolLM2's vector there
+    # names a one-object caption's colour, shape, size and position on 100% of held-out
+    # captions, at every layer from the first. Needs patcher_layers >= 1.
+    prompt_context: bool = False
 
     # Diffusion: "ddpm" (epsilon prediction, cosine schedule) or "rectified_flow".
     objective: str = "ddpm"
@@ -182,6 +189,9 @@ class FusionConfig:
                              f"{self.diffusion_loss_weight} must be >= 0")
         if self.patcher_layers < 0:
             raise ValueError(f"model.patcher_layers={self.patcher_layers} must be >= 0")
+        if self.prompt_context and self.patcher_layers < 1:
+            raise ValueError("model.prompt_context is read by the output side's image-only blocks: it needs "
+                             "model.patcher_layers >= 1")
         if self.image_rope == "shared" and self.image_position == "none":
             raise ValueError("model.image_rope=shared gives an image's tokens one position; they need "
                              "model.image_position (sincos or learned) to know where they sit")

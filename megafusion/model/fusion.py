@@ -30,7 +30,7 @@ from .fused_norm import image_norms
 from .image_io import ImageTokenizer
 from .image_rope import rope_cos_sin, rope_positions
 from .layers import make_layer
-from .routing import Routing
+from .routing import Routing, prompt_vectors
 from .towers import DecoderLayer, HeadShape
 
 NUM_IMAGE_TOKENS = 2  # begin-of-image, end-of-image
@@ -301,7 +301,9 @@ class LMFusionModel(nn.Module):
             logits = logits.view(routing.batch_size, routing.seq_len, -1)
 
         h_img = self.image_norm(h[routing.n_text:]).view(n_images, self.tokens_per_image, h.shape[-1])
-        pred = self.objective.velocity(self.image_tokenizer.predict(h_img, aux), x_t, t)
+        context = (prompt_vectors(h, routing, n_images, self.tokens_per_image, self.text_norm)
+                   if self.cfg.prompt_context else None)
+        pred = self.objective.velocity(self.image_tokenizer.predict(h_img, aux, context), x_t, t)
         # A clean image (t == 0, a condition for understanding) has no noise to predict;
         # only noised images carry the diffusion loss.
         noised = t > 0

@@ -198,15 +198,17 @@ def _finish_tokens(embedder: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return tokens if blocks is None else blocks(tokens)
 
 
-def _refine_hidden(predictor: nn.Module, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _refine_hidden(predictor: nn.Module, hidden: torch.Tensor, t: torch.Tensor,
+                   context: torch.Tensor | None = None) -> torch.Tensor:
     """The output side's image-only blocks, where it has them: the transformer's hidden
     states at an image's tokens plus the position table, then the blocks (which add
-    their timestep embedding first; model.patcher_layers)."""
+    their timestep embedding, and the prompt's vector under model.prompt_context,
+    first; model.patcher_layers)."""
     blocks = getattr(predictor, "blocks", None)
     if blocks is None:
         return hidden
     position = getattr(predictor, "position", None)
-    return blocks(hidden if position is None else hidden + position.to(hidden.dtype), t)
+    return blocks(hidden if position is None else hidden + position.to(hidden.dtype), t, context)
 
 
 class ImageBlocks(nn.Module):
@@ -232,7 +234,7 @@ class ImageBlocks(nn.Module):
 
     HEAD_SIZE = 64
 
-    def __init__(self, hidden: int, layers: int, timestep: bool = False):
+    def __init__(self, hidden: int, layers: int, timestep: bool = False, context: bool = False):
         super().__init__()
         if hidden % self.HEAD_SIZE:
             raise ValueError(f"model.patcher_layers needs a hidden size divisible by {self.HEAD_SIZE}, not {hidden}")
@@ -245,10 +247,23 @@ class ImageBlocks(nn.Module):
                 nn.init.zeros_(out.weight)
                 nn.init.zeros_(out.bias)
         self.time = _time_embedding(256, hidden) if timestep else None
+        # model.prompt_context: the prompt's vector [N, hidden] through a zero-initialised
+        # projection (so the model starts as it would without it), added to every token
+        # as Imagen adds its pooled text embedding to the timestep's.
+        self.context = None
+        if context:
+            self.context = nn.Linear(hidden, hidden)
+            nn.init.zeros_(self.context.weight)
+            nn.init.zeros_(self.context.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
         if self.time is not None:
             x = x + _embed_time(self.time, t)[:, None, :].to(x.dtype)
+        if self.context is not None:
+            if context is None or context.shape != (x.shape[0], x.shape[-1]):
+                raise ValueError(f"model.prompt_context: expected a context [{x.shape[0]}, {x.shape[-1]}], got "
+                                 f"{None if context is None else tuple(context.shape)}")
+            x = x + self.context(context.to(self.context.weight.dtype))[:, None, :].to(x.dtype)
         for layer in self.layers:
             x = layer(x)
         return x
@@ -274,8 +289,8 @@ class LinearPredictor(nn.Module):
         nn.init.zeros_(self.proj.weight)  # zero-init: see the module docstring
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unpatchify(self.proj(_refine_hidden(self, hidden, t)), self.p, self.c, self.h, self.w)
+    def forward(self, hidden: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return unpatchify(self.proj(_refine_hidden(self, hidden, t, context)), self.p, self.c, self.h, self.w)
 
 
 class UNetEmbedder(nn.Module):
@@ -324,9 +339,9 @@ class UNetPredictor(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # zero-init: see the module docstring
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         temb = _embed_time(self.time, t)
-        x = self.proj(_refine_hidden(self, hidden, t))
+        x = self.proj(_refine_hidden(self, hidden, t, context))
         x = unpatchify(x, self.p, self.proj.out_features // (self.p * self.p), self.h, self.w)
         for block in self.up_blocks:
             x = block(x, temb)
@@ -393,7 +408,8 @@ class ImageTokenizer(nn.Module):
                                   else UNetPredictor(c, p, hidden, channels, cfg.unet_layers_per_block, h, w))
                 if cfg.patcher_layers:
                     self._add_position_table(self.predictor)
-                    self.predictor.blocks = ImageBlocks(hidden, cfg.patcher_layers, timestep=True)
+                    self.predictor.blocks = ImageBlocks(hidden, cfg.patcher_layers, timestep=True,
+                                                        context=cfg.prompt_context)
 
     def _add_position_table(self, side: nn.Module) -> None:
         """model.image_position's table [1, tokens_per_image, hidden] as side.position."""
@@ -450,9 +466,10 @@ class ImageTokenizer(nn.Module):
         t = torch.as_tensor(t, device=noisy.device).float().reshape(noisy.shape[0])
         return self.embedder(noisy, t), t
 
-    def predict(self, hidden: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    def predict(self, hidden: torch.Tensor, aux: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [N, tokens_per_image, hidden] (the transformer's last hidden states at
-        the image positions) -> prediction [N,C,h,w] in latent space."""
+        the image positions) -> prediction [N,C,h,w] in latent space. context [N, hidden]:
+        each image's prompt vector (model.prompt_context; prompt_context() builds it)."""
         if hidden.dim() != 3 or hidden.shape[1] != self.tokens_per_image:
             raise ValueError(f"hidden shape {tuple(hidden.shape)}: expected [N, {self.tokens_per_image}, {self.hidden_size}]")
-        return self.predictor(hidden, aux)
+        return self.predictor(hidden, aux, context)

@@ -29,7 +29,7 @@ import torch
 from .batch import IMAGE
 from .diffusion import denoise_step, make_sampler_scheduler
 from .image_rope import rope_cos_sin
-from .routing import Routing
+from .routing import Routing, prompt_vectors
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -132,6 +132,10 @@ class KVCache:
     values: list
     valid: torch.Tensor  # [B, P] bool
     next_position: torch.Tensor  # [B] long: RoPE position of each row's next token
+    # [B, hidden]: the last layer's hidden state at each row's last token where it is
+    # text (zeros where it is an image): an image that starts the next step reads its
+    # prompt vector from it (model.prompt_context).
+    last_text: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -145,7 +149,8 @@ class KVCache:
         """Rows by index (repeats allowed: one prompt, several samples)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
         return KVCache([k.index_select(0, rows) for k in self.keys], [v.index_select(0, rows) for v in self.values],
-                       self.valid.index_select(0, rows), self.next_position.index_select(0, rows))
+                       self.valid.index_select(0, rows), self.next_position.index_select(0, rows),
+                       None if self.last_text is None else self.last_text.index_select(0, rows))
 
     @classmethod
     def stack(cls, caches: Sequence["KVCache"]) -> "KVCache":
@@ -164,7 +169,9 @@ class KVCache:
         keys = [torch.cat([pad(c.keys[i], P - c.length) for c in caches], 0) for i in range(n_layers)]
         values = [torch.cat([pad(c.values[i], P - c.length) for c in caches], 0) for i in range(n_layers)]
         valid = torch.cat([pad(c.valid, P - c.length) for c in caches], 0)
-        return cls(keys, values, valid, torch.cat([c.next_position for c in caches], 0))
+        last = [c.last_text for c in caches]
+        last_text = None if any(x is None for x in last) else torch.cat(last, 0)
+        return cls(keys, values, valid, torch.cat([c.next_position for c in caches], 0), last_text)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -252,7 +259,10 @@ def forward_tokens(model, batch: TokenBatch, cache: Optional[KVCache] = None, st
             keys = [torch.cat([a, b], 2) for a, b in zip(cache.keys, new_keys)]
             values = [torch.cat([a, b], 2) for a, b in zip(cache.values, new_values)]
             valid = torch.cat([cache.valid, batch.valid], 1)
-        new_cache = KVCache(keys, values, valid, start + n_valid[:, -1])
+        last = routing.inv.view(B, -1)[:, -1]  # rows are left-padded: the last column is valid
+        is_text = (last < routing.n_text)[:, None]
+        last_text = torch.where(is_text, h.index_select(0, last), 0.0)
+        new_cache = KVCache(keys, values, valid, start + n_valid[:, -1], last_text)
     return StepOutput(h, routing, aux, new_cache, n_images)
 
 
@@ -274,10 +284,20 @@ def all_logits(model, out: StepOutput) -> torch.Tensor:
     return logits.view(R.batch_size, R.seq_len, -1)
 
 
-def image_predictions(model, out: StepOutput) -> torch.Tensor:
-    """[N, C, h, w]: the objective's prediction (epsilon or velocity) for each image."""
+def image_predictions(model, out: StepOutput, cache: Optional[KVCache] = None) -> torch.Tensor:
+    """[N, C, h, w]: the objective's prediction (epsilon or velocity) for each image.
+    cache: the one `out` ran against, for the prompt vector of an image that opens the
+    new tokens (model.prompt_context; the training forward's prompt_vectors otherwise)."""
     h = model.image_norm(out.h[out.routing.n_text:]).view(out.n_images, model.tokens_per_image, -1)
-    return model.image_tokenizer.predict(h, out.aux)
+    context = None
+    if model.cfg.prompt_context:
+        R, tpi = out.routing, model.tokens_per_image
+        context = prompt_vectors(out.h, R, out.n_images, tpi, model.text_norm)
+        if cache is not None and cache.last_text is not None and out.n_images:
+            first = R.perm[R.n_text + torch.arange(out.n_images, device=h.device) * tpi]
+            cached = model.text_norm(cache.last_text.index_select(0, first // R.seq_len))
+            context = torch.where((first % R.seq_len == 0)[:, None], cached.to(context.dtype), context)
+    return model.image_tokenizer.predict(h, out.aux, context)
 
 
 def prefill(model, rows: Sequence[Sequence]) -> tuple[KVCache, Optional[torch.Tensor]]:
@@ -310,7 +330,8 @@ def cached_denoiser(model, cache: KVCache) -> Denoiser:
 
     def denoise(x_t, t):
         out = forward_tokens(model, image_batch(x_t, t, model.tokens_per_image), cache, store=False)
-        return model.objective.velocity(image_predictions(model, out), x_t, torch.as_tensor(t, device=x_t.device))
+        return model.objective.velocity(image_predictions(model, out, cache), x_t,
+                                        torch.as_tensor(t, device=x_t.device))
 
     return denoise
 

@@ -64,3 +64,19 @@ class Routing:
         the same order, since each call gathers that module's parameters collectively and
         each backward reduces its gradients, whatever this rank's batch holds."""
         return torch.cat([text_fn(x_sorted[: self.n_text]), image_fn(x_sorted[self.n_text:])], 0)
+
+
+def prompt_vectors(h_sorted: torch.Tensor, routing: Routing, n_images: int, tokens_per_image: int,
+                   norm) -> torch.Tensor:
+    """[n_images, hidden]: for each image, norm(hidden state) of the token just before its
+    first token (its BOI, which has read the prompt), model.prompt_context's vector; zeros
+    where that token is not text of the same row (an image opening a row, or following
+    another image). h_sorted is [B*L, hidden] in sorted order. No host synchronisation:
+    the indices stay on the device."""
+    if n_images == 0 or routing.n_text == 0:
+        return h_sorted.new_zeros(n_images, h_sorted.shape[-1])
+    first = routing.perm[routing.n_text + torch.arange(n_images, device=h_sorted.device) * tokens_per_image]
+    before = routing.inv[(first - 1).clamp_min(0)]
+    ok = (first % routing.seq_len != 0) & (before < routing.n_text)
+    vectors = norm(h_sorted.index_select(0, torch.where(ok, before, 0)))
+    return vectors * ok[:, None].to(vectors.dtype)

@@ -55,7 +55,7 @@ from megafusion.model.fused_norm import image_norms
 from megafusion.model.fusion import NUM_IMAGE_TOKENS, LMFusionModel
 from megafusion.model.image_io import ImageTokenizer
 from megafusion.model.image_rope import rope_cos_sin
-from megafusion.model.routing import Routing
+from megafusion.model.routing import Routing, prompt_vectors
 from megafusion.parallel.base_weights import BaseWeights, materialize, skeleton_base_model
 
 _INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -315,7 +315,9 @@ class HeadStage(_Stage):
             target = _from_bits(tgt_bits, torch.float32).view(*tgt_shape.tolist())
             n_img = target.shape[0]
             hi = self.image_norm(h[routing.n_text:]).view(n_img, f.tokens_per_image, -1)
-            pred = self.predictor(hi, t)
+            context = (prompt_vectors(h, routing, n_img, f.tokens_per_image, self.text_norm)
+                       if f.cfg.prompt_context else None)
+            pred = self.predictor(hi, t, context)
             if f.objective.velocity_needs_x_t:
                 target, x_t = target.chunk(2, dim=1)
                 pred = f.objective.velocity(pred, x_t, t)

@@ -137,7 +137,10 @@ def test_stage_losses_with_rows_and_columns_as_rope_offsets(tiny_llama):
             assert emitted[:, b, i].tolist() == [start, start + r, start + c], (b, i)
 
 
-def check_stage_losses(tiny_llama, *overrides):
+def check_stage_losses(tiny_llama, *overrides, open_predictor=False):
+    """open_predictor: every zero-initialised weight of the output side (the blocks'
+    residual ends, the prompt vector's projection) set to the same nonzero values in the
+    whole model and the head stage, so that what they read shows in the loss."""
     from megafusion.model.fusion import LMFusionModel
 
     cfg = tiny_cfg(tiny_llama, "model.objective=rectified_flow", *overrides)
@@ -150,6 +153,11 @@ def check_stage_losses(tiny_llama, *overrides):
             module.get_submodule("image_tokenizer.predictor.proj" if module is whole else "predictor.proj") \
                 .weight.copy_(torch.linspace(-0.05, 0.05, whole.image_tokenizer.predictor.proj.weight.numel())
                               .view_as(whole.image_tokenizer.predictor.proj.weight))
+        for name, param in whole.image_tokenizer.predictor.named_parameters() if open_predictor else ():
+            if not bool(param.any()):
+                g = torch.Generator().manual_seed(len(name))
+                param.normal_(std=0.05, generator=g)
+                stages[-1].predictor.get_parameter(name).copy_(param)
     batch = mixed_batch(whole)
     losses, _, _ = run_stages(stages, batch, seed=3)
     torch.manual_seed(3)
@@ -158,6 +166,18 @@ def check_stage_losses(tiny_llama, *overrides):
     torch.testing.assert_close(losses[2], ref.diffusion_loss.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses[1], ref.lm_loss.float(), rtol=1e-5, atol=1e-6)
     return stages, batch
+
+
+def test_stage_losses_with_the_prompt_vector(tiny_llama):
+    """model.prompt_context: the head stage finds each image's BOI among the hidden states
+    it receives, as the whole model does; the diffusion losses agree, and differ from the
+    same stages with the vector's projection zeroed (it is read)."""
+    overrides = ("model.patcher_layers=1", "model.image_position=sincos", "model.prompt_context=true")
+    stages, batch = check_stage_losses(tiny_llama, *overrides, open_predictor=True)
+    with_vector = run_stages(stages, batch, seed=3)[0][2]
+    with torch.no_grad():
+        stages[-1].predictor.blocks.context.weight.zero_()
+    assert (run_stages(stages, batch, seed=3)[0][2] - with_vector).abs() > 1e-6
 
 
 def test_activation_checkpointing_recomputes_decoder_stages(tiny_llama):
