@@ -70,6 +70,10 @@ class FusionConfig:
     # let an image's tokens attend to each other (configs/demo.yaml has the measurement);
     # these blocks do from the first step. 0: none (LMFusion, X-Fusion).
     patcher_layers: int = 0
+    # Which sides get those blocks: "both", or "output" (only before the patch
+    # projection, where model.prompt_context is read; the tower's input is then the
+    # plain patcher's, as LMFusion's).
+    patcher_sides: str = "both"
     # The output side's blocks also read the prompt's vector: the text tower's last
     # hidden state (after its final norm) at the token just before the image, its BOI,
     # which has read the whole prompt (SD3's and Imagen's pooled text vector, taken from
@@ -189,6 +193,8 @@ class FusionConfig:
                              f"{self.diffusion_loss_weight} must be >= 0")
         if self.patcher_layers < 0:
             raise ValueError(f"model.patcher_layers={self.patcher_layers} must be >= 0")
+        if self.patcher_sides not in ("both", "output"):
+            raise ValueError(f"model.patcher_sides={self.patcher_sides!r}: expected one of both, output")
         if self.prompt_context and self.patcher_layers < 1:
             raise ValueError("model.prompt_context is read by the output side's image-only blocks: it needs "
                              "model.patcher_layers >= 1")

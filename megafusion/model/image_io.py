@@ -35,10 +35,11 @@ attends to, which the copied text weights do not read as a place in a 2D grid.
 model.image_rope (image_rope.py) chooses the RoPE positions of an image's tokens.
 
 model.patcher_layers=N adds N image-only transformer blocks (ImageBlocks, trained from
-scratch, bidirectional over one image's tokens) on each side: after the embedder's
-patch embedding, timestep and position table, and before the predictor's projection,
-where the transformer's hidden states get the predictor's own timestep embedding and
-position table first. They live inside `embedder` and `predictor`, so the sides stay
+scratch, bidirectional over one image's tokens) on each side (model.patcher_sides=both)
+or on the output side only (output): after the embedder's patch embedding, timestep and
+position table, and before the predictor's projection, where the transformer's hidden
+states get the predictor's own timestep embedding and position table first (and, with
+model.prompt_context, the prompt's vector). They live inside `embedder` and `predictor`, so the sides stay
 disjoint and a pipeline stage still owns whole sides.
 
 aux returned by embed is the timesteps t [N]; predict needs nothing else. The parameters
@@ -401,7 +402,7 @@ class ImageTokenizer(nn.Module):
                 self.embedder = (LinearEmbedder(c, p, hidden) if cfg.patcher == "linear"
                                  else UNetEmbedder(c, p, hidden, channels, cfg.unet_layers_per_block))
                 self._add_position_table(self.embedder)
-                if cfg.patcher_layers:
+                if cfg.patcher_layers and cfg.patcher_sides == "both":
                     self.embedder.blocks = ImageBlocks(hidden, cfg.patcher_layers)
             else:
                 self.predictor = (LinearPredictor(c, p, hidden, h, w) if cfg.patcher == "linear"

@@ -355,3 +355,26 @@ def test_patcher_layers_train_every_weight_and_sides_build_alone():
         ImageTokenizer(cfg, 48)
     with pytest.raises(ValueError, match="patcher_layers"):
         _cfg(patcher_layers=-1).validate()
+
+
+def test_patcher_sides_output_leaves_the_input_side_plain():
+    """model.patcher_sides=output: with every block opened, the input side still gives the
+    plain patcher's tokens bitwise (no blocks there), while the output side's blocks move
+    the prediction; an unknown side is refused."""
+    hidden, size, p = 64, 8, 2
+    t = torch.tensor([300.0, 700.0])
+    cfg = dict(image_size=size, patch_size=p, image_position="sincos")
+    tok = ImageTokenizer(_cfg(**cfg, patcher_layers=1, patcher_sides="output"), hidden, side_seed=3)
+    plain = ImageTokenizer(_cfg(**cfg), hidden, side_seed=3)
+    both = ImageTokenizer(_cfg(**cfg, patcher_layers=1), hidden, side_seed=3)
+    for model in (tok, both):
+        _open_blocks(model)
+    x = _pixels(n=2, size=size)
+    tokens, aux = tok.embed(x, t)
+    assert torch.equal(tokens, plain.embed(x, t)[0])
+    assert not torch.equal(both.embed(x, t)[0], tokens)
+    with torch.no_grad():
+        plain.predictor.proj.weight.copy_(tok.predictor.proj.weight)
+    assert not torch.allclose(tok.predict(tokens, aux), plain.predict(tokens, aux))
+    with pytest.raises(ValueError, match="patcher_sides"):
+        _cfg(patcher_layers=1, patcher_sides="input").validate()
