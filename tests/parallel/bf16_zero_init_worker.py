@@ -1,7 +1,8 @@
 """Run as one rank (`python bf16_zero_init_worker.py configs/tiny.yaml`): tiny.yaml with
 the large configs' precision, train.dtype=bf16 and parallel.zero_init=true, for both
 patchers and for the linear one with image-only blocks (model.patcher_layers, diffusers'
-transformer blocks, which ZeRO-3 must gather and partition like the rest). Before the fix deepspeed.initialize asserted in ZeRO-3's defragment (the image
+transformer blocks, which ZeRO-3 must gather and partition like the rest, and the prompt
+vector they read, which calls the partitioned text norm a second time in the forward). Before the fix deepspeed.initialize asserted in ZeRO-3's defragment (the image
 tokenizer was fp32 beside bf16 tower copies).
 
 Reference: the same model built whole (parallel.zero_init=false), which
@@ -29,7 +30,8 @@ def dtypes(module) -> dict:
 
 
 VARIANTS = {"linear": ["model.patcher=linear"], "unet": ["model.patcher=unet"],
-            "blocks": ["model.patcher=linear", "model.patcher_layers=1", "model.image_position=sincos"]}
+            "blocks": ["model.patcher=linear", "model.patcher_layers=1", "model.image_position=sincos",
+                       "model.prompt_context=true"]}
 
 
 def build(config: str, variant: str, zero_init: bool):
