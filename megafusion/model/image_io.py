@@ -470,7 +470,7 @@ class ImageTokenizer(nn.Module):
     def predict(self, hidden: torch.Tensor, aux: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [N, tokens_per_image, hidden] (the transformer's last hidden states at
         the image positions) -> prediction [N,C,h,w] in latent space. context [N, hidden]:
-        each image's prompt vector (model.prompt_context; prompt_context() builds it)."""
+        each image's prompt vector (model.prompt_context; routing.prompt_vectors builds it)."""
         if hidden.dim() != 3 or hidden.shape[1] != self.tokens_per_image:
             raise ValueError(f"hidden shape {tuple(hidden.shape)}: expected [N, {self.tokens_per_image}, {self.hidden_size}]")
         return self.predictor(hidden, aux, context)

@@ -132,9 +132,9 @@ class KVCache:
     values: list
     valid: torch.Tensor  # [B, P] bool
     next_position: torch.Tensor  # [B] long: RoPE position of each row's next token
-    # [B, hidden]: the last layer's hidden state at each row's last token where it is
-    # text (zeros where it is an image): an image that starts the next step reads its
-    # prompt vector from it (model.prompt_context).
+    # [B, hidden] under model.prompt_context (None otherwise): the last layer's hidden
+    # state at each row's last token where it is text (zeros where it is an image): an
+    # image that opens the next step's tokens reads its prompt vector from it.
     last_text: Optional[torch.Tensor] = None
 
     @property
@@ -259,9 +259,10 @@ def forward_tokens(model, batch: TokenBatch, cache: Optional[KVCache] = None, st
             keys = [torch.cat([a, b], 2) for a, b in zip(cache.keys, new_keys)]
             values = [torch.cat([a, b], 2) for a, b in zip(cache.values, new_values)]
             valid = torch.cat([cache.valid, batch.valid], 1)
-        last = routing.inv.view(B, -1)[:, -1]  # rows are left-padded: the last column is valid
-        is_text = (last < routing.n_text)[:, None]
-        last_text = torch.where(is_text, h.index_select(0, last), 0.0)
+        last_text = None
+        if model.cfg.prompt_context:
+            last = routing.inv.view(B, -1)[:, -1]  # rows are left-padded: the last column is valid
+            last_text = torch.where((last < routing.n_text)[:, None], h.index_select(0, last), 0.0)
         new_cache = KVCache(keys, values, valid, start + n_valid[:, -1], last_text)
     return StepOutput(h, routing, aux, new_cache, n_images)
 
@@ -291,12 +292,8 @@ def image_predictions(model, out: StepOutput, cache: Optional[KVCache] = None) -
     h = model.image_norm(out.h[out.routing.n_text:]).view(out.n_images, model.tokens_per_image, -1)
     context = None
     if model.cfg.prompt_context:
-        R, tpi = out.routing, model.tokens_per_image
-        context = prompt_vectors(out.h, R, out.n_images, tpi, model.text_norm)
-        if cache is not None and cache.last_text is not None and out.n_images:
-            first = R.perm[R.n_text + torch.arange(out.n_images, device=h.device) * tpi]
-            cached = model.text_norm(cache.last_text.index_select(0, first // R.seq_len))
-            context = torch.where((first % R.seq_len == 0)[:, None], cached.to(context.dtype), context)
+        context = prompt_vectors(out.h, out.routing, out.n_images, model.tokens_per_image, model.text_norm,
+                                 None if cache is None else cache.last_text)
     return model.image_tokenizer.predict(h, out.aux, context)
 
 

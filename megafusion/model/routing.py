@@ -67,16 +67,25 @@ class Routing:
 
 
 def prompt_vectors(h_sorted: torch.Tensor, routing: Routing, n_images: int, tokens_per_image: int,
-                   norm) -> torch.Tensor:
+                   norm, row_before: torch.Tensor | None = None) -> torch.Tensor:
     """[n_images, hidden]: for each image, norm(hidden state) of the token just before its
-    first token (its BOI, which has read the prompt), model.prompt_context's vector; zeros
-    where that token is not text of the same row (an image opening a row, or following
-    another image). h_sorted is [B*L, hidden] in sorted order. No host synchronisation:
-    the indices stay on the device."""
-    if n_images == 0 or routing.n_text == 0:
-        return h_sorted.new_zeros(n_images, h_sorted.shape[-1])
+    first token (its BOI, which has read the prompt), model.prompt_context's vector.
+    An image opening a row takes row_before [B, hidden] (the hidden state of the token
+    that precedes the row: a KV cache's last text token, zeros where that was an image);
+    without it, and where the token before is another image, the vector is zeros.
+    h_sorted is [B*L, hidden] in sorted order. No host synchronisation: the indices stay
+    on the device."""
+    if n_images == 0:
+        return h_sorted.new_zeros(0, h_sorted.shape[-1])
     first = routing.perm[routing.n_text + torch.arange(n_images, device=h_sorted.device) * tokens_per_image]
+    opens_row = first % routing.seq_len == 0
     before = routing.inv[(first - 1).clamp_min(0)]
-    ok = (first % routing.seq_len != 0) & (before < routing.n_text)
-    vectors = norm(h_sorted.index_select(0, torch.where(ok, before, 0)))
+    in_row = ~opens_row & (before < routing.n_text)
+    vectors = h_sorted.index_select(0, torch.where(in_row, before, 0))
+    ok = in_row
+    if row_before is not None:
+        vectors = torch.where(opens_row[:, None], row_before.index_select(0, first // routing.seq_len)
+                              .to(vectors.dtype), vectors)
+        ok = in_row | opens_row
+    vectors = norm(vectors)
     return vectors * ok[:, None].to(vectors.dtype)

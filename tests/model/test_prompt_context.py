@@ -25,11 +25,12 @@ def test_prompt_vectors_brute_force():
     routing = Routing.from_modality(modality)
     h_seq = torch.randn(B, L, H, generator=torch.Generator().manual_seed(0))
     norm = lambda x: 2 * x + 1  # any row-wise map; zeros must not pass through it unmasked
-    expected = []
+    expected, starts = [], []
     for b, r in enumerate(rows):
         col = 0
         while col < L:
             if r[col] == "I":
+                starts.append((b, col))
                 expected.append(norm(h_seq[b, col - 1]) if col > 0 and r[col - 1] == "T" else torch.zeros(H))
                 col += T
             else:
@@ -37,6 +38,14 @@ def test_prompt_vectors_brute_force():
     got = prompt_vectors(routing.to_sorted(h_seq), routing, len(expected), T, norm)
     assert torch.equal(got, torch.stack(expected))
     assert prompt_vectors(routing.to_sorted(h_seq), routing, 0, T, norm).shape == (0, H)
+    # With the hidden state of the token before each row (a KV cache's), an image that
+    # opens a row reads it; the others are unchanged.
+    row_before = torch.randn(B, H, generator=torch.Generator().manual_seed(1))
+    opening = [i for i, (b, col) in enumerate(starts) if col == 0]
+    for i in opening:
+        expected[i] = norm(row_before[starts[i][0]])
+    got = prompt_vectors(routing.to_sorted(h_seq), routing, len(expected), T, norm, row_before)
+    assert opening and torch.equal(got, torch.stack(expected))
 
 
 @pytest.fixture(scope="module")
