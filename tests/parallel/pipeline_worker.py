@@ -41,6 +41,7 @@ def main():
 
     base_weights.BaseWeights.get = recording_get
 
+    drawn, logged = _record_throughput(Trainer)
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg)
     code = trainer.run()
@@ -69,11 +70,65 @@ def main():
         "optimizer": type(trainer.engine.optimizer).__name__,
         "held_bytes": held_bytes(trainer.engine),
         "frozen_trainable": parameter_counts(module),
+        "data_parallel": trainer.world // cfg.parallel.pipeline_stages,
+        "batches_drawn": drawn,
+        "scalars_logged": logged,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{result['rank']}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()
     print(f"PIPELINE_WORKER_OK rank {result['rank']}", flush=True)
+
+
+def _record_throughput(Trainer):
+    """What the trainer's throughput scalars must count, recorded beside what it logs.
+    The trainer's clock (megafusion.parallel.trainer.time.time) is replaced by one that
+    advances exactly one second per training step, so a logged rate times log.every is
+    the amount the trainer counted over those steps. Recorded per batch this rank drew:
+    its real tokens (the packer's count) and its model FLOPs (Trainer._batch_flops,
+    checked against torch's FlopCounterMode in tests/test_flops.py)."""
+    import time as real_time
+
+    from megafusion.parallel import trainer as trainer_module
+
+    class StepClock:
+        now = 1.0e9
+
+        def time(self):
+            return self.now
+
+        def __getattr__(self, name):
+            return getattr(real_time, name)
+
+    clock = StepClock()
+    trainer_module.time = clock
+    drawn, logged, step_of_batch = [], [], [1]
+    real_next, real_flops = Trainer._next_batch, Trainer._batch_flops
+    real_step, real_scalars = Trainer._pipeline_step, Trainer._scalars
+
+    def next_batch(self):
+        batch = real_next(self)
+        stats = getattr(batch, "stats", None) or {}
+        drawn.append({"step": step_of_batch[0], "tokens": int(stats["tokens"]), "flops": self._last_flops})
+        return batch
+
+    def batch_flops(self, batch):
+        self._last_flops = real_flops(self, batch)
+        return self._last_flops
+
+    def pipeline_step(self):
+        out = real_step(self)
+        clock.now += 1.0
+        step_of_batch[0] += 1
+        return out
+
+    def scalars(self, w, step, loss, lm, diff, gnorm, lr, tok_s, samp_s, skipped, flops_s):
+        logged.append({"step": step, "tokens_per_s": tok_s, "flops_per_s": flops_s})
+        return real_scalars(self, w, step, loss, lm, diff, gnorm, lr, tok_s, samp_s, skipped, flops_s)
+
+    Trainer._next_batch, Trainer._batch_flops = next_batch, batch_flops
+    Trainer._pipeline_step, Trainer._scalars = pipeline_step, scalars
+    return drawn, logged
 
 
 if __name__ == "__main__":

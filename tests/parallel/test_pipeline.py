@@ -255,8 +255,8 @@ def test_two_stages_build_only_their_own_layers(run_two_ranks, synthetic_shards,
     only its stage's layers, never loads the whole base, and trains."""
     out, run_dir = tmp_path / "out", tmp_path / "run"
     run_two_ranks("pipeline_worker.py", str(out), f"run.dir={run_dir}", f"data.train={synthetic_shards}",
-                  f"data.run_id=pipe-{tmp_path.name}", "train.steps=6", "log.tensorboard=false", "checkpoint.every=0",
-                  "parallel.pipeline_stages=2", "parallel.zero_stage=1", "parallel.ds_config=ds_configs/pipeline_zero1.json",
+                  f"data.run_id=pipe-{tmp_path.name}", "train.steps=6", "checkpoint.every=0",
+                  "log.every=3", "log.peak_flops_per_device=1.0e12", "parallel.pipeline_stages=2", "parallel.zero_stage=1", "parallel.ds_config=ds_configs/pipeline_zero1.json",
                   "train.dtype=bf16", "model.activation_checkpointing=true")
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     layer_keys = lambda r, i: {k for k in r["base_tensors_read"] if k.startswith(f"model.layers.{i}.")}
@@ -285,6 +285,17 @@ def test_two_stages_build_only_their_own_layers(run_two_ranks, synthetic_shards,
     for m in rows.values():
         assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "lm_loss", "diffusion_loss")), m
     assert rows[6]["loss"] < rows[1]["loss"] and rows[6]["diffusion_loss"] < rows[1]["diffusion_loss"]
+    # Throughput counts each batch once: both stages draw the same batches, so the tokens
+    # and FLOPs of steps 1-3 and 4-6 are what one rank drew (x its data-parallel size,
+    # 1 here), not x the number of stages. The worker's clock advances 1 s per step.
+    assert ranks[0]["batches_drawn"] == ranks[1]["batches_drawn"]
+    assert ranks[0]["data_parallel"] == 1
+    logged = ranks[0]["scalars_logged"]
+    assert [x["step"] for x in logged] == [3, 6], logged
+    for x in logged:
+        window = [b for b in ranks[0]["batches_drawn"] if x["step"] - 3 < b["step"] <= x["step"]]
+        assert window and x["tokens_per_s"] * 3 == pytest.approx(sum(b["tokens"] for b in window), rel=1e-9)
+        assert x["flops_per_s"] * 3 == pytest.approx(sum(b["flops"] for b in window), rel=1e-9)
 
 
 def test_stages_choose_the_attention_backend_with_their_activations_dtype(tiny_llama, monkeypatch):
