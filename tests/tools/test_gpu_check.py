@@ -168,6 +168,31 @@ def test_cpu_dry_run_passes(tmp_path):
     assert "4" in tp["formula"] and "frozen" in tp["formula"]
 
 
+@pytest.mark.parametrize("decay_scale, ok", [(1.0, True), (0.0, False)])
+def test_kernels_check_compares_fused_adams_with_torchs_after_one_step(apex_stand_in, decay_scale, ok):
+    """The AdamW comparison the GPU check runs: apex's FusedAdam (a stand-in with its
+    signature, stepping torch's plain AdamW) agrees with torch's fused AdamW after one
+    step; one that drops the decoupled weight decay fails the check. DeepSpeed's FusedAdam
+    is a CUDA op: on the CPU it is recorded as not installed, with the reason, and the
+    check goes on."""
+    import torch
+
+    from tools.gpu_kernels import check_kernels
+
+    class StandIn(torch.optim.AdamW):
+        def __init__(self, params, adam_w_mode=True, weight_decay=0.0, **kw):
+            assert adam_w_mode
+            super().__init__(params, weight_decay=weight_decay * decay_scale, foreach=False, **kw)
+
+    apex_stand_in(optimizers={"FusedAdam": StandIn})
+    result = check_kernels(torch.device("cpu"), gpu_check.SIZES["cpu"],
+                           adam_kinds=["torch_fused", "apex_fused"])
+    adam = result["adamw"]
+    assert adam["apex_fused"]["installed"] is True and adam["apex_fused"]["step_ms"] > 0
+    assert (adam["apex_fused"]["max_abs_diff_to_torch_after_one_step"] < 1e-5) is ok
+    assert result["ok"] is ok
+
+
 @pytest.mark.parametrize("eps_shift,ok", [(0.0, True), (1.0, False)])
 def test_kernels_check_compares_an_installed_fused_norm_with_the_llama_norm(apex_stand_in, eps_shift, ok):
     """With apex's FusedRMSNorm importable (a stand-in with apex's signature, RMSNorm
