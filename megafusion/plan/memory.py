@@ -17,15 +17,28 @@ Model states (per trainable parameter unless said; w = the weight dtype's bytes)
   stage, weights and bf16 gradients whole, an fp32 gradient accumulation buffer whole,
   master and moments partitioned over the stage's D replicas.
 
-Activations per micro-batch (bf16; attention by a flash or flex kernel, which keeps no
-(query, key) matrix): a decoder layer keeps, per token, its input, the routing copies
-into and out of the towers, q, k, v, the attention output, the residual, the MLP's gate,
-up, activation and product, and for each RMSNorm its fp32 input and normalised output.
-With activation checkpointing only each layer's input is kept, and one layer at a time is
-recomputed in the backward pass (its activations and their gradients). Logits are
-computed at text positions only: bf16 logits, their fp32 copy in the loss and the bf16
-gradient. The U-Net patcher (at the latent resolution, not checkpointed) keeps about seven
-feature maps per ResNet block on each side.
+Activations per micro-batch (w bytes per value; attention by flash-attn, which keeps q,
+k, v, its output and an fp32 log-sum-exp, no (query, key) matrix) are what autograd
+saves for the backward pass, tensor by tensor (tests/plan/test_activation_memory.py
+measures them). Per token and tower, every RMSNorm keeps its fp32 input (and 1/rms) and
+the MLP its gate, up and activation outputs (silu keeps its input, the product both
+factors). A trainable tower also keeps what its weights' gradients read: each norm's
+normalised input and output (the projections' input), the MLP's product (down_proj's
+input) and the attention output routed back to sorted order (o_proj's input: in lmfusion
+one tensor for all tokens, kept whole when either tower trains). A frozen linear layer
+keeps nothing, so a frozen tower keeps none of these. Not kept: the layer's input, the
+residual sums, the q/k/v copies into sequence order. An attention stream keeps q, k, v and
+the output of every token, and for image queries (the flash decomposition's second call)
+copies of their q, their output, and the keys and values of their document up to the
+image's end. dual_tower, xfuse and gated_tower run two streams and both towers' input
+norms on every token; xfuse and gated_tower run the frozen block's post-attention side on
+image tokens too, and keep the inputs of their mix. With activation checkpointing a layer
+keeps only its input, and one layer at a time is recomputed in the backward pass (its
+activations and their gradients). After the last layer the final norms keep their fp32
+inputs and, trainable, their normalised input (the image norm also its output, the
+patcher's input). Logits are computed at text positions only: bf16 logits, their fp32
+copy in the loss and the bf16 gradient. The U-Net patcher (at the latent resolution, not
+checkpointed) keeps about seven feature maps per ResNet block on each side.
 """
 from __future__ import annotations
 
@@ -35,17 +48,54 @@ from megafusion.plan.shapes import ModelShape, stage_layers
 FP32 = 4
 
 
-def layer_activation_bytes_per_token(shape: ModelShape, w: int, image_share: float = 0.0) -> float:
-    """Bytes a decoder layer keeps per token; image_share, the share of image tokens,
-    matters to the designs that run a second block's o_proj and MLP on them."""
+def _trains(shape: ModelShape, prefix: str) -> bool:
+    return any(p.trainable for p in shape.params if p.name.startswith(prefix))
+
+
+def _norm_bytes(h: int, w: int, trains: bool) -> int:
+    """An RMSNorm's per-token keep: the fp32 input and 1/rms; trainable, also the
+    normalised input (the weight's gradient) and the output (the next linear's)."""
+    return FP32 * (h + 1) + (2 * w * h if trains else 0)
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, w: int, wl: Workload) -> float:
+    """Bytes a decoder layer keeps for the backward pass, per token of the micro-batch wl
+    (text and image tokens differ: frozen towers keep less, image queries more)."""
     h, kv, i = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
-    kept = h + 2 * h + h + 2 * kv + h + h + 4 * i  # input, routing in/out, q, k+v, attn out, residual, MLP
-    total = w * kept + 2 * (FP32 + w) * h          # + two RMSNorms
-    if shape.tower_mode in ("dual_tower", "xfuse", "gated_tower"):  # a second attention stream on every token
-        total += w * (h + 2 * kv + h) + (FP32 + w) * h
-    if shape.tower_mode in ("xfuse", "gated_tower"):  # the second block's residual, MLP and norm at image tokens
-        total += image_share * (w * (h + 4 * i) + (FP32 + w) * h)
-    return total
+    mode = shape.tower_mode
+    text = _trains(shape, "layers.0.text.")
+    image = text if mode == "single_tower" else _trains(shape, "layers.0.image.")  # one tower for all tokens
+    tokens, n_text, n_image = wl.tokens, wl.text_tokens, wl.image_tokens
+
+    def mlp_side(trains):  # post-attention norm and MLP: gate, up, activation (+ product, trainable)
+        return _norm_bytes(h, w, trains) + w * i * (4 if trains else 3)
+
+    def o_in(trains):  # the attention output rows o_proj reads
+        return w * h if trains else 0
+
+    # One attention stream: q, k, v, output and log-sum-exp of every token; image queries
+    # again (q, output, log-sum-exp) with their document's keys and values up to the image's end.
+    stream = (tokens * (w * (2 * h + 2 * kv) + FP32 * shape.heads) + n_image * (2 * w * h + FP32 * shape.heads)
+              + wl.images * 2 * w * kv * (wl.caption_tokens + 1 + wl.tokens_per_image))
+    if mode in ("lmfusion", "single_tower"):
+        total = (n_text * (_norm_bytes(h, w, text) + mlp_side(text))
+                 + n_image * (_norm_bytes(h, w, image) + mlp_side(image)) + stream + tokens * o_in(text or image))
+    else:  # two streams: both towers' q/k/v (and input norms) on every token
+        total = (tokens * (_norm_bytes(h, w, text) + _norm_bytes(h, w, image)) + 2 * stream
+                 + n_text * (mlp_side(text) + o_in(text)) + n_image * (mlp_side(image) + o_in(image)))
+        if mode in ("xfuse", "gated_tower"):  # the frozen block's o_proj and MLP on image tokens too
+            total += n_image * (mlp_side(text) + o_in(text))
+            total += n_image * w * h * (2 if mode == "xfuse" else 1)  # the mix's inputs (alpha, beta / the gate)
+    return total / max(1, tokens)
+
+
+def head_activation_bytes(shape: ModelShape, w: int, wl: Workload) -> int:
+    """The final norms after the last layer (the logits are counted apart). The text
+    norm's output is cut to the target rows before the LM head, so only that copy (a
+    logits-side tensor) is kept, not the output itself."""
+    h = shape.hidden
+    text = FP32 * (h + 1) + (w * h if _trains(shape, "text_norm.") else 0)
+    return wl.text_tokens * text + wl.image_tokens * _norm_bytes(h, w, _trains(shape, "image_norm."))
 
 
 def unet_activation_bytes_per_image(shape: ModelShape, w: int) -> int:
@@ -61,13 +111,16 @@ def activation_parts(shape: ModelShape, s: Setting, wl: Workload, layers: int, i
     """Activation memory of a rank running `layers` decoder layers with `in_flight`
     micro-batches alive (1 without pipeline stages)."""
     w = s.weight_bytes
-    per_layer = int(wl.tokens * layer_activation_bytes_per_token(shape, w, wl.image_tokens / max(1, wl.tokens)))
+    per_layer = int(wl.tokens * layer_activation_bytes_per_token(shape, w, wl))
     layer_input = wl.tokens * shape.hidden * w
+    # After the last layer: the final norms where the head runs, else the stage's output.
+    after = head_activation_bytes(shape, w, wl) if logits else layer_input
+    without = in_flight * (layers * per_layer + after)
     if s.checkpointing:
-        act = in_flight * (layers + 1) * layer_input
+        act = in_flight * (layers * layer_input + after)
         recompute = 2 * per_layer
     else:
-        act = in_flight * (layers * per_layer + layer_input)
+        act = without
         recompute = 0
     return {
         "activations": act,
@@ -75,7 +128,7 @@ def activation_parts(shape: ModelShape, s: Setting, wl: Workload, layers: int, i
         "logits": wl.logit_tokens * shape.vocab * (2 * w + FP32) if logits else 0,
         "U-Net activations": in_flight * wl.images * unet_activation_bytes_per_image(shape, w) * unet_sides // 2,
         # For the report: what the layers would keep without checkpointing.
-        "_activations without checkpointing": in_flight * (layers * per_layer + layer_input),
+        "_activations without checkpointing": without,
     }
 
 
