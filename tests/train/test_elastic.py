@@ -48,15 +48,33 @@ def reference(tmp_path_factory, tiny_llama, synthetic_shards):
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_ranks(reference, tmp_path, synthetic_shards, before, after):
+    check_resume(reference, tmp_path, synthetic_shards, before, after)
+
+
+ZERO2 = ("parallel.zero_stage=2", "parallel.ds_config=ds_configs/zero2.json")
+
+
+def test_zero2_resumes_on_one_rank(tmp_path, synthetic_shards):
+    """ZeRO-2 (the X-Fusion configs' stage, and one the planner weighs for 8B) goes
+    through the same universal checkpoint: 2 ranks to step 3, then 1, against an
+    uninterrupted 2-rank ZeRO-2 run."""
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    _, samples = launch_run(ref_dir / "run", synthetic_shards, 2, ref_dir, "ref", None, *ZERO2)
+    check_resume((by_step(metrics(ref_dir / "run")), drawn(samples)), tmp_path, synthetic_shards, 2, 1, *ZERO2)
+
+
+def check_resume(reference, tmp_path, synthetic_shards, before, after, *extra):
     ref, ref_drawn = reference
     run_dir = tmp_path / "run"
     out, _ = launch_run(run_dir, synthetic_shards, before, tmp_path, "first",
-                        {"MEGAFUSION_TEST_SIGUSR1_AT_STEP": str(STOP)})
+                        {"MEGAFUSION_TEST_SIGUSR1_AT_STEP": str(STOP)}, *extra)
     assert f"stopped by signal after step {STOP}" in out
     # The resumed part's draws go to their own folder: the first part's rank processes
     # are gone, and the two parts together must draw what the reference drew.
     dump = tmp_path / "resumed.pt"
-    out, _ = launch_run(run_dir, synthetic_shards, after, tmp_path, "first", {"MEGAFUSION_TEST_DUMP_RESUMED": str(dump)})
+    out, _ = launch_run(run_dir, synthetic_shards, after, tmp_path, "first", {"MEGAFUSION_TEST_DUMP_RESUMED": str(dump)},
+                        *extra)
     assert f"at step {STOP}" in out and f"written by {before} ranks and loaded on {after}" in out, out[-4000:]
     assert not (run_dir / "checkpoints" / "universal").exists()  # the final save replaced it
     assert (run_dir / "checkpoints" / "latest").read_text() == f"global_step{STEPS}"
