@@ -88,7 +88,8 @@ def _partitions_differ(text: torch.nn.Parameter, twin: torch.nn.Parameter) -> st
             return f"{which} on one side only"
         if hasattr(a, "ds_quant_scale") or hasattr(b, "ds_quant_scale"):
             return "the frozen partition is quantized (zero_quantized_nontrainable_weights)"
-        if "nvme" in (str(getattr(a, "final_location", None)), str(getattr(b, "final_location", None))):
+        # final_location is OffloadDeviceEnum.nvme, whose str() is "OffloadDeviceEnum.nvme".
+        if any("nvme" in str(getattr(t, "final_location", None)) for t in (a, b)):
             return "a partition is swapped out to NVMe"
         if a.dtype != b.dtype or a.numel() != b.numel():
             return f"{which} {a.dtype} x {a.numel()} against {b.dtype} x {b.numel()}"
