@@ -16,7 +16,7 @@ directory (consolidated on the fly, as the exporter does). From Python:
     G.generate_text(gen, ["The capital of France is"])
     G.interleave(gen, "Draw a red circle:")    # ["text", <PIL image>, "text", ...]
 
-How the model is asked (megafusion/model/inference.py does the work, with a KV cache):
+How the model is asked (megafusion/model/tasks.py does the work over inference.py's KV cache):
 - image: [BOS] caption [BOI] then the image, as the data pipeline lays out a generation
   sample; classifier-free guidance against the dropped caption [BOS][BOI] (what the
   data pipeline's caption_drop trains), conditional and unconditional rows in one
@@ -45,6 +45,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from megafusion.model import inference as inf
+from megafusion.model import tasks
 
 ImageLike = Union[str, os.PathLike, "PIL.Image.Image", torch.Tensor]  # noqa: F821
 
@@ -249,7 +250,7 @@ def generate_image(gen: Generator, prompts: str | Sequence[str], *, n: int = 1, 
         raise GenerateError(f"--steps {steps} / --n {n}: must be >= 1")
     g = torch.Generator().manual_seed(int(seed))
     try:
-        latents = inf.text_to_image(gen.model, [gen.tokenize(p) for p in prompts], bos=gen.bos, boi=gen.boi,
+        latents = tasks.text_to_image(gen.model, [gen.tokenize(p) for p in prompts], bos=gen.bos, boi=gen.boi,
                                     num_images=n, steps=steps, guidance_scale=cfg, generator=g, use_cache=use_cache,
                                     progress=_progress(progress, "denoise"))
     except ValueError as exc:  # e.g. more steps than the schedule has
@@ -272,7 +273,7 @@ def caption(gen: Generator, images: ImageLike | Sequence[ImageLike], *, max_new_
                                     seed=seed, prompt=prompt, min_new_tokens=min_new_tokens)
     pixels = torch.stack([_pixels(gen, im) for im in images]).to(device=gen.device, dtype=m.image_token_embed.dtype)
     latents = m.image_tokenizer.encode_images(pixels)
-    ids = inf.image_to_text(m, latents, bos=gen.bos, boi=gen.boi, eoi=gen.eoi, eos=gen.eos,
+    ids = tasks.image_to_text(m, latents, bos=gen.bos, boi=gen.boi, eoi=gen.eoi, eos=gen.eos,
                             prompt=gen.tokenize(prompt) if prompt else (), max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(int(seed)),
                             min_new_tokens=min_new_tokens)
@@ -290,7 +291,7 @@ def _caption_through_vlm(gen: Generator, images: list, *, max_new_tokens: int, t
                   add_special_tokens=False, padding=True)
     head = [gen.bos] if gen.bos is not None else []
     prompts = [head + ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
-    ids = inf.vlm_image_to_text(gen.model, prompts, inputs["pixel_values"], inputs.get("image_sizes"), eos=gen.eos, max_new_tokens=max_new_tokens,
+    ids = tasks.vlm_image_to_text(gen.model, prompts, inputs["pixel_values"], inputs.get("image_sizes"), eos=gen.eos, max_new_tokens=max_new_tokens,
                                 banned=(gen.boi, gen.eoi), temperature=temperature, top_p=top_p,
                                 generator=torch.Generator().manual_seed(int(seed)), min_new_tokens=min_new_tokens)
     return [gen.detokenize(x) for x in ids]
@@ -301,7 +302,7 @@ def generate_text(gen: Generator, prompts: str | Sequence[str], *, max_new_token
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, return_ids: bool = False) -> list:
     """Text to text (BOI/EOI never sampled): greedy output is the base model's."""
     prompts = _as_list(prompts)
-    ids = inf.text_to_text(gen.model, [gen.tokenize(p) for p in prompts], bos=gen.bos, eos=gen.eos,
+    ids = tasks.text_to_text(gen.model, [gen.tokenize(p) for p in prompts], bos=gen.bos, eos=gen.eos,
                            banned=(gen.boi, gen.eoi), max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, generator=torch.Generator().manual_seed(int(seed)))
     return ids if return_ids else [gen.detokenize(x) for x in ids]
@@ -315,7 +316,7 @@ def interleave(gen: Generator, prompt: str, *, max_new_tokens: int = 256, max_im
     emitting BOI (lm_loss_on_boi trains that); logits_processor(new_ids, logits) may
     steer it (new_ids: one list per row, logits [1, V + 2])."""
     head = [gen.bos] if gen.bos is not None else []
-    segments = inf.interleave(
+    segments = tasks.interleave(
         gen.model, head + gen.tokenize(prompt), boi=gen.boi, eoi=gen.eoi, eos=gen.eos, uncond_ids=head + [gen.boi],
         max_new_tokens=max_new_tokens, max_images=max_images, steps=gen.steps if steps is None else int(steps),
         guidance_scale=gen.guidance_scale if cfg is None else float(cfg), temperature=temperature, top_p=top_p,
@@ -395,7 +396,7 @@ def sampling_cached_vs_uncached(steps: int = 50, repeats: int = 3, prompt_tokens
         bos, boi = 1, model.boi_id
 
         def sample(use_cache, n_steps=steps):
-            return lambda: inf.text_to_image(model, [prompt], bos=bos, boi=boi, steps=n_steps,
+            return lambda: tasks.text_to_image(model, [prompt], bos=bos, boi=boi, steps=n_steps,
                                              guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0),
                                              use_cache=use_cache)
 
@@ -403,7 +404,7 @@ def sampling_cached_vs_uncached(steps: int = 50, repeats: int = 3, prompt_tokens
         x = torch.randn(len(rows), 3, 32, 32, generator=g)
         t = torch.full((len(rows),), 500.0)
         cache, _ = inf.prefill(model, rows)
-        cached_step, uncached_step = inf.cached_denoiser(model, cache), inf.uncached_denoiser(model, rows)
+        cached_step, uncached_step = tasks.cached_denoiser(model, cache), tasks.uncached_denoiser(model, rows)
 
         def step(fn):
             return lambda: [fn(x, t) for _ in range(step_repeats)]

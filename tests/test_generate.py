@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from megafusion import generate as G
 from megafusion.model import inference as inf
+from megafusion.model import tasks
 from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment
 from megafusion.model.config import FusionConfig
 from megafusion.model.fusion import LMFusionModel
@@ -121,8 +122,8 @@ def check_cached_denoising_step(model, seed):
     prompt = [[1] + cap + [boi]]
     cache, logits = inf.prefill(model, prompt)
     t = torch.tensor([700.0])
-    cached = inf.cached_denoiser(model, cache)(ref.noisy_images, t)
-    uncached = inf.uncached_denoiser(model, prompt)(ref.noisy_images, t)
+    cached = tasks.cached_denoiser(model, cache)(ref.noisy_images, t)
+    uncached = tasks.uncached_denoiser(model, prompt)(ref.noisy_images, t)
     assert ref.image_prediction.abs().max() > 0.1
     assert (cached - ref.image_prediction).abs().max().item() <= TOL
     assert (uncached - ref.image_prediction).abs().max().item() <= TOL
@@ -171,8 +172,8 @@ def check_cached_sampling(source):
     model = copy.deepcopy(source).double()
     prompts = [ids(9, 10), ids(3, 11)]  # different lengths: left padding
     kw = dict(bos=1, boi=model.boi_id, num_images=2, steps=6, guidance_scale=3.0)
-    a = inf.text_to_image(model, prompts, generator=torch.Generator().manual_seed(0), use_cache=True, **kw)
-    b = inf.text_to_image(model, prompts, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
+    a = tasks.text_to_image(model, prompts, generator=torch.Generator().manual_seed(0), use_cache=True, **kw)
+    b = tasks.text_to_image(model, prompts, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
     assert a.shape == (4, 3, SIZE, SIZE)
     assert (a - b).abs().max().item() <= 1e-10
     assert not torch.equal(a[0], a[1])  # two samples per prompt, different noise
@@ -182,9 +183,9 @@ def test_batched_cfg_equals_the_two_passes_separately(fused_rf):
     model = fused_rf
     boi = model.boi_id
     cond_rows, uncond_rows = [[1] + ids(8, 12) + [boi]], [[1, boi]]
-    batched = inf.cached_denoiser(model, inf.prefill(model, cond_rows + uncond_rows)[0])
-    cond = inf.cached_denoiser(model, inf.prefill(model, cond_rows)[0])
-    uncond = inf.cached_denoiser(model, inf.prefill(model, uncond_rows)[0])
+    batched = tasks.cached_denoiser(model, inf.prefill(model, cond_rows + uncond_rows)[0])
+    cond = tasks.cached_denoiser(model, inf.prefill(model, cond_rows)[0])
+    uncond = tasks.cached_denoiser(model, inf.prefill(model, uncond_rows)[0])
 
     def separate(x, t):
         return torch.cat([cond(x[:1], t[:1]), uncond(x[1:], t[1:])])
@@ -192,11 +193,11 @@ def test_batched_cfg_equals_the_two_passes_separately(fused_rf):
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     t = torch.full((2,), 500.0)
     assert (batched(torch.cat([x, x]), t) - separate(torch.cat([x, x]), t)).abs().max().item() <= TOL
-    a = inf.sample_latents(model, batched, 1, steps=5, guidance_scale=4.0, generator=torch.Generator().manual_seed(1))
-    b = inf.sample_latents(model, separate, 1, steps=5, guidance_scale=4.0, generator=torch.Generator().manual_seed(1))
+    a = tasks.sample_latents(model, batched, 1, steps=5, guidance_scale=4.0, generator=torch.Generator().manual_seed(1))
+    b = tasks.sample_latents(model, separate, 1, steps=5, guidance_scale=4.0, generator=torch.Generator().manual_seed(1))
     assert (a - b).abs().max().item() <= TOL
     # The batched path is what text_to_image runs: [BOS] caption [BOI] against [BOS][BOI].
-    c = inf.text_to_image(model, [cond_rows[0][1:-1]], bos=1, boi=boi, steps=5, guidance_scale=4.0,
+    c = tasks.text_to_image(model, [cond_rows[0][1:-1]], bos=1, boi=boi, steps=5, guidance_scale=4.0,
                           generator=torch.Generator().manual_seed(1))
     assert (a - c).abs().max().item() <= TOL
 
@@ -205,7 +206,7 @@ def test_batched_cfg_equals_the_two_passes_separately(fused_rf):
 
 def test_text_is_the_base_models_greedy_output(fused, base):
     prompts = [ids(5, 20), ids(11, 21)]
-    got = inf.text_to_text(fused, prompts, bos=1, eos=-1, banned=(fused.boi_id, fused.eoi_id), max_new_tokens=12)
+    got = tasks.text_to_text(fused, prompts, bos=1, eos=-1, banned=(fused.boi_id, fused.eoi_id), max_new_tokens=12)
     for p, g in zip(prompts, got):
         ref = base.generate(torch.tensor([[1] + p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
                             eos_token_id=None, pad_token_id=0)[0, len(p) + 1:].tolist()
@@ -238,7 +239,7 @@ def test_hf_wrapper_forward_and_generate_are_the_base_models(fused, base):
 def test_caption_with_the_cache_equals_greedy_over_the_training_forward(fused):
     boi, eoi = fused.boi_id, fused.eoi_id
     imgs = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(40)) * 2 - 1
-    got = inf.image_to_text(fused, imgs, bos=1, boi=boi, eoi=eoi, eos=-1, max_new_tokens=4)
+    got = tasks.image_to_text(fused, imgs, bos=1, boi=boi, eoi=eoi, eos=-1, max_new_tokens=4)
     for i in range(2):
         new = []
         for _ in range(4):
@@ -262,12 +263,12 @@ def test_interleave_places_the_image_and_continues_after_eoi(fused_rf):
         out[:, forced] = 0
         return out
 
-    segments = inf.interleave(model, prompt, boi=boi, eoi=eoi, eos=2, uncond_ids=[1, boi], steps=4,
+    segments = tasks.interleave(model, prompt, boi=boi, eoi=eoi, eos=2, uncond_ids=[1, boi], steps=4,
                               guidance_scale=2.0, generator=torch.Generator().manual_seed(3), logits_processor=steer)
     assert [type(s) for s in segments] == [list, torch.Tensor, list]
     assert segments[0] == [17] and segments[2] == [23]
     # The image is what text_to_image draws for the text so far, same seed.
-    ref = inf.text_to_image(model, [prompt[1:] + [17]], bos=1, boi=boi, steps=4, guidance_scale=2.0,
+    ref = tasks.text_to_image(model, [prompt[1:] + [17]], bos=1, boi=boi, steps=4, guidance_scale=2.0,
                             generator=torch.Generator().manual_seed(3))[0]
     assert (segments[1] - ref).abs().max().item() <= TOL
     # After EOI the context holds the clean image: the next-token logits match the
@@ -368,8 +369,8 @@ def check_same_denoising_step(source, loaded, seed):
     x_t = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
     t = torch.tensor([600.0])
     with torch.no_grad():
-        ref = inf.cached_denoiser(source, inf.prefill(source, prompt)[0])(x_t, t)
-        got = inf.cached_denoiser(loaded, inf.prefill(loaded, prompt)[0])(x_t, t)
+        ref = tasks.cached_denoiser(source, inf.prefill(source, prompt)[0])(x_t, t)
+        got = tasks.cached_denoiser(loaded, inf.prefill(loaded, prompt)[0])(x_t, t)
     assert ref.abs().max() > 0.1
     assert (got - ref).abs().max().item() <= TOL
 
@@ -380,7 +381,7 @@ def test_python_api_on_an_exported_model(exported, fused, base):
     images = G.generate_image(gen, ["a red circle", "a blue square"], n=2, progress=False, seed=4)
     assert len(images) == 4 and images[0].size == (SIZE, SIZE)
     latents = G.generate_image(gen, ["a red circle"], progress=False, seed=4, return_latents=True)
-    ref = inf.text_to_image(fused, [gen.tokenize("a red circle")], bos=1, boi=fused.boi_id, steps=3,
+    ref = tasks.text_to_image(fused, [gen.tokenize("a red circle")], bos=1, boi=fused.boi_id, steps=3,
                             guidance_scale=3.0, generator=torch.Generator().manual_seed(4))
     scale = max(1.0, ref.abs().max().item())
     assert (latents - ref).abs().max().item() <= TOL * scale
@@ -484,8 +485,8 @@ def test_caption_min_new_tokens_keeps_eos_out_of_the_first_steps(fused):
     first = int(logits.argmax())
     logits[first] = float("-inf")
     second = int(logits.argmax())
-    assert inf.image_to_text(fused, img, bos=1, boi=boi, eoi=eoi, eos=first, max_new_tokens=2) == [[]]
-    got = inf.image_to_text(fused, img, bos=1, boi=boi, eoi=eoi, eos=first, max_new_tokens=1, min_new_tokens=1)
+    assert tasks.image_to_text(fused, img, bos=1, boi=boi, eoi=eoi, eos=first, max_new_tokens=2) == [[]]
+    got = tasks.image_to_text(fused, img, bos=1, boi=boi, eoi=eoi, eos=first, max_new_tokens=1, min_new_tokens=1)
     assert got == [[second]]
 
 
@@ -506,7 +507,7 @@ def test_design_cache_and_captioning_equal_the_training_forward(design):
     boi, eoi = model.boi_id, model.eoi_id
     x0 = check_cached_denoising_step(model, seed=70)
     img = x0[None]
-    got = inf.image_to_text(model, img, bos=1, boi=boi, eoi=eoi, eos=-1, max_new_tokens=3)[0]
+    got = tasks.image_to_text(model, img, bos=1, boi=boi, eoi=eoi, eos=-1, max_new_tokens=3)[0]
     new = []
     for _ in range(3):
         doc = [TextSegment([1, boi]), ImageSegment(x0, timestep=0.0, is_condition=True), TextSegment([eoi] + new)]

@@ -80,11 +80,12 @@ def prompt_losses(gen, captions: list[str], x0: torch.Tensor, noise: torch.Tenso
     training loss's own target and prediction), each image prompted by its caption as
     sampling prompts it; the captions are prefilled once for all timesteps."""
     from megafusion.model import inference as inf
+    from megafusion.model import tasks
 
     model = gen.model
     head = [gen.bos] if gen.bos is not None else []
     cache, _ = inf.prefill(model, [head + gen.tokenize(c) + [gen.boi] for c in captions])
-    denoise = inf.cached_denoiser(model, cache)
+    denoise = tasks.cached_denoiser(model, cache)
     out = []
     for t in ts:
         tt = torch.full((x0.shape[0],), float(t), dtype=torch.float32, device=x0.device)

@@ -36,7 +36,7 @@ from .fused_norm import image_norms  # noqa: F401
 from .fusion import LMFusionModel
 from .image_io import ImageTokenizer  # noqa: F401
 from .image_rope import rope_cos_sin  # noqa: F401
-from .inference import image_to_text, interleave, text_to_image, vlm_image_to_text
+from .inference import KVCache  # noqa: F401
 from .layer_dual_tower import DualTowerLayer  # noqa: F401
 from .layer_gated_tower import GatedTowerLayer  # noqa: F401
 from .layer_lmfusion import LMFusionLayer  # noqa: F401
@@ -45,6 +45,7 @@ from .layer_xfuse import XFuseLayer  # noqa: F401
 from .layers import LAYER_CLASSES
 from .loading import BaseModelError  # noqa: F401
 from .routing import Routing
+from .tasks import image_to_text, interleave, text_to_image, vlm_image_to_text
 from .towers import DecoderLayer  # noqa: F401
 from .vlm import split_vlm, vlm_from_config
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment, VLMImageSegment
 from megafusion.model.config import FusionConfig
 from megafusion.model.fusion import LMFusionModel
-from megafusion.model.inference import vlm_image_to_text
+from megafusion.model.tasks import vlm_image_to_text
 from megafusion.model.loading import BaseModelError, is_vlm_base, load_base_config
 
 PROMPT = "<image>\nWhat is in the picture?"
