@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 
 from megafusion.parallel.model_setup import _partitions_differ
 
@@ -36,7 +37,7 @@ def test_matching_partitions_are_copied_with_or_without_hpz():
     (param(quantized=True), param(), "quantized"),
     (param(secondary=partition(4, quantized=True)), param(secondary=partition(4)), "quantized"),
     (param(secondary=partition(4)), param(), "ds_secondary_tensor on one side only"),
-    (param(location="OffloadDeviceEnum.nvme"), param(), "NVMe"),
+    (param(location=OffloadDeviceEnum.nvme), param(), "NVMe"),  # what partition_parameters.py sets
     (param(shape=(4, 2)), param(), "shapes"),
     (param(rank=1), param(), "different groups"),
     (param(dtype=torch.float32), param(), "torch.float32"),
