@@ -99,7 +99,9 @@ class Trainer:
     def _setup(self):
         cfg = self.cfg
         self.env = setup_environment()
-        init_distributed(self.env, cfg.parallel.collective_timeout_minutes)
+        from megafusion.parallel import flat_grads
+
+        init_distributed(self.env, cfg.parallel.collective_timeout_minutes, shm_allreduce=flat_grads.wanted(cfg))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.data_parallel = self.world // cfg.parallel.pipeline_stages
         self.device = device_for(self.env)
@@ -131,12 +133,12 @@ class Trainer:
 
             self.model = build_model(cfg, self.ds_config)
             self.engine, self.optimizer, self.scheduler = initialize(self.model, cfg, self.ds_config)
-        from megafusion.parallel.flat_grads import attach_flat_gradients
-
-        self.flat_grads = attach_flat_gradients(self.engine, cfg) if cfg.parallel.pipeline_stages == 1 else None
+        self.flat_grads = flat_grads.attach_flat_gradients(self.engine, cfg) if cfg.parallel.pipeline_stages == 1 else None
+        self.flat_grad_norm = None  # the last step's global gradient norm, from the flat buffer
         if self.flat_grads is not None:
+            how = "DeepSpeed's shared-memory all-reduce" if self.flat_grads.shm else "gloo"
             self._log0(f"gradients: one flat buffer of {self.flat_grads.buffer.numel() / 1e6:.1f}M, all-reduced in place "
-                       "(parallel.flat_gradients)")
+                       f"through {how} and clipped there (parallel.flat_gradients)")
 
         from megafusion.data.loader import build_train_loader
 
@@ -224,7 +226,7 @@ class Trainer:
             # Ranks of one pipeline draw the same batches: count each batch once.
             tokens_since += tokens * self.data_parallel
             lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
-            gnorm = self.engine.get_global_grad_norm() if not bad else None
+            gnorm = None if bad else self.flat_grad_norm if self.flat_grads is not None else self.engine.get_global_grad_norm()
             gnorm = float(gnorm) if gnorm is not None else None
             if metrics:
                 metrics.write(json.dumps({"step": step, "loss": loss, "lm_loss": lm, "diffusion_loss": diff,
@@ -316,7 +318,7 @@ class Trainer:
             self.engine.backward(loss)
             if i == n - 1:
                 if self.flat_grads is not None:
-                    self.flat_grads.all_reduce()
+                    self.flat_grad_norm = self.flat_grads.all_reduce()
                 bad = any_rank_tensor(nonfinite)
                 with _update_skipped(self.engine, bad):
                     self.engine.step()

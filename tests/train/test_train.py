@@ -365,19 +365,28 @@ def test_training_samples_match_sampling_the_checkpoint(tmp_path, tiny_llama, sy
 
 
 def test_flat_gradients_equal_deepspeeds_own_reduction(tmp_path, tiny_llama, synthetic_shards):
-    """Stage 0, two ranks, gradient accumulation 2: gradients averaged in one flat buffer
-    (parallel.flat_gradients) against DeepSpeed's own flatten-reduce-copy-back. The same
-    sum-then-scale arithmetic, so every step's losses and the final weights and Adam
-    state are bitwise equal."""
+    """Stage 0, two ranks, gradient accumulation 2, clipping that bites at every step:
+    gradients summed in one flat buffer through DeepSpeed's shared-memory all-reduce,
+    then averaged and clipped in one pass (parallel.flat_gradients), against DeepSpeed's
+    own flatten-reduce-copy-back over gloo and its own clip_grad_norm_. For two ranks the
+    arithmetic is the same to the bit, so every step's losses and the final weights and
+    Adam state are bitwise equal; the flat run also logs the norm it clipped by."""
     import torch
 
-    steps, extra = 4, ("parallel.zero_stage=0", "train.gradient_accumulation=2", "checkpoint.every=4")
+    clip = 0.05
+    steps, extra = 4, ("parallel.zero_stage=0", "train.gradient_accumulation=2", "checkpoint.every=4",
+                       f"train.grad_clip={clip}")
     dirs = {flag: tmp_path / f"flat_{flag}" for flag in ("true", "false")}
     outs = {}
+    shm_files = lambda: set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))  # noqa: E731
+    before = shm_files()
     for flag, run_dir in dirs.items():
         code, outs[flag] = run(run_dir, synthetic_shards, steps, *extra, f"parallel.flat_gradients={flag}")
         assert code == 0, outs[flag][-4000:]
-    assert "all-reduced in place" in outs["true"] and "all-reduced in place" not in outs["false"]
+    assert "all-reduced in place through DeepSpeed's shared-memory all-reduce" in outs["true"], outs["true"][-3000:]
+    assert "all-reduced in place" not in outs["false"]
+    # The shared-memory workspaces are unlinked once mapped: nothing of the run is left in /dev/shm.
+    assert shm_files() <= before, shm_files() - before
     # The memory report counts the flat buffer: fp32, one value per trainable parameter.
     trainable = int(re.search(r"parameters: [\d,]+ frozen, ([\d,]+) trainable", outs["true"]).group(1).replace(",", ""))
     grads_mib = float(re.search(r"this rank holds: .*?grads ([\d,.]+) MiB", outs["true"]).group(1).replace(",", ""))
@@ -386,6 +395,7 @@ def test_flat_gradients_equal_deepspeeds_own_reduction(tmp_path, tiny_llama, syn
     for s in range(1, steps + 1):
         for k in ("loss", "lm_loss", "diffusion_loss"):
             assert flat[s][k] == own[s][k], (s, k, flat[s][k], own[s][k])
+        assert flat[s]["grad_norm"] > clip, (s, flat[s]["grad_norm"])  # the clip bit
     a, b = (stage0_tensors(d / "checkpoints" / f"global_step{steps}") for d in (dirs["true"], dirs["false"]))
     assert a.keys() == b.keys() and any(k.startswith("optimizer") for k in a) and any(k.startswith("module") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
