@@ -172,10 +172,12 @@ def init_distributed(env: DistEnv, timeout_minutes: float | None = None, shm_all
     # DeepSpeed prints "... deepspeed_shm_comm_op built successfully" on every rank as it
     # loads the op; the rest of what init prints passes through.
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
-    sys.stdout.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
-                             if "built successfully" not in line))
+    try:
+        with contextlib.redirect_stdout(printed):
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
+    finally:  # what init printed before a failure is part of its story
+        sys.stdout.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
+                                 if "built successfully" not in line))
     if shm:
         # Every rank has opened every workspace once it is past init (shm_initialize
         # waits for each file): the names can go, the mappings stay.
