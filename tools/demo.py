@@ -127,8 +127,20 @@ LONG_OVERRIDES = [f"train.steps={LONG_STEPS}", "log.sample_every=275", "log.samp
                   f"run.dir={REPO / 'runs' / 'demo-long'}"]
 
 
+USAGE = "usage: python tools/demo.py [--long] [section.field=value ...]   (make demo, make demo-long)"
+
+
 def main(argv: list[str]) -> int:
     t_start = time.time()
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "\n\n" + __doc__.strip())
+        return 0
+    unknown = [a for a in argv if a.startswith("-") and a != "--long"]
+    if unknown:
+        # Before anything is removed or launched: the trainer would only see them as
+        # overrides after the previous demo run was deleted.
+        print(f"error: unknown option {unknown[0]}\n{USAGE}", file=sys.stderr)
+        return 2
     long = "--long" in argv
     argv = [a for a in argv if a != "--long"]
     if long:
