@@ -97,8 +97,6 @@ def attach_flat_gradients(engine, cfg) -> FlatGradients | None:
     """A FlatGradients for the engine's module with DeepSpeed's backward reduction and
     gradient clipping turned off, where the engine's reduction is the plain stage-0 one
     (see the module docstring) and parallel.flat_gradients is on; None otherwise."""
-    if not getattr(cfg.parallel, "flat_gradients", True):
-        return None
     if not wanted(cfg) or dist.get_world_size() < 2:
         return None
     if engine.bfloat16_enabled() or engine.fp16_enabled() or getattr(engine, "sequence_parallel_size", 1) != 1:
