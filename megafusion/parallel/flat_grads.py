@@ -4,9 +4,10 @@ DeepSpeed's stage 0 averages gradients by flattening them into a new buffer (tor
 all-reducing that and copying every slice back into its .grad: two extra passes over all
 gradients per step. On the demo (107M trainable parameters, two one-thread CPU ranks) the
 copies took 0.34 s of the reduction's 0.57 s, a fifth of the step. Here every trainable
-parameter's .grad is a view into one buffer before the step's first backward (torch
-DDP's gradient_as_bucket_view), autograd accumulates into the buffer, and the all-reduce
-runs on it in place; DeepSpeed's own reduction is switched off for the engine.
+parameter's .grad becomes a view into one buffer as its first gradient of the step
+arrives (torch DDP's gradient_as_bucket_view), later micro-batches accumulate into the
+buffer, and the all-reduce runs on it in place; DeepSpeed's own reduction is switched
+off for the engine.
 
 Where every rank is on one machine (the CPU demo), the sum goes through DeepSpeed's
 shared-memory all-reduce (launch.init_distributed keeps it for this), not gloo's TCP
@@ -21,6 +22,8 @@ passes; here one pass scales by both. For a power-of-two world size the two are 
 numbers (scaling by 1/2^k is exact, so the norm of the sum is 2^k times the norm of the
 average), which tests/train/test_train.py checks bitwise on two ranks. The norm is also
 what the trainer logs as grad_norm; the engine reports none for stage 0 with torch's AdamW.
+The ranks share the per-parameter norms (each takes ~1 / world of the buffer), since
+every rank holds the same sum.
 
 Only where the engine's reduction is the plain one: stage 0, no pipeline, fp32 parameters
 on one device and no fp16/bf16 optimizer wrapper (which keeps gradients of its own);
@@ -55,13 +58,41 @@ class FlatGradients:
         for p in self.params:
             self.views.append(self.buffer[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
+        for p, view in zip(self.params, self.views):
+            p.register_post_accumulate_grad_hook(self._into_buffer(view))
 
     def attach(self) -> None:
-        """Zero the buffer and make it every parameter's .grad; call before the first
-        backward of an optimiser step (the engine sets .grad to None after each update)."""
-        self.buffer.zero_()
-        for p, view in zip(self.params, self.views):
-            p.grad = view
+        """Arm the buffer for an optimiser step; call before its first backward.
+
+        Every parameter's .grad is set to None: autograd then hands each parameter its
+        gradient as a tensor of its own, and a hook registered in __init__ copies that into
+        the parameter's slot of the buffer and makes the slot its .grad, so that later
+        micro-batches accumulate into the buffer in place. A copy, not a zeroed buffer that
+        the first gradient is added to: one pass over the buffer instead of three (zero,
+        read, write), and the very numbers autograd's own accumulation gives (DeepSpeed's
+        path starts from None too, so even the sign of a zero matches)."""
+        for p in self.params:
+            p.grad = None
+
+    def _into_buffer(self, view: torch.Tensor):
+        def hook(p: torch.Tensor) -> None:
+            if p.grad.data_ptr() != view.data_ptr():  # the step's first gradient of p
+                view.copy_(p.grad)
+                p.grad = view
+        return hook
+
+    def _my_norms(self) -> range:
+        """The parameters whose norms this rank takes: a contiguous share of about
+        1 / world of the buffer."""
+        if not hasattr(self, "_norm_share"):
+            rank, world = dist.get_rank(group=self.group), dist.get_world_size(group=self.group)
+            owner, offset = [], 0
+            for v in self.views:
+                owner.append(min(world - 1, (offset + v.numel() // 2) * world // self.buffer.numel()))
+                offset += v.numel()
+            mine = [i for i, o in enumerate(owner) if o == rank]
+            self._norm_share = range(mine[0], mine[-1] + 1) if mine else range(0)
+        return self._norm_share
 
     def _sum(self) -> None:
         if not self.shm:
@@ -77,15 +108,26 @@ class FlatGradients:
         """Average the gradients over the ranks in place, and clip them to max_norm;
         returns their global 2-norm before clipping (None without clipping, where it is
         not computed)."""
-        if any(p.grad is None or p.grad.data_ptr() != view.data_ptr() for p, view in zip(self.params, self.views)):
-            raise RuntimeError("a gradient left the flat buffer (attach() was not called before backward)")
+        for p, view in zip(self.params, self.views):
+            if p.grad is None:  # no gradient reached p this step: its slot holds the last step's
+                view.zero_()
+                p.grad = view
+            elif p.grad.data_ptr() != view.data_ptr():
+                raise RuntimeError("a gradient outside the flat buffer (set after backward, not by autograd)")
         self._sum()
         average = 1.0 / dist.get_world_size(group=self.group)
         if self.max_norm <= 0:
             self.buffer.mul_(average)
             return None
         # DeepSpeed's norm of the averaged gradients, taken on the sum and scaled after.
-        total = torch.stack([v.detach().float().norm(2) for v in self.views]).pow(2.0).sum().float().pow(0.5)
+        # Every rank holds the same sum, so each takes the per-parameter norms of its own
+        # share and the ranks add up the list: each entry is one rank's value plus zeros,
+        # exact, so every rank holds the very list one rank would have computed alone.
+        norms = torch.zeros(len(self.views), dtype=torch.float32, device=self.buffer.device)
+        for i in self._my_norms():
+            norms[i] = self.views[i].detach().float().norm(2)
+        dist.all_reduce(norms, group=self.group)
+        total = norms.pow(2.0).sum().float().pow(0.5)
         total = total * average
         coef = torch.tensor([self.max_norm], device=total.device) / (total + 1e-6)
         coef = torch.min(torch.tensor([1.0], device=coef.device), coef)

@@ -3,7 +3,8 @@ by launch.init_distributed(shm_allreduce=True)) on real local ranks: the sum is 
 rank's gradients added up (for two ranks, gloo's result to the bit), the
 average and clipping equal DeepSpeed's clip_grad_norm_ on the engine's average (to the
 bit for two ranks, where 1/2 scales exactly; within rounding for three), messages larger
-than one slice are reduced slice by slice, and the /dev/shm files are gone once every
+than one slice are reduced slice by slice, a parameter that no gradient reached in a
+step counts as zero (not as the step before's), and the /dev/shm files are gone once every
 rank has mapped them. The trainer's end-to-end check is tests/train/test_train.py's
 test_flat_gradients_equal_deepspeeds_own_reduction."""
 import json
@@ -41,6 +42,8 @@ def check(checks: dict, ranks: int, r: int) -> None:
         assert checks["sum"]["equals_rank_order_sum"] and checks["sum"]["equals_gloo"], (r, checks["sum"])
     else:  # the op adds in an order of its own (rank 0, then the last rank down)
         assert checks["sum"]["max_rel_err"] < 1e-6, (r, checks["sum"])
+    assert checks["unused"]["zero"], (r, checks["unused"])
+    assert checks["unused"]["others_max_rel_err"] < 1e-6, (r, checks["unused"])
     assert checks["0.001"]["clipped"] and not checks["1000000.0"]["clipped"]
     assert checks["0.0"]["norm"] is None
     for key in ("0.0", "0.001", "1000000.0"):
