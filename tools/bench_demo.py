@@ -303,6 +303,7 @@ def demo_step_vs_compute(ctx) -> dict:
         # runs. Each half's model is gone before the ranks load theirs.
         before = (ctx.repeats + 1) // 2
         cpu, wall, info = one_thread_compute(ctx, cfg, tmp / "shards", tmp / "cache", ga, before)
+        compute_before = list(cpu)
         gc.collect()
 
         port, run_dir = _free_port(), tmp / "run"
@@ -311,7 +312,6 @@ def demo_step_vs_compute(ctx) -> dict:
         warm, step_s = measured_step_s(run_dir / "metrics.jsonl")
         if not step_s:
             raise RuntimeError(f"metrics.jsonl has {len(warm)} steps, none after the {WARMUP_STEPS} warm-up steps")
-        compute_before = list(cpu)
         if ctx.repeats - before > 0:
             more_cpu, more_wall, _ = one_thread_compute(ctx, cfg, tmp / "shards", tmp / "cache", ga,
                                                         ctx.repeats - before)

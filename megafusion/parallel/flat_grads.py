@@ -60,6 +60,7 @@ class FlatGradients:
             offset += p.numel()
         for p, view in zip(self.params, self.views):
             p.register_post_accumulate_grad_hook(self._into_buffer(view))
+        self.norm_share = self._norm_share()
 
     def attach(self) -> None:
         """Arm the buffer for an optimiser step; call before its first backward.
@@ -81,18 +82,13 @@ class FlatGradients:
                 p.grad = view
         return hook
 
-    def _my_norms(self) -> range:
-        """The parameters whose norms this rank takes: a contiguous share of about
-        1 / world of the buffer."""
-        if not hasattr(self, "_norm_share"):
-            rank, world = dist.get_rank(group=self.group), dist.get_world_size(group=self.group)
-            owner, offset = [], 0
-            for v in self.views:
-                owner.append(min(world - 1, (offset + v.numel() // 2) * world // self.buffer.numel()))
-                offset += v.numel()
-            mine = [i for i, o in enumerate(owner) if o == rank]
-            self._norm_share = range(mine[0], mine[-1] + 1) if mine else range(0)
-        return self._norm_share
+    def _norm_share(self) -> range:
+        """The parameters whose norms this rank takes: those whose middle falls in its
+        contiguous 1 / world of the buffer."""
+        rank, world = dist.get_rank(group=self.group), dist.get_world_size(group=self.group)
+        middles = [v.storage_offset() - self.buffer.storage_offset() + v.numel() // 2 for v in self.views]
+        mine = [i for i, m in enumerate(middles) if min(world - 1, m * world // self.buffer.numel()) == rank]
+        return range(mine[0], mine[-1] + 1) if mine else range(0)
 
     def _sum(self) -> None:
         if not self.shm:
@@ -124,7 +120,7 @@ class FlatGradients:
         # share and the ranks add up the list: each entry is one rank's value plus zeros,
         # exact, so every rank holds the very list one rank would have computed alone.
         norms = torch.zeros(len(self.views), dtype=torch.float32, device=self.buffer.device)
-        for i in self._my_norms():
+        for i in self.norm_share:
             norms[i] = self.views[i].detach().float().norm(2)
         dist.all_reduce(norms, group=self.group)
         total = norms.pow(2.0).sum().float().pow(0.5)
