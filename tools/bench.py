@@ -5,10 +5,12 @@
 
 Prints one JSON object (--json) or the same as a table. Every measurement is a function
 registered in BENCHMARKS (name -> fn(ctx) -> dict); a later issue adds an entry with
-@benchmark("name"). The entries on the demo's own config (loader_vs_train_step, and
-demo_step_vs_compute: the wall clock of a real two-rank demo step under the deepspeed
-launcher over one thread's compute of one rank's share, a few minutes even with --quick)
-live in tools/bench_demo.py, registered from here. An entry reports:
+@benchmark("name"). The train-step entries live here; three modules register theirs
+from here, in the order of the report: tools/bench_attention.py (the hybrid mask against
+causal attention), tools/bench_sampling.py (the sampler's KV cache), and
+tools/bench_demo.py (the entries on the demo's own config: loader_vs_train_step, and
+demo_step_vs_compute, the wall clock of a real two-rank demo step under the deepspeed
+launcher over one thread's compute of one rank's share, a few minutes even with --quick). An entry reports:
 
     value      the headline number (a ratio for "*_vs_*" entries), null when skipped
     unit       "ratio", "samples/s", ...
@@ -73,13 +75,8 @@ OMP_WAIT_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from megafusion.model.attention import (  # noqa: E402
-    AttentionLayout,
-    hybrid_attention,
-    sdpa_varlen_primitive,
-)
+from megafusion.model.attention import hybrid_attention  # noqa: E402
 from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment  # noqa: E402
 from megafusion.model.config import FusionConfig  # noqa: E402
 from megafusion.model.fusion import LMFusionModel  # noqa: E402
@@ -393,124 +390,10 @@ def dual_tower_vs_lmfusion(ctx: Context) -> dict:
     return ratio_entry(times.only("dual_tower", "fused"), "dual_tower", "fused", goal=2.0, **step_meta(ctx))
 
 
-# ----------------------------------------------------------------- attention entry
+# Entry of the attention mask: hybrid_vs_causal_attention.
+from tools import bench_attention  # noqa: E402
 
-def prefix_chunk_attention(q, k, v, document_ids, image_ids, scale=None):
-    """The hybrid mask as one query chunk per text run / image, each against the keys of
-    its document prefix up to the chunk's end: images non-causal, text runs causal
-    aligned bottom-right. Every (query, key) pair is computed once, as in causal
-    attention; only the diagonal block of a text chunk needs a (small) mask. On flash-attn
-    this is two varlen calls (causal=True is bottom-right there). A candidate for
-    megafusion.model.attention, kept here to measure it."""
-    B, Hq, L, d = q.shape
-    rows = []
-    for b in range(B):
-        doc, img = document_ids[b].tolist(), image_ids[b].tolist()
-        outs, start, doc_start = [], 0, 0
-        while start < L:
-            if start == 0 or doc[start] != doc[start - 1]:
-                doc_start = start
-            end = start + 1
-            while end < L and doc[end] == doc[start] and (img[end] >= 0) == (img[start] >= 0) \
-                    and (img[start] < 0 or img[end] == img[start]):
-                end += 1
-            qs, ks, vs = q[b:b + 1, :, start:end], k[b:b + 1, :, doc_start:end], v[b:b + 1, :, doc_start:end]
-            if img[start] >= 0:
-                o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=True)
-            elif start == doc_start:
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-            else:
-                n_q, n_k = end - start, end - doc_start
-                mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
-            outs.append(o)
-            start = end
-        rows.append(torch.cat(outs, dim=2))
-    return torch.cat(rows, dim=0)
-
-
-def query_block_plan(mask: torch.Tensor, block: int = 256):
-    """For query_block_attention: per block of `block` query rows, the key columns
-    [k0, k1) that any of its rows may attend (over the batch) and the bool mask sliced to
-    them. Built once per forward pass, like the mask itself; needs no knowledge of images
-    or documents, so it fits any layout the mask expresses."""
-    L = mask.shape[-1]
-    plan = []
-    for s in range(0, L, block):
-        e = min(L, s + block)
-        rows = mask[:, :, s:e]  # [B, 1, block, L]
-        cols = rows.any(dim=2).flatten().view(-1, L).any(0).nonzero().flatten()
-        k0, k1 = int(cols.min()), int(cols.max()) + 1
-        plan.append((s, e, k0, k1, rows[..., k0:k1].contiguous()))
-    return plan
-
-
-def query_block_attention(q, k, v, plan, scale=None):
-    """The sdpa backend's bool mask, block-sparse: one SDPA call per block of queries,
-    restricted to the keys the block may attend. Under the hybrid mask a block sees about
-    its causal prefix, so the work is that of causal attention plus half a block per
-    row, instead of the whole L x L square that one masked call computes. A candidate for
-    the sdpa backend of megafusion.model.attention, kept here to measure it."""
-    return torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=m,
-                                                     scale=scale, enable_gqa=True)
-                      for s, e, k0, k1, m in plan], dim=2)
-
-
-@benchmark("hybrid_vs_causal_attention")
-def hybrid_vs_causal_attention(ctx: Context) -> dict:
-    """hybrid_attention (sdpa backend: explicit bool mask) / SDPA is_causal=True, forward
-    + backward, one document of alternating 256-token text runs and 256-token images,
-    SmolLM2's heads. Other ways to apply the same mask are timed beside it (variants).
-    Not timed: a float additive mask instead of the bool one, which measured the same as
-    the bool mask here (1.90-1.92 x causal, 2026-11): SDPA's CPU kernel skips no block
-    for either, and computes every (query, key) pair of the L x L square."""
-    config = llama_config(ctx)
-    L, Hq, Hkv = ctx.sizes.attention_tokens, config.num_attention_heads, config.num_key_value_heads
-    d = getattr(config, "head_dim", None) or config.hidden_size // Hq
-    g = torch.Generator().manual_seed(0)
-    document_ids = torch.zeros(1, L, dtype=torch.long)
-    image_ids = torch.full((1, L), -1, dtype=torch.long)
-    for n, s in enumerate(range(TEXT_RUN, L, TEXT_RUN + TOKENS_PER_IMAGE)):
-        image_ids[0, s:s + TOKENS_PER_IMAGE] = n
-    q = torch.randn(1, Hq, L, d, generator=g).requires_grad_()
-    k = torch.randn(1, Hkv, L, d, generator=g).requires_grad_()
-    v = torch.randn(1, Hkv, L, d, generator=g).requires_grad_()
-    grad_out = torch.randn(1, Hq, L, d, generator=g)
-    bool_layout = AttentionLayout.build(document_ids, image_ids, "sdpa")
-    flash_layout = AttentionLayout.build(document_ids, image_ids, "flash", primitive=sdpa_varlen_primitive)
-    plan = query_block_plan(bool_layout.mask)
-
-    forwards = {
-        "hybrid_sdpa_backend": lambda: hybrid_attention(q, k, v, bool_layout),
-        "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-        "flash_decomposition_sdpa": lambda: hybrid_attention(q, k, v, flash_layout),
-        "prefix_chunks_sdpa": lambda: prefix_chunk_attention(q, k, v, document_ids, image_ids),
-        "query_blocks_sdpa": lambda: query_block_attention(q, k, v, plan),
-    }
-    with torch.no_grad():
-        reference = forwards["hybrid_sdpa_backend"]()
-        errors = {n: float((f() - reference).abs().max()) for n, f in forwards.items() if n != "causal"}
-
-    def fwd_bwd(f):
-        def run():
-            f().backward(grad_out)
-        return run
-
-    def setup():
-        for t in (q, k, v):
-            t.grad = None
-
-    times = interleaved({n: fwd_bwd(f) for n, f in forwards.items()}, ctx.repeats, setup=setup)
-    causal = statistics.median(times.cpu["causal"])
-    variants = {
-        n: {"median_ms": median_ms(ts), "ratio_vs_causal": round(statistics.median(ts) / causal, 4),
-            "median_wall_ms": median_ms(times.wall[n]), "max_abs_err_vs_bool_mask": errors[n]}
-        for n, ts in times.cpu.items() if n not in ("causal", "hybrid_sdpa_backend")
-    }
-    core = times.only("hybrid_sdpa_backend", "causal")
-    return ratio_entry(core, "hybrid_sdpa_backend", "causal", goal=1.3, tokens=L, images=int(image_ids.max()) + 1,
-                       tokens_per_image=TOKENS_PER_IMAGE, heads=Hq, kv_heads=Hkv, head_dim=d,
-                       what="attention alone, forward + backward, float32, enable_gqa", variants=variants)
+bench_attention.register(sys.modules[__name__])
 
 
 # ------------------------------------------------------------------- data loader
@@ -539,17 +422,10 @@ def loader_samples_per_s(ctx: Context) -> dict:
 LOADER_QUICK = {"num_samples": 512, "steps": 10}
 
 
-@benchmark("sampling_cached_vs_uncached")
-def sampling_cached_vs_uncached(ctx: Context) -> dict:
-    """A 50-step text-to-image sample with the prompt's KV cache / without it (demo
-    dimensions, 64-token prompt, 64 image tokens, CFG batched); also the per-step ratio.
-    From megafusion.generate (owned by sampling). Quick mode: 5 steps, 1 repeat."""
-    from megafusion.generate import sampling_cached_vs_uncached as measure
+# Entry of the sampler: sampling_cached_vs_uncached.
+from tools import bench_sampling  # noqa: E402
 
-    if ctx.quick:
-        return measure(steps=5, repeats=1, step_repeats=2)
-    return measure(repeats=max(1, min(ctx.repeats, 3)))
-
+bench_sampling.register(sys.modules[__name__])
 
 # Entries of the demo run (configs/demo.yaml): loader_vs_train_step, demo_step_vs_compute.
 from tools import bench_demo  # noqa: E402
