@@ -6,7 +6,9 @@ pretrained Llama that installs offline here), or a LLaVA-family vision-language 
 directory (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration over a Llama
 language model: LLaVAFusion, megafusion/model/vlm.py). A GGUF is dequantised by
 transformers once and cached as a safetensors directory, because dequantising costs
-tens of seconds on every start otherwise.
+tens of seconds on every start otherwise. The cache entry is named by the file's content
+(SHA-256), not its path or mtime: a fresh virtual environment installs the same GGUF with
+a new mtime, and each would otherwise convert again and leave another ~0.5 GB behind.
 
 For a LLaVA base the text tower is its language model, presented as a LlamaForCausalLM
 whose modules are the VLM's own (so everything built for a Llama base applies
@@ -14,6 +16,8 @@ unchanged), and its vision encoder and projector become the frozen understanding
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -66,9 +70,17 @@ def resolve_base(base: str) -> Path:
     return _converted_gguf(gguf)
 
 
+@functools.lru_cache(maxsize=None)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file, once per process for the same (path, size, mtime): ranks and
+    tools resolve the base several times, and hashing a 100 MB GGUF takes ~0.3 s."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _converted_gguf(gguf: Path) -> Path:
     st = gguf.stat()
-    out = cache_dir() / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+    out = cache_dir() / f"{gguf.stem}-{_content_digest(str(gguf.resolve()), st.st_size, st.st_mtime_ns)[:16]}"
     if (out / "config.json").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,60 @@
+"""A GGUF base is converted once per content: the same file installed again (a fresh
+virtual environment gives it a new mtime) reuses the converted directory, and a file with
+other bytes gets its own."""
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megafusion.model import loading  # noqa: E402
+
+
+class StubModel:
+    config = transformers.LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
+
+    def save_pretrained(self, out, **kw):
+        self.config.save_pretrained(out)
+
+
+class StubTokenizer:
+    def save_pretrained(self, out, **kw):
+        (Path(out) / "tokenizer.json").write_text("{}")
+
+
+def test_same_bytes_with_a_new_mtime_reuse_the_conversion(tmp_path, monkeypatch):
+    conversions = []
+
+    def convert(directory, gguf_file, **kw):
+        conversions.append(Path(directory) / gguf_file)
+        return StubModel()
+
+    monkeypatch.setenv("MEGAFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", convert)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: StubTokenizer())
+
+    first = tmp_path / "venv1" / "model.gguf"
+    first.parent.mkdir()
+    first.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    os.utime(first, (1_700_000_000, 1_700_000_000))
+    reinstalled = tmp_path / "venv2" / "model.gguf"
+    reinstalled.parent.mkdir()
+    shutil.copyfile(first, reinstalled)  # the same bytes, written later: another mtime
+    os.utime(reinstalled, (1_800_000_000, 1_800_000_000))
+
+    a = loading.resolve_base(str(first))
+    b = loading.resolve_base(str(reinstalled))
+    assert a == b and (a / "config.json").is_file()
+    assert conversions == [first]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [a.name]
+
+    other = tmp_path / "venv3" / "model.gguf"
+    other.parent.mkdir()
+    other.write_bytes(first.read_bytes()[:-1] + b"\x00")  # same size, one byte differs
+    os.utime(other, (1_700_000_000, 1_700_000_000))  # and the first file's mtime
+    c = loading.resolve_base(str(other))
+    assert c != a and conversions == [first, other]
