@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -215,9 +214,6 @@ def check_deepspeed(device, s, tmp: Path, wheels: Path | None) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cuda" if cuda else "cpu")
     if cuda:
         env["NCCL_DEBUG"] = "VERSION"  # NCCL prints its version when a communicator starts
-    else:  # DeepSpeed JIT-builds its CPU shm op; a private cache is not rebuilt by other checkouts' runs
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megafusion" / "torch_extensions"
-                                                   / f"gpu_check-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]}"))
     base = wheels / "tiny-llama" if wheels is not None and (wheels / "tiny-llama").is_dir() else None
     if base is None:
         from tools.make_tiny_llama import make_tiny_llama
