@@ -16,11 +16,13 @@ unchanged), and its vision encoder and projector become the frozen understanding
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -83,24 +85,42 @@ def _converted_gguf(gguf: Path) -> Path:
     out = cache_dir() / f"{gguf.stem}-{_content_digest(str(gguf.resolve()), st.st_size, st.st_mtime_ns)[:16]}"
     if (out / "config.json").is_file():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One process converts while the others (a run's ranks, concurrent tools) wait for
+    # it: each would otherwise spend the same minute and memory converting it again.
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").is_file():
+            print(f"converting {gguf.name} to a safetensors directory, once: {out}", file=sys.stderr, flush=True)
+            _convert_gguf(gguf, out)
+    return out
 
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    # Reading a GGUF tokenizer, transformers explains its `legacy` default at length and
+    # adds that a GGUF user can ignore it.
+    hf_logging.set_verbosity_error()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many types for a bad GGUF
         raise BaseModelError(f"model.base={gguf}: transformers cannot read this GGUF file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     _check_llama(model.config, gguf)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary sibling and rename, so concurrent ranks never see half a model.
+    # Write to a temporary sibling and rename, so that no reader ever sees half a model
+    # (a crash mid-write leaves only the temporary directory).
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     try:
         os.rename(tmp, out)
-    except OSError:  # another process won the race
+    except OSError:  # another process won the race (a file system where flock does not hold)
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _check_llama(config, where) -> None:

@@ -50,7 +50,7 @@ def test_same_bytes_with_a_new_mtime_reuse_the_conversion(tmp_path, monkeypatch)
     b = loading.resolve_base(str(reinstalled))
     assert a == b and (a / "config.json").is_file()
     assert conversions == [first]
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [a.name]
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == [a.name]
 
     other = tmp_path / "venv3" / "model.gguf"
     other.parent.mkdir()
@@ -58,3 +58,40 @@ def test_same_bytes_with_a_new_mtime_reuse_the_conversion(tmp_path, monkeypatch)
     os.utime(other, (1_700_000_000, 1_700_000_000))  # and the first file's mtime
     c = loading.resolve_base(str(other))
     assert c != a and conversions == [first, other]
+
+
+def test_concurrent_ranks_convert_once(tmp_path, monkeypatch):
+    """The ranks of a run resolve the base at the same moment: one converts, the others
+    wait for its directory instead of converting it again."""
+    import threading
+    import time
+
+    conversions = []
+
+    def convert(directory, gguf_file, **kw):
+        conversions.append(threading.current_thread().name)
+        time.sleep(0.5)  # a conversion takes a while: the others arrive during it
+        return StubModel()
+
+    monkeypatch.setenv("MEGAFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", convert)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: StubTokenizer())
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(1000))
+    verbosity = transformers.logging.get_verbosity()
+
+    start = threading.Barrier(3)
+    results = {}
+
+    def rank(i):
+        start.wait()
+        results[i] = loading.resolve_base(str(gguf))
+
+    threads = [threading.Thread(target=rank, args=(i,), name=f"rank{i}") for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(conversions) == 1, conversions
+    assert len(set(results.values())) == 1 and (results[0] / "config.json").is_file()
+    assert transformers.logging.get_verbosity() == verbosity  # quieted for the conversion only
