@@ -56,8 +56,10 @@ def extensions_dir() -> Path:
 
     from megafusion.model.loading import cache_dir
 
-    prefix = os.path.abspath(sys.prefix)
-    return cache_dir() / "torch_extensions" / f"{Path(prefix).name}-{hashlib.sha1(prefix.encode()).hexdigest()[:10]}"
+    prefix = Path(os.path.abspath(sys.prefix))
+    # Named for people (a checkout's .venv: "<checkout>-venv-<hash>"), unique by the hash.
+    readable = "-".join(part.lstrip(".") for part in (prefix.parent.name, prefix.name) if part.lstrip("."))
+    return cache_dir() / "torch_extensions" / f"{readable}-{hashlib.sha1(str(prefix).encode()).hexdigest()[:10]}"
 
 
 def use_private_extensions_dir() -> None:
