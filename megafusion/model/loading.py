@@ -89,7 +89,10 @@ def _converted_gguf(gguf: Path) -> Path:
     # One process converts while the others (a run's ranks, concurrent tools) wait for
     # it: each would otherwise spend the same minute and memory converting it again.
     with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (Lustre without -o flock): convert unlocked
+            pass
         if not (out / "config.json").is_file():
             print(f"converting {gguf.name} to a safetensors directory, once: {out}", file=sys.stderr, flush=True)
             _convert_gguf(gguf, out)

@@ -95,3 +95,21 @@ def test_concurrent_ranks_convert_once(tmp_path, monkeypatch):
     assert len(conversions) == 1, conversions
     assert len(set(results.values())) == 1 and (results[0] / "config.json").is_file()
     assert transformers.logging.get_verbosity() == verbosity  # quieted for the conversion only
+
+
+def test_a_file_system_without_flock_still_converts(tmp_path, monkeypatch):
+    """Lustre mounted without -o flock answers flock with ENOSYS: the base is converted
+    without the lock rather than the run failing to start."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setenv("MEGAFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: StubModel())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: StubTokenizer())
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(100))
+    assert (loading.resolve_base(str(gguf)) / "config.json").is_file()
