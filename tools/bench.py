@@ -10,7 +10,8 @@ from here, in the order of the report: tools/bench_attention.py (the hybrid mask
 causal attention), tools/bench_sampling.py (the sampler's KV cache), and
 tools/bench_demo.py (the entries on the demo's own config: loader_vs_train_step, and
 demo_step_vs_compute, the wall clock of a real two-rank demo step under the deepspeed
-launcher over one thread's compute of one rank's share, a few minutes even with --quick). An entry reports:
+launcher over one thread's compute of one rank's share, a few minutes even with
+--quick). An entry reports:
 
     value      the headline number (a ratio for "*_vs_*" entries), null when skipped
     unit       "ratio", "samples/s", ...

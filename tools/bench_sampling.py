@@ -39,10 +39,11 @@ def sampling_cached_vs_uncached(ctx) -> dict:
 
 def measure(lc, steps: int = 50, repeats: int = 3, prompt_tokens: int = 64, guidance_scale: float = 3.0,
             step_repeats: int = 5, threads: int | None = 1, seed: int = 0) -> dict:
-    """Time of one text-to-image sample (the base config lc with random weights, pixel mode 32x32, 4x4 patches = 64 image tokens; a `prompt_tokens`
-    prompt; classifier-free guidance, so conditional and unconditional rows) with the
-    prompt's KV cache and without it (every step re-runs the prompt), interleaved
-    repeats, medians of CPU time (process_time) and wall clock. Also the per-step cost
+    """Time of one text-to-image sample (the base config lc with random weights, pixel
+    mode 32x32, 4x4 patches = 64 image tokens; a `prompt_tokens` prompt; classifier-free
+    guidance, so conditional and unconditional rows) with the prompt's KV cache and
+    without it (every step re-runs the prompt), interleaved repeats, medians of CPU time
+    (process_time) and wall clock. Also the per-step cost
     ratio (one denoising step, cache prefilled). value = cached / uncached CPU time;
     goal <= 0.7. Measured 2026-11 (defaults, 1 thread, loaded machine): 0.55, per step
     0.53; about 4 minutes at the defaults (each uncached sample is ~38 s of CPU)."""
@@ -81,7 +82,7 @@ def measure(lc, steps: int = 50, repeats: int = 3, prompt_tokens: int = 64, guid
         def step(fn):
             return lambda: [fn(x, t) for _ in range(step_repeats)]
 
-        def timed(variants: dict, n: int, warmup: dict) -> dict:
+        def timed(variants: dict, n: int, warmup: dict) -> tuple[dict, list[float]]:
             out = {k: ([], []) for k in variants}
             for fn in warmup.values():
                 fn()

@@ -408,6 +408,9 @@ def main(argv=None) -> int:
     wheels = Path(args.wheels).resolve() if args.wheels else None
     t0 = time.time()
     packages = wheelhouse.install(wheels)
+    from megafusion.parallel.launch import use_private_extensions_dir
+
+    use_private_extensions_dir()  # the kernels check's JIT builds go where the runs' ranks look for them
     versions = {}
     for dist in ("torch", "transformers", "deepspeed", "diffusers", "mosaicml-streaming", "triton", "flash-attn"):
         try:

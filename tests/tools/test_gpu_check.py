@@ -110,6 +110,7 @@ def test_a_failing_check_is_recorded_and_the_others_still_run(monkeypatch, tmp_p
 
     monkeypatch.setattr(gpu_check, "check_throughput", broken)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # main's --cpu setting; keep this process's
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)  # main sets it; restored after the test
     out = tmp_path / "result.json"
     code = gpu_check.main(["--cpu", "--only", "throughput,attention", "--out", str(out)])
     report = json.loads(out.read_text())
@@ -118,6 +119,28 @@ def test_a_failing_check_is_recorded_and_the_others_still_run(monkeypatch, tmp_p
     assert report["checks"]["throughput"]["error"] == "RuntimeError: no such kernel"
     assert report["checks"]["attention"]["ok"] is True
     assert json.loads(capsys.readouterr().out) == report
+
+
+def test_kernel_builds_share_the_runs_extension_directory(monkeypatch, tmp_path):
+    """The kernels check JIT-builds fused optimizers in this process; they must land where
+    the training runs' ranks (setup_environment) look, not in torch's per-user default
+    that other environments' builds overwrite."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from megafusion.parallel.launch import extensions_dir
+
+    seen = {}
+
+    def kernels(*args):
+        seen["build_dir"] = _get_build_directory("fused_adam", verbose=False)
+        return {"ok": True}
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("MEGAFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gpu_check, "check_kernels", kernels)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert gpu_check.main(["--cpu", "--only", "kernels", "--out", str(tmp_path / "r.json")]) == 0
+    assert Path(seen["build_dir"]).parent == extensions_dir()
 
 
 @pytest.mark.slow
