@@ -15,7 +15,6 @@ $(STAMP): $(REQS)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -r requirements.txt
 	$(VPY) -m pip install --no-deps -r requirements-nodeps.txt
-	$(VPY) -c "from megafusion.parallel.launch import prebuild_cpu_ops; prebuild_cpu_ops()"
 	touch $(STAMP)
 
 demo: setup

@@ -9,10 +9,12 @@ arrives (torch DDP's gradient_as_bucket_view), later micro-batches accumulate in
 buffer, and the all-reduce runs on it in place; DeepSpeed's own reduction is switched
 off for the engine.
 
-Where every rank is on one machine (the CPU demo), the sum goes through DeepSpeed's
-shared-memory all-reduce (launch.init_distributed keeps it for this), not gloo's TCP
-loopback: 115.5M fp32 values in 0.40 s against 0.85 s on two ranks here. It adds each
-element's values in a fixed order of its own; for two ranks that is gloo's a + b to the bit.
+Where every rank is on one CPU machine (the demo), each rank's buffer is a mapping of a
+/dev/shm file that the other ranks map too (shared_sum.py): each rank adds up and scales
+one region of all the buffers and copies the rest from the ranks that did theirs, with no
+copy into a library's workspace. 115.5M fp32 values take 0.125 s that way, 0.29 s through
+DeepSpeed's shared-memory all-reduce and 0.85 s through gloo, on two ranks here. Each
+element is added in rank order; for two ranks that is gloo's a + b to the bit.
 
 Gradient clipping is done here too, with DeepSpeed's arithmetic (clip_grad_norm_ in
 deepspeed/runtime/utils.py: per-parameter 2-norms in fp32, their 2-norm, coefficient
@@ -22,8 +24,8 @@ passes; here one pass scales by both. For a power-of-two world size the two are 
 numbers (scaling by 1/2^k is exact, so the norm of the sum is 2^k times the norm of the
 average), which tests/train/test_train.py checks bitwise on two ranks. The norm is also
 what the trainer logs as grad_norm; the engine reports none for stage 0 with torch's AdamW.
-The ranks share the per-parameter norms (each takes ~1 / world of the buffer), since
-every rank holds the same sum.
+The ranks split the per-parameter norms: each takes those of its ~1 / world of the
+buffer, the region it sums where the buffers are shared.
 
 Only where the engine's reduction is the plain one: stage 0, no pipeline, fp32 parameters
 on one device and no fp16/bf16 optimizer wrapper (which keeps gradients of its own);
@@ -34,15 +36,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# DeepSpeed's shm op counts a message's bytes in a C int: reduce in slices below 2 GiB.
-SHM_SLICE_BYTES = 1 << 30
+from megafusion.parallel.shared_sum import SharedBuffers
 
 
 class FlatGradients:
-    def __init__(self, params, group=None, max_norm: float = 0.0, shm: bool = False):
+    def __init__(self, params, group=None, max_norm: float = 0.0, shared: bool = False):
         """max_norm: clip the averaged gradients to this global 2-norm (0: no clipping).
-        shm: sum through DeepSpeed's shared-memory all-reduce (every rank of `group` is
-        local and launch.init_distributed set it up); gloo otherwise."""
+        shared: every rank of `group` is on this machine and the device is the CPU: keep
+        the buffers in shared memory and sum them there (collective; where any rank
+        cannot, `self.shared` is None and the sum goes through torch.distributed)."""
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("no trainable parameters")
@@ -52,15 +54,16 @@ class FlatGradients:
             raise ValueError(f"parameters of several dtypes or devices ({dtypes}, {devices})")
         self.group = group
         self.max_norm = float(max_norm)
-        self.shm = shm
-        self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=dtypes.pop(), device=devices.pop())
-        self.views, offset = [], 0
+        dtype, device = dtypes.pop(), devices.pop()
+        offsets = [0]
         for p in self.params:
-            self.views.append(self.buffer[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+            offsets.append(offsets[-1] + p.numel())
+        self.norm_share, bounds = self._shares(offsets)
+        self.shared = SharedBuffers.create(offsets[-1], dtype, bounds, group) if shared else None
+        self.buffer = self.shared.mine if self.shared else torch.zeros(offsets[-1], dtype=dtype, device=device)
+        self.views = [self.buffer[a:b].view_as(p) for p, a, b in zip(self.params, offsets, offsets[1:])]
         for p, view in zip(self.params, self.views):
             p.register_post_accumulate_grad_hook(self._into_buffer(view))
-        self.norm_share = self._norm_share()
 
     def attach(self) -> None:
         """Arm the buffer for an optimiser step; call before its first backward.
@@ -82,23 +85,18 @@ class FlatGradients:
                 p.grad = view
         return hook
 
-    def _norm_share(self) -> range:
-        """The parameters whose norms this rank takes: those whose middle falls in its
-        contiguous 1 / world of the buffer."""
+    def _shares(self, offsets: list[int]) -> tuple[range, list[int]]:
+        """Which parameters this rank takes the norms of (those whose middle falls in its
+        contiguous 1 / world of the buffer), and where each rank's share begins and ends
+        in the buffer (world + 1 offsets: the regions that shared buffers sum)."""
         rank, world = dist.get_rank(group=self.group), dist.get_world_size(group=self.group)
-        middles = [v.storage_offset() - self.buffer.storage_offset() + v.numel() // 2 for v in self.views]
-        mine = [i for i, m in enumerate(middles) if min(world - 1, m * world // self.buffer.numel()) == rank]
-        return range(mine[0], mine[-1] + 1) if mine else range(0)
-
-    def _sum(self) -> None:
-        if not self.shm:
-            dist.all_reduce(self.buffer, group=self.group)
-            return
-        import deepspeed.comm
-
-        step = SHM_SLICE_BYTES // self.buffer.element_size()
-        for start in range(0, self.buffer.numel(), step):
-            deepspeed.comm.inference_all_reduce(self.buffer[start:start + step])
+        total = offsets[-1]
+        owners = [min(world - 1, (a + (b - a) // 2) * world // total) for a, b in zip(offsets, offsets[1:])]
+        mine = [i for i, owner in enumerate(owners) if owner == rank]
+        # Owners never decrease along the buffer: rank r's region runs from its first
+        # parameter to the next rank's (empty where it owns none).
+        bounds = [next((a for a, owner in zip(offsets, owners) if owner >= r), total) for r in range(world)] + [total]
+        return (range(mine[0], mine[-1] + 1) if mine else range(0)), bounds
 
     def all_reduce(self) -> float | None:
         """Average the gradients over the ranks in place, and clip them to max_norm;
@@ -110,15 +108,30 @@ class FlatGradients:
                 p.grad = view
             elif p.grad.data_ptr() != view.data_ptr():
                 raise RuntimeError("a gradient outside the flat buffer (set after backward, not by autograd)")
-        self._sum()
+        if self.shared is not None:
+            summed = self.shared.sum_region()  # this rank's region; the rest follow below
+        else:
+            dist.all_reduce(self.buffer, group=self.group)
+            summed = self.buffer
         average = 1.0 / dist.get_world_size(group=self.group)
+        norm = None
         if self.max_norm <= 0:
-            self.buffer.mul_(average)
-            return None
-        # DeepSpeed's norm of the averaged gradients, taken on the sum and scaled after.
-        # Every rank holds the same sum, so each takes the per-parameter norms of its own
-        # share and the ranks add up the list: each entry is one rank's value plus zeros,
-        # exact, so every rank holds the very list one rank would have computed alone.
+            summed.mul_(average)
+        else:
+            norm = self._clip_and_average(summed, average)
+        if self.shared is not None:
+            self.shared.share_regions()
+        return norm
+
+    def _clip_and_average(self, summed: torch.Tensor, average: float) -> float:
+        """Scale `summed` (the buffer, or this rank's region of shared buffers, which holds
+        its norm share) by DeepSpeed's clipping coefficient times 1 / world; returns the
+        averaged gradients' global 2-norm before clipping.
+
+        DeepSpeed's norm of the averaged gradients, taken on the sum and scaled after.
+        Each rank takes the per-parameter norms of its own share and the ranks add up the
+        list: each entry is one rank's value plus zeros, exact, so every rank holds the
+        very list one rank would have computed alone."""
         norms = torch.zeros(len(self.views), dtype=torch.float32, device=self.buffer.device)
         for i in self.norm_share:
             norms[i] = self.views[i].detach().float().norm(2)
@@ -127,14 +140,15 @@ class FlatGradients:
         total = total * average
         coef = torch.tensor([self.max_norm], device=total.device) / (total + 1e-6)
         coef = torch.min(torch.tensor([1.0], device=coef.device), coef)
-        self.buffer.mul_(coef * average)
+        summed.mul_(coef * average)
         return float(total)
 
 
-def attach_flat_gradients(engine, cfg) -> FlatGradients | None:
+def attach_flat_gradients(engine, cfg, all_local: bool = False) -> FlatGradients | None:
     """A FlatGradients for the engine's module with DeepSpeed's backward reduction and
     gradient clipping turned off, where the engine's reduction is the plain stage-0 one
-    (see the module docstring) and parallel.flat_gradients is on; None otherwise."""
+    (see the module docstring) and parallel.flat_gradients is on; None otherwise.
+    all_local: every rank runs on this machine (its buffers are shared there on the CPU)."""
     if not wanted(cfg) or dist.get_world_size() < 2:
         return None
     if engine.bfloat16_enabled() or engine.fp16_enabled() or getattr(engine, "sequence_parallel_size", 1) != 1:
@@ -143,13 +157,12 @@ def attach_flat_gradients(engine, cfg) -> FlatGradients | None:
         return None
     from deepspeed.utils import groups
 
-    from megafusion.parallel import launch
-
     group = groups._get_sequence_data_parallel_group()
-    # The shm op reduces over every rank of the world, whatever group it is given.
-    shm = launch.SHM_ALLREDUCE_READY and dist.get_world_size(group=group) == dist.get_world_size()
+    shared = (all_local and dist.get_world_size(group=group) == dist.get_world_size()
+              and {p.device.type for p in engine.module.parameters()} == {"cpu"})
     try:
-        flat = FlatGradients(engine.module.parameters(), group=group, max_norm=engine.gradient_clipping(), shm=shm)
+        flat = FlatGradients(engine.module.parameters(), group=group, max_norm=engine.gradient_clipping(),
+                             shared=shared)
     except ValueError:  # parameters on several devices
         return None
     engine.enable_backward_allreduce = False
@@ -161,7 +174,6 @@ def attach_flat_gradients(engine, cfg) -> FlatGradients | None:
 
 def wanted(cfg) -> bool:
     """Whether the run config asks for flat gradients where they can apply (stage 0, no
-    pipeline, fp32): decided before the engine exists, so that launch.init_distributed
-    can keep the shared-memory all-reduce for them."""
+    pipeline, fp32)."""
     return (getattr(cfg.parallel, "flat_gradients", True) and cfg.parallel.zero_stage == 0
             and cfg.parallel.pipeline_stages == 1 and cfg.train.dtype == "fp32")

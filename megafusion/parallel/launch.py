@@ -6,8 +6,6 @@ anything imports deepspeed: on a machine without a GPU it is set to "cpu" (gloo)
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import socket
 import sys
@@ -45,13 +43,11 @@ def local_deepspeed_command(ranks: int, deepspeed: str = "deepspeed", port: int 
 
 
 def extensions_dir() -> Path:
-    """Where DeepSpeed's JIT-built ops (the CPU's shared-memory all-reduce and CPU Adam,
-    CUDA's fused kernels) are kept for this Python environment: one directory per
+    """Where DeepSpeed's JIT-built ops (CPU Adam, CUDA's fused kernels) are kept for this Python environment: one directory per
     virtual environment under megafusion's cache. torch's default, one directory per
     user, is shared by every checkout; its build files name the environment's include
     paths, so two checkouts (or a CI clone and a working copy) rebuild each op whenever
-    the other ran last: measured here, CPU Adam 110 s and the all-reduce 55 s, paid by
-    whichever run came next."""
+    the other ran last: measured here, CPU Adam 110 s, paid by whichever run came next."""
     import hashlib
 
     from megafusion.model.loading import cache_dir
@@ -117,98 +113,29 @@ def skip_shm_allreduce_buffer():
     suite, a CPU cluster's jobs) fills its memory with them. Marking the op incompatible
     skips it (and its JIT build and "built successfully" print); DeepSpeed's own uses of
     it (inference's tensor-parallel all-reduce) then fall back to torch.distributed.
-    init_distributed keeps it where the trainer asks for it, and unlinks the files."""
+    The trainer's own gradient sum on one machine needs no library workspace: its
+    buffers are shared between the ranks (shared_sum.py)."""
     from deepspeed.git_version_info import compatible_ops
 
     compatible_ops["deepspeed_shm_comm"] = False
 
 
-# True once init_distributed has set up DeepSpeed's shared-memory all-reduce on this rank
-# (every rank of the world on this machine); flat_grads.py reduces through it then.
-SHM_ALLREDUCE_READY = False
-
-
-def _shm_allreduce_buildable() -> bool:
-    """DeepSpeed's shared-memory all-reduce op, JIT-built on first use (~45 s on 2 cores,
-    then cached in torch's extensions directory); False, with one line, where it cannot be
-    built (no compiler), so the run reduces through gloo instead of failing."""
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.git_version_info import compatible_ops
-
-    if not compatible_ops.get("deepspeed_shm_comm", False):
-        return False
-    try:
-        get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
-        return True
-    except Exception as exc:  # a failed build: fall back, say why
-        print(f"warning: DeepSpeed's shared-memory all-reduce unavailable ({str(exc).splitlines()[0][:200]}); "
-              "gradients are all-reduced through gloo", file=sys.stderr, flush=True)
-        return False
-
-
-def prebuild_cpu_ops() -> None:
-    """`make setup` on a machine without a GPU: JIT-build the shared-memory all-reduce now
-    (~45 s), so that the first `make demo` does not spend its own minutes on it."""
-    if has_cuda():
-        return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    use_private_extensions_dir()  # where the ranks will look for it
-    import logging
-
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    if _shm_allreduce_buildable():
-        print("DeepSpeed's shared-memory all-reduce (CPU runs) is built")
-
-
-def shm_buffer_path(rank: int) -> Path:
-    """The /dev/shm file of a rank's all-reduce workspace (shm.cpp's shm_initialize)."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-
-
-def init_distributed(env: DistEnv, timeout_minutes: float | None = None, shm_allreduce: bool = False):
+def init_distributed(env: DistEnv, timeout_minutes: float | None = None):
     """timeout_minutes: how long a collective waits (parallel.collective_timeout_minutes;
-    None: DeepSpeed's default, $DEEPSPEED_TIMEOUT or 10 minutes).
-
-    shm_allreduce: on the CPU, with every rank on this machine, keep DeepSpeed's
-    shared-memory all-reduce (the trainer's flat gradients use it: 115.5M fp32 values in
-    0.40 s against gloo's 0.85 s on two ranks here). Its /dev/shm files are unlinked as
-    soon as every rank has mapped them all, so they vanish with the processes."""
+    None: DeepSpeed's default, $DEEPSPEED_TIMEOUT or 10 minutes)."""
     import datetime
 
     import deepspeed
     import torch
-    import torch.distributed as dist
 
-    global SHM_ALLREDUCE_READY
     accelerator = os.environ.get("DS_ACCELERATOR") or choose_accelerator()
     backend = process_group_backend(accelerator)
     if accelerator == "cuda":
         torch.cuda.set_device(env.local_rank)  # before the group binds its device
-    shm = (accelerator == "cpu" and shm_allreduce and env.world_size > 1
-           and env.local_world_size == env.world_size and _shm_allreduce_buildable())
-    if accelerator == "cpu" and not shm:
+    if accelerator == "cpu":
         skip_shm_allreduce_buffer()
-    if shm:
-        # The op maps the other ranks' workspaces only where it is told that all ranks are
-        # local; the deepspeed launcher sets LOCAL_SIZE, torchrun and srun do not.
-        os.environ["LOCAL_SIZE"] = str(env.local_world_size)
     kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
-    # DeepSpeed prints "... deepspeed_shm_comm_op built successfully" on every rank as it
-    # loads the op; the rest of what init prints passes through.
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
-    finally:  # what init printed before a failure is part of its story
-        sys.stdout.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
-                                 if "built successfully" not in line))
-    if shm:
-        # Every rank has opened every workspace once it is past init (shm_initialize
-        # waits for each file): the names can go, the mappings stay.
-        dist.barrier()
-        shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
-        SHM_ALLREDUCE_READY = True
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
     return backend
 
 

@@ -99,9 +99,7 @@ class Trainer:
     def _setup(self):
         cfg = self.cfg
         self.env = setup_environment()
-        from megafusion.parallel import flat_grads
-
-        init_distributed(self.env, cfg.parallel.collective_timeout_minutes, shm_allreduce=flat_grads.wanted(cfg))
+        init_distributed(self.env, cfg.parallel.collective_timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.data_parallel = self.world // cfg.parallel.pipeline_stages
         self.device = device_for(self.env)
@@ -133,12 +131,18 @@ class Trainer:
 
             self.model = build_model(cfg, self.ds_config)
             self.engine, self.optimizer, self.scheduler = initialize(self.model, cfg, self.ds_config)
-        self.flat_grads = flat_grads.attach_flat_gradients(self.engine, cfg) if cfg.parallel.pipeline_stages == 1 else None
+        from megafusion.parallel import flat_grads
+
+        self.flat_grads = None
+        if cfg.parallel.pipeline_stages == 1:
+            all_local = self.env.local_world_size == self.env.world_size
+            self.flat_grads = flat_grads.attach_flat_gradients(self.engine, cfg, all_local=all_local)
         self.flat_grad_norm = None  # the last step's global gradient norm, from the flat buffer
         if self.flat_grads is not None:
-            how = "DeepSpeed's shared-memory all-reduce" if self.flat_grads.shm else "gloo"
-            self._log0(f"gradients: one flat buffer of {self.flat_grads.buffer.numel() / 1e6:.1f}M, all-reduced in place "
-                       f"through {how} and clipped there (parallel.flat_gradients)")
+            how = ("in buffers the ranks share in /dev/shm" if self.flat_grads.shared
+                   else "by torch.distributed's all-reduce")
+            self._log0(f"gradients: one flat buffer of {self.flat_grads.buffer.numel() / 1e6:.1f}M, summed in place "
+                       f"{how} and clipped there (parallel.flat_gradients)")
 
         from megafusion.data.loader import build_train_loader
 
