@@ -21,6 +21,7 @@ from megafusion.parallel.ds_config import deepspeed_config
 from megafusion.parallel import checkpoint, elastic, frozen
 from megafusion.parallel.collectives import any_rank, any_rank_tensor, mean_over_ranks, sum_over_ranks
 from megafusion.parallel.launch import device_for, init_distributed, setup_environment
+from megafusion.parallel.step_log import StepLog
 
 
 class StopSignal:
@@ -180,9 +181,7 @@ class Trainer:
         frozen_before = frozen.digest(self.engine.module)
 
         stop = StopSignal()
-        writer = self._tensorboard()
-        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
-        bar = self._progress(start_step)
+        self.log = log = StepLog(cfg, self.run_dir, self.rank, self.world, self.data_parallel, self.model, start_step)
         inject = _nan_injection_steps()
         # iter() draws DataLoader's base seed from the global RNG: create the iterator
         # before restoring the RNG so that a resumed run continues the very same stream
@@ -194,11 +193,6 @@ class Trainer:
         stopping = False
         step = start_step
         last_saved = None
-        t_last, tokens_since, samples_since = time.time(), 0, 0
-        self._take_flops()
-        # Wall clock of the training steps alone (not sampling, validation, checkpoints),
-        # in metrics.jsonl: step_s per step, train_s summed since this attempt started.
-        train_s = 0.0
         while step < t.steps:
             t_step = time.perf_counter()
             if cfg.parallel.pipeline_stages > 1:
@@ -207,7 +201,6 @@ class Trainer:
             else:
                 losses, tokens, skipped_data, samples, bad, parts = self._zero_step(inject.get(step + 1, set()))
                 caption, align = _step_means(parts, self.device)
-            samples_since += samples
             step += 1
             if bad:
                 self.bad_in_row += 1
@@ -226,35 +219,15 @@ class Trainer:
             # Pipeline losses are already global (broadcast by the engine / reduced above).
             loss, lm, diff = mean if cfg.parallel.pipeline_stages > 1 else mean_over_ranks(mean, self.device)
             step_s = time.perf_counter() - t_step
-            train_s += step_s
-            # Ranks of one pipeline draw the same batches: count each batch once.
-            tokens_since += tokens * self.data_parallel
             lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
             gnorm = None if bad else self.flat_grad_norm if self.flat_grads is not None else self.engine.get_global_grad_norm()
-            gnorm = float(gnorm) if gnorm is not None else None
-            if metrics:
-                metrics.write(json.dumps({"step": step, "loss": loss, "lm_loss": lm, "diffusion_loss": diff,
-                                          "caption_loss": caption,
-                                          **({"align_loss": align} if cfg.model.align_encoder else {}),
-                                          "grad_norm": gnorm, "lr": lr, "skipped": bad, "skipped_samples": skipped_data,
-                                          "step_s": round(step_s, 4), "train_s": round(train_s, 3)}) + "\n")
-                metrics.flush()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(lm=f"{lm:.3f}", diff=f"{diff:.4f}")
-            if writer and step % cfg.log.every == 0:
-                dt = max(time.time() - t_last, 1e-9)
-                self._scalars(writer, step, loss, lm, diff, gnorm, lr, tokens_since / dt,
-                              samples_since * self.data_parallel / dt, skipped_data, self._take_flops() / dt)
-                if caption is not None:
-                    writer.add_scalar("loss/caption", caption, step)
-                if align is not None:
-                    writer.add_scalar("loss/align", align, step)
-                t_last, tokens_since, samples_since = time.time(), 0, 0
+            log.step(step, loss=loss, lm=lm, diff=diff, caption=caption, align=align,
+                     gnorm=float(gnorm) if gnorm is not None else None, lr=lr, bad=bad,
+                     skipped_samples=skipped_data, step_s=step_s, tokens=tokens, samples=samples)
             if cfg.log.sample_every and step % cfg.log.sample_every == 0:
-                self._sample(step, writer)
+                self._sample(step, log.writer)
             if cfg.log.val_every and step % cfg.log.val_every == 0:
-                self._validate(step, writer)
+                self._validate(step, log.writer)
             stopping = stop.anywhere(self.device)
             if stopping or step == t.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 self._save(step)
@@ -262,12 +235,7 @@ class Trainer:
             if stopping:
                 self._log0(f"stopped by signal after step {step}; checkpoint written, exiting 0")
                 break
-        if bar is not None:
-            bar.close()
-        if writer:
-            writer.close()
-        if metrics:
-            metrics.close()
+        log.close()
         if last_saved != step:
             self._save(step)
         if stopping:
@@ -290,8 +258,7 @@ class Trainer:
             if batch is None:  # epoch boundary: streaming starts the next epoch
                 self._it = iter(self.loader)
                 batch = next(self._it)
-        if self.cfg.log.peak_flops_per_device:
-            self._flops_drawn = getattr(self, "_flops_drawn", 0.0) + self._batch_flops(batch)
+        self.log.count_flops(batch)
         return batch
 
     def _zero_step(self, inject_nan: set[int] | None):
@@ -456,59 +423,3 @@ class Trainer:
 
         text = report(self.engine, self.world, self.flat_grads.buffer if self.flat_grads is not None else None)
         self._log0(text)
-
-    def _tensorboard(self):
-        if self.rank != 0 or not self.cfg.log.tensorboard:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
-
-    def _progress(self, start):
-        if self.rank != 0:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stdout)
-
-    def _scalars(self, w, step, loss, lm, diff, gnorm, lr, tok_s, samp_s, skipped, flops_s):
-        w.add_scalar("loss/total", loss, step)
-        w.add_scalar("loss/lm", lm, step)
-        w.add_scalar("loss/diffusion", diff, step)
-        if gnorm is not None:
-            w.add_scalar("train/grad_norm", gnorm, step)
-        w.add_scalar("train/lr", lr, step)
-        w.add_scalar("throughput/tokens_per_s", tok_s, step)
-        w.add_scalar("throughput/samples_per_s", samp_s, step)
-        w.add_scalar("data/skipped_samples", skipped, step)
-        peak = self.cfg.log.peak_flops_per_device
-        if peak:
-            w.add_scalar("throughput/mfu", flops_s / (peak * self.world), step)
-
-    def _take_flops(self) -> float:
-        """Model FLOPs of the training batches drawn since the last call, over all ranks:
-        this rank's batches x the data-parallel size (the ranks of one pipeline draw the
-        same batches; data-parallel ranks draw different but alike ones)."""
-        drawn, self._flops_drawn = getattr(self, "_flops_drawn", 0.0), 0.0
-        return drawn * self.data_parallel
-
-    def _batch_flops(self, batch) -> float:
-        """megafusion/flops.py's FORMULA on one packed batch: a text token costs 4 x the
-        layer weights when the text tower is frozen (no weight gradient), an image token
-        6 x; logits at the text positions; attention over the pairs the hybrid mask
-        allows; the image tokenizer's convolutions and projections."""
-        from megafusion.flops import attention_pairs_packed, patcher_forward_flops_per_image, train_step_flops
-
-        if getattr(self, "_patcher_flops", None) is None:
-            tok = self.model.image_tokenizer
-            shapes = [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in tok.named_parameters()]
-            self._patcher_flops = 3 * patcher_forward_flops_per_image(shapes, tok.latent_shape[1:], tok.tokens_per_image)
-        image_tokens = int((batch.image_ids >= 0).sum())
-        text_tokens = int((getattr(batch, "stats", None) or {}).get("tokens", batch.input_ids.numel())) - image_tokens
-        images = image_tokens // max(1, self.model.tokens_per_image)
-        logit_tokens = int((self.model.lm_targets(batch) != -100).sum())
-        parts = train_step_flops(self.model.llama_config, text_tokens=text_tokens, logit_tokens=logit_tokens,
-                                 attention_pairs=attention_pairs_packed(batch.document_ids, batch.image_ids),
-                                 image_tokens=image_tokens, frozen_text=not self.cfg.model.train_text_tower,
-                                 image_io=images * self._patcher_flops)
-        return float(parts["total"])

@@ -82,14 +82,15 @@ def main():
 
 def _record_throughput(Trainer):
     """What the trainer's throughput scalars must count, recorded beside what it logs.
-    The trainer's clock (megafusion.parallel.trainer.time.time) is replaced by one that
+    The step log's clock (megafusion.parallel.step_log.time.time) is replaced by one that
     advances exactly one second per training step, so a logged rate times log.every is
     the amount the trainer counted over those steps. Recorded per batch this rank drew:
-    its real tokens (the packer's count) and its model FLOPs (Trainer._batch_flops,
-    checked against torch's FlopCounterMode in tests/test_flops.py)."""
+    its real tokens (the packer's count) and its model FLOPs (StepLog.batch_flops,
+    checked against torch's FlopCounterMode in tests/test_flops.py); logged: what reaches
+    tensorboard's writer (FLOP/s from the MFU scalar: MFU x peak x world)."""
     import time as real_time
 
-    from megafusion.parallel import trainer as trainer_module
+    from megafusion.parallel import step_log
 
     class StepClock:
         now = 1.0e9
@@ -101,20 +102,20 @@ def _record_throughput(Trainer):
             return getattr(real_time, name)
 
     clock = StepClock()
-    trainer_module.time = clock
-    drawn, logged, step_of_batch = [], [], [1]
-    real_next, real_flops = Trainer._next_batch, Trainer._batch_flops
-    real_step, real_scalars = Trainer._pipeline_step, Trainer._scalars
+    step_log.time = clock
+    drawn, logged, step_of_batch, last_flops = [], [], [1], [0.0]
+    real_next, real_flops = Trainer._next_batch, step_log.StepLog.batch_flops
+    real_step, real_init = Trainer._pipeline_step, step_log.StepLog.__init__
 
     def next_batch(self):
         batch = real_next(self)
         stats = getattr(batch, "stats", None) or {}
-        drawn.append({"step": step_of_batch[0], "tokens": int(stats["tokens"]), "flops": self._last_flops})
+        drawn.append({"step": step_of_batch[0], "tokens": int(stats["tokens"]), "flops": last_flops[0]})
         return batch
 
     def batch_flops(self, batch):
-        self._last_flops = real_flops(self, batch)
-        return self._last_flops
+        last_flops[0] = real_flops(self, batch)
+        return last_flops[0]
 
     def pipeline_step(self):
         out = real_step(self)
@@ -122,12 +123,23 @@ def _record_throughput(Trainer):
         step_of_batch[0] += 1
         return out
 
-    def scalars(self, w, step, loss, lm, diff, gnorm, lr, tok_s, samp_s, skipped, flops_s):
-        logged.append({"step": step, "tokens_per_s": tok_s, "flops_per_s": flops_s})
-        return real_scalars(self, w, step, loss, lm, diff, gnorm, lr, tok_s, samp_s, skipped, flops_s)
+    def init(self, cfg, *args, **kwargs):
+        real_init(self, cfg, *args, **kwargs)
+        if self.writer is None:
+            return
+        real_add = self.writer.add_scalar
 
-    Trainer._next_batch, Trainer._batch_flops = next_batch, batch_flops
-    Trainer._pipeline_step, Trainer._scalars = pipeline_step, scalars
+        def add_scalar(tag, value, step, *a, **kw):
+            if tag == "throughput/tokens_per_s":
+                logged.append({"step": step, "tokens_per_s": value})
+            elif tag == "throughput/mfu":
+                logged[-1]["flops_per_s"] = value * cfg.log.peak_flops_per_device * self.world
+            return real_add(tag, value, step, *a, **kw)
+
+        self.writer.add_scalar = add_scalar
+
+    Trainer._next_batch, step_log.StepLog.batch_flops = next_batch, batch_flops
+    Trainer._pipeline_step, step_log.StepLog.__init__ = pipeline_step, init
     return drawn, logged
 
 
