@@ -13,8 +13,9 @@ setup: $(STAMP)
 $(STAMP): $(REQS)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -r requirements.txt
-	$(VPY) -m pip install --no-deps -r requirements-nodeps.txt
+	@echo "installing requirements.txt into $(VENV) (a few minutes the first time; pip's errors still show)"
+	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
 demo: setup

@@ -17,7 +17,8 @@ gloo's a + b.
 The files: every rank creates its own under a name that rank 0 draws for the run, reserves
 its pages with posix_fallocate (so a small /dev/shm, such as a container's default 64 MB,
 is an error here rather than a SIGBUS at the first gradient), maps every rank's, and
-unlinks its own once all are mapped: nothing is left in /dev/shm, even after a crash.
+unlinks its own once all are mapped: from the first step on, nothing of the run is left in
+/dev/shm when it ends, however it ends.
 Where any rank cannot (no room, no /dev/shm, ranks that do not share one), every rank
 falls back to torch.distributed's all-reduce, and says why in one line.
 """
