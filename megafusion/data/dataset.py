@@ -7,6 +7,8 @@ counts it in TrainBatch.stats.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import streaming.base.dataset
 import torch
@@ -156,6 +158,32 @@ class FusionDataset(StreamingDataset):
         epoch, sample_in_epoch = super()._resume_incr_epoch()
         self.epoch = int(epoch)
         return epoch, sample_in_epoch
+
+    def _ready_thread(self, it) -> None:
+        """streaming 0.13's ready thread, which waits until each coming sample's shard is
+        local, with one change: a shard evicted while the thread waits for it is prepared
+        again. streaming re-prepares a shard it finds evicted only before it starts
+        waiting; under a data.cache_limit the download thread, up to `predownload` samples
+        ahead, can make that very shard the coldest and evict it between two of the
+        thread's polls (streaming's own prepare_shard notes the window), and the thread
+        then waited for ever (seen in tests/data/test_data_cache.py: a 4-shard cache and
+        shards of 8 KB that download within one 50 ms poll)."""
+        from streaming.base.dataset import _ShardState
+
+        while not it.should_exit() and it.ready_index != it.total and not self._event.is_set():
+            if self.predownload is not None and self.predownload < it.ready_index - it.yield_index:
+                time.sleep(streaming.base.dataset.TICK)
+                continue
+            sample_id = it.sample_ids[it.ready_index]
+            if sample_id != -1:
+                shard_id, _ = self.spanner[sample_id]
+                while self._shard_states[shard_id] != _ShardState.LOCAL and not self._event.is_set():
+                    if self._shard_states[shard_id] == _ShardState.REMOTE:
+                        self.prepare_shard(shard_id, False)  # evicted (again): download it (again)
+                    else:
+                        time.sleep(streaming.base.dataset.TICK)
+            it.ready_index += 1
+        it.on_exit()
 
     def stream_of(self, index: int) -> int:
         shard_id, _ = self.spanner[index]
