@@ -46,8 +46,9 @@ def extensions_dir() -> Path:
     """Where DeepSpeed's JIT-built ops (CPU Adam, CUDA's fused kernels) are kept for this
     Python environment: one directory per virtual environment under megafusion's cache.
     torch's default, one directory per user, is shared by every checkout; its build files
-    name the environment's include paths, so two checkouts (or a CI clone and a working copy) rebuild each op whenever
-    the other ran last: measured here, CPU Adam 110 s, paid by whichever run came next."""
+    name the environment's include paths, so two checkouts (or a CI clone and a working
+    copy) rebuild each op whenever the other ran last: measured here, CPU Adam 110 s,
+    paid by whichever run came next."""
     import hashlib
 
     from megafusion.model.loading import cache_dir
