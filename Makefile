@@ -8,14 +8,16 @@ REQS := requirements.txt requirements-nodeps.txt
 .PHONY: setup demo demo-long test test-fast bench clean-runs
 
 # Idempotent: re-runs pip only when a requirements file changed since the last setup.
+# pip -qq prints errors only: a host whose pip config names index directories it lacks
+# printed ~170 "Location ... is ignored" warnings on a first setup.
 setup: $(STAMP)
 
 $(STAMP): $(REQS)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
-	@echo "installing requirements.txt into $(VENV) (a few minutes the first time; pip's errors still show)"
-	$(VPY) -m pip install -q -r requirements.txt
-	$(VPY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(VPY) -m pip install -qq --upgrade pip
+	@echo "installing requirements.txt into $(VENV) (a few minutes the first time; only pip's errors show)"
+	$(VPY) -m pip install -qq -r requirements.txt
+	$(VPY) -m pip install -qq --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
 demo: setup
