@@ -210,33 +210,48 @@ def test_zero3_traffic_does_not_fall_with_more_gpus_and_qwz_halves_the_gathers(t
     assert {t.kind: t.bytes for t in q.step.traffic}[fwd] == pytest.approx(per_gpu[64][fwd] / 2)
 
 
-@pytest.mark.parametrize("config, nodes", [("llama3_8b.yaml", 4), ("llama3_70b.yaml", 8), ("xfusion_8b.yaml", 4)])
-def test_cli_prints_the_table_and_json_and_names_a_setting_that_fits(config, nodes):
-    cmd = [sys.executable, str(REPO / "tools/plan.py"), "--config", str(REPO / "configs" / config), "--nodes", str(nodes)]
-    table = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert table.returncode == 0, table.stderr
-    assert "best fitting setting:" in table.stdout and "as configured" in table.stdout
+def plan_cli(capsys, *args, real=False):
+    """tools/plan.py as a user runs it (`real`: its own process) or its main in this
+    process (the imports, ~4 s a process, are paid once)."""
+    args = [str(a) for a in args]
+    if real:
+        p = subprocess.run([sys.executable, str(REPO / "tools/plan.py"), *args], capture_output=True, text=True,
+                           timeout=300)
+        return p.returncode, p.stdout, p.stderr
+    from tools.plan import main
+
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("config, nodes, real", [("llama3_8b.yaml", 4, True), ("llama3_70b.yaml", 8, False),
+                                                 ("xfusion_8b.yaml", 4, False)])
+def test_cli_prints_the_table_and_json_and_names_a_setting_that_fits(config, nodes, real, capsys):
+    cmd = ["--config", REPO / "configs" / config, "--nodes", nodes]
+    code, table, err = plan_cli(capsys, *cmd, real=real)
+    assert code == 0, err
+    assert "best fitting setting:" in table and "as configured" in table
     for name in ("ZeRO-3 + qwZ", "ZeRO-2", "pipeline 4 + ZeRO-1"):
-        assert name in table.stdout
-    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300)
-    result = json.loads(out.stdout)
+        assert name in table
+    code, out, err = plan_cli(capsys, *cmd, "--json")
+    result = json.loads(out)
     best = result["best"]
     assert best["fits"] and best["memory_bytes"]["total"] <= result["gpu"]["usable"]
     assert best["mfu"] >= max(e["mfu"] for e in result["weighed"] if e["fits"]) - 0.01
     assert result["trainable_params"] > 6.9e9  # an 8B decoder stack's copy (and more)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--nodes", "0"], "--nodes 0"),
-    (["--nodes", "2", "--gpu", "tpu"], "--gpu tpu: unknown"),
-    (["--nodes", "2", "--arch", "/nope.json"], "--arch /nope.json"),
-    (["--nodes", "2", "train.nope=1"], "train.nope"),
+@pytest.mark.parametrize("args, message, real", [
+    (["--nodes", "0"], "--nodes 0", True),
+    (["--nodes", "2", "--gpu", "tpu"], "--gpu tpu: unknown", False),
+    (["--nodes", "2", "--arch", "/nope.json"], "--arch /nope.json", False),
+    (["--nodes", "2", "train.nope=1"], "train.nope", False),
 ])
-def test_cli_refuses_bad_input_in_one_line(args, message):
-    res = subprocess.run([sys.executable, str(REPO / "tools/plan.py"), "--config", str(REPO / "configs/llama3_8b.yaml"),
-                          *args], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2
-    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+def test_cli_refuses_bad_input_in_one_line(args, message, real, capsys):
+    code, _, err = plan_cli(capsys, "--config", REPO / "configs/llama3_8b.yaml", *args, real=real)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_gpu_presets_have_usable_memory():
