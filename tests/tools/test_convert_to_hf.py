@@ -245,7 +245,7 @@ def test_zero3_round_trip_of_each_x_fusion_design(mode, tmp_path, tiny_llama, sy
         extra = [f"model.align_encoder={tmp_path / 'dino'}", "model.align_layer=1"]
     run = train(tmp_path / mode / "run", synthetic_shards, f"model.base={tiny_llama}", f"model.tower_mode={mode}", *extra)
     out = tmp_path / "export"
-    p = convert(run, out)
+    p = convert_here(run, out)
     assert p.returncode == 0, p.stderr[-3000:]
     fusion = json.loads((out / "config.json").read_text())["fusion"]
     assert fusion["tower_mode"] == mode and fusion["align_encoder"] is None
@@ -271,7 +271,7 @@ def test_stage0_round_trip(tmp_path_factory, tmp_path, tiny_llama, synthetic_sha
     run = train(tmp_path_factory.mktemp("z0") / "run", synthetic_shards, f"model.base={tiny_llama}",
                 "parallel.zero_stage=0")
     out = tmp_path / "stage0_export"
-    p = convert(run, out)
+    p = convert_here(run, out)
     assert p.returncode == 0, p.stderr[-3000:]
     cfg = load_config(run / "config.yaml")
     fused = LMFusionModel.from_base(cfg.model.base, cfg.model)
@@ -286,7 +286,7 @@ def test_stage0_round_trip(tmp_path_factory, tmp_path, tiny_llama, synthetic_sha
 def test_pipeline_round_trip(pipeline_run, tmp_path, tiny_base):
     # One tag directory as CHECKPOINT_DIR, fp32 explicitly.
     out = tmp_path / "pipeline_export"
-    p = convert(pipeline_run / "checkpoints" / "global_step2", out, "--max-shard-size", "2MB", "--dtype", "fp32")
+    p = convert_here(pipeline_run / "checkpoints" / "global_step2", out, "--max-shard-size", "2MB", "--dtype", "fp32")
     assert p.returncode == 0, p.stderr[-3000:]
     check_layout(out, pipeline_run)
     # A tied base's BOI/EOI logit rows were trained apart on the head stage; an untied
@@ -326,31 +326,37 @@ def refused(p, *needles):
         assert n in errors[0], errors[0]
 
 
-def convert_here(capsys, *args):
-    """tools/convert_to_hf.py's main in this process (the refusals come before anything
-    slow; one test runs the real command line)."""
+def convert_here(*args):
+    """tools/convert_to_hf.py's main in this process. The real command line runs in
+    test_zero3_round_trip and the first refusal; every other export or refusal here
+    saves a process start (mostly DeepSpeed's import, ~8 s)."""
+    import contextlib
+    import io
+
     from tools.convert_to_hf import main
 
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.delenv("DS_ACCELERATOR", raising=False)  # main sets it for DeepSpeed's import; the later tests' processes must not see it
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
-def test_refuses_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
+def test_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "stuff").mkdir()
     (tmp_path / "stuff" / "notes.txt").write_text("hi")
     refused(convert(tmp_path / "stuff", tmp_path / "out"), "not a checkpoint", "stuff")  # the real CLI
-    refused(convert_here(capsys, tmp_path / "missing", tmp_path / "out"), "no such directory")
+    refused(convert_here(tmp_path / "missing", tmp_path / "out"), "no such directory")
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_a_missing_tag(tmp_path, tiny_llama, capsys):
+def test_refuses_a_missing_tag(tmp_path, tiny_llama):
     run = fake_run(tmp_path, tiny_llama, tags=("global_step1", "global_step2"))
-    refused(convert_here(capsys, run, tmp_path / "out", "--tag", "global_step7"), "global_step7", "global_step2")
-    refused(convert_here(capsys, run / "checkpoints" / "global_step1", tmp_path / "out", "--tag", "global_step2"),
+    refused(convert_here(run, tmp_path / "out", "--tag", "global_step7"), "global_step7", "global_step2")
+    refused(convert_here(run / "checkpoints" / "global_step1", tmp_path / "out", "--tag", "global_step2"),
             "global_step1", "global_step2")
     run2 = fake_run(tmp_path / "b", tiny_llama, latest=None)
-    refused(convert_here(capsys, run2 / "checkpoints", tmp_path / "out"), "no complete checkpoint")
+    refused(convert_here(run2 / "checkpoints", tmp_path / "out"), "no complete checkpoint")
 
 
 def test_finds_checkpoints_as_the_trainer_lays_them_out(tmp_path, tiny_llama):
@@ -364,20 +370,20 @@ def test_finds_checkpoints_as_the_trainer_lays_them_out(tmp_path, tiny_llama):
     assert find_checkpoint(run / "checkpoints" / "global_step2").tag == "global_step2"
 
 
-def test_refuses_a_base_model_that_cannot_be_found(tmp_path, capsys):
+def test_refuses_a_base_model_that_cannot_be_found(tmp_path):
     run = fake_run(tmp_path, "/nonexistent/llama-base")
-    refused(convert_here(capsys, run, tmp_path / "out"), "/nonexistent/llama-base")
+    refused(convert_here(run, tmp_path / "out"), "/nonexistent/llama-base")
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_a_non_empty_out_dir(tmp_path, tiny_llama, capsys):
+def test_refuses_a_non_empty_out_dir(tmp_path, tiny_llama):
     run = fake_run(tmp_path, tiny_llama)
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors").write_text("precious")
-    refused(convert_here(capsys, run, out), "not empty", "--overwrite")
-    refused(convert_here(capsys, run, run, "--overwrite"), "run directory")
-    refused(convert_here(capsys, run, tmp_path / "new", "--max-shard-size", "lots"), "--max-shard-size")
+    refused(convert_here(run, out), "not empty", "--overwrite")
+    refused(convert_here(run, run, "--overwrite"), "run directory")
+    refused(convert_here(run, tmp_path / "new", "--max-shard-size", "lots"), "--max-shard-size")
     assert (out / "model.safetensors").read_text() == "precious"
 
 
@@ -394,7 +400,7 @@ def test_smollm2_demo_export_keeps_the_base_model(tmp_path_factory, synthetic_sh
                 "log.sample_every=0", "log.val_every=0", "train.micro_batch_size=1", ranks=1,
                 config="configs/demo.yaml")
     out = root / "export"
-    p = convert(run, out)
+    p = convert_here(run, out)
     assert p.returncode == 0, p.stderr[-3000:]
     from megafusion.config import load_config
 
