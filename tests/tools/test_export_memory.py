@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_convert_to_hf import PY, REPO, train
+from test_convert_to_hf import PY, REPO, convert_here, train
 
 WORKER = str(Path(__file__).resolve().parent / "export_memory_worker.py")
 LAYERS, MLP = 32, 8192
@@ -126,8 +126,7 @@ def test_streamed_export_is_the_whole_model_export(deep_run, tmp_path):
 
     kind, run = deep_run
     streamed = tmp_path / "streamed"
-    p = subprocess.run([PY, str(REPO / "tools" / "convert_to_hf.py"), str(run), str(streamed), "--dtype", "bf16",
-                        "--max-shard-size", "5MB"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    p = convert_here(run, streamed, "--dtype", "bf16", "--max-shard-size", "5MB")
     assert p.returncode == 0, p.stderr[-3000:]
     fused, cfg, _ = load_checkpoint_model(run)
     tok = load_tokenizer(cfg.model.base)
