@@ -54,14 +54,12 @@ def test_resume_on_another_number_of_ranks(reference, tmp_path, synthetic_shards
 ZERO2 = ("parallel.zero_stage=2", "parallel.ds_config=ds_configs/zero2.json")
 
 
-def test_zero2_resumes_on_one_rank(tmp_path, synthetic_shards):
+def test_zero2_resumes_on_one_rank(reference, tmp_path, synthetic_shards):
     """ZeRO-2 (the X-Fusion configs' stage, and one the planner weighs for 8B) goes
-    through the same universal checkpoint: 2 ranks to step 3, then 1, against an
-    uninterrupted 2-rank ZeRO-2 run."""
-    ref_dir = tmp_path / "reference"
-    ref_dir.mkdir()
-    _, samples = launch_run(ref_dir / "run", synthetic_shards, 2, ref_dir, "ref", None, *ZERO2)
-    check_resume((by_step(metrics(ref_dir / "run")), drawn(samples)), tmp_path, synthetic_shards, 2, 1, *ZERO2)
+    through the same universal checkpoint: 2 ranks to step 3, then 1. The reference is
+    the uninterrupted 2-rank ZeRO-3 run: the ZeRO stage changes where the optimizer state
+    lives, not the arithmetic of a step, and the data drawn does not depend on it."""
+    check_resume(reference, tmp_path, synthetic_shards, 2, 1, *ZERO2)
 
 
 def check_resume(reference, tmp_path, synthetic_shards, before, after, *extra):
