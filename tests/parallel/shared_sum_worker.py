@@ -4,15 +4,19 @@ micro-batches, against references computed here: every rank's gradients rebuilt 
 their seeds and summed in rank order, gloo's own all-reduce, and DeepSpeed's
 clip_grad_norm_ on the averaged gradients (what the engine does without flat gradients).
 
-argv: <out> <case>, case one of
+argv: <out> <case>[,<case>...], each case one of
   shared         every rank maps every rank's buffer (two parameter layouts: one where
                  every rank sums a region, one where rank 0's region is empty);
   no_dir         rank 1's /dev/shm stand-in does not exist;
   not_shared     each rank has a directory of its own (ranks that share no /dev/shm);
   full           rank 1's posix_fallocate finds no room (ENOSPC);
 in the last three every rank must fall back to torch.distributed's all-reduce, with the
-same numbers. Writes <out>/rank<r>.json."""
+same numbers. Several cases run one after another in one launch (each with the module
+state it changed put back); writes <out>/<case>/rank<r>.json, with what the rank printed
+to stderr in that case."""
+import contextlib
 import errno
+import io
 import json
 import os
 import sys
@@ -51,8 +55,23 @@ def ours() -> set[str]:
     return {p.name for p in shared_sum.SHM_DIR.glob(f"megafusion_grads_{os.getuid()}_*")}
 
 
-def main(out: Path, case: str) -> None:
+def main(out: Path, cases: str) -> None:
     launch.init_distributed(launch.setup_environment())
+    for case in cases.split(","):
+        shm_dir, fallocate = shared_sum.SHM_DIR, os.posix_fallocate
+        (out / case).mkdir(exist_ok=True)
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(printed):
+                result = run_case(out / case, case)
+        finally:
+            shared_sum.SHM_DIR, os.posix_fallocate = shm_dir, fallocate
+        result["stderr"] = printed.getvalue()
+        (out / case / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+        dist.barrier()
+
+
+def run_case(out: Path, case: str) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     if case == "no_dir" and rank == 1:
         shared_sum.SHM_DIR = out / "missing"
@@ -71,8 +90,7 @@ def main(out: Path, case: str) -> None:
         result["checks"][name] = check(shapes, rank, world, summed, result)
     dist.barrier()
     result["files_left"] = sorted(ours() - before)
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
+    return result
 
 
 def check(shapes, rank: int, world: int, summed: list[torch.Tensor], result: dict) -> dict:
