@@ -7,7 +7,7 @@ from launchers import launcher_cmd, launcher_env
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")  # a factory: module scope lets module fixtures use it
 def run_two_ranks(tiny_llama):
     """run_two_ranks(worker) starts tests/parallel/<worker> on two CPU ranks (gloo,
     tests/launchers.py) on configs/tiny.yaml and returns its combined output; fails on

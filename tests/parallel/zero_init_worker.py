@@ -3,7 +3,12 @@ and checks, on every rank, that (1) every parameter was born partitioned (ZeRO-3
 local shard smaller than the whole), and (2) gathered, each image-tower tensor equals its
 text-tower twin, which equals the base checkpoint on disk, and (3) with a LLaVA base, its
 vision encoder and projector are partitioned too and equal the VLM's own load. Prints
-ZERO_INIT_OK (and ZERO_INIT_VLM_OK)."""
+ZERO_INIT_OK (and ZERO_INIT_VLM_OK) with the group's number.
+
+    zero_init_worker.py CONFIG [overrides] [--then overrides] ...
+
+Each group (the overrides before, between and after --then) a fresh model in this one
+launch: a launch is ~10 s of start-up on two shared cores."""
 import sys
 from pathlib import Path
 
@@ -18,9 +23,19 @@ from megafusion.parallel.launch import init_distributed, setup_environment  # no
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    cfg = load_config(args[0], ["parallel.zero_init=true", *args[1:]])
+    groups = [[]]
+    for a in args[1:]:
+        if a == "--then":
+            groups.append([])
+        else:
+            groups[-1].append(a)
     env = setup_environment()
     init_distributed(env)
+    for i, overrides in enumerate(groups):
+        check(load_config(args[0], ["parallel.zero_init=true", *overrides]), env, i)
+
+
+def check(cfg, env, group: int) -> None:
     import torch.distributed as dist
 
     from megafusion.model.loading import load_base_model
@@ -51,9 +66,9 @@ def main():
         for name, p in vision:
             with gathered([p]):
                 assert torch.equal(p.detach(), reference[name]), f"{name} differs from the base VLM's"
-        print(f"ZERO_INIT_VLM_OK rank {dist.get_rank()}: {len(vision)} vision tensors", flush=True)
+        print(f"ZERO_INIT_VLM_OK group {group} rank {dist.get_rank()}: {len(vision)} vision tensors", flush=True)
     dist.barrier()
-    print(f"ZERO_INIT_OK rank {dist.get_rank()}: {len(big)} partitioned tensors", flush=True)
+    print(f"ZERO_INIT_OK group {group} rank {dist.get_rank()}: {len(big)} partitioned tensors", flush=True)
 
 
 if __name__ == "__main__":
