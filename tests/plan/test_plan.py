@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from launchers import launcher_cmd, launcher_env
 
 from megafusion.config import load_config
-from megafusion.plan.choose import configured_setting, evaluate, plan
+from megafusion.plan.choose import configured_setting, evaluate
 from megafusion.plan.hardware import GPUS, gpu
 from megafusion.plan.memory import memory, model_states
 from megafusion.plan.setting import Setting, ring, workload

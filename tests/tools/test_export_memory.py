@@ -12,7 +12,6 @@ load_checkpoint_model (DeepSpeed's zero_to_fp32 or the checkpoint files loaded w
 then transformers' save_pretrained)."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
