@@ -7,9 +7,9 @@ of every launch, and the suite launches some eighty times. The ranks see the sam
 environment either way (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; init_dist_env
 reads LOCAL_WORLD_SIZE from torchrun and LOCAL_SIZE from the deepspeed launcher), and
 `deepspeed megafusion/train.py`, what users run, stays covered: the tests that pass
-launcher="deepspeed" (the production-settings resume, the signal stop at a step
-boundary, the demo) and tests/data's launcher-environment tests. Kill a launched job
-with kill_job, not os.killpg (see there).
+launcher="deepspeed" (the production-settings run and its SIGUSR1 stop, the signal
+stop at a step boundary, the demo) and tests/data's launcher-environment tests. Kill a
+launched job with kill_job, not os.killpg (see there).
 """
 import os
 import signal
