@@ -223,8 +223,8 @@ def check_deepspeed(device, s, tmp: Path, wheels: Path | None) -> dict:
     shards = tmp / "shards"
     launch([sys.executable, str(REPO / "tools" / "prepare_data.py"), "synthetic", "--out", str(shards),
             "--n", "200", "--seed", "0"], env, tmp / "prepare_data.log", s["run_timeout"])
-    # The large configs' settings; a constant lr after warmup keeps the losses comparable
-    # with runs of other lengths.
+    # The large configs' settings. Both runs are 10 steps, so any schedule would match; a
+    # constant lr after warmup keeps the comparison valid if either length changes.
     settings = ["train.dtype=bf16", "parallel.zero_init=true", "model.activation_checkpointing=true",
                 "train.schedule=constant", "checkpoint.every=5", "checkpoint.keep_last=0", "log.tensorboard=false"]
 
@@ -268,8 +268,9 @@ def check_deepspeed(device, s, tmp: Path, wheels: Path | None) -> dict:
     if cuda:
         result["nccl_started"] = "NCCL version" in out_a
     trained = a[10]["diffusion_loss"] < a[1]["diffusion_loss"] and not any(r["skipped"] for r in a.values())
+    finite = all(math.isfinite(a[i][k]) for i in a for k in keys)
     result["ok"] = (sorted(a) == list(range(1, 11)) and sorted(b) == list(range(6, 11)) and diff <= rtol
-                    and result["resumed_at_step_5"] and trained and all(math.isfinite(a[i][k]) for i in a for k in keys))
+                    and result["resumed_at_step_5"] and trained and finite)
     return result
 
 

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from megafusion.config import load_config  # noqa: E402
 from megafusion.parallel.ds_config import deepspeed_config  # noqa: E402
 from megafusion.parallel.launch import init_distributed, setup_environment  # noqa: E402
+from worker_args import config_and_groups  # noqa: E402  (this directory: the script's own)
 
 
 def batches(model, cfg):
@@ -44,19 +45,11 @@ def batches(model, cfg):
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    groups, current = [], []
-    for a in args[1:]:
-        if a == "--then":
-            groups.append(current)
-            current = []
-        else:
-            current.append(a)
-    groups.append(current)
+    config, groups = config_and_groups(sys.argv[1:])
     env = setup_environment()
     init_distributed(env)
     for overrides in groups:
-        check(load_config(args[0], ["train.grad_clip=0", *overrides]), env, " ".join(overrides) or "defaults")
+        check(load_config(config, ["train.grad_clip=0", *overrides]), env, " ".join(overrides) or "defaults")
 
 
 def check(cfg, env, label):

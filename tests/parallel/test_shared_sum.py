@@ -47,7 +47,8 @@ def two_ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_shared_buffers_sum_average_and_clip_as_deepspeed(request, tmp_path, ranks):
-    results = request.getfixturevalue("two_ranks")["shared"] if ranks == 2 else launch(tmp_path, 3, ["shared"])["shared"]
+    # Two ranks: the module's launch of every case; three: a launch of its own.
+    results = (request.getfixturevalue("two_ranks") if ranks == 2 else launch(tmp_path, 3, ["shared"]))["shared"]
     assert "no shared gradient buffers" not in results[0]["output"]
     for r, res in enumerate(results):
         assert res["shared"], r

@@ -19,20 +19,15 @@ import torch  # noqa: E402
 from megafusion.config import load_config  # noqa: E402
 from megafusion.parallel.ds_config import deepspeed_config  # noqa: E402
 from megafusion.parallel.launch import init_distributed, setup_environment  # noqa: E402
+from worker_args import config_and_groups  # noqa: E402  (this directory: the script's own)
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    groups = [[]]
-    for a in args[1:]:
-        if a == "--then":
-            groups.append([])
-        else:
-            groups[-1].append(a)
+    config, groups = config_and_groups(sys.argv[1:])
     env = setup_environment()
     init_distributed(env)
     for i, overrides in enumerate(groups):
-        check(load_config(args[0], ["parallel.zero_init=true", *overrides]), env, i)
+        check(load_config(config, ["parallel.zero_init=true", *overrides]), env, i)
 
 
 def check(cfg, env, group: int) -> None:

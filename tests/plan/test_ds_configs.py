@@ -60,7 +60,7 @@ def test_gradients_are_reduced_and_accumulated_in_fp32(tmp_path, tiny_llama, syn
                      base="zero3_llama3_8b.json")
     cfg = load_config(REPO / "configs/tiny.yaml")
     trainable = model_shape(cfg).trainable
-    assert collective_bytes(run, "reduce_scatter_tensor") == pytest.approx(4 * trainable, rel=0.01)
+    assert collective_bytes(run["collectives"], "reduce_scatter_tensor") == pytest.approx(4 * trainable, rel=0.01)
     assert run["held_bytes"]["grads"] == pytest.approx(4 * trainable / 2, rel=0.01)
 
 

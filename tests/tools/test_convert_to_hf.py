@@ -337,7 +337,8 @@ def convert_here(*args):
 
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        mp.delenv("DS_ACCELERATOR", raising=False)  # main sets it for DeepSpeed's import; the later tests' processes must not see it
+        # main sets it for DeepSpeed's import; later tests' processes must not inherit it.
+        mp.delenv("DS_ACCELERATOR", raising=False)
         code = main([str(a) for a in args])
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
