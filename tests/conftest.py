@@ -1,11 +1,13 @@
-"""Session-wide fixtures: the tiny random Llama that configs/tiny.yaml names, and
-synthetic shards."""
+"""Session-wide fixtures (the tiny random Llama that configs/tiny.yaml names, synthetic
+shards) and the hooks that let pytest-xdist workers run the suite side by side."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+_SHM_BEFORE = pytest.StashKey[set]()
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -16,18 +18,60 @@ def cache_root() -> Path:
     return Path(os.environ.get("MEGAFUSION_CACHE", Path.home() / ".cache" / "megafusion"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def clean_deepspeed_shm():
-    """DeepSpeed's CPU launcher leaves ~69 MB allreduce buffers in /dev/shm per run;
-    remove the ones this session created."""
+def _in_controller(config) -> bool:
+    """This process is pytest's own (plain pytest, or pytest-xdist's controller), not an
+    xdist worker: hooks that act once per test run belong here."""
+    return not hasattr(config, "workerinput")
+
+
+def _deepspeed_shm() -> set[Path]:
     shm = Path("/dev/shm")
-    before = set(shm.glob("deepspeed_*")) if shm.is_dir() else set()
-    yield
-    for path in (set(shm.glob("deepspeed_*")) if shm.is_dir() else set()) - before:
+    return set(shm.glob("deepspeed_*")) if shm.is_dir() else set()
+
+
+def pytest_sessionstart(session):
+    if _in_controller(session.config):
+        session.config.stash[_SHM_BEFORE] = _deepspeed_shm()
+
+
+def pytest_sessionfinish(session):
+    """DeepSpeed's CPU launcher leaves ~69 MB allreduce buffers in /dev/shm per run;
+    remove the ones this test run created. Only the controller does, after every worker
+    has finished: a worker that finished its share early would otherwise remove the
+    buffers of launches the other worker still has running."""
+    if not _in_controller(session.config):
+        return
+    for path in _deepspeed_shm() - session.config.stash.get(_SHM_BEFORE, set()):
         try:
             path.unlink()
         except OSError:
             pass
+
+
+def _xdist_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to under pytest-xdist: its module, so that module
+    fixtures (trained runs, launches) are built once; and one unit for all of tests/slurm/,
+    because each of its files starts a local Slurm whose job ids count from 1 and
+    slurm/common.sh derives MASTER_PORT from the job id: two at once would ask for the
+    same port."""
+    module = nodeid.split("::", 1)[0]
+    return "tests/slurm/" if module.startswith("tests/slurm/") else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs two pytest-xdist workers; they share the suite by _xdist_unit.
+    (A scheduler, not xdist_group marks: xdist 3.8 applies those by renaming node ids
+    through an attribute pytest 9 no longer reads, so the marks do nothing.)"""
+    if config.getvalue("dist") not in ("load", "loadscope", "loadfile", "loadgroup"):
+        return None  # "each", "worksteal": what the user asked for
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _xdist_unit(nodeid)
+
+    return ByUnit(config, log)
 
 
 @pytest.fixture(scope="session")
