@@ -63,7 +63,8 @@ QUANTIZED_KEYS = ("zero_quantized_weights", "zero_quantized_nontrainable_weights
 def _check_zero_plus_plus(cfg: RunConfig) -> None:
     """ZeRO++'s quantized collectives run on DeepSpeed's CUDAQuantizer: refuse them where
     the run will not have CUDA (DS_ACCELERATOR=cpu, or no GPU visible), rather than let
-    the first gather fail inside DeepSpeed."""
+    the first gather fail inside DeepSpeed. Refuse zero_quantized_nontrainable_weights
+    everywhere: it would do nothing to this model (tests/parallel/test_quantized_frozen.py)."""
     import json
     import os
 
@@ -71,6 +72,14 @@ def _check_zero_plus_plus(cfg: RunConfig) -> None:
 
     path = ds_config_path(cfg)
     zero = json.loads(path.read_text()).get("zero_optimization", {})
+    if zero.get("zero_quantized_nontrainable_weights"):
+        # DeepSpeed (0.19) quantizes a frozen weight only when its partition is made, i.e.
+        # when it is born frozen inside zero.Init; the text tower is frozen after it is
+        # built, so no partition would be int8 and no memory or traffic saved.
+        _fail(f"parallel.ds_config={cfg.parallel.ds_config}: zero_quantized_nontrainable_weights quantizes nothing "
+              "of megafusion's frozen text tower (DeepSpeed quantizes only weights frozen as their module is built "
+              "under zero.Init; the tower is frozen afterwards); remove it, and use zero_quantized_weights (qwZ) "
+              "to gather weights as int8")
     on = [k for k in QUANTIZED_KEYS if zero.get(k)]
     if not on:
         return

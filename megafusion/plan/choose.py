@@ -64,7 +64,9 @@ def candidates(shape: ModelShape, configured: Setting, gpus_per_node: int, world
     """The strategies weighed, before the micro-batch is chosen: ZeRO-3 with buckets that
     hold two layers of both towers (and with ZeRO++), ZeRO-2, pipeline + ZeRO-1. All
     reduce gradients in fp32 (at hundreds of ranks a bf16 ring sum loses the small
-    gradients: each hop rounds to 8 bits of mantissa)."""
+    gradients: each hop rounds to 8 bits of mantissa). Not weighed: ZeRO++'s int8 for
+    frozen weights only (zero_quantized_nontrainable_weights), which quantizes nothing of
+    this model (megafusion/parallel/preflight.py refuses it)."""
     layer = shape.layer_both_towers
     zero3 = configured.with_(zero_stage=3, pipeline_stages=1, prefetch_bucket=2 * layer, max_live=3 * layer,
                              max_reuse=3 * layer,
