@@ -29,7 +29,7 @@ demo-long: setup
 	$(VPY) tools/demo.py --long
 
 # Two pytest-xdist workers by default: most tests wait on the processes they launch, so
-# two at once keep both cores busy (30 -> 20 min here). TEST_WORKERS=0 runs one process;
+# two at once keep both cores busy (29 -> 24 min on this 2-core machine). TEST_WORKERS=0 runs one process;
 # a larger machine can raise it. tests/conftest.py says which tests share a worker.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
