@@ -35,6 +35,8 @@
 # config's ZeRO-3 + ZeRO++ qwZ needs ~58 GB per 80 GB GPU and is network-bound (estimated
 # MFU 27.5%); from 16 nodes on, micro-batch 4 fits and the step becomes compute-bound (~41%):
 #     OVERRIDES="train.micro_batch_size=4 train.gradient_accumulation=1" sbatch --nodes=16 slurm/train_70b.sh
+# qwZ runs on 4, 8 or 16 nodes of 8 GPUs, not on 6 or 12 (a rank's share of a weight must
+# be a multiple of 8 elements): there the planner names a setting without it.
 # The planner also prices pipeline stages + ZeRO-1 (DS_CONFIG=ds_configs/pipeline_zero1.json
 # OVERRIDES="parallel.zero_stage=1 parallel.pipeline_stages=16 ..."), which do not fit
 # 80 GB GPUs at 70B on 8 nodes.

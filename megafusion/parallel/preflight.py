@@ -83,8 +83,30 @@ def _check_zero_plus_plus(cfg: RunConfig) -> None:
     on = [k for k in QUANTIZED_KEYS if zero.get(k)]
     if not on:
         return
+    if zero.get("zero_quantized_weights") and cfg.parallel.zero_stage == 3:
+        _check_quantized_gathers(cfg, zero)
     import torch
 
     if os.environ.get("DS_ACCELERATOR", "cuda") == "cpu" or not torch.cuda.is_available():
         _fail(f"parallel.ds_config={cfg.parallel.ds_config}: {', '.join(on)} (ZeRO++) needs CUDA GPUs (DeepSpeed's "
               "CUDAQuantizer); on the CPU use ds_configs/zero3.json")
+
+
+def _check_quantized_gathers(cfg: RunConfig, zero: dict) -> None:
+    """qwZ fails at the first gather when a rank's share of a parameter is not a multiple
+    of 8 elements (megafusion/plan/quantized.py): refuse before the base is loaded."""
+    import os
+
+    from megafusion.plan.quantized import qwz_refusal
+    from megafusion.plan.shapes import PlanError, model_shape
+
+    ranks = int(os.environ.get("WORLD_SIZE", "1")) // max(cfg.parallel.pipeline_stages, 1)
+    try:
+        shape = model_shape(cfg)
+    except (PlanError, ValueError, OSError):
+        return  # no readable base or VAE config: the checks below say so in their own words
+    why = qwz_refusal(shape, ranks, int(zero.get("stage3_param_persistence_threshold", 100_000)))
+    if why:
+        _fail(f"parallel.ds_config={cfg.parallel.ds_config}: {why}; or remove zero_quantized_weights "
+              "(tools/plan.py weighs the settings for a cluster)")
+

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from megafusion.plan.hardware import GPU
 from megafusion.plan.memory import memory
+from megafusion.plan.quantized import qwz_refusal
 from megafusion.plan.setting import Setting, Workload, workload
 from megafusion.plan.shapes import ModelShape, PlanError
 from megafusion.plan.step import StepEstimate, step_estimate
@@ -27,6 +28,11 @@ class Estimate:
     fits: bool
     step: StepEstimate
     label: str = ""
+    cannot_run: str = ""  # why this setting would fail on this cluster whatever its memory
+
+    @property
+    def runs(self) -> bool:
+        return self.fits and not self.cannot_run
 
     @property
     def name(self) -> str:
@@ -66,18 +72,22 @@ def candidates(shape: ModelShape, configured: Setting, gpus_per_node: int, world
     reduce gradients in fp32 (at hundreds of ranks a bf16 ring sum loses the small
     gradients: each hop rounds to 8 bits of mantissa). Not weighed: ZeRO++'s int8 for
     frozen weights only (zero_quantized_nontrainable_weights), which quantizes nothing of
-    this model (megafusion/parallel/preflight.py refuses it)."""
+    this model (megafusion/parallel/preflight.py refuses it); qwZ where the world size
+    leaves a partition that is not a multiple of 8 elements (megafusion/plan/quantized.py)."""
     layer = shape.layer_both_towers
     zero3 = configured.with_(zero_stage=3, pipeline_stages=1, prefetch_bucket=2 * layer, max_live=3 * layer,
                              max_reuse=3 * layer,
                              reduce_bucket=max(configured.reduce_bucket, layer // 2), grad_comm_bytes=4,
                              grad_accum_bytes=4, quantized_weights=False, hpz=1)
     hpz = min(gpus_per_node, world)
-    out = [("ZeRO-3, two-layer buckets", zero3),
-           ("ZeRO-3 + qwZ", zero3.with_(quantized_weights=True))]
+    qwz = not qwz_refusal(shape, world, zero3.persistence)
+    out = [("ZeRO-3, two-layer buckets", zero3)]
+    if qwz:
+        out.append(("ZeRO-3 + qwZ", zero3.with_(quantized_weights=True)))
     if hpz > 1 and world > gpus_per_node:
-        out += [(f"ZeRO-3 + qwZ + hpZ {hpz}", zero3.with_(quantized_weights=True, hpz=hpz)),
-                (f"ZeRO-3 + hpZ {hpz}", zero3.with_(hpz=hpz))]
+        if qwz:
+            out.append((f"ZeRO-3 + qwZ + hpZ {hpz}", zero3.with_(quantized_weights=True, hpz=hpz)))
+        out.append((f"ZeRO-3 + hpZ {hpz}", zero3.with_(hpz=hpz)))
     out.append(("ZeRO-2", zero3.with_(zero_stage=2, grad_accum_bytes=configured.weight_bytes)))
     for p in PIPELINE_STAGES:
         if p <= shape.layers and world % p == 0 and world // p >= 1:
@@ -90,7 +100,8 @@ def evaluate(shape: ModelShape, s: Setting, world: int, gpus_per_node: int, g: G
     wl = workload(shape, s, seq_len, caption_tokens)
     mem = memory(shape, s, wl, world, gpus_per_node)
     step = step_estimate(shape, s, world, gpus_per_node, wl, g, efficiency, frozen_text)
-    return Estimate(s, wl, mem, mem["total"] <= g.usable, step, label)
+    cannot = qwz_refusal(shape, world, s.persistence) if s.quantized_weights and s.zero_stage == 3 else ""
+    return Estimate(s, wl, mem, mem["total"] <= g.usable, step, label, cannot)
 
 
 def best_micro_batch(shape, s: Setting, global_seqs: int, world: int, gpus_per_node: int, g: GPU, label: str,
@@ -108,14 +119,14 @@ def best_micro_batch(shape, s: Setting, global_seqs: int, world: int, gpus_per_n
         tried.append(evaluate(shape, s.with_(micro_batch=mb, grad_accum=ga), world, gpus_per_node, g, label=label, **kw))
     if not tried:
         return None
-    fitting = [e for e in tried if e.fits]
+    fitting = [e for e in tried if e.runs]
     return max(fitting, key=lambda e: e.step.mfu) if fitting else tried[0]
 
 
 def choose_best(estimates: list[Estimate], tie: float = 0.005) -> Estimate | None:
     """The fitting estimate with the highest MFU; within `tie` of it, exact weights
     (no qwZ: its forward runs on int8-rounded weights) and then less memory win."""
-    fitting = [e for e in estimates if e.fits]
+    fitting = [e for e in estimates if e.runs]
     if not fitting:
         return None
     top = max(e.step.mfu for e in fitting)

@@ -33,7 +33,7 @@ def ds_settings(e: Estimate) -> dict:
 
 def _row(e: Estimate, usable: float) -> str:
     s, m = e.setting, e.memory
-    fits = "fits" if e.fits else "OOM"
+    fits = "fails" if e.cannot_run else "fits" if e.fits else "OOM"
     return (f"{e.name:<34} {s.micro_batch:>3} x {s.grad_accum:<4} {m['total'] / GB:7.1f} {fits:<5}"
             f"{sum(t.bytes for t in e.step.traffic) / GB:9.1f} {e.step.compute_s:8.2f} {e.step.comm_s:8.2f}"
             f" {e.step.step_s:8.2f} {100 * e.step.mfu:6.1f}% {e.step.tokens_per_s_per_gpu:8.0f}")
@@ -72,6 +72,7 @@ def format_plan(p: dict, shape: ModelShape) -> str:
              f" {'step s':>8} {'MFU':>7} {'tok/s/GPU':>9}"]
     lines.append(_row(p["configured"], g.usable))
     lines += [_row(e, g.usable) for e in p["weighed"]]
+    lines += [f"fails: {e.name}: {e.cannot_run}" for e in (p["configured"], *p["weighed"]) if e.cannot_run]
     lines.append("")
     lines += _breakdown(p["configured"])
     best = p["best"]
@@ -89,7 +90,7 @@ def format_plan(p: dict, shape: ModelShape) -> str:
 
 
 def _estimate_json(e: Estimate) -> dict:
-    return {"name": e.name, "setting": dataclasses.asdict(e.setting), "fits": e.fits,
+    return {"name": e.name, "setting": dataclasses.asdict(e.setting), "fits": e.fits, "cannot_run": e.cannot_run,
             "memory_bytes": {k.lstrip("_"): v for k, v in e.memory.items()},
             "traffic": [dataclasses.asdict(t) for t in e.step.traffic],
             "compute_s": e.step.compute_s, "comm_s": e.step.comm_s, "step_s": e.step.step_s, "mfu": e.step.mfu,

@@ -1,8 +1,8 @@
 """Run on CPU ranks: what DeepSpeed's zero_quantized_nontrainable_weights does to the
 frozen text tower of a model megafusion builds with parallel.zero_init. DeepSpeed's
-quantizer is a CUDA kernel; a CPU stand-in with its interface (symmetric int8 per group,
-the partition's shape) takes its place, so what is measured is which partitions
-DeepSpeed chooses to quantize. Prints QUANTIZED_FROZEN {json} on each rank.
+quantizer kernel is CUDA-only; cpu_quantizer.py's stand-in takes its place, so what is
+measured is which partitions DeepSpeed chooses to quantize. Prints QUANTIZED_FROZEN
+{json} on each rank.
 
     quantized_frozen_worker.py CONFIG [overrides]
 
@@ -13,23 +13,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
-
-class CPUQuantizer:
-    """DeepSpeed's CUDAQuantizer's interface: quantize -> (int8 of the input's shape,
-    float scales of shape (groups, 1))."""
-
-    def quantize(self, param, groups=None):
-        groups = groups or 1
-        x = param.detach().float().reshape(groups, -1)
-        scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-        return torch.round(x / scale).to(torch.int8).reshape(param.shape), scale
-
-    def dequantize(self, quantized, scale, dtype=None):
-        out = (quantized.reshape(scale.shape[0], -1).float() * scale).reshape(-1)
-        return out.to(dtype or torch.float16)
+from cpu_quantizer import install  # noqa: E402
 
 
 class BornFrozen(torch.nn.Module):
@@ -40,14 +27,13 @@ class BornFrozen(torch.nn.Module):
 
 def main():
     import deepspeed
-    import deepspeed.runtime.zero.partition_parameters as partition_parameters
 
     from megafusion.config import load_config
     from megafusion.parallel.ds_config import deepspeed_config
     from megafusion.parallel.launch import init_distributed, setup_environment
     from megafusion.parallel.model_setup import build_model
 
-    partition_parameters.CUDAQuantizer = CPUQuantizer
+    install()
     env = setup_environment()
     init_distributed(env)
     cfg = load_config(sys.argv[1], ["parallel.zero_init=true", *sys.argv[2:]])

@@ -44,6 +44,19 @@ def test_large_configs_carry_the_planners_choice(config, nodes):
             assert shipped[key] == value, key
     script = (REPO / "slurm" / ("train_8b.sh" if "8b" in config else "train_70b.sh")).read_text()
     assert f"#SBATCH --nodes={nodes}" in script
+    # The README's table for this config is the planner's table of today, row for row,
+    # and the config's header and the Slurm script quote its memory and MFU.
+    from megafusion.plan.report import format_plan
+
+    table = format_plan(result, model_shape(cfg)).split("\n\n")[1].splitlines()
+    readme = (REPO / "README.md").read_text()
+    assert table[0].startswith("setting") and len(table) > 5, table
+    assert all(f"    {row}\n" in readme for row in table), [row for row in table if f"    {row}\n" not in readme]
+    best = result["best"]
+    header = (REPO / "configs" / config).read_text()
+    for text in (header, script):
+        assert f"{100 * best.step.mfu:.1f}%" in text
+        assert f"{best.memory['total'] / 1e9:.0f} GB per" in text
 
 
 @pytest.mark.slow

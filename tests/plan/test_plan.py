@@ -240,7 +240,7 @@ def test_cli_prints_the_table_and_json_and_names_a_setting_that_fits(config, nod
     result = json.loads(out)
     best = result["best"]
     assert best["fits"] and best["memory_bytes"]["total"] <= result["gpu"]["usable"]
-    assert best["mfu"] >= max(e["mfu"] for e in result["weighed"] if e["fits"]) - 0.01
+    assert best["mfu"] >= max(e["mfu"] for e in result["weighed"] if e["fits"] and not e["cannot_run"]) - 0.01
     assert result["trainable_params"] > 6.9e9  # an 8B decoder stack's copy (and more)
 
 
@@ -254,6 +254,22 @@ def test_cli_refuses_bad_input_in_one_line(args, message, real, capsys):
     code, _, err = plan_cli(capsys, "--config", REPO / "configs/llama3_8b.yaml", *args, real=real)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_qwz_is_neither_weighed_nor_chosen_where_deepspeed_would_fail_on_it(capsys):
+    """70B on 6 nodes (48 GPUs): a rank's share of an 8192 x 8192 projection is 1398102
+    elements, not a multiple of 8, and DeepSpeed's quantizer asserts at the first gather
+    (the rule is tested against DeepSpeed in tests/parallel/test_qwz.py). On 8 nodes the
+    shipped qwZ setting stays the choice (tests/plan/test_ds_configs.py)."""
+    code, out, err = plan_cli(capsys, "--config", REPO / "configs/llama3_70b.yaml", "--nodes", 6, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert "cannot run on 48 ranks" in result["configured"]["cannot_run"]
+    assert "1398102 elements" in result["configured"]["cannot_run"]
+    assert not any(e["setting"]["quantized_weights"] for e in result["weighed"])
+    assert result["best"] and not result["best"]["setting"]["quantized_weights"]
+    code, table, _ = plan_cli(capsys, "--config", REPO / "configs/llama3_70b.yaml", "--nodes", 6)
+    assert "fails: as configured (ZeRO-3 + qwZ): zero_quantized_weights (qwZ) cannot run on 48 ranks" in table
 
 
 def test_gpu_presets_have_usable_memory():
