@@ -9,7 +9,10 @@
 - MEGAFUSION_TEST_SAMPLES_DIR=DIR: every training sample a rank draws is appended, as
   "epoch index", to DIR/samples-<pid>.txt (the data a run saw, whatever its world size);
 - MEGAFUSION_TEST_DUMP_RESUMED=FILE: right after a checkpoint is restored, rank 0 saves
-  the trainable parameters, gathered whole, to FILE ({name: fp32 tensor}).
+  the trainable parameters, gathered whole, to FILE ({name: fp32 tensor}), and the
+  optimizer state to FILE.optim (see optimizer_state);
+- MEGAFUSION_TEST_DUMP_SAVED=FILE: as each checkpoint is saved, rank 0 saves the
+  optimizer state the run holds to FILE (the last save wins).
 """
 import atexit
 import os
@@ -68,6 +71,45 @@ if samples_dir:
 
     FusionDataset.__getitem__ = recorded_getitem
 
+
+
+def optimizer_state(engine) -> dict:
+    """{"moments": {name: (exp_avg, exp_avg_sq) whole, fp32}, "steps": the Adam step
+    counts held}. Every rank calls it: under ZeRO-3 gathering a moment is a collective."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    opt = engine.optimizer
+    if hasattr(opt, "single_partition_of_fp32_groups"):
+        # ZeRO-1/2 link each parameter to its slice of the optimizer state once, after the
+        # first parameter group's first step, when the later groups have no state yet
+        # (DeepSpeed 0.19): link them again now that every group has stepped.
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        for i, flat in enumerate(opt.single_partition_of_fp32_groups):
+            lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], flat, opt.optimizer.state)
+    moments = {name: tuple(safe_get_full_optimizer_state(p, k).float().clone() for k in ("exp_avg", "exp_avg_sq"))
+               for name, p in engine.module.named_parameters() if p.requires_grad}
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    steps = sorted({float(st["step"]) for st in inner.state.values() if "step" in st})
+    return {"moments": moments, "steps": steps}
+
+
+dump_saved = os.environ.get("MEGAFUSION_TEST_DUMP_SAVED")
+if dump_saved:
+    import torch
+
+    import megafusion.parallel.checkpoint as checkpoint
+
+    real_save = checkpoint.save
+
+    def dumping_save(engine, *args, **kwargs):
+        state = optimizer_state(engine)
+        if int(os.environ.get("RANK", "0")) == 0:
+            torch.save(state, dump_saved)
+        return real_save(engine, *args, **kwargs)
+
+    checkpoint.save = dumping_save
+
 dump_resumed = os.environ.get("MEGAFUSION_TEST_DUMP_RESUMED")
 if dump_resumed:
     import torch
@@ -85,8 +127,10 @@ if dump_resumed:
                 if p.requires_grad:
                     with gathered([p]):
                         out[name] = p.detach().float().clone()
+            state = optimizer_state(engine)
             if int(os.environ.get("RANK", "0")) == 0:
                 torch.save(out, dump_resumed)
+                torch.save(state, dump_resumed + ".optim")
         return client
 
     checkpoint.load_latest = dumping_load_latest
