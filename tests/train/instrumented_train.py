@@ -22,7 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import torch  # noqa: E402
+
 import megafusion.model.loading as loading  # noqa: E402
+import megafusion.parallel.checkpoint as checkpoint  # noqa: E402
 import megafusion.parallel.base_weights as base_weights  # noqa: E402
 import megafusion.parallel.model_setup as model_setup  # noqa: E402
 from megafusion.parallel.trainer import Trainer  # noqa: E402
@@ -96,10 +99,6 @@ def optimizer_state(engine) -> dict:
 
 dump_saved = os.environ.get("MEGAFUSION_TEST_DUMP_SAVED")
 if dump_saved:
-    import torch
-
-    import megafusion.parallel.checkpoint as checkpoint
-
     real_save = checkpoint.save
 
     def dumping_save(engine, *args, **kwargs):
@@ -112,9 +111,6 @@ if dump_saved:
 
 dump_resumed = os.environ.get("MEGAFUSION_TEST_DUMP_RESUMED")
 if dump_resumed:
-    import torch
-
-    import megafusion.parallel.checkpoint as checkpoint
     from megafusion.parallel.gather import gathered
 
     real_load_latest = checkpoint.load_latest
