@@ -134,19 +134,28 @@ def activation_parts(shape: ModelShape, s: Setting, wl: Workload, layers: int, i
 
 def regathered(shape: ModelShape, s: Setting) -> int:
     """Partitioned parameters ZeRO-3 gathers again for the backward pass. After its
-    forward use a parameter stays gathered when the parameters used before its backward
-    use (everything after it, forward and back) are at most stage3_max_reuse_distance,
-    while the kept ones fit in stage3_max_live_parameters (stage3.py's
-    PartitionedParameterCoordinator); the rest are released and gathered again."""
+    module's forward a parameter stays gathered when it is used again before the
+    modules traced after it hold stage3_max_reuse_distance parameters (everything used
+    after it, forward and back: twice what follows it in the forward pass); the rest are
+    released and gathered again (partitioned_param_coordinator.py, __params_to_release:
+    stage3_max_live_parameters bounds only the prefetch). The head is used again at
+    once, its backward following its forward, and so is a tied embedding, which is the
+    head; the input side is used last in the backward pass. tests/plan/test_plan.py
+    compares this with DeepSpeed's gathers on two CPU ranks."""
     def big(params):
         return sum(p.numel for p in params if p.numel > s.persistence)
 
+    tied = bool(getattr(shape.llama_config, "tie_word_embeddings", False))
+
+    def at_head(p):
+        return not _input_side(p.name) or (tied and p.name.startswith("embed_tokens."))
+
     layers = [big(p for p in shape.params if p.layer == i) for i in range(shape.layers)]
-    head = big(p for p in shape.params if p.layer is None and not _input_side(p.name))
-    inputs = big(p for p in shape.params if p.layer is None and _input_side(p.name))
+    head = big(p for p in shape.params if p.layer is None and at_head(p))
+    inputs = big(p for p in shape.params if p.layer is None and not at_head(p))
     kept, after = 0, 0
     for numel in [head, *reversed(layers), inputs]:  # from the last used in the forward pass
-        if 2 * after <= s.max_reuse and kept + numel <= s.max_live:
+        if 2 * after < s.max_reuse:
             kept += numel
         after += numel
     return max(0, after - kept)

@@ -166,6 +166,34 @@ def test_zero3_figures_match_a_real_two_rank_run(tmp_path, tiny_llama, synthetic
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tied", [True, False])
+def test_backward_regathers_match_a_real_two_rank_run(tmp_path, tiny_llama, tiny_llama_untied, synthetic_shards, tied):
+    """With a reuse distance shorter than the model (0.1e6 parameters, as a 70B run's
+    5e9 is shorter than its 139e9), ZeRO-3 releases weights after their forward use and
+    gathers them again for the backward pass, except those used again at once: the head
+    (its backward follows its forward) and a tied embedding, which is the head. The
+    step's all-gathers, forward and backward, against the planner within 10%."""
+    base = [] if tied else [f"model.base={tiny_llama_untied}"]
+    data = [f"data.train={synthetic_shards}", *base]
+    reuse = 100_000
+    changes = {"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": reuse,
+               "stage3_max_reuse_distance": reuse, "stage3_prefetch_bucket_size": reuse // 2}
+    run = run_worker(tmp_path, "regather", [*data, "train.steps=2"], changes)
+    after_one, after_two = run["after_step"]
+    gathered = collective_bytes(after_two, "all_gather_into_tensor") - collective_bytes(after_one, "all_gather_into_tensor")
+
+    cfg = load_config(TINY, [*data, "train.dtype=bf16"])
+    shape = model_shape(cfg)
+    s = configured_setting(cfg, 2).with_(persistence=0, max_live=reuse, max_reuse=reuse, prefetch_bucket=reuse // 2)
+    est = evaluate(shape, s, 2, 2, gpu("h100-80gb"), seq_len=cfg.data.seq_len, caption_tokens=32, efficiency=0.5,
+                   frozen_text=True)
+    kinds = {t.kind: t.bytes for t in est.step.traffic}
+    forward, backward = kinds["weight all-gather (forward)"], kinds["weight all-gather (backward)"]
+    assert gathered > 1.02 * forward, (gathered, forward)  # weights were gathered again
+    assert abs(forward + backward - gathered) <= 0.1 * gathered, (forward, backward, gathered)
+
+
+@pytest.mark.slow
 def test_zero2_model_states_match_a_real_two_rank_run(tmp_path, tiny_llama, synthetic_shards):
     run = run_worker(tmp_path, "z2", [f"data.train={synthetic_shards}", "train.steps=1", "parallel.zero_stage=2",
                                       "parallel.zero_init=false"], {})
