@@ -15,6 +15,9 @@
   leave a durable `latest` naming files whose data never reached the disk.
 - A tag directory newer than `latest` is a save that never finished (every rank killed
   mid-save): it is removed at the next start and never counted towards keep_last.
+- The client file records the trainable parameters' names and shapes: a run restarted
+  in the same run.dir with a config that builds another model is refused in one line
+  before DeepSpeed meets a tensor of the wrong size.
 """
 from __future__ import annotations
 
@@ -144,6 +147,29 @@ def client_path(ckpt_dir: Path, tag: str, rank: int) -> Path:
     return Path(ckpt_dir) / tag / f"megafusion_client_rank{rank:05d}.pt"
 
 
+def trainable_shapes(module) -> dict[str, list[int]]:
+    """Name -> full shape of every trainable parameter (ZeRO-3's ds_shape where the
+    parameter is partitioned)."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters() if p.requires_grad}
+
+
+def check_same_model(engine, tag_dir: Path) -> None:
+    """Refuse, in one line, a checkpoint whose trainable parameters differ from this
+    model's (checkpoints written before the shapes were recorded are not checked)."""
+    saved = torch.load(client_path(tag_dir.parent, tag_dir.name, 0), weights_only=False).get("trainable_shapes")
+    if saved is None:
+        return
+    here = trainable_shapes(engine.module)
+    differ = sorted(n for n in saved.keys() | here.keys() if saved.get(n) != here.get(n))
+    if differ:
+        n = differ[0]
+        there_s = "absent" if n not in saved else tuple(saved[n])
+        here_s = "absent" if n not in here else tuple(here[n])
+        raise SystemExit(f"error: checkpoint {tag_dir} holds another model: {n} is {there_s} there and {here_s} "
+                         f"in this config ({len(differ)} trainable parameters differ); resume with the config it "
+                         "was trained with, or give this run a new run.dir")
+
+
 def save(engine, ckpt_dir: Path, step: int, client: dict, keep_last: int) -> str:
     """Save on every rank; returns the tag. `client` is this rank's own state."""
     ckpt_dir = Path(ckpt_dir)
@@ -153,7 +179,7 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, keep_last: int) -> str
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
     _hold_for_test(step, rank)
-    state = dict(client, step=step, rng=rng_state())
+    state = dict(client, step=step, rng=rng_state(), trainable_shapes=trainable_shapes(engine.module))
     tmp = client_path(ckpt_dir, tag, rank).with_suffix(".tmp")
     torch.save(state, tmp)
     _fsync(tmp)
@@ -235,6 +261,7 @@ def load_latest(engine, ckpt_dir: Path, world_size: int, resize: tuple[str, int]
     tag = read_latest(ckpt_dir)
     if tag is None:
         return None
+    check_same_model(engine, ckpt_dir / tag)
     load_dir, load_tag = ckpt_dir, tag
     if resize is not None:
         assert resize[0] == tag, (resize, tag)
