@@ -5,9 +5,11 @@
     python tools/gpu_check.py --cpu [--out FILE]            the same code paths, tiny, on the CPU
     python tools/gpu_check.py --build-wheels DIR            wheelhouse for an offline GPU machine
 
-Four independent checks: one that raises is recorded with its exception and the others
-still run. One JSON object on stdout (and --out), progress on stderr, exit status 0 when
-every check passed. Under 8 minutes on one H200.
+Five independent checks: one that raises is recorded with its exception and the others
+still run. One JSON object on stdout (and --out, rewritten after each check so that a run
+killed at its time limit keeps what finished), progress on stderr, exit status 0 when
+every check passed. About 8 minutes on one H200 for the first four; qwz, last, adds two
+short runs and the JIT build of DeepSpeed's quantizer kernel.
 
   attention   sdpa, flex and the flash decomposition against float64 attention under a mask
               built from explicit spans, on random packed layouts: outputs and q/k/v
@@ -23,10 +25,13 @@ every check passed. Under 8 minutes on one H200.
   kernels     the optional fused kernels against the defaults (tools/gpu_kernels.py): apex's
               FusedRMSNorm against the Llama norm, DeepSpeed's and apex's FusedAdam against
               torch's fused AdamW; times and differences, "not installed" where absent.
+  qwz         the 70B config's ZeRO++ int8 weight gathers (zero_quantized_weights) against
+              exact gathers, 6 steps each with the deepspeed check's settings: the losses
+              within 2%, and not equal (something was quantized).
 
 --cpu: bf16 attention with SDPA standing in for flash-attn and flex skipped (no CPU
 backward), the deepspeed runs with DS_ACCELERATOR=cpu (gloo), a 2-layer model for
-throughput (no MFU: no CPU peak). The GPU target lacks deepspeed, diffusers and
+throughput (no MFU: no CPU peak), qwz's exact side alone (no kernel). The GPU target lacks deepspeed, diffusers and
 mosaicml-streaming and has no network: --build-wheels DIR (on a machine with PyPI) writes
 them as wheels with the tiny Llama and megafusion's source, and --wheels DIR installs
 what is missing offline (tools/wheelhouse.py).
@@ -60,6 +65,7 @@ import torch  # noqa: E402
 from tools import wheelhouse  # noqa: E402
 from tools.gpu_kernels import check_kernels  # noqa: E402
 
+CHECKS = ("attention", "deepspeed", "throughput", "kernels", "qwz")
 H200_PEAK_BF16 = 989e12  # dense bf16 FLOP/s (H100/H200 SXM datasheet; ~790e12 measured on matmuls)
 
 # bf16 keeps 8 significant bits: unit roundoff u = 2^-9. Kernels accumulate in fp32 but
@@ -210,40 +216,63 @@ def launch(cmd: list[str], env: dict, log_file: Path, timeout: int) -> str:
     return out
 
 
-def check_deepspeed(device, s, tmp: Path, wheels: Path | None) -> dict:
-    cuda = device.type == "cuda"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cuda" if cuda else "cpu")
-    if cuda:
-        env["NCCL_DEBUG"] = "VERSION"  # NCCL prints its version when a communicator starts
-    base = wheels / "tiny-llama" if wheels is not None and (wheels / "tiny-llama").is_dir() else None
-    if base is None:
-        from tools.make_tiny_llama import make_tiny_llama
+# The large configs' settings. Both deepspeed runs are 10 steps, so any schedule would
+# match; a constant lr after warmup keeps the comparison valid if either length changes.
+LARGE_SETTINGS = ["train.dtype=bf16", "parallel.zero_init=true", "model.activation_checkpointing=true",
+                  "train.schedule=constant", "checkpoint.every=5", "checkpoint.keep_last=0", "log.tensorboard=false"]
 
-        base = make_tiny_llama(tmp / "tiny-llama", seed=0)
-    shards = tmp / "shards"
-    launch([sys.executable, str(REPO / "tools" / "prepare_data.py"), "synthetic", "--out", str(shards),
-            "--n", "200", "--seed", "0"], env, tmp / "prepare_data.log", s["run_timeout"])
-    # The large configs' settings. Both runs are 10 steps, so any schedule would match; a
-    # constant lr after warmup keeps the comparison valid if either length changes.
-    settings = ["train.dtype=bf16", "parallel.zero_init=true", "model.activation_checkpointing=true",
-                "train.schedule=constant", "checkpoint.every=5", "checkpoint.keep_last=0", "log.tensorboard=false"]
 
-    def train(run: str, steps: int) -> str:
+@dataclasses.dataclass
+class TinyRuns:
+    """`deepspeed --num_gpus 1 megafusion/train.py` on configs/tiny.yaml, on the tiny Llama
+    and synthetic shards, in `tmp`; shared by the deepspeed and qwz checks."""
+
+    device: torch.device
+    s: dict
+    tmp: Path
+    wheels: Path | None
+
+    def __post_init__(self):
+        cuda = self.device.type == "cuda"
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cuda" if cuda else "cpu")
+        if cuda:
+            self.env["NCCL_DEBUG"] = "VERSION"  # NCCL prints its version when a communicator starts
+        w = self.wheels
+        self.base = w / "tiny-llama" if w is not None and (w / "tiny-llama").is_dir() else self.tmp / "tiny-llama"
+        self.shards = self.tmp / "shards"
+
+    def prepare(self) -> None:
+        if not (self.base / "config.json").is_file():
+            from tools.make_tiny_llama import make_tiny_llama
+
+            make_tiny_llama(self.base, seed=0)
+        if not (self.shards / "index.json").is_file():
+            launch([sys.executable, str(REPO / "tools" / "prepare_data.py"), "synthetic", "--out", str(self.shards),
+                    "--n", "200", "--seed", "0"], self.env, self.tmp / "prepare_data.log", self.s["run_timeout"])
+
+    def train(self, run: str, steps: int, *extra: str, timeout: int | None = None) -> str:
+        self.prepare()
         port = free_port()
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(port),
                str(REPO / "megafusion" / "train.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
-               f"model.base={base}", f"data.train={shards}", f"data.cache_root={tmp / 'cache'}",
-               f"data.run_id={run}-{os.getpid()}", f"run.dir={tmp / run}", f"train.steps={steps}", *settings]
+               f"model.base={self.base}", f"data.train={self.shards}", f"data.cache_root={self.tmp / 'cache'}",
+               f"data.run_id={run}-{os.getpid()}", f"run.dir={self.tmp / run}", f"train.steps={steps}",
+               *LARGE_SETTINGS, *extra]
         log(f"deepspeed: {run}, {steps} steps")
         try:
-            return launch(cmd, env, tmp / f"{run}-{steps}.log", s["run_timeout"])
+            return launch(cmd, self.env, self.tmp / f"{run}-{steps}.log", timeout or self.s["run_timeout"])
         finally:  # the CPU shm op leaves its buffers in /dev/shm, named by port
             for f in Path("/dev/shm").glob(f"deepspeed_*_{port}_*"):
                 f.unlink(missing_ok=True)
 
-    def losses(run: str) -> dict:
-        rows = [json.loads(line) for line in (tmp / run / "metrics.jsonl").read_text().splitlines()]
+    def losses(self, run: str) -> dict:
+        rows = [json.loads(line) for line in (self.tmp / run / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r for r in rows}  # a resumed run appends: the last record per step
+
+
+def check_deepspeed(runs: TinyRuns) -> dict:
+    cuda, tmp, env = runs.device.type == "cuda", runs.tmp, runs.env
+    train, losses, settings, base = runs.train, runs.losses, LARGE_SETTINGS, runs.base
 
     out_a = train("uninterrupted", 10)
     # The resume starts from the uninterrupted run's own step-5 checkpoint, copied to a new
@@ -272,6 +301,42 @@ def check_deepspeed(device, s, tmp: Path, wheels: Path | None) -> dict:
     result["ok"] = (sorted(a) == list(range(1, 11)) and sorted(b) == list(range(6, 11)) and diff <= rtol
                     and result["resumed_at_step_5"] and trained and finite)
     return result
+
+
+def check_qwz(runs: TinyRuns) -> dict:
+    """ZeRO++ qwZ, ds_configs/zero3_llama3_70b.json's int8 weight gathers, against exact
+    gathers on the same tiny run: DeepSpeed's CUDA quantizer kernel (JIT-built by the
+    first run that uses it) in the forward, recompute and backward passes. The
+    persistence threshold is 0 so that every tiny weight is gathered, as every 70B
+    matrix is. On the CPU the kernel does not exist (the trainer refuses qwZ; the suite
+    runs DeepSpeed's quantizer code with a stand-in kernel, tests/parallel/test_qwz.py):
+    the dry run trains the exact side alone."""
+    cuda = runs.device.type == "cuda"
+    steps = 6
+
+    def ds_json(qwz: bool) -> Path:
+        ds = json.loads((REPO / "ds_configs" / "zero3_llama3_70b.json").read_text())
+        ds["zero_optimization"].update(stage3_param_persistence_threshold=0, zero_quantized_weights=qwz)
+        path = runs.tmp / ("qwz.json" if qwz else "exact.json")
+        path.write_text(json.dumps(ds))
+        return path
+
+    runs.train("exact", steps, f"parallel.ds_config={ds_json(False)}", "checkpoint.every=0")
+    exact = [runs.losses("exact")[i]["loss"] for i in range(1, steps + 1)]
+    result = {"steps": steps, "losses_exact": exact}
+    if not cuda:
+        return dict(result, skipped="the quantizer kernel needs CUDA", ok=len(exact) == steps)
+    t0 = time.time()
+    runs.train("qwz", steps, f"parallel.ds_config={ds_json(True)}", "checkpoint.every=0", timeout=600)
+    got = [runs.losses("qwz")[i]["loss"] for i in range(1, steps + 1)]
+    built = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "")) / "quantizer"
+    diff = max(abs(g - e) / abs(e) for g, e in zip(got, exact))
+    # int8 per group of up to 8k weights moves each weight by at most 1/254 of its
+    # group's largest; on CPU ranks with a stand-in kernel the losses moved 0.03%. Losses
+    # equal to the last bit would mean nothing was quantized.
+    return dict(result, losses_qwz=got, max_rel_diff=diff, rtol=0.02, quantized=got != exact,
+                seconds_with_kernel_build=round(time.time() - t0, 1), kernel_dir=str(built),
+                kernel_built=built.is_dir() and any(built.glob("*.so")), ok=diff <= 0.02 and got != exact)
 
 
 # --------------------------------------------------------------------- 3. throughput
@@ -395,11 +460,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="also write the JSON result here")
     p.add_argument("--wheels", help="wheelhouse (from --build-wheels) to install missing packages from, offline")
     p.add_argument("--build-wheels", metavar="DIR", help="write the wheelhouse for the GPU machine and exit")
-    p.add_argument("--only", default="attention,deepspeed,throughput,kernels", help="comma-separated checks to run")
+    p.add_argument("--only", default=",".join(CHECKS), help="comma-separated checks to run")
     p.add_argument("--peak-flops", type=float, default=None, help=f"peak FLOP/s for MFU (CUDA default {H200_PEAK_BF16:.3g})")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (runs, logs)")
     args = p.parse_args(argv)
-    unknown = set(args.only.split(",")) - {"attention", "deepspeed", "throughput", "kernels"}
+    unknown = set(args.only.split(",")) - set(CHECKS)
     if unknown:
         p.error(f"--only: unknown check(s) {', '.join(sorted(unknown))}")
     if args.build_wheels:
@@ -430,11 +495,19 @@ def main(argv=None) -> int:
            "cuda": torch.version.cuda}
     tmp = Path(tempfile.mkdtemp(prefix="megafusion-gpu-check-"))
     peak = args.peak_flops if args.peak_flops is not None else (H200_PEAK_BF16 if device.type == "cuda" else None)
+    runs = TinyRuns(device, s, tmp, wheels)
     checks = {"attention": lambda: check_attention(device, s),
-              "deepspeed": lambda: check_deepspeed(device, s, tmp, wheels),
+              "deepspeed": lambda: check_deepspeed(runs),
               "throughput": lambda: check_throughput(device, s, peak),
-              "kernels": lambda: check_kernels(device, s)}
-    results = {name: run_check(name, fn) for name, fn in checks.items() if name in args.only.split(",")}
+              "kernels": lambda: check_kernels(device, s),
+              "qwz": lambda: check_qwz(runs)}
+    results = {}
+    for name, fn in checks.items():
+        if name in args.only.split(","):
+            results[name] = run_check(name, fn)
+            if args.out:  # what has run survives a run killed at its time limit
+                partial = {"ok": False, "partial": True, "environment": env, "checks": results}
+                Path(args.out).write_text(json.dumps(partial, indent=1) + "\n")
     report = {"ok": all(r["ok"] for r in results.values()), "mode": device.type, "environment": env,
               "seconds": round(time.time() - t0, 1), "checks": results}
     if args.keep:

@@ -154,7 +154,9 @@ def test_cpu_dry_run_passes(tmp_path):
     assert json.loads(proc.stdout) == report
     failed = {k: v.get("error", v) for k, v in report["checks"].items() if not v["ok"]}
     assert proc.returncode == 0 and report["ok"] and not failed, json.dumps(failed, indent=1)[-4000:]
-    assert set(report["checks"]) == {"attention", "deepspeed", "throughput", "kernels"}
+    assert set(report["checks"]) == {"attention", "deepspeed", "throughput", "kernels", "qwz"}
+    qwz = report["checks"]["qwz"]
+    assert qwz["skipped"] == "the quantizer kernel needs CUDA" and len(qwz["losses_exact"]) == qwz["steps"] == 6
     assert report["checks"]["kernels"]["rmsnorm"]["hf_llama"]["max_abs_diff_to_hf"] == 0.0
 
     attention = report["checks"]["attention"]
