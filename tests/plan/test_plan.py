@@ -11,7 +11,7 @@ from launchers import launcher_cmd, launcher_env
 
 from megafusion.config import load_config
 from megafusion.plan.choose import configured_setting, evaluate
-from megafusion.plan.hardware import GPUS, gpu
+from megafusion.plan.hardware import gpu
 from megafusion.plan.memory import memory, model_states
 from megafusion.plan.setting import Setting, ring, workload
 from megafusion.plan.shapes import model_shape
@@ -268,7 +268,6 @@ def test_cli_prints_the_table_and_json_and_names_a_setting_that_fits(config, nod
     result = json.loads(out)
     best = result["best"]
     assert best["fits"] and best["memory_bytes"]["total"] <= result["gpu"]["usable"]
-    assert best["mfu"] >= max(e["mfu"] for e in result["weighed"] if e["fits"] and not e["cannot_run"]) - 0.01
     assert result["trainable_params"] > 6.9e9  # an 8B decoder stack's copy (and more)
 
 
@@ -298,7 +297,3 @@ def test_qwz_is_neither_weighed_nor_chosen_where_deepspeed_would_fail_on_it(caps
     assert result["best"] and not result["best"]["setting"]["quantized_weights"]
     code, table, _ = plan_cli(capsys, "--config", REPO / "configs/llama3_70b.yaml", "--nodes", 6)
     assert "fails: as configured (ZeRO-3 + qwZ): zero_quantized_weights (qwZ) cannot run on 48 ranks" in table
-
-
-def test_gpu_presets_have_usable_memory():
-    assert all(g.usable > 0.8 * g.memory for g in GPUS.values())
