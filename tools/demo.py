@@ -75,8 +75,9 @@ PROMPTS = ["a red circle", "a large blue square", "a green triangle above a smal
 def export_and_sample(run_dir: Path, steps: int, guidance: float) -> None:
     """Export the run, then sample from the export with plain megafusion.generate."""
     hf_dir, samples = run_dir / "hf", run_dir / "samples"
+    # convert_to_hf prints the export's path; the summary below names it with the rest.
     subprocess.run([sys.executable, str(REPO / "tools/convert_to_hf.py"), str(run_dir), str(hf_dir), "--overwrite"],
-                   check=True)
+                   check=True, stdout=subprocess.DEVNULL)
     sys.path.insert(0, str(REPO))
     from streaming import StreamingDataset
 
