@@ -11,8 +11,10 @@ the network's per-GPU bandwidth, one inside a node at NVLink's (megafusion/plan/
   gradient. ZeRO++: qwZ gathers int8 weights (1 byte, its scales are <1%), hpZ keeps a
   second 16-bit copy of the shards split over hpz GPUs of a node, from which the
   backward gathers over NVLink.
-- ZeRO-2 reduce-scatters gradients every micro-batch and all-gathers the updated 16-bit
-  trainable weights once per step.
+- ZeRO-2 all-reduces its gradient buckets every micro-batch (DeepSpeed's default,
+  zero_optimization.use_multi_rank_bucket_allreduce: each bucket is all-reduced and each
+  rank keeps its partition, twice a reduce-scatter's bytes) and all-gathers the updated
+  16-bit trainable weights once per step.
 - Pipeline + ZeRO-1 sends each micro-batch's activations forward and their gradients
   back across each stage boundary, all-reduces a stage's fp32 gradients over its
   replicas once per step and all-gathers the updated weights.
@@ -109,10 +111,12 @@ def traffic(shape: ModelShape, s: Setting, world: int, gpus_per_node: int, wl: W
             Traffic("weight all-gather (after the step)", ring(replicas) * stage_t * w, _link(replicas, gpus_per_node),
                     False),
         ]
-    grads = Traffic("gradient reduce-scatter", ga * ring(n) * trainable * s.grad_comm_bytes, _link(n, gpus_per_node), True)
     if s.zero_stage == 2:
+        grads = Traffic("gradient all-reduce", ga * 2 * ring(n) * trainable * s.grad_comm_bytes,
+                        _link(n, gpus_per_node), True)
         return [grads, Traffic("weight all-gather (after the step)", ring(n) * trainable * w, _link(n, gpus_per_node),
                                False)]
+    grads = Traffic("gradient reduce-scatter", ga * ring(n) * trainable * s.grad_comm_bytes, _link(n, gpus_per_node), True)
     gathered = sum(p.numel for p in shape.params if p.numel > s.persistence)
     again = regathered(shape, s)
     fwd_bytes = 1 if s.quantized_weights else w

@@ -194,8 +194,13 @@ def test_backward_regathers_match_a_real_two_rank_run(tmp_path, tiny_llama, tiny
 
 
 @pytest.mark.slow
-def test_zero2_model_states_match_a_real_two_rank_run(tmp_path, tiny_llama, synthetic_shards):
-    run = run_worker(tmp_path, "z2", [f"data.train={synthetic_shards}", "train.steps=1", "parallel.zero_stage=2",
+def test_zero2_figures_match_a_real_two_rank_run(tmp_path, tiny_llama, synthetic_shards):
+    """ZeRO-2 on two ranks: the model states within 10% by part, and the second step's
+    traffic: DeepSpeed all-reduces each gradient bucket (use_multi_rank_bucket_allreduce,
+    its default; the comms logger records the bucket, and an all-reduce receives
+    2 (N-1)/N of it) and all-gathers the updated 16-bit weights (it records this rank's
+    shard, which it receives from the N - 1 others)."""
+    run = run_worker(tmp_path, "z2", [f"data.train={synthetic_shards}", "train.steps=2", "parallel.zero_stage=2",
                                       "parallel.zero_init=false"], {})
     cfg = load_config(TINY, [f"data.train={synthetic_shards}", "train.dtype=bf16", "parallel.zero_stage=2"])
     shape = model_shape(cfg)
@@ -206,6 +211,15 @@ def test_zero2_model_states_match_a_real_two_rank_run(tmp_path, tiny_llama, synt
     for part in ("params", "master", "optimizer_state"):
         held = run["held_bytes"][part]
         assert abs(planned[part] - held) <= 0.1 * held, (part, planned[part], held)
+    after_one, after_two = run["after_step"]
+    step = {op: collective_bytes(after_two, op) - collective_bytes(after_one, op)
+            for op in ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")}
+    kinds = {t.kind: t.bytes for t in est.step.traffic}
+    reduced, gathered = step["all_reduce"] * 2 * ring(2), step["all_gather_into_tensor"] * (2 - 1)
+    assert step["reduce_scatter_tensor"] == 0 and reduced > 0, step
+    assert abs(kinds["gradient all-reduce"] - reduced) <= 0.1 * reduced, (kinds["gradient all-reduce"], reduced)
+    planned_gather = kinds["weight all-gather (after the step)"]
+    assert abs(planned_gather - gathered) <= 0.1 * gathered, (planned_gather, gathered)
 
 
 def test_compute_bound_mfu_is_the_kernel_efficiency(tiny_llama):
