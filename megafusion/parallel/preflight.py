@@ -100,7 +100,10 @@ def _check_quantized_gathers(cfg: RunConfig, zero: dict) -> None:
     from megafusion.plan.quantized import qwz_refusal
     from megafusion.plan.shapes import PlanError, model_shape
 
-    ranks = int(os.environ.get("WORLD_SIZE", "1")) // max(cfg.parallel.pipeline_stages, 1)
+    # Before setup_environment: the launchers' WORLD_SIZE, or srun's task count
+    # (megafusion/data/dist_env.py resolves them in the same order).
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    ranks = world // max(cfg.parallel.pipeline_stages, 1)
     try:
         shape = model_shape(cfg)
     except (PlanError, ValueError, OSError):

@@ -100,3 +100,9 @@ def test_preflight_refuses_qwz_on_a_world_size_it_would_fail_on(tmp_path, tiny_l
         preflight(cfg)
     err = capsys.readouterr().err
     assert "cannot run" not in err and "CUDA" in err, err
+    # Ranks started by srun alone name their number in SLURM_NTASKS.
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    with pytest.raises(SystemExit):
+        preflight(cfg)
+    assert "cannot run on 3 ranks" in capsys.readouterr().err
