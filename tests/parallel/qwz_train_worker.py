@@ -21,7 +21,10 @@ def main() -> int:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     kernel = install()
     code = Trainer(load_config(args[0], args[1:])).run()
-    print(f"QWZ_QUANTIZED {kernel.calls} {kernel.elements}", flush=True)
+    # One write: the ranks share torchrun's stdout, and print's separate newline lets the
+    # other rank's line land in the middle of this one.
+    sys.stdout.write(f"QWZ_QUANTIZED {kernel.calls} {kernel.elements}\n")
+    sys.stdout.flush()
     return code
 
 

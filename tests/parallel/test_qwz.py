@@ -6,6 +6,7 @@ DeepSpeed's default persistence threshold, so the threshold is 0 here: every wei
 gathered, as every matrix of the 70B model is."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def quantized(out: str) -> list[tuple[int, int]]:
-    return [tuple(map(int, line.split()[1:])) for line in out.splitlines() if line.startswith("QWZ_QUANTIZED ")]
+    return [(int(calls), int(elements)) for calls, elements in re.findall(r"QWZ_QUANTIZED (\d+) (\d+)", out)]
 
 
 @pytest.mark.slow
