@@ -44,7 +44,10 @@ def counted(real):
 
 loading.load_base = model_setup.load_base = counted(loading.load_base)
 base_weights.load_base_zero3 = model_setup.load_base_zero3 = counted(base_weights.load_base_zero3)
-atexit.register(lambda: print(f"BASE_LOADS rank={os.environ.get('RANK', '0')} n={calls}", flush=True))
+# One write per line: the ranks share the launcher's stdout, unbuffered, where print's
+# separate newline would let another rank's line land inside this one.
+atexit.register(lambda: (sys.stdout.write(f"BASE_LOADS rank={os.environ.get('RANK', '0')} n={calls}\n"),
+                         sys.stdout.flush()))
 
 signal_at = int(os.environ.get("MEGAFUSION_TEST_SIGUSR1_AT_STEP", "0"))
 if signal_at:
