@@ -153,10 +153,15 @@ def trainable_shapes(module) -> dict[str, list[int]]:
     return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters() if p.requires_grad}
 
 
-def check_same_model(engine, tag_dir: Path) -> None:
+def check_same_model(engine, tag_dir: Path, rank: int) -> None:
     """Refuse, in one line, a checkpoint whose trainable parameters differ from this
-    model's (checkpoints written before the shapes were recorded are not checked)."""
-    saved = torch.load(client_path(tag_dir.parent, tag_dir.name, 0), weights_only=False).get("trainable_shapes")
+    model's (checkpoints written before the shapes were recorded are not checked). A rank
+    reads its own client file: a pipeline stage holds only its own layers. One written by
+    another number of ranks (a ZeRO run, where every rank names the whole model) has
+    rank 0's."""
+    own = client_path(tag_dir.parent, tag_dir.name, rank)
+    path = own if own.is_file() else client_path(tag_dir.parent, tag_dir.name, 0)
+    saved = torch.load(path, weights_only=False).get("trainable_shapes")
     if saved is None:
         return
     here = trainable_shapes(engine.module)
@@ -261,7 +266,7 @@ def load_latest(engine, ckpt_dir: Path, world_size: int, resize: tuple[str, int]
     tag = read_latest(ckpt_dir)
     if tag is None:
         return None
-    check_same_model(engine, ckpt_dir / tag)
+    check_same_model(engine, ckpt_dir / tag, rank)
     load_dir, load_tag = ckpt_dir, tag
     if resize is not None:
         assert resize[0] == tag, (resize, tag)

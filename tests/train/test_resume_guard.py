@@ -23,3 +23,16 @@ def test_resume_with_another_model_is_refused_in_one_line(tmp_path, tiny_llama, 
     # The same config resumes.
     code, out = run(run_dir, synthetic_shards, 2, "checkpoint.every=1", ranks=1)
     assert code == 0 and "at step 1" in out, out[-3000:]
+
+
+def test_pipeline_stages_resume_past_the_check(tmp_path, tiny_llama, synthetic_shards):
+    """Each pipeline stage holds only its own layers: each rank checks the shapes its
+    own stage saved."""
+    run_dir = tmp_path / "run"
+    pipeline = ("parallel.pipeline_stages=2", "parallel.zero_stage=1", "parallel.ds_config=ds_configs/pipeline_zero1.json",
+                "train.gradient_accumulation=2", "checkpoint.every=1")
+    code, out = run(run_dir, synthetic_shards, 1, *pipeline)
+    assert code == 0, out[-3000:]
+    code, out = run(run_dir, synthetic_shards, 2, *pipeline)
+    assert code == 0 and "at step 1" in out, out[-3000:]
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [1, 2]
