@@ -101,9 +101,9 @@ def _check_quantized_gathers(cfg: RunConfig, zero: dict) -> None:
     from megafusion.plan.shapes import PlanError, model_shape
 
     # Before setup_environment: the launchers' WORLD_SIZE, or srun's task count
-    # (megafusion/data/dist_env.py resolves them in the same order).
-    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
-    ranks = world // max(cfg.parallel.pipeline_stages, 1)
+    # (megafusion/data/dist_env.py resolves them in the same order). ZeRO-3 has no
+    # pipeline stages: every rank holds a share.
+    ranks = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     try:
         shape = model_shape(cfg)
     except (PlanError, ValueError, OSError):
