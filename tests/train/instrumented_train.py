@@ -78,7 +78,6 @@ if samples_dir:
     FusionDataset.__getitem__ = recorded_getitem
 
 
-
 def optimizer_state(engine) -> dict:
     """{"moments": {name: (exp_avg, exp_avg_sq) whole, fp32}, "steps": the Adam step
     counts held}. Every rank calls it: under ZeRO-3 gathering a moment is a collective."""
@@ -95,7 +94,7 @@ def optimizer_state(engine) -> dict:
             lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], flat, opt.optimizer.state)
     moments = {name: tuple(safe_get_full_optimizer_state(p, k).float().clone() for k in ("exp_avg", "exp_avg_sq"))
                for name, p in engine.module.named_parameters() if p.requires_grad}
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    inner = getattr(opt, "optimizer", opt)
     steps = sorted({float(st["step"]) for st in inner.state.values() if "step" in st})
     return {"moments": moments, "steps": steps}
 
