@@ -76,6 +76,8 @@ class ModelShape:
     llama_config: object = None
     notes: list = field(default_factory=list)
     tower_mode: str = "lmfusion"  # the decoder-layer design (megafusion/flops.py counts each)
+    rope_streams: int = 1     # RoPE position streams per token (image_rope=2d: 3)
+    target_copies: int = 1    # diffusion-target tensors per image a pipeline sends (2 where the velocity needs x_t)
 
     @property
     def frozen(self) -> int:
@@ -211,6 +213,7 @@ def model_shape(cfg, arch: str | None = None) -> ModelShape:
             fused = LMFusionModel(base, model_cfg, image_tokenizer=tokenizer)
         latent = tuple(tokenizer.latent_shape)
         tokens = tokenizer.tokens_per_image
+        target_copies = 2 if fused.objective.velocity_needs_x_t else 1
     params = []
     for name, p in fused.named_parameters():
         m = _LAYER.match(name)
@@ -221,4 +224,5 @@ def model_shape(cfg, arch: str | None = None) -> ModelShape:
                       intermediate=config.intermediate_size, vocab=config.vocab_size, tokens_per_image=tokens,
                       latent=latent, unet_channels=tuple(int(c) for c in cfg.model.unet_channels),
                       unet_layers_per_block=int(cfg.model.unet_layers_per_block), llama_config=config, notes=notes,
-                      tower_mode=cfg.model.tower_mode)
+                      tower_mode=cfg.model.tower_mode, rope_streams=3 if cfg.model.image_rope == "2d" else 1,
+                      target_copies=target_copies)

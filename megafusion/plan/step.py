@@ -16,8 +16,10 @@ the network's per-GPU bandwidth, one inside a node at NVLink's (megafusion/plan/
   rank keeps its partition, twice a reduce-scatter's bytes) and all-gathers the updated
   16-bit trainable weights once per step.
 - Pipeline + ZeRO-1 sends each micro-batch's activations forward and their gradients
-  back across each stage boundary, all-reduces a stage's fp32 gradients over its
-  replicas once per step and all-gathers the updated weights.
+  back across each stage boundary (pipeline_messages: what megafusion/parallel/pipeline.py
+  puts on the wire; the busiest stage receives both directions, or with two stages the
+  larger), all-reduces a stage's fp32 gradients over its replicas once per step and
+  all-gathers the updated weights.
 
 Time: compute = hardware FLOPs (model FLOPs of megafusion/flops.py plus the recomputed
 forward under activation checkpointing) / (peak x efficiency); ZeRO's prefetch and
@@ -91,6 +93,30 @@ class StepEstimate:
     traffic: list = field(default_factory=list)
 
 
+# DeepSpeed's pipeline engine with dynamic_shape sends a tensor-metadata buffer before
+# each micro-batch's activations (runtime/pipe/engine.py: TENSOR_META_SIZE int32).
+PIPELINE_META_BYTES = 256 * 4
+
+
+def pipeline_messages(shape: ModelShape, wl: Workload, act_bytes: int) -> tuple[int, int]:
+    """Bytes one micro-batch puts on a stage boundary: (forward, backward).
+
+    Forward, the tuple every stage after the first emits (megafusion/parallel/pipeline.py
+    EmbedStage.forward): the hidden states; modality, document ids, image ids and LM
+    targets as int64 per token; the RoPE positions (int64, three streams under
+    image_rope=2d); the diffusion target in fp32 per image (twice, with x_t, where the
+    velocity needs it), its shape and the timesteps; the metadata buffer. Backward: the
+    gradient of the hidden states, the one floating-point tensor among them."""
+    hidden = wl.tokens * shape.hidden * act_bytes
+    latent = 1
+    for d in shape.latent:
+        latent *= d
+    per_token = (4 + shape.rope_streams) * 8
+    per_image = latent * 4 * shape.target_copies + 4
+    forward = hidden + wl.tokens * per_token + wl.images * per_image + 4 * 8 + PIPELINE_META_BYTES
+    return forward, hidden
+
+
 def _link(group: int, gpus_per_node: int) -> str:
     return "nvlink" if group <= gpus_per_node else "network"
 
@@ -105,7 +131,8 @@ def traffic(shape: ModelShape, s: Setting, world: int, gpus_per_node: int, wl: W
         # share a node when they fit in one, and stage boundaries then cross nodes.
         boundary = "network" if replicas * 2 > gpus_per_node else "nvlink"
         return [
-            Traffic("activations + their gradients (p2p)", ga * 2 * wl.tokens * shape.hidden * w, boundary, False),
+            Traffic("activations + their gradients (p2p)", ga * _busiest_boundary(shape, wl, w, stages), boundary,
+                    False),
             Traffic("gradient all-reduce", 2 * ring(replicas) * stage_t * s.grad_comm_bytes,
                     _link(replicas, gpus_per_node), False),
             Traffic("weight all-gather (after the step)", ring(replicas) * stage_t * w, _link(replicas, gpus_per_node),
@@ -127,6 +154,13 @@ def traffic(shape: ModelShape, s: Setting, world: int, gpus_per_node: int, wl: W
         bwd = Traffic("weight all-gather (backward)", ga * ring(n) * again * fwd_bytes, _link(n, gpus_per_node), True)
     return [Traffic("weight all-gather (forward)", ga * ring(n) * gathered * fwd_bytes, _link(n, gpus_per_node), True),
             bwd, grads]
+
+
+def _busiest_boundary(shape: ModelShape, wl: Workload, act_bytes: int, stages: int) -> int:
+    """Bytes per micro-batch the busiest stage receives: a middle stage both directions;
+    with two stages the first receives gradients and the last activations."""
+    forward, backward = pipeline_messages(shape, wl, act_bytes)
+    return forward + backward if stages > 2 else max(forward, backward)
 
 
 def _seconds(t: Traffic, g: GPU) -> float:

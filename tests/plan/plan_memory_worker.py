@@ -1,8 +1,10 @@
-"""Run under `deepspeed --num_gpus 2`: the real trainer for its configured steps, then, on
-rank 0, what DeepSpeed holds (megafusion.parallel.memory.held_bytes) and the bytes of
-every collective DeepSpeed's comms logger saw, in all ("collectives") and as it stood
-after each train step ("after_step", so that a step's own traffic is a difference with
-start-up cancelled), written as JSON to OUT.
+"""Run under a launcher of N local ranks: the real trainer for its configured steps, then
+what DeepSpeed holds on the rank (megafusion.parallel.memory.held_bytes), the bytes of
+every collective DeepSpeed's comms logger saw there, in all ("collectives") and as it
+stood after each train step ("after_step", so that a step's own traffic is a difference
+with start-up cancelled), and each step's micro-batches ("batches": tokens and images),
+as JSON: rank 0's to OUT, rank R's to OUT.rankR.json (a pipeline stage's traffic is its
+own).
 
     plan_memory_worker.py CONFIG OUT.json [overrides...]
 
@@ -30,21 +32,33 @@ def main():
         return {name: {str(size): rec[0] for size, rec in sizes.items()}
                 for name, sizes in ds_comm.comms_logger.comms_dict.items()}
 
-    after_step = []
-    zero_step = Trainer._zero_step
+    after_step, batches = [], []
 
-    def counted_step(self, *a, **kw):
-        result = zero_step(self, *a, **kw)
-        after_step.append(counts())
-        return result
+    def counted(step):
+        def counted_step(self, *a, **kw):
+            batches.append([])
+            result = step(self, *a, **kw)
+            after_step.append(counts())
+            return result
+        return counted_step
 
-    Trainer._zero_step = counted_step
+    def recorded(next_batch):
+        def recorded_batch(self):
+            b = next_batch(self)
+            batches[-1].append({"tokens": b.input_ids.numel(), "images": int(b.images.shape[0])})
+            return b
+        return recorded_batch
+
+    Trainer._zero_step = counted(Trainer._zero_step)
+    Trainer._pipeline_step = counted(Trainer._pipeline_step)
+    Trainer._next_batch = recorded(Trainer._next_batch)
     trainer = Trainer(load_config(config, overrides))
     assert trainer.run() == 0
-    if dist.get_rank() == 0:
-        out.write_text(json.dumps({"held_bytes": held_bytes(trainer.engine), "collectives": counts(),
-                                   "after_step": after_step, "optimizer": type(trainer.engine.optimizer).__name__},
-                                  indent=1))
+    rank = dist.get_rank()
+    mine = out if rank == 0 else out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
+    mine.write_text(json.dumps({"held_bytes": held_bytes(trainer.engine), "collectives": counts(),
+                                "after_step": after_step, "batches": batches,
+                                "optimizer": type(trainer.engine.optimizer).__name__}, indent=1))
     dist.barrier()
 
 

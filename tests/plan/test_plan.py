@@ -111,17 +111,17 @@ def test_zero3_model_states_against_deepspeeds_estimator(tiny_llama, nodes, per_
     assert abs(ours - (theirs_without_layer + 2 * shape.trainable / world)) <= 24 * len(shape.params)
 
 
-def run_worker(tmp_path, name, overrides, ds_changes, base="zero3.json"):
+def run_worker(tmp_path, name, overrides, ds_changes, base="zero3.json", ranks=2):
     ds = json.loads((REPO / "ds_configs" / base).read_text())
     ds["zero_optimization"].update(ds_changes)
     ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     ds_path = tmp_path / f"{name}.json"
     ds_path.write_text(json.dumps(ds))
     out = tmp_path / f"{name}-out.json"
-    cmd = [*launcher_cmd(2), str(REPO / "tests/plan/plan_memory_worker.py"), str(TINY), str(out), f"parallel.ds_config={ds_path}",
+    cmd = [*launcher_cmd(ranks), str(REPO / "tests/plan/plan_memory_worker.py"), str(TINY), str(out), f"parallel.ds_config={ds_path}",
            f"run.dir={tmp_path / name}", f"data.run_id=plan-{name}-{tmp_path.name}", "log.tensorboard=false",
            "checkpoint.every=0", "train.dtype=bf16", *overrides]
-    res = subprocess.run(cmd, cwd=REPO, env=launcher_env(2), capture_output=True, text=True, timeout=900)
+    res = subprocess.run(cmd, cwd=REPO, env=launcher_env(ranks), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return json.loads(out.read_text())
 
@@ -217,6 +217,59 @@ def test_zero2_figures_match_a_real_two_rank_run(tmp_path, tiny_llama, synthetic
     kinds = {t.kind: t.bytes for t in est.step.traffic}
     reduced, gathered = step["all_reduce"] * 2 * ring(2), step["all_gather_into_tensor"] * (2 - 1)
     assert step["reduce_scatter_tensor"] == 0 and reduced > 0, step
+    assert abs(kinds["gradient all-reduce"] - reduced) <= 0.1 * reduced, (kinds["gradient all-reduce"], reduced)
+    planned_gather = kinds["weight all-gather (after the step)"]
+    assert abs(planned_gather - gathered) <= 0.1 * gathered, (planned_gather, gathered)
+
+
+@pytest.mark.slow
+def test_pipeline_figures_match_a_real_four_rank_run(tmp_path, tiny_llama, synthetic_shards):
+    """Two stages x two replicas (bf16, DeepSpeed's BF16_Optimizer), the second step's
+    traffic on each stage's first replica: what crosses the stage boundary against
+    pipeline_messages of that step's own micro-batches (stage 1 receives the forward
+    tuple, stage 0 the hidden states' gradient; exact but for a few bytes), and the
+    planner's p2p figure (the busiest stage) and each stage's gradient all-reduce (an
+    all-reduce receives 2 (N-1)/N of the bucket the logger records) and weight
+    all-gather (it records this rank's shard) within 10%."""
+    from types import SimpleNamespace
+
+    from megafusion.plan.step import pipeline_messages
+
+    stages, ranks, ga = 2, 4, 2
+    pipeline = [f"parallel.pipeline_stages={stages}", "parallel.zero_stage=1", f"train.gradient_accumulation={ga}",
+                f"data.train={synthetic_shards}"]
+    run_worker(tmp_path, "pipe", [*pipeline, "train.steps=2"], {}, base="pipeline_zero1.json", ranks=ranks)
+    # Pipe-major topology: ranks 0 and 1 are the stages of the first pipeline.
+    runs = [json.loads((tmp_path / ("pipe-out.json" if r == 0 else f"pipe-out.rank{r}.json")).read_text())
+            for r in range(stages)]
+    assert {r["optimizer"] for r in runs} == {"BF16_Optimizer"}
+    step = [{op: collective_bytes(r["after_step"][1], op) - collective_bytes(r["after_step"][0], op)
+             for op in ("send", "recv", "all_reduce", "all_gather_into_tensor")} for r in runs]
+
+    cfg = load_config(TINY, [*pipeline, "train.dtype=bf16"])
+    shape = model_shape(cfg)
+    micro = [SimpleNamespace(**b) for b in runs[0]["batches"][1]]
+    assert len(micro) == ga and runs[1]["batches"][1] == runs[0]["batches"][1]  # both stages read the same samples
+    assert sum(b.images for b in micro) > 0
+    forward = sum(pipeline_messages(shape, b, 2)[0] for b in micro)
+    backward = sum(pipeline_messages(shape, b, 2)[1] for b in micro)
+    assert step[0]["send"] == step[1]["recv"] and step[1]["send"] == step[0]["recv"], step
+    assert abs(step[1]["recv"] - forward) <= 64, (step[1]["recv"], forward)
+    assert step[0]["recv"] == backward, (step[0]["recv"], backward)
+
+    s = configured_setting(cfg, ranks)
+    # The planner's workload packs rows of caption + BOI + image + EOI: a caption length
+    # that packs as many images per row as the data did.
+    per_row = micro[0].images // cfg.train.micro_batch_size
+    assert all(b.images == micro[0].images for b in micro)
+    caption = cfg.data.seq_len // per_row - 2 - shape.tokens_per_image
+    est = evaluate(shape, s, ranks, ranks, gpu("h100-80gb"), seq_len=cfg.data.seq_len, caption_tokens=caption,
+                   efficiency=0.5, frozen_text=True)
+    kinds = {t.kind: t.bytes for t in est.step.traffic}
+    busiest = max(step[0]["recv"], step[1]["recv"])
+    assert abs(kinds["activations + their gradients (p2p)"] - busiest) <= 0.1 * busiest, (kinds, busiest)
+    reduced = max(r["all_reduce"] for r in step) * 2 * ring(2)
+    gathered = max(r["all_gather_into_tensor"] for r in step) * (2 - 1)
     assert abs(kinds["gradient all-reduce"] - reduced) <= 0.1 * reduced, (kinds["gradient all-reduce"], reduced)
     planned_gather = kinds["weight all-gather (after the step)"]
     assert abs(planned_gather - gathered) <= 0.1 * gathered, (planned_gather, gathered)
