@@ -162,6 +162,10 @@ def regathered(shape: ModelShape, s: Setting) -> int:
 
 
 def _input_side(name: str) -> bool:
+    """Released after its forward use and gathered again, as the input side is: the whole
+    image tokenizer, its predictor included, although the predictor runs after the last
+    layer and a pipeline puts it on the last stage (shapes.py): DeepSpeed's two-rank
+    gathers say so to the byte (tests/plan/test_plan.py, a U-Net patcher)."""
     return name.startswith(("embed_tokens.", "image_token_embed", "image_tokenizer."))
 
 

@@ -166,15 +166,20 @@ def test_zero3_figures_match_a_real_two_rank_run(tmp_path, tiny_llama, synthetic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tied", [True, False])
-def test_backward_regathers_match_a_real_two_rank_run(tmp_path, tiny_llama, tiny_llama_untied, synthetic_shards, tied):
+@pytest.mark.parametrize("tied, patcher", [(True, "linear"), (False, "linear"), (True, "unet")])
+def test_backward_regathers_match_a_real_two_rank_run(tmp_path, tiny_llama, tiny_llama_untied, synthetic_shards, tied,
+                                                      patcher):
     """With a reuse distance shorter than the model (0.1e6 parameters, as a 70B run's
     5e9 is shorter than its 139e9), ZeRO-3 releases weights after their forward use and
     gathers them again for the backward pass, except those used again at once: the head
-    (its backward follows its forward) and a tied embedding, which is the head. The
-    step's all-gathers, forward and backward, against the planner within 10%."""
+    (its backward follows its forward) and a tied embedding, which is the head; the
+    image tokenizer's predictor is gathered again (a U-Net's is 5% of this model). The
+    step's all-gathers, forward and backward, against the planner within 0.1% (they
+    agree to the byte but for shards rounded up)."""
     base = [] if tied else [f"model.base={tiny_llama_untied}"]
-    data = [f"data.train={synthetic_shards}", *base]
+    # A U-Net patcher's predictor (0.2e6 parameters) runs after the last layer, beside the head.
+    unet = ["model.patcher=unet", "model.unet_channels=[32,64]"] if patcher == "unet" else []
+    data = [f"data.train={synthetic_shards}", *base, *unet]
     reuse = 100_000
     changes = {"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": reuse,
                "stage3_max_reuse_distance": reuse, "stage3_prefetch_bucket_size": reuse // 2}
@@ -190,7 +195,7 @@ def test_backward_regathers_match_a_real_two_rank_run(tmp_path, tiny_llama, tiny
     kinds = {t.kind: t.bytes for t in est.step.traffic}
     forward, backward = kinds["weight all-gather (forward)"], kinds["weight all-gather (backward)"]
     assert gathered > 1.02 * forward, (gathered, forward)  # weights were gathered again
-    assert abs(forward + backward - gathered) <= 0.1 * gathered, (forward, backward, gathered)
+    assert abs(forward + backward - gathered) <= 0.001 * gathered, (forward, backward, gathered)
 
 
 @pytest.mark.slow
