@@ -136,7 +136,8 @@ def test_zero3_figures_match_a_real_two_rank_run(tmp_path, tiny_llama, synthetic
     """What DeepSpeed holds on a rank after a step and what one step sends, against the
     planner at N = 2: model states within 10% by part, and the step's all-gathers and
     reduce-scatters (the second step's: the counts after step 2 less those after step 1,
-    so start-up collectives cancel) within 10%."""
+    so start-up collectives cancel) within 1% (they agree but for the few bytes of
+    the trainer's own scalar collectives)."""
     data = [f"data.train={synthetic_shards}"]
     changes = {"stage3_param_persistence_threshold": 0}
     run = run_worker(tmp_path, "z3", [*data, "train.steps=2"], changes)
@@ -161,8 +162,8 @@ def test_zero3_figures_match_a_real_two_rank_run(tmp_path, tiny_llama, synthetic
     scattered = step["reduce_scatter_tensor"] * ring(2)
     kinds = {t.kind: t.bytes for t in est.step.traffic}
     planned_gather = kinds["weight all-gather (forward)"] + kinds["weight all-gather (backward)"]
-    assert abs(planned_gather - gathered) <= 0.1 * gathered, (planned_gather, gathered)
-    assert abs(kinds["gradient reduce-scatter"] - scattered) <= 0.1 * scattered, (kinds["gradient reduce-scatter"], scattered)
+    assert abs(planned_gather - gathered) <= 0.01 * gathered, (planned_gather, gathered)
+    assert abs(kinds["gradient reduce-scatter"] - scattered) <= 0.01 * scattered, (kinds["gradient reduce-scatter"], scattered)
 
 
 @pytest.mark.slow
@@ -204,7 +205,7 @@ def test_zero2_figures_match_a_real_two_rank_run(tmp_path, tiny_llama, synthetic
     traffic: DeepSpeed all-reduces each gradient bucket (use_multi_rank_bucket_allreduce,
     its default; the comms logger records the bucket, and an all-reduce receives
     2 (N-1)/N of it) and all-gathers the updated 16-bit weights (it records this rank's
-    shard, which it receives from the N - 1 others)."""
+    shard, which it receives from the N - 1 others), within 1%."""
     run = run_worker(tmp_path, "z2", [f"data.train={synthetic_shards}", "train.steps=2", "parallel.zero_stage=2",
                                       "parallel.zero_init=false"], {})
     cfg = load_config(TINY, [f"data.train={synthetic_shards}", "train.dtype=bf16", "parallel.zero_stage=2"])
@@ -222,9 +223,9 @@ def test_zero2_figures_match_a_real_two_rank_run(tmp_path, tiny_llama, synthetic
     kinds = {t.kind: t.bytes for t in est.step.traffic}
     reduced, gathered = step["all_reduce"] * 2 * ring(2), step["all_gather_into_tensor"] * (2 - 1)
     assert step["reduce_scatter_tensor"] == 0 and reduced > 0, step
-    assert abs(kinds["gradient all-reduce"] - reduced) <= 0.1 * reduced, (kinds["gradient all-reduce"], reduced)
+    assert abs(kinds["gradient all-reduce"] - reduced) <= 0.01 * reduced, (kinds["gradient all-reduce"], reduced)
     planned_gather = kinds["weight all-gather (after the step)"]
-    assert abs(planned_gather - gathered) <= 0.1 * gathered, (planned_gather, gathered)
+    assert abs(planned_gather - gathered) <= 0.01 * gathered, (planned_gather, gathered)
 
 
 @pytest.mark.slow
@@ -235,7 +236,7 @@ def test_pipeline_figures_match_a_real_four_rank_run(tmp_path, tiny_llama, synth
     tuple, stage 0 the hidden states' gradient; exact but for a few bytes), and the
     planner's p2p figure (the busiest stage) and each stage's gradient all-reduce (an
     all-reduce receives 2 (N-1)/N of the bucket the logger records) and weight
-    all-gather (it records this rank's shard) within 10%."""
+    all-gather (it records this rank's shard) within 1%."""
     from types import SimpleNamespace
 
     from megafusion.plan.step import pipeline_messages
@@ -272,12 +273,12 @@ def test_pipeline_figures_match_a_real_four_rank_run(tmp_path, tiny_llama, synth
                    efficiency=0.5, frozen_text=True)
     kinds = {t.kind: t.bytes for t in est.step.traffic}
     busiest = max(step[0]["recv"], step[1]["recv"])
-    assert abs(kinds["activations + their gradients (p2p)"] - busiest) <= 0.1 * busiest, (kinds, busiest)
+    assert abs(kinds["activations + their gradients (p2p)"] - busiest) <= 0.01 * busiest, (kinds, busiest)
     reduced = max(r["all_reduce"] for r in step) * 2 * ring(2)
     gathered = max(r["all_gather_into_tensor"] for r in step) * (2 - 1)
-    assert abs(kinds["gradient all-reduce"] - reduced) <= 0.1 * reduced, (kinds["gradient all-reduce"], reduced)
+    assert abs(kinds["gradient all-reduce"] - reduced) <= 0.01 * reduced, (kinds["gradient all-reduce"], reduced)
     planned_gather = kinds["weight all-gather (after the step)"]
-    assert abs(planned_gather - gathered) <= 0.1 * gathered, (planned_gather, gathered)
+    assert abs(planned_gather - gathered) <= 0.01 * gathered, (planned_gather, gathered)
 
 
 def test_compute_bound_mfu_is_the_kernel_efficiency(tiny_llama):
