@@ -267,8 +267,14 @@ def _total(parts: dict) -> int:
 
 def model_states(parts: dict, s: Setting) -> dict:
     """The parts DeepSpeed holds between steps, in megafusion.parallel.memory.held_bytes'
-    terms (params, grads, master, optimizer_state): the pipeline's fp32 gradient
-    accumulation buffer lives across steps, ZeRO's fp32 step gradient does not."""
-    grads = parts["gradients"] + (parts["fp32 gradient (step)"] if s.pipeline_stages > 1 else 0)
+    terms (params, grads, master, optimizer_state). ZeRO's 16-bit gradient partition
+    lives across steps and its fp32 step gradient does not; under pipeline stages with
+    bf16 it is the other way round: BF16_Optimizer's fp32 accumulation buffer stays,
+    while the parameters' bf16 gradients live from a step's first backward to its end
+    (the engine's _take_model_step ends with optimizer.zero_grad(), set_to_none)."""
+    if s.pipeline_stages > 1 and parts["fp32 gradient (step)"]:
+        grads = parts["fp32 gradient (step)"]
+    else:
+        grads = parts["gradients"]
     return {"params": parts["frozen weights"] + parts["trainable weights"], "grads": grads,
             "master": parts["master weights"], "optimizer_state": parts["optimizer states"]}

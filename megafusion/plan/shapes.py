@@ -103,7 +103,9 @@ class ModelShape:
     def stage_params(self, stage: int, stages: int) -> list[Param]:
         """The parameters pipeline stage `stage` of `stages` holds: its share of the decoder
         layers (as megafusion/parallel/pipeline.py splits them, uniformly), the first stage
-        also the embedding and the image input side, the last the head and output side."""
+        also the embedding and the image input side, the last the head and output side.
+        A tied embedding is untied across stages: the last stage holds its own copy of
+        the matrix as the LM head, and its own BOI/EOI logit rows (HeadStage)."""
         lo, hi = stage_layers(self.layers, stage, stages)
         out = []
         for p in self.params:
@@ -115,6 +117,11 @@ class ModelShape:
                     out.append(p)
             elif stage == stages - 1:
                 out.append(p)
+        if stages > 1 and stage == stages - 1 and getattr(self.llama_config, "tie_word_embeddings", False):
+            embed = next(p for p in self.params if p.name == "embed_tokens.weight")
+            rows = next(p for p in self.params if p.name == "image_token_embed")
+            out += [Param("lm_head.weight", embed.numel, embed.trainable, None, embed.shape),
+                    Param("image_token_head", rows.numel, True, None, rows.shape)]
         return out
 
 

@@ -236,9 +236,12 @@ def test_pipeline_figures_match_a_real_four_rank_run(tmp_path, tiny_llama, synth
     tuple, stage 0 the hidden states' gradient; exact but for a few bytes), and the
     planner's p2p figure (the busiest stage) and each stage's gradient all-reduce (an
     all-reduce receives 2 (N-1)/N of the bucket the logger records) and weight
-    all-gather (it records this rank's shard) within 1%."""
+    all-gather (it records this rank's shard) within 1%; and each stage's model states
+    (weights, gradients with the fp32 accumulation buffer, master and Adam partitioned
+    over the replicas) within 10% by part."""
     from types import SimpleNamespace
 
+    from megafusion.plan.memory import pipeline_stage
     from megafusion.plan.step import pipeline_messages
 
     stages, ranks, ga = 2, 4, 2
@@ -274,6 +277,12 @@ def test_pipeline_figures_match_a_real_four_rank_run(tmp_path, tiny_llama, synth
     kinds = {t.kind: t.bytes for t in est.step.traffic}
     busiest = max(step[0]["recv"], step[1]["recv"])
     assert abs(kinds["activations + their gradients (p2p)"] - busiest) <= 0.01 * busiest, (kinds, busiest)
+    # What each stage holds, against the planner's stage within 10% by part.
+    wl = workload(shape, s, cfg.data.seq_len, caption)
+    for stage, r in enumerate(runs):
+        planned = model_states(pipeline_stage(shape, s, wl, ranks, stage), s)
+        for part, held in r["held_bytes"].items():
+            assert abs(planned[part] - held) <= 0.1 * held, (stage, part, planned[part], held)
     reduced = max(r["all_reduce"] for r in step) * 2 * ring(2)
     gathered = max(r["all_gather_into_tensor"] for r in step) * (2 - 1)
     assert abs(kinds["gradient all-reduce"] - reduced) <= 0.01 * reduced, (kinds["gradient all-reduce"], reduced)
