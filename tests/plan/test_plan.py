@@ -167,7 +167,9 @@ def test_zero3_figures_match_a_real_two_rank_run(tmp_path, tiny_llama, synthetic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tied, patcher", [(True, "linear"), (False, "linear"), (True, "unet")])
+# Two runs cover the three things that decide: a tied and an untied embedding, and a
+# predictor large enough to show (the linear one is 0.1% of the model).
+@pytest.mark.parametrize("tied, patcher", [(False, "linear"), (True, "unet")])
 def test_backward_regathers_match_a_real_two_rank_run(tmp_path, tiny_llama, tiny_llama_untied, synthetic_shards, tied,
                                                       patcher):
     """With a reuse distance shorter than the model (0.1e6 parameters, as a 70B run's
