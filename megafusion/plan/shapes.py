@@ -132,7 +132,8 @@ def stage_layers(layers: int, stage: int, stages: int) -> tuple[int, int]:
 
 
 def _is_input_side(name: str) -> bool:
-    return name.startswith(("embed_tokens.", "image_token_embed", "image_tokenizer.embedder.", "image_tokenizer.vae."))
+    return name.startswith(("embed_tokens.", "image_token_embed", "image_tokenizer.embedder.", "image_tokenizer.vae.",
+                            "understanding."))
 
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
@@ -192,6 +193,17 @@ def _vae_config_dir(model_cfg, notes: list):
         yield dataclasses.replace(model_cfg, vae_path=tmp)
 
 
+def _local_vlm_config(base: str):
+    """The whole LLaVA config of a base directory on this machine, else None (a Llama
+    base, or a base known here by its name only)."""
+    local = Path(str(base)).expanduser()
+    if not (local / "config.json").is_file():
+        return None
+    from megafusion.model.loading import load_base_configs
+
+    return load_base_configs(str(base))[1]
+
+
 def _vae_skeleton(path):
     """The VAE from its config.json alone: the planner needs its parameter count, not its
     weights (the meta device gives shapes without storage)."""
@@ -213,11 +225,20 @@ def model_shape(cfg, arch: str | None = None) -> ModelShape:
 
     config, note = llama_config_for(cfg.model.base, arch)
     notes = [note] if note else []
+    vlm_config = None if arch else _local_vlm_config(cfg.model.base)
     with _vae_config_dir(cfg.model, notes) as model_cfg:
         with torch.device("meta"):
-            base = skeleton_base_model(config)
+            understanding = None
+            if vlm_config is not None:  # a LLaVA base: its vision tower and projector, frozen
+                from transformers import AutoModelForImageTextToText
+
+                from megafusion.model.vlm import split_vlm
+
+                base, understanding = split_vlm(AutoModelForImageTextToText.from_config(vlm_config))
+            else:
+                base = skeleton_base_model(config)
             tokenizer = ImageTokenizer(model_cfg, config.hidden_size, vae_loader=_vae_skeleton)
-            fused = LMFusionModel(base, model_cfg, image_tokenizer=tokenizer)
+            fused = LMFusionModel(base, model_cfg, image_tokenizer=tokenizer, understanding=understanding)
         latent = tuple(tokenizer.latent_shape)
         tokens = tokenizer.tokens_per_image
         target_copies = 2 if fused.objective.velocity_needs_x_t else 1

@@ -55,6 +55,26 @@ def test_counts_equal_the_model_built_for_real(tiny_llama, overrides):
     assert shape.layer_both_towers == sum(p.numel() for n, p in named.items() if n.startswith("layers.0."))
 
 
+@pytest.mark.parametrize("tiny_llava", ["llava", "llava_next"], indirect=True)
+def test_a_llava_base_counts_its_vision_tower(tiny_llava):
+    """LLaVAFusion: the base's vision tower and projector are frozen parameters of the
+    fused model, held on the first pipeline stage."""
+    from megafusion.model.fusion import LMFusionModel
+    from megafusion.model.loading import load_base
+
+    cfg = load_config(TINY, [f"model.base={tiny_llava}"])
+    text, understanding = load_base(tiny_llava)
+    real = LMFusionModel(text, cfg.model, understanding=understanding)
+    shape = model_shape(cfg)
+    assert {p.name: (p.numel, p.trainable) for p in shape.params} == \
+        {n: (p.numel(), p.requires_grad) for n, p in real.named_parameters()}
+    vision = sum(p.numel() for p in understanding.parameters())
+    assert vision > 0 and all(not p.trainable for p in shape.params if p.name.startswith("understanding."))
+    first = sum(p.numel for p in shape.stage_params(0, 2) if p.name.startswith("understanding."))
+    last = sum(p.numel for p in shape.stage_params(1, 2) if p.name.startswith("understanding."))
+    assert (first, last) == (vision, 0)
+
+
 def test_a_vae_is_counted_from_its_config(tmp_path, tiny_llama):
     from diffusers import AutoencoderKL
 
