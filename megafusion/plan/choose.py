@@ -107,7 +107,11 @@ def evaluate(shape: ModelShape, s: Setting, world: int, gpus_per_node: int, g: G
 def best_micro_batch(shape, s: Setting, global_seqs: int, world: int, gpus_per_node: int, g: GPU, label: str,
                      **kw) -> Estimate | None:
     """The fitting micro-batch (and the gradient accumulation that keeps the global batch)
-    with the highest MFU; the smallest one's estimate when none fits."""
+    with the highest MFU; the smallest one's estimate when none fits. Micro-batches whose
+    steps are compute-bound tie exactly (their traffic hides behind the same compute): the
+    smallest of them wins, the one with the most memory to spare, as in choose_best. It
+    may move more bytes (xfusion_1b's ZeRO-2 on one node: 2 x 48 moves 330 GB a step where
+    16 x 6 moves 43 GB); a larger one would take headroom (8B's ZeRO-2: 58 -> 80 GB)."""
     replicas = world // s.pipeline_stages
     tried = []
     for mb in MICRO_BATCHES:
