@@ -109,6 +109,13 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir / "config.yaml")
         self.ds_config = deepspeed_config(cfg, self.world)
+        if self.rank == 0:  # before the base loads: minutes at 70B
+            from megafusion.plan import fit_check
+
+            warning = fit_check.memory_warning(cfg, self.world, self.env.local_world_size,
+                                               fit_check.device_memory_bytes(self.device))
+            if warning:
+                print(warning, flush=True)
         # The newest checkpoint written by another number of ranks is loaded through a
         # universal checkpoint (elastic.py), which the engine must know at construction.
         self.resize = None

@@ -12,7 +12,9 @@
   the trainable parameters, gathered whole, to FILE ({name: fp32 tensor}), and the
   optimizer state to FILE.optim (see optimizer_state);
 - MEGAFUSION_TEST_DUMP_SAVED=FILE: as each checkpoint is saved, rank 0 saves the
-  optimizer state the run holds to FILE (the last save wins).
+  optimizer state the run holds to FILE (the last save wins);
+- MEGAFUSION_TEST_DEVICE_MEMORY=BYTES: the run's device reports this much memory, as a
+  CUDA device's properties do (megafusion.plan.fit_check.device_memory_bytes).
 """
 import atexit
 import os
@@ -132,6 +134,12 @@ if dump_resumed:
         return client
 
     checkpoint.load_latest = dumping_load_latest
+
+device_memory = os.environ.get("MEGAFUSION_TEST_DEVICE_MEMORY")
+if device_memory:
+    import megafusion.plan.fit_check as fit_check
+
+    fit_check.device_memory_bytes = lambda device: float(device_memory)
 
 from megafusion.train import main  # noqa: E402
 
