@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu", default="h100-80gb", help="h100-80gb (default), h200, a100-80gb, b200")
     p.add_argument("--arch", default=None, help="base architecture when model.base is not on this machine: "
-                   "llama3-8b, llama3-70b or a config.json")
+                   "llama3-8b, llama3-70b, llama3.2-1b, or a Llama's or LLaVA's config.json (a LLaVA's "
+                   "counts its vision tower)")
     p.add_argument("--efficiency", type=float, default=0.55,
                    help="share of peak FLOP/s the kernels reach (default 0.55)")
     p.add_argument("--caption-tokens", type=int, default=32, help="text tokens per image-caption document (default 32)")

@@ -139,36 +139,55 @@ def _is_input_side(name: str) -> bool:
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
-def llama_config_for(base: str, arch: str | None):
-    """The base model's LlamaConfig: `arch` (a preset name or a config.json / model
-    directory) when given, else model.base's config.json, else a Llama-3 preset named by
-    the base path (".../Meta-Llama-3-70B" -> llama3-70b)."""
+def base_configs_for(base: str, arch: str | None):
+    """(the text tower's LlamaConfig, the whole LLaVA config or None, a note or None):
+    from `arch` (a preset name, or a config.json / model directory of a Llama or a LLaVA)
+    when given, else from model.base's config.json, else a Llama-3 preset named by the
+    base path (".../Meta-Llama-3-70B" -> llama3-70b)."""
     from transformers import LlamaConfig
 
-    note = None
     if arch:
         if arch in LLAMA3:
-            return LlamaConfig(**{**_LLAMA3_COMMON, **LLAMA3[arch]}), f"architecture: built-in {arch}"
+            return LlamaConfig(**{**_LLAMA3_COMMON, **LLAMA3[arch]}), None, f"architecture: built-in {arch}"
         path = Path(arch).expanduser()
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise PlanError(f"--arch {arch}: not a preset ({', '.join(LLAMA3)}) nor a config.json or model directory")
-        return LlamaConfig(**json.loads(path.read_text())), f"architecture: {path}"
+        return (*_configs_from_json(path), f"architecture: {path}")
     local = Path(str(base)).expanduser()
     if (local / "config.json").is_file() or str(base) == "smollm2" or local.suffix == ".gguf":
-        from megafusion.model.loading import load_base_config
+        from megafusion.model.loading import load_base_configs
 
         try:
-            return load_base_config(str(base)), f"architecture: {base}"
+            return (*load_base_configs(str(base)), f"architecture: {base}")
         except ValueError as exc:
             raise PlanError(str(exc).splitlines()[0]) from None
     name = local.name.lower().replace("meta-", "").replace("-", "").replace("_", "").replace(".", "")
     for preset, pattern in _PRESET_NAMES.items():
         if re.match(pattern + r"($|[^0-9])", name):
             note = f"architecture: model.base={base} is not on this machine; using the built-in {preset} (--arch to choose)"
-            return LlamaConfig(**{**_LLAMA3_COMMON, **LLAMA3[preset]}), note
+            return LlamaConfig(**{**_LLAMA3_COMMON, **LLAMA3[preset]}), None, note
     raise PlanError(f"model.base={base}: no config.json here and not a known Llama-3 name; pass --arch "
                     f"({', '.join(LLAMA3)} or a config.json)")
+
+
+def _configs_from_json(path: Path):
+    """(text LlamaConfig, LLaVA config or None) from a config.json alone (a LLaVA's
+    weights and processor are not needed to plan it)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from megafusion.model.loading import LLAVA_MODEL_TYPES
+
+    try:
+        data = json.loads(path.read_text())
+        kind = data.get("model_type", "llama")
+        if kind in LLAVA_MODEL_TYPES:
+            vlm = AutoConfig.for_model(kind, **{k: v for k, v in data.items() if k != "model_type"})
+            return vlm.text_config, vlm
+        return LlamaConfig(**data), None
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise PlanError(f"--arch {path}: not a Llama or LLaVA config.json ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 @contextlib.contextmanager
@@ -193,17 +212,6 @@ def _vae_config_dir(model_cfg, notes: list):
         yield dataclasses.replace(model_cfg, vae_path=tmp)
 
 
-def _local_vlm_config(base: str):
-    """The whole LLaVA config of a base directory on this machine, else None (a Llama
-    base, or a base known here by its name only)."""
-    local = Path(str(base)).expanduser()
-    if not (local / "config.json").is_file():
-        return None
-    from megafusion.model.loading import load_base_configs
-
-    return load_base_configs(str(base))[1]
-
-
 def _vae_skeleton(path):
     """The VAE from its config.json alone: the planner needs its parameter count, not its
     weights (the meta device gives shapes without storage)."""
@@ -223,9 +231,8 @@ def model_shape(cfg, arch: str | None = None) -> ModelShape:
     from megafusion.model.image_io import ImageTokenizer
     from megafusion.parallel.base_weights import skeleton_base_model
 
-    config, note = llama_config_for(cfg.model.base, arch)
+    config, vlm_config, note = base_configs_for(cfg.model.base, arch)
     notes = [note] if note else []
-    vlm_config = None if arch else _local_vlm_config(cfg.model.base)
     with _vae_config_dir(cfg.model, notes) as model_cfg:
         with torch.device("meta"):
             understanding = None

@@ -73,6 +73,21 @@ def test_a_llava_base_counts_its_vision_tower(tiny_llava):
     first = sum(p.numel for p in shape.stage_params(0, 2) if p.name.startswith("understanding."))
     last = sum(p.numel for p in shape.stage_params(1, 2) if p.name.startswith("understanding."))
     assert (first, last) == (vision, 0)
+    # Planned from its config.json alone (--arch), where the base is not on this machine.
+    elsewhere = load_config(TINY, ["model.base=/models/not-on-this-machine"])
+    from_json = model_shape(elsewhere, str(Path(tiny_llava) / "config.json"))
+    assert [(p.name, p.numel, p.trainable) for p in from_json.params] == \
+        [(p.name, p.numel, p.trainable) for p in shape.params]
+
+
+def test_a_malformed_llava_config_is_refused_in_one_line(tmp_path):
+    from megafusion.plan.shapes import PlanError
+
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"model_type": "llava", "text_config": 5}))
+    with pytest.raises(PlanError, match=r"^--arch .*config.json: not a Llama or LLaVA config.json") as info:
+        model_shape(load_config(TINY), str(bad))
+    assert "\n" not in str(info.value)
 
 
 def test_a_vae_is_counted_from_its_config(tmp_path, tiny_llama):
