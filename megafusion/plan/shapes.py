@@ -233,7 +233,9 @@ def model_shape(cfg, arch: str | None = None) -> ModelShape:
 
     config, vlm_config, note = base_configs_for(cfg.model.base, arch)
     notes = [note] if note else []
-    with _vae_config_dir(cfg.model, notes) as model_cfg:
+    # fork_rng: building draws the image tokenizer's seed from the global RNG, and a run
+    # that plans at start-up (fit_check.py) must draw its own seed and noise as without.
+    with _vae_config_dir(cfg.model, notes) as model_cfg, torch.random.fork_rng(devices=[]):
         with torch.device("meta"):
             understanding = None
             if vlm_config is not None:  # a LLaVA base: its vision tower and projector, frozen

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from launchers import launcher_cmd, launcher_env
 
 from megafusion.config import load_config
@@ -88,6 +89,16 @@ def test_a_malformed_llava_config_is_refused_in_one_line(tmp_path):
     with pytest.raises(PlanError, match=r"^--arch .*config.json: not a Llama or LLaVA config.json") as info:
         model_shape(load_config(TINY), str(bad))
     assert "\n" not in str(info.value)
+
+
+def test_planning_draws_nothing_from_the_global_rng(tiny_llama):
+    """A run plans at start-up (megafusion/plan/fit_check.py), after seeding and before
+    its model draws the image tokenizer's seed: planning must leave the stream as it was."""
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    model_shape(load_config(TINY))
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_a_vae_is_counted_from_its_config(tmp_path, tiny_llama):
