@@ -16,6 +16,10 @@ from megafusion.plan.shapes import ModelShape, PlanError
 from megafusion.plan.step import StepEstimate, step_estimate
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
+# The workload's text tokens per image-caption document, and the kernels' share of peak
+# FLOP/s, unless the caller says otherwise (tools/plan.py --caption-tokens, --efficiency).
+CAPTION_TOKENS = 32
+EFFICIENCY = 0.55
 PIPELINE_STAGES = (2, 4, 8, 16, 32)
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
@@ -138,8 +142,8 @@ def choose_best(estimates: list[Estimate], tie: float = 0.005) -> Estimate | Non
     return min(near, key=lambda e: (e.setting.quantized_weights, e.setting.hpz > 1, e.memory["total"]))
 
 
-def plan(cfg, shape: ModelShape, nodes: int, gpus_per_node: int, g: GPU, *, efficiency: float = 0.55,
-         caption_tokens: int = 32) -> dict:
+def plan(cfg, shape: ModelShape, nodes: int, gpus_per_node: int, g: GPU, *, efficiency: float = EFFICIENCY,
+         caption_tokens: int = CAPTION_TOKENS) -> dict:
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: both must be >= 1")
     world = nodes * gpus_per_node

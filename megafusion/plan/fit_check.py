@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-# tools/plan.py's default: text tokens per image-caption document.
-CAPTION_TOKENS = 32
-
 
 def device_memory_bytes(device) -> float | None:
     """A CUDA device's total memory; None for any other device (a CPU run's limit is the
@@ -33,7 +30,7 @@ def memory_warning(cfg, world: int, gpus_per_node: int, device_bytes: float | No
     words; advice must not stop a run)."""
     if device_bytes is None:
         return None
-    from megafusion.plan.choose import configured_setting, evaluate
+    from megafusion.plan.choose import CAPTION_TOKENS, EFFICIENCY, configured_setting, evaluate
     from megafusion.plan.hardware import RESERVE, gpu
     from megafusion.plan.shapes import model_shape
 
@@ -42,7 +39,7 @@ def memory_warning(cfg, world: int, gpus_per_node: int, device_bytes: float | No
     try:
         setting = configured_setting(cfg, world)
         est = evaluate(model_shape(cfg), setting, world, gpus_per_node, this_gpu, seq_len=cfg.data.seq_len,
-                       caption_tokens=CAPTION_TOKENS, efficiency=0.55, frozen_text=not cfg.model.train_text_tower)
+                       caption_tokens=CAPTION_TOKENS, efficiency=EFFICIENCY, frozen_text=not cfg.model.train_text_tower)
     except Exception:  # noqa: BLE001 (see the docstring)
         return None
     if est.fits:
