@@ -44,7 +44,7 @@ def memory_warning(cfg, world: int, gpus_per_node: int, device_bytes: float | No
         return None
     if est.fits:
         return None
-    nodes = max(1, world // max(1, gpus_per_node))
+    nodes = max(1, world // gpus_per_node)
     return (f"warning: tools/plan.py estimates {est.memory['total'] / 1e9:.1f} GB per GPU for this setting "
             f"({setting.name}, micro-batch {setting.micro_batch} x {setting.grad_accum} accumulated, {world} GPUs) "
             f"where each GPU offers {this_gpu.usable / 1e9:.1f} GB ({device_bytes / 1e9:.1f} GB less "

@@ -32,6 +32,7 @@ model FLOPs / (step time x peak), counting the frozen tower's missing weight gra
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from megafusion.flops import patcher_forward_flops_per_image, train_step_flops
@@ -94,7 +95,9 @@ class StepEstimate:
 
 
 # DeepSpeed's pipeline engine with dynamic_shape sends a tensor-metadata buffer before
-# each micro-batch's activations (runtime/pipe/engine.py: TENSOR_META_SIZE int32).
+# each micro-batch's activations (runtime/pipe/engine.py: TENSOR_META_SIZE int32). Not
+# imported from there: that module takes seconds to import, and the planner runs on
+# laptops; tests/plan/test_plan.py holds the two equal.
 PIPELINE_META_BYTES = 256 * 4
 
 
@@ -108,11 +111,8 @@ def pipeline_messages(shape: ModelShape, wl: Workload, act_bytes: int) -> tuple[
     velocity needs it), its shape and the timesteps; the metadata buffer. Backward: the
     gradient of the hidden states, the one floating-point tensor among them."""
     hidden = wl.tokens * shape.hidden * act_bytes
-    latent = 1
-    for d in shape.latent:
-        latent *= d
     per_token = (4 + shape.rope_streams) * 8
-    per_image = latent * 4 * shape.target_copies + 4
+    per_image = math.prod(shape.latent) * 4 * shape.target_copies + 4
     forward = hidden + wl.tokens * per_token + wl.images * per_image + 4 * 8 + PIPELINE_META_BYTES
     return forward, hidden
 

@@ -276,6 +276,14 @@ def test_zero2_figures_match_a_real_two_rank_run(tmp_path, tiny_llama, synthetic
     assert abs(planned_gather - gathered) <= 0.01 * gathered, (planned_gather, gathered)
 
 
+def test_pipeline_metadata_is_deepspeeds_buffer():
+    from deepspeed.runtime.pipe.engine import TENSOR_META_SIZE
+
+    from megafusion.plan.step import PIPELINE_META_BYTES
+
+    assert PIPELINE_META_BYTES == TENSOR_META_SIZE * 4  # int32 entries
+
+
 @pytest.mark.slow
 def test_pipeline_figures_match_a_real_four_rank_run(tmp_path, tiny_llama, synthetic_shards):
     """Two stages x two replicas (bf16, DeepSpeed's BF16_Optimizer), the second step's
