@@ -5,13 +5,14 @@
 
 Prints one JSON object (--json) or the same as a table. Every measurement is a function
 registered in BENCHMARKS (name -> fn(ctx) -> dict); a later issue adds an entry with
-@benchmark("name"). The train-step entries live here; three modules register theirs
-from here, in the order of the report: tools/bench_attention.py (the hybrid mask against
-causal attention), tools/bench_sampling.py (the sampler's KV cache), and
-tools/bench_demo.py (the entries on the demo's own config: loader_vs_train_step, and
-demo_step_vs_compute, the wall clock of a real two-rank demo step under the deepspeed
-launcher over one thread's compute of one rank's share, a few minutes even with
---quick). An entry reports:
+@benchmark("name"). Four modules register theirs from here; in the order of the
+report: tools/bench_step.py (the train step against a dense fine-tune, against both
+towers on every token, and X-Fusion's Dual Tower against it), tools/bench_attention.py
+(the hybrid mask against causal attention), the loader's entry (defined here),
+tools/bench_sampling.py (the sampler's KV cache), and tools/bench_demo.py (the entries
+on the demo's own config: loader_vs_train_step, and demo_step_vs_compute, the wall
+clock of a real two-rank demo step under the deepspeed launcher over one thread's
+compute of one rank's share, a few minutes even with --quick). An entry reports:
 
     value      the headline number (a ratio for "*_vs_*" entries), null when skipped
     unit       "ratio", "samples/s", ...
@@ -55,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import gc
 import importlib
 import inspect
@@ -77,12 +77,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from megafusion.model.attention import hybrid_attention  # noqa: E402
 from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment  # noqa: E402
 from megafusion.model.config import FusionConfig  # noqa: E402
 from megafusion.model.fusion import LMFusionModel  # noqa: E402
-from megafusion.model.layer_lmfusion import LMFusionLayer  # noqa: E402
-from megafusion.model.towers import apply_rope  # noqa: E402
 
 # SmolLM2-135M, used only when load_base_config("smollm2") cannot run (package missing).
 SMOLLM2_DIMS = dict(
@@ -282,113 +279,11 @@ def drop_grads(*models):
     return setup
 
 
-# ------------------------------------------------------------ both-towers baseline
+# Entries of the train step: routing_vs_dense_finetune, routing_vs_both_towers,
+# dual_tower_vs_lmfusion.
+from tools import bench_step  # noqa: E402
 
-class BothTowersDecoderLayer(LMFusionLayer):
-    """The torch.where approach of a public LMFusion reimplementation: both towers' q/k/v,
-    o and MLP run on every token (in sequence order) and each token keeps its modality's
-    result. Same parameters as LMFusionLayer; only the forward differs."""
-
-    def forward(self, h, is_image, cos, sin, layout, batch_size, seq_len):
-        """h [B*L, hidden] in sequence order; is_image [B*L, 1] bool."""
-        B, L, d = batch_size, seq_len, self.head_dim
-        q, k, v = (torch.where(is_image, i, t) for t, i in zip(self.text.qkv(h), self.image.qkv(h)))
-        q = q.view(B, L, self.num_heads, d).transpose(1, 2)
-        k = k.view(B, L, self.num_kv_heads, d).transpose(1, 2)
-        v = v.view(B, L, self.num_kv_heads, d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = hybrid_attention(q, k, v, layout, scale=self.scale)
-        o = o.transpose(1, 2).reshape(B * L, self.num_heads * d)
-        h = h + torch.where(is_image, self.image.o_proj(o), self.text.o_proj(o))
-        return torch.where(is_image, self.image.ffn(h), self.text.ffn(h))
-
-
-class BothTowersModel(LMFusionModel):
-    """LMFusionModel whose decoder stack runs BothTowersDecoderLayer in sequence order:
-    the residual stream leaves the modality-sorted order once before the first layer and
-    returns once after the last, so the baseline pays no per-layer gather."""
-
-    def __init__(self, base_model, cfg):
-        super().__init__(base_model, cfg)
-        for layer in self.layers:
-            layer.__class__ = BothTowersDecoderLayer
-
-    def _run_layers(self, h, routing, cos, sin, layout, kept=None):
-        B, L = routing.batch_size, routing.seq_len
-        x = routing.to_sequence(h).reshape(B * L, -1)
-        is_image = (routing.inv >= routing.n_text).unsqueeze(1)  # sorted position -> modality
-        for layer in self.layers:
-            x = layer(x, is_image, cos, sin, layout, B, L)
-        return routing.to_sorted(x.view(B, L, -1))
-
-
-# ---------------------------------------------------------------- train-step entries
-
-# Each train-step entry compares the fused step with one baseline. The selected entries'
-# baselines and the fused step are timed in one interleaved round (fused, dense,
-# both_towers, then the reverse, ...): one fused timing serves both ratios, and all three
-# see the same machine load.
-STEP_BASELINES = {"routing_vs_dense_finetune": "dense", "routing_vs_both_towers": "both_towers",
-                  "dual_tower_vs_lmfusion": "dual_tower"}
-
-
-def step_times(ctx: Context, entry: str) -> Timings:
-    def build():
-        batch, _, ids = step_inputs(ctx)
-        models = {"fused": fused_model(ctx)}
-        steps = {"fused": fused_step(ctx, models["fused"])}
-        wanted = [STEP_BASELINES[n] for n in STEP_BASELINES if n in ctx.selected or n == entry]
-        if "dense" in wanted:
-            models["dense"] = base_llama(ctx).train()
-            steps["dense"] = train_step(models["dense"], lambda m: m(input_ids=ids, labels=ids).loss)
-        if "both_towers" in wanted:
-            models["both_towers"] = BothTowersModel(base_llama(ctx), fusion_config()).train()
-            steps["both_towers"] = fused_step(ctx, models["both_towers"])
-        if "dual_tower" in wanted:
-            cfg = dataclasses.replace(fusion_config(), tower_mode="dual_tower")
-            models["dual_tower"] = LMFusionModel(base_llama(ctx), cfg).train()
-            steps["dual_tower"] = fused_step(ctx, models["dual_tower"])
-        return interleaved(steps, ctx.repeats, setup=drop_grads(*models.values()))
-    return ctx.cached("step_times", build)
-
-
-def step_meta(ctx: Context) -> dict:
-    batch, _, _ = step_inputs(ctx)
-    return {
-        "tokens": ctx.sizes.step_tokens,
-        "image_tokens": int((batch.modality == 1).sum()),
-        "images": batch.num_images,
-        "layers": ctx.sizes.layers,
-        "what": "forward + backward, float32, batch of one packed row",
-    }
-
-
-@benchmark("routing_vs_dense_finetune")
-def routing_vs_dense_finetune(ctx: Context) -> dict:
-    """Fused train step (frozen text tower, trainable image tower, pixel mode, linear
-    patcher) / dense LlamaForCausalLM train step with every weight trainable and labels on
-    all tokens, same number of tokens."""
-    times = step_times(ctx, "routing_vs_dense_finetune")
-    return ratio_entry(times.only("fused", "dense"), "fused", "dense", goal=0.95, **step_meta(ctx))
-
-
-@benchmark("routing_vs_both_towers")
-def routing_vs_both_towers(ctx: Context) -> dict:
-    """Fused train step / the same model computing both towers on every token and
-    selecting with torch.where (BothTowersModel)."""
-    times = step_times(ctx, "routing_vs_both_towers")
-    return ratio_entry(times.only("fused", "both_towers"), "fused", "both_towers", goal=0.6,
-                       **step_meta(ctx))
-
-
-@benchmark("dual_tower_vs_lmfusion")
-def dual_tower_vs_lmfusion(ctx: Context) -> dict:
-    """X-Fusion's Dual Tower train step (model.tower_mode=dual_tower) / the lmfusion step,
-    same tokens: the price of letting both towers read every token. The paper's
-    implementation runs both blocks on the whole sequence, about 2x; this one runs the
-    second tower's q/k/v and attention only (megafusion/model/layer_dual_tower.py)."""
-    times = step_times(ctx, "dual_tower_vs_lmfusion")
-    return ratio_entry(times.only("dual_tower", "fused"), "dual_tower", "fused", goal=2.0, **step_meta(ctx))
+bench_step.register(sys.modules[__name__])
 
 
 # Entry of the attention mask: hybrid_vs_causal_attention.

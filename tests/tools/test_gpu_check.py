@@ -16,7 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tools import gpu_check, wheelhouse  # noqa: E402
+from tools import gpu_attention, gpu_check, wheelhouse  # noqa: E402
 
 # The GPU target's Python packages (this workplace's H200 image, as read 2026-11-17; see
 # DESIGN.md: torch 2.11, transformers 5.x, no deepspeed, diffusers or mosaicml-streaming).
@@ -98,11 +98,11 @@ def test_a_broken_mask_fails_the_attention_check(monkeypatch):
         return build(cls, document_ids, torch.full_like(image_ids, -1), backend, **kw)
 
     monkeypatch.setattr(attention.AttentionLayout, "build", classmethod(without_images))
-    result = gpu_check.check_attention(torch.device("cpu"), gpu_check.SIZES["cpu"])
+    result = gpu_attention.check_attention(torch.device("cpu"), gpu_check.SIZES["cpu"])
     assert result["ok"] is False
     for name in ("sdpa", "flash"):
         assert result["backends"][name]["ok"] is False
-        assert result["backends"][name]["worst"]["out"]["rel_l2"] > 4 * gpu_check.TOLERANCE["out"]["rel_l2"]
+        assert result["backends"][name]["worst"]["out"]["rel_l2"] > 4 * gpu_attention.TOLERANCE["out"]["rel_l2"]
 
 
 def test_a_failing_check_is_recorded_and_the_others_still_run(monkeypatch, tmp_path, capsys):
