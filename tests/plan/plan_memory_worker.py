@@ -2,9 +2,11 @@
 what DeepSpeed holds on the rank (megafusion.parallel.memory.held_bytes), the bytes of
 every collective DeepSpeed's comms logger saw there, in all ("collectives") and as it
 stood after each train step ("after_step", so that a step's own traffic is a difference
-with start-up cancelled), and each step's micro-batches ("batches": tokens and images),
-as JSON: rank 0's to OUT, rank R's to OUT.rankR.json (a pipeline stage's traffic is its
-own).
+with start-up cancelled), each step's micro-batches ("batches": tokens and images) and,
+under ZeRO-3, the most parameter elements each step held gathered at once
+("peak_gathered": the coordinator's own count, whose prefetch stage3_max_live_parameters
+bounds), as JSON: rank 0's to OUT, rank R's to OUT.rankR.json (a pipeline stage's
+traffic is its own).
 
     plan_memory_worker.py CONFIG OUT.json [overrides...]
 
@@ -32,11 +34,12 @@ def main():
         return {name: {str(size): rec[0] for size, rec in sizes.items()}
                 for name, sizes in ds_comm.comms_logger.comms_dict.items()}
 
-    after_step, batches = [], []
+    after_step, batches, peak_gathered = [], [], []
 
     def counted(step):
         def counted_step(self, *a, **kw):
             batches.append([])
+            peak_gathered.append(0)
             result = step(self, *a, **kw)
             after_step.append(counts())
             return result
@@ -49,6 +52,19 @@ def main():
             return b
         return recorded_batch
 
+    # The coordinator counts the elements it has gathered and not yet released; after
+    # each fetch (a module's own weights, then the prefetch) that count is at a local peak.
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
+
+    fetch = Coordinator.fetch_sub_module
+
+    def counted_fetch(self, *a, **kw):
+        result = fetch(self, *a, **kw)
+        if peak_gathered:
+            peak_gathered[-1] = max(peak_gathered[-1], self._PartitionedParameterCoordinator__n_available_params)
+        return result
+
+    Coordinator.fetch_sub_module = counted_fetch
     Trainer._zero_step = counted(Trainer._zero_step)
     Trainer._pipeline_step = counted(Trainer._pipeline_step)
     Trainer._next_batch = recorded(Trainer._next_batch)
@@ -58,6 +74,7 @@ def main():
     mine = out if rank == 0 else out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
     mine.write_text(json.dumps({"held_bytes": held_bytes(trainer.engine), "collectives": counts(),
                                 "after_step": after_step, "batches": batches,
+                                "peak_gathered": peak_gathered,
                                 "optimizer": type(trainer.engine.optimizer).__name__}, indent=1))
     dist.barrier()
 

@@ -217,6 +217,12 @@ def test_zero3_figures_match_a_real_two_rank_run(tmp_path, request, synthetic_sh
     planned = model_states(est.memory, s)
     for part, held in run["held_bytes"].items():
         assert abs(planned[part] - held) <= 0.1 * held, (part, planned[part], held)
+    # ds_configs/zero3.json's buckets (5e8 prefetch, 3e9 live) exceed this model: the
+    # second step's first fetch prefetches all of it, a LLaVA's encoder included, and the
+    # planner caps its gathered weights at the model. (With buckets below the embedding's
+    # size the planner's figure is too low: the session-27 note has the measurements.)
+    peak = run["peak_gathered"][-1] * s.weight_bytes
+    assert abs(est.memory["gathered weights"] - peak) <= 0.1 * peak, (est.memory["gathered weights"], peak)
 
     # DeepSpeed's comms logger records an all_gather_into_tensor by its input (this
     # rank's shard: each rank receives it from the N - 1 others) and a
