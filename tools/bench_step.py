@@ -19,14 +19,13 @@ from megafusion.model.layer_lmfusion import LMFusionLayer
 from megafusion.model.towers import apply_rope
 
 _bench = None  # tools/bench.py's module, set by register()
-ENTRIES = ("routing_vs_dense_finetune", "routing_vs_both_towers", "dual_tower_vs_lmfusion")
 
 
 def register(bench) -> None:
     global _bench
     _bench = bench
-    for name in ENTRIES:
-        bench.benchmark(name)(globals()[name])
+    for entry in (routing_vs_dense_finetune, routing_vs_both_towers, dual_tower_vs_lmfusion):
+        bench.benchmark(entry.__name__)(entry)
 
 
 # ------------------------------------------------------------ both-towers baseline
