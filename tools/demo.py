@@ -79,9 +79,8 @@ def export_and_sample(run_dir: Path, steps: int, guidance: float) -> None:
     subprocess.run([sys.executable, str(REPO / "tools/convert_to_hf.py"), str(run_dir), str(hf_dir), "--overwrite"],
                    check=True, stdout=subprocess.DEVNULL)
     sys.path.insert(0, str(REPO))
-    from streaming import StreamingDataset
-
     from megafusion import generate as G
+    from megafusion.eval.rows import read_shards
     from PIL import Image
     import io
 
@@ -89,8 +88,8 @@ def export_and_sample(run_dir: Path, steps: int, guidance: float) -> None:
     samples.mkdir(parents=True, exist_ok=True)
     images = G.generate_image(gen, PROMPTS, n=4, steps=steps, cfg=guidance, seed=0)  # prompt-major: one row per prompt
     G.image_grid([im.resize((96, 96), Image.NEAREST) for im in images], cols=4).save(samples / "grid.png")
-    val = StreamingDataset(local=str(DATA / "train" / "val"), shuffle=False, batch_size=1)
-    held_out = [val[i] for i in range(4)]
+    # Read directly, without StreamingDataset's shared memory (see megafusion/eval/rows.py).
+    held_out = read_shards(DATA / "train" / "val", n=4)
     captions = G.caption(gen, [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in held_out],
                          max_new_tokens=24)
     lines = [f"prompts (grid rows, top to bottom): {PROMPTS}"]

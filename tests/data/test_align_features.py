@@ -40,7 +40,10 @@ def test_shards_hold_the_encoders_features_of_each_image(aligned):
 
     import transformers
 
-    ds = StreamingDataset(local=str(aligned / "shards"), shuffle=False, batch_size=1)
+    from megafusion.data.shm import construction_window
+
+    with construction_window(is_local_leader=True):  # see test_prepare_data.read_shards
+        ds = StreamingDataset(local=str(aligned / "shards"), shuffle=False, batch_size=1)
     model = transformers.CLIPVisionModel.from_pretrained(aligned / "clip").eval()
     proc = transformers.CLIPImageProcessor()
     for i in (0, 5):

@@ -96,3 +96,23 @@ def test_a_killed_run_restarts_on_its_own_cache(tmp_path, synthetic_dir, tokeniz
     # The killed run's record is gone: unlinked, or replaced by this run's own (streaming
     # creates <prefix>_locals exclusively, so reusing the prefix proves the old one went).
     assert loader.dataset._shm_prefix_int == int(line) or not left.exists()
+
+
+def test_every_streaming_dataset_is_built_inside_the_construction_window():
+    """The lock only helps if every construction takes it: one StreamingDataset built
+    outside it (a test's read-back, a tool's) races the training runs beside it for a
+    prefix. CI failed once so, FileExistsError: '/000608_locals' in a test's read-back
+    while another test's two-rank run built its loader. Each file that constructs one
+    must use construction_window (the loader) or read shards without streaming's shared
+    memory (megafusion/eval/rows.py)."""
+    import re
+
+    repo = Path(__file__).resolve().parents[2]
+    call = re.compile(r"(?<![\w.])(StreamingDataset|FusionDataset)\(")  # a call, not a base class
+    outside = []
+    for path in sorted(p for d in ("megafusion", "tools", "tests") for p in (repo / d).rglob("*.py")):
+        text = path.read_text()
+        calls = [ln for ln in text.splitlines() if call.search(ln) and not ln.lstrip().startswith("class ")]
+        if calls and "construction_window" not in text:
+            outside.append(f"{path.relative_to(repo)}: {calls[0].strip()}")
+    assert not outside, "StreamingDataset built outside shm.construction_window:\n" + "\n".join(outside)

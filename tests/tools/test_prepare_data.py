@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from megafusion.data.prepare import main as prepare_main
+from megafusion.data.shm import construction_window
 from megafusion.data.synthetic import COLOURS, SHAPES, make_sample
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,10 +22,14 @@ TOOL = REPO / "tools" / "prepare_data.py"
 
 
 def read_shards(path):
-    """Every row of an MDS directory, read back by streaming (local, no remote)."""
+    """Every row of an MDS directory, read back by streaming (local, no remote). Built
+    inside the machine-wide construction window, as the loader builds its datasets: a
+    dataset built outside it can pick the shared-memory prefix another test's training
+    run is taking at the same moment (FileExistsError: '/000NNN_locals')."""
     from streaming import StreamingDataset
 
-    ds = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
+    with construction_window(is_local_leader=True):
+        ds = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
     return [ds[i] for i in range(ds.size)]
 
 
