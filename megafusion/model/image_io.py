@@ -448,7 +448,13 @@ class ImageTokenizer(nn.Module):
         """
         if self.vae is None:
             return pixels * self.pixel_scale if self.pixel_scale != 1.0 else pixels
-        if pixels.shape[0] == 0:  # diffusers' VAE attention cannot reshape zero images
+        if pixels.shape[0] == 0:
+            # diffusers' VAE attention cannot reshape zero images, but the VAE still runs,
+            # on one blank image whose latents are dropped: under ZeRO-3 every rank
+            # gathers its parameters collectively, and a rank with no image in its batch
+            # must take part (as understanding.blank does for a LLaVA's encoder).
+            size = self.cfg.image_size
+            vae_encode(self.vae, pixels.new_zeros((1, 3, size, size)))
             return pixels.new_zeros((0, *self.latent_shape))
         return vae_encode(self.vae, pixels).to(pixels.dtype)
 

@@ -30,17 +30,22 @@ def batches(model, cfg):
     from megafusion.model.batch import ImageSegment, PackedBatch, TextSegment
 
     g = torch.Generator().manual_seed(1)
-    tpi, shape = model.tokens_per_image, model.image_tokenizer.latent_shape
+    tpi, latent = model.tokens_per_image, model.image_tokenizer.latent_shape
+    # With a VAE the batches hold pixels, encoded by the model (the path shards without
+    # latents take); otherwise latents (pixel mode's latents are its pixels).
+    pixels = model.image_tokenizer.vae is not None
+    shape = (3, cfg.model.image_size, cfg.model.image_size) if pixels else latent
+    kw = dict(seq_len=tpi * 3, tokens_per_image=tpi, image_shape=shape, images_are_latents=not pixels)
     text = PackedBatch.from_rows([[[TextSegment([5, 9, 23, 7, 11, 3])], [TextSegment([4, 8, 15, 16, 23, 42, 2])]]],
-                                 seq_len=tpi * 3, tokens_per_image=tpi, image_shape=shape)
+                                 **kw)
     img = lambda: torch.rand(shape, generator=g) * 2 - 1  # noqa: E731
     boi, eoi = model.boi_id, model.eoi_id
     gen = [TextSegment([5, 9, 23]), TextSegment([boi], loss=False), ImageSegment(img(), timestep=700.0),
            TextSegment([eoi], loss=False)]
     und = [TextSegment([boi], loss=False), ImageSegment(img(), timestep=0.0, is_condition=True),
            TextSegment([eoi, 12, 13, 14])]
-    images = PackedBatch.from_rows([[gen, und]], seq_len=tpi * 3, tokens_per_image=tpi, image_shape=shape)
-    noise = torch.randn((images.images.shape[0], *shape), generator=g)
+    images = PackedBatch.from_rows([[gen, und]], **kw)
+    noise = torch.randn((images.images.shape[0], *latent), generator=g)
     return text, images, noise
 
 

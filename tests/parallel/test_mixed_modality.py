@@ -17,18 +17,25 @@ GROUPS = [
 
 @pytest.mark.slow
 def test_zero3_rank_without_images_matches_reference_gradients(run_two_ranks, tmp_path):
-    """Every group above, and feature alignment (model.align_encoder): the rank whose batch
-    is text only still runs the frozen encoder and the projection (their parameters are
-    gathered collectively), and every trainable gradient, the projection's included,
-    equals the plain copy's."""
+    """Every group above, feature alignment (model.align_encoder), and a VAE encoding
+    pixels in the forward pass (shards without latents): the rank whose batch is text
+    only still runs the frozen encoders (the alignment's, the VAE's on a blank image)
+    and the projection, whose parameters are gathered collectively, and every trainable
+    gradient, the projection's included, equals the plain copy's. (Before, the VAE was
+    skipped for zero images: "Received data size doesn't match expected size" from gloo.)"""
     import torch
     import transformers
+    from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     enc = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=4))
     enc.save_pretrained(tmp_path / "clip")
-    groups = [*GROUPS, (f"model.align_encoder={tmp_path / 'clip'}", "model.align_layer=1")]
+    AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
+                  sample_size=32).save_pretrained(tmp_path / "vae")
+    groups = [*GROUPS, (f"model.align_encoder={tmp_path / 'clip'}", "model.align_layer=1"),
+              ("model.image_mode=vae", f"model.vae_path={tmp_path / 'vae'}", "model.patch_size=2")]
     args = []
     for i, g in enumerate(groups):
         args += (["--then"] if i else []) + list(g)
