@@ -258,6 +258,20 @@ class ImageBlocks(nn.Module):
             nn.init.zeros_(self.context.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[0] == 0:
+            # A batch with no image (text only): diffusers' attention cannot reshape zero
+            # images, so the blocks run on one blank image appended to the inputs and
+            # dropped from the output. The graph is then the one a batch with images
+            # builds, from the same inputs: under ZeRO-3 every rank gathers the same
+            # weights in the same order, forward and backward (the prompt vectors' norm
+            # included), and reduces their (here zero) gradients.
+            def pad(a):
+                return None if a is None else torch.cat([a, a.new_zeros(1, *a.shape[1:])])
+
+            return self._run(pad(x), pad(t), pad(context))[:0]
+        return self._run(x, t, context)
+
+    def _run(self, x: torch.Tensor, t: torch.Tensor | None, context: torch.Tensor | None) -> torch.Tensor:
         if self.time is not None:
             x = x + _embed_time(self.time, t)[:, None, :].to(x.dtype)
         if self.context is not None:

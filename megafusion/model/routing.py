@@ -76,7 +76,9 @@ def prompt_vectors(h_sorted: torch.Tensor, routing: Routing, n_images: int, toke
     h_sorted is [B*L, hidden] in sorted order. No host synchronisation: the indices stay
     on the device."""
     if n_images == 0:
-        return h_sorted.new_zeros(0, h_sorted.shape[-1])
+        # norm still runs, on no rows of h_sorted (so that its backward runs too): under
+        # ZeRO-3 every rank gathers its weight, forward and backward.
+        return norm(h_sorted[:0])
     first = routing.perm[routing.n_text + torch.arange(n_images, device=h_sorted.device) * tokens_per_image]
     opens_row = first % routing.seq_len == 0
     before = routing.inv[(first - 1).clamp_min(0)]

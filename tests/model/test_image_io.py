@@ -378,3 +378,30 @@ def test_patcher_sides_output_leaves_the_input_side_plain():
     assert not torch.allclose(tok.predict(tokens, aux), plain.predict(tokens, aux))
     with pytest.raises(ValueError, match="patcher_sides"):
         _cfg(patcher_layers=1, patcher_sides="input").validate()
+
+
+@pytest.mark.parametrize("patcher", ["linear", "unet"])
+def test_a_batch_without_images_runs_every_module_and_gives_zero_gradients(vae_dir, patcher):
+    """A text-only batch (zero images) through the VAE, both sides' blocks and the prompt
+    context: empty outputs of the right shapes, and every trainable parameter gets a
+    gradient of exactly zero (not None): it took part, as ZeRO-3 needs every rank's
+    modules to (tests/parallel/test_mixed_modality.py runs it on two ranks). Before,
+    the blocks failed on zero images (diffusers' attention: "cannot reshape tensor of 0
+    elements") and the VAE was skipped."""
+    cfg = _cfg(image_mode="vae", vae_path=vae_dir, patcher=patcher, patcher_layers=1, prompt_context=True)
+    tok = ImageTokenizer(cfg, 64, side_seed=1)
+    _open_blocks(tok, std=0.01)
+    calls = []
+    tok.vae.encoder.register_forward_hook(lambda *a: calls.append("vae"))
+    latents = tok.encode_images(torch.zeros(0, 3, 32, 32))
+    assert latents.shape == (0, *tok.latent_shape) and calls == ["vae"]
+    tokens, aux = tok.embed(latents, torch.zeros(0))
+    context = torch.zeros(0, 64, requires_grad=True)
+    pred = tok.predict(tokens, aux, context)
+    assert tokens.shape == (0, tok.tokens_per_image, 64) and pred.shape == (0, *tok.latent_shape)
+    pred.square().sum().backward()
+    trainable = {n: p for n, p in tok.named_parameters() if p.requires_grad}
+    assert any(".blocks." in n for n in trainable) and any("context" in n for n in trainable)
+    for name, param in trainable.items():
+        assert param.grad is not None and not param.grad.any(), name
+    assert context.grad is not None and context.grad.shape == (0, 64)

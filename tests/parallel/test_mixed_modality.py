@@ -12,6 +12,10 @@ GROUPS = [
     ("model.tower_mode=xfuse",),
     ("model.tower_mode=gated_tower",),
     ("model.tower_mode=single_tower", "model.train_text_tower=true", "train.text_lr=1e-4"),
+    # image-only blocks on both sides of a U-Net patcher, reading the prompt's vector: on
+    # zero images they run on a blank one, and the vector's norm runs on no rows, so the
+    # text-only rank's backward gathers what an image rank's does (before: a mismatch)
+    ("model.patcher=unet", "model.unet_channels=[32,64]", "model.patcher_layers=1", "model.prompt_context=true"),
 ]
 
 
