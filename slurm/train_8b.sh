@@ -31,7 +31,7 @@
 #
 # Memory, communication and speed per setting: python tools/plan.py --config
 # configs/llama3_8b.yaml --nodes N (README: "Planning a run"). On the default 4 nodes the
-# config's setting (ZeRO-3, two-layer buckets, micro-batch 8) needs ~52 GB per 80 GB GPU
+# config's setting (ZeRO-3, two-layer buckets, micro-batch 8) needs ~53 GB per 80 GB GPU
 # and is compute-bound (estimated MFU 41.7%).
 
 # ------------------------------------------------- defaults: the environment wins

@@ -170,7 +170,7 @@ class LMFusionModel(nn.Module):
         image when the model has one: under ZeRO-3 every rank gathers its parameters."""
         if self.understanding is None:
             return None
-        device = self.embed_tokens.weight.device
+        device = self.image_token_embed.device  # not embed_tokens' (see forward)
         pixels = getattr(batch, "vlm_pixel_values", None)
         if pixels is None or pixels.shape[0] == 0:
             if bool((batch.input_ids == self.understanding.image_token_id).any()):
@@ -241,14 +241,18 @@ class LMFusionModel(nn.Module):
 
     # -- forward ----------------------------------------------------------------
     def forward(self, batch: PackedBatch, noise: torch.Tensor | None = None, return_logits: bool = False) -> FusionOutput:
-        device = self.embed_tokens.weight.device
+        # Device and dtype from this module's own parameter, never from a child's: under
+        # ZeRO-3 reading a child's parameter during the forward pass gathers it and keeps
+        # it gathered until this module's backward ends (DeepSpeed's ZeROOrderedDict
+        # registers it as an external parameter of the running module), which for
+        # embed_tokens.weight would hold the whole vocabulary matrix all step.
+        device = self.image_token_embed.device
         dtype = self.image_token_embed.dtype
         routing = Routing.from_modality(batch.modality)
-        # The hidden states (hence q/k/v) are in the embedding's dtype: "auto" picks
+        # The hidden states (hence q/k/v) are in the model's dtype: "auto" picks
         # flash-attn only where it has kernels (fp16/bf16), and an explicit flash with
         # fp32 fails here in one line rather than inside flash-attn.
-        backend = select_backend(self.attention_backend, device, primitive=self.attention_primitive,
-                                 dtype=self.embed_tokens.weight.dtype)
+        backend = select_backend(self.attention_backend, device, primitive=self.attention_primitive, dtype=dtype)
         layout = AttentionLayout.build(batch.document_ids, batch.image_ids, backend, primitive=self.attention_primitive)
 
         # Both modalities' modules run even when this batch has none of one (on zero

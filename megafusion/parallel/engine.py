@@ -175,4 +175,18 @@ def initialize(model, cfg: RunConfig, ds_config: dict):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg), config=ds_config,
     )
+    hold_tied_embedding(model, ds_config)
     return engine, optimizer, scheduler
+
+
+def hold_tied_embedding(model, ds_config: dict) -> None:
+    """Under ZeRO-3, keep a tied embedding gathered from the start of the forward pass to
+    the end of the backward: it is the LM head too, used at both ends of the step, and
+    released after the embedding it is gathered twice more (at the head, and for the
+    backward). An untied embedding, frozen and with no backward, is gathered once and
+    released after its forward use (tests/plan/test_plan.py measures both)."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3 or not getattr(model, "tied_embeddings", False):
+        return
+    from deepspeed.runtime.zero import register_external_parameter
+
+    register_external_parameter(model, model.embed_tokens.weight)

@@ -140,25 +140,50 @@ def regathered(shape: ModelShape, s: Setting) -> int:
     released and gathered again (partitioned_param_coordinator.py, __params_to_release:
     stage3_max_live_parameters bounds only the prefetch). The head is used again at
     once, its backward following its forward, and so is a tied embedding, which is the
-    head; the input side is used last in the backward pass. tests/plan/test_plan.py
-    compares this with DeepSpeed's gathers on two CPU ranks."""
+    head (megafusion/parallel/engine.py keeps it gathered all step); the input side is
+    used last in the backward pass, but for what has no backward (forward_only).
+    tests/plan/test_plan.py compares this with DeepSpeed's gathers on two CPU ranks."""
     def big(params):
         return sum(p.numel for p in params if p.numel > s.persistence)
 
-    tied = bool(getattr(shape.llama_config, "tie_word_embeddings", False))
+    tied = _tied(shape)
 
     def at_head(p):
         return not _input_side(p.name) or (tied and p.name.startswith("embed_tokens."))
 
+    outside = [p for p in shape.params if p.layer is None and not _forward_only(p, tied)]
     layers = [big(p for p in shape.params if p.layer == i) for i in range(shape.layers)]
-    head = big(p for p in shape.params if p.layer is None and at_head(p))
-    inputs = big(p for p in shape.params if p.layer is None and not at_head(p))
+    head = big(p for p in outside if at_head(p))
+    inputs = big(p for p in outside if not at_head(p))
     kept, after = 0, 0
     for numel in [head, *reversed(layers), inputs]:  # from the last used in the forward pass
         if 2 * after < s.max_reuse:
             kept += numel
         after += numel
     return max(0, after - kept)
+
+
+def forward_only(shape: ModelShape, s: Setting) -> int:
+    """Partitioned parameters gathered for the forward pass and released after it, with
+    no backward to gather them for (_forward_only)."""
+    tied = _tied(shape)
+    return sum(p.numel for p in shape.params if p.numel > s.persistence and _forward_only(p, tied))
+
+
+def _tied(shape: ModelShape) -> bool:
+    return bool(getattr(shape.llama_config, "tie_word_embeddings", False))
+
+
+def _forward_only(p, tied: bool) -> bool:
+    """A frozen parameter of the input side, whose module's output needs no gradient
+    (token ids in, or pixels: an untied embedding, the VAE, a LLaVA's vision encoder
+    and projector), so ZeRO-3 never runs its backward hook. Not a tied embedding: it is
+    the head too. The model must not read such a parameter from another module's
+    forward, or ZeRO-3 holds it gathered until that module's backward
+    (megafusion/model/fusion.py, forward)."""
+    if p.trainable or p.layer is not None or (tied and p.name.startswith("embed_tokens.")):
+        return False
+    return _input_side(p.name) or p.name.startswith("understanding.")
 
 
 def _input_side(name: str) -> bool:
@@ -178,12 +203,18 @@ def zero3(shape: ModelShape, s: Setting, wl: Workload, world: int, gpus_per_node
     frozen = [p for p in shape.params if not p.trainable]
     trainable = [p for p in shape.params if p.trainable]
     t_part = sum(part(p.numel, n) for p in trainable)
-    partitioned = sum(p.numel for p in shape.params if p.numel > s.persistence)
+    sizes = [p.numel for p in shape.params if p.numel > s.persistence]
+    partitioned = sum(sizes)
     # The running layer and the prefetched ones, plus what stays gathered from the
-    # forward pass until its backward (see regathered).
-    kept = partitioned - regathered(shape, s)
-    gathered = min(max(s.max_live, shape.layer_both_towers), shape.layer_both_towers + s.prefetch_bucket + kept,
-                   partitioned)
+    # forward pass until its backward (see regathered). The prefetch adds whole
+    # parameters while it is under stage3_max_live_parameters (and the prefetch bucket),
+    # so it can pass either by one parameter, at most the largest (the LM head of a
+    # Llama 3: 1.05e9 elements at 70B); tests/plan/test_plan.py checks this against
+    # DeepSpeed's own count.
+    largest = max(sizes, default=0)
+    kept = partitioned - regathered(shape, s) - forward_only(shape, s)
+    gathered = min(max(s.max_live + largest, shape.layer_both_towers),
+                   shape.layer_both_towers + s.prefetch_bucket + largest + kept, partitioned)
     parts = {
         "frozen weights": w * sum(held(p) for p in frozen),
         "trainable weights": w * sum(held(p) for p in trainable),
