@@ -343,8 +343,9 @@ class LMFusionModel(nn.Module):
         layer (megafusion/model/align.py). Targets: the batch's pre-encoded features, else
         the frozen encoder run on the clean images (pixel batches as they are, latent ones
         through the VAE's decoder). Without pre-encoded features a batch without images
-        still runs the encoder (on one blank image), and the projection always runs (on
-        zero rows): under ZeRO-3 every rank gathers their parameters collectively."""
+        still runs the encoder (on one blank image, decoded by the VAE as a latent batch's
+        are), and the projection always runs (on zero rows): under ZeRO-3 every rank
+        gathers their parameters collectively."""
         grid = self.image_tokenizer.grid
         device = h_image.device
         if batch.align_features is not None:
@@ -354,8 +355,13 @@ class LMFusionModel(nn.Module):
                                  "another --align-encoder")
             targets = to_grid(batch.align_features.to(device), grid)
         elif n_images == 0:
-            size = self.cfg.image_size
-            self.aligner.encoder(torch.zeros(1, 3, size, size, device=device))
+            # One blank image through the modules an image batch runs, the VAE's decoder
+            # included when the images are latents; its features are dropped.
+            if batch.images_are_latents:
+                blank = self.image_tokenizer.decode_latents(x0.new_zeros((1, *self.image_tokenizer.latent_shape)))
+            else:
+                blank = torch.zeros(1, 3, self.cfg.image_size, self.cfg.image_size, device=device)
+            self.aligner.encoder(blank)
             targets = None
         else:
             pixels = batch.images.to(device) if not batch.images_are_latents else self.image_tokenizer.decode_latents(x0)

@@ -31,9 +31,10 @@ def batches(model, cfg):
 
     g = torch.Generator().manual_seed(1)
     tpi, latent = model.tokens_per_image, model.image_tokenizer.latent_shape
-    # With a VAE the batches hold pixels, encoded by the model (the path shards without
-    # latents take); otherwise latents (pixel mode's latents are its pixels).
-    pixels = model.image_tokenizer.vae is not None
+    # With a VAE and data.use_latents=false the batches hold pixels, encoded by the model
+    # (the path shards without latents take); otherwise latents (pixel mode's latents
+    # are its pixels).
+    pixels = model.image_tokenizer.vae is not None and not cfg.data.use_latents
     shape = (3, cfg.model.image_size, cfg.model.image_size) if pixels else latent
     kw = dict(seq_len=tpi * 3, tokens_per_image=tpi, image_shape=shape, images_are_latents=not pixels)
     text = PackedBatch.from_rows([[[TextSegment([5, 9, 23, 7, 11, 3])], [TextSegment([4, 8, 15, 16, 23, 42, 2])]]],

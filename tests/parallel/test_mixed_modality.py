@@ -21,12 +21,13 @@ GROUPS = [
 
 @pytest.mark.slow
 def test_zero3_rank_without_images_matches_reference_gradients(run_two_ranks, tmp_path):
-    """Every group above, feature alignment (model.align_encoder), and a VAE encoding
-    pixels in the forward pass (shards without latents): the rank whose batch is text
-    only still runs the frozen encoders (the alignment's, the VAE's on a blank image)
-    and the projection, whose parameters are gathered collectively, and every trainable
-    gradient, the projection's included, equals the plain copy's. (Before, the VAE was
-    skipped for zero images: "Received data size doesn't match expected size" from gloo.)"""
+    """Every group above, feature alignment (model.align_encoder), a VAE encoding pixels
+    in the forward pass (shards without latents) and one decoding latents for the
+    alignment: the rank whose batch is text only still runs the frozen encoders and
+    decoder (on a blank image) and the projection, whose parameters are gathered
+    collectively, and every trainable gradient, the projection's included, equals the
+    plain copy's. (Before, the VAE was skipped for zero images: "Received data size
+    doesn't match expected size" from gloo.)"""
     import torch
     import transformers
     from diffusers import AutoencoderKL
@@ -38,8 +39,11 @@ def test_zero3_rank_without_images_matches_reference_gradients(run_two_ranks, tm
     AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
                   sample_size=32).save_pretrained(tmp_path / "vae")
-    groups = [*GROUPS, (f"model.align_encoder={tmp_path / 'clip'}", "model.align_layer=1"),
-              ("model.image_mode=vae", f"model.vae_path={tmp_path / 'vae'}", "model.patch_size=2")]
+    align = (f"model.align_encoder={tmp_path / 'clip'}", "model.align_layer=1")
+    vae = ("model.image_mode=vae", f"model.vae_path={tmp_path / 'vae'}", "model.patch_size=2")
+    # The VAE encoding pixels (data.use_latents=false), and decoding latents for the
+    # alignment's encoder (before: skipped on the text-only rank, a collective mismatch).
+    groups = [*GROUPS, align, (*vae, "data.use_latents=false"), (*vae, *align)]
     args = []
     for i, g in enumerate(groups):
         args += (["--then"] if i else []) + list(g)
