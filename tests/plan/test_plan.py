@@ -189,6 +189,14 @@ def wide_vision_llava(tmp_path_factory) -> str:
         return str(M.make_tiny_llava(tmp_path_factory.mktemp("wide") / "llava", seed=0))
 
 
+def small_buckets(reuse: int = 100_000) -> tuple[dict, dict]:
+    """ZeRO-3 buckets far smaller than the tiny model, as a 70B run's are smaller than
+    its 139e9 parameters: (DeepSpeed's keys, the planner's Setting fields)."""
+    ds = {"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": reuse,
+          "stage3_max_reuse_distance": reuse, "stage3_prefetch_bucket_size": reuse // 2}
+    return ds, {"max_live": reuse, "max_reuse": reuse, "prefetch_bucket": reuse // 2}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("base", ["llama", "llava"])
 def test_zero3_figures_match_a_real_two_rank_run(tmp_path, request, synthetic_shards, base):
@@ -198,30 +206,33 @@ def test_zero3_figures_match_a_real_two_rank_run(tmp_path, request, synthetic_sh
     so start-up collectives cancel) within 1% (they agree but for the few bytes of
     the trainer's own scalar collectives). A LLaVA base adds its frozen vision encoder
     and projector, which run on every micro-batch (on a blank image when it has no
-    image to understand) and never in the backward pass."""
+    image to understand) and never in the backward pass; it runs with buckets smaller
+    than the encoder, which is then released after its forward use."""
     data = [f"data.train={synthetic_shards}"]
+    changes, buckets = {"stage3_param_persistence_threshold": 0}, {}
     if base == "llava":
         data.append(f"model.base={request.getfixturevalue('wide_vision_llava')}")
+        changes, buckets = small_buckets()
     else:
         request.getfixturevalue("tiny_llama")  # configs/tiny.yaml's base
-    changes = {"stage3_param_persistence_threshold": 0}
     run = run_worker(tmp_path, "z3", [*data, "train.steps=2"], changes)
     assert run["optimizer"] == "DeepSpeedZeroOptimizer_Stage3" and len(run["after_step"]) == 2
     after_one, after_two = run["after_step"]
 
     cfg = load_config(TINY, [*data, "train.dtype=bf16"])
     shape = model_shape(cfg)
-    s = configured_setting(cfg, 2).with_(persistence=0)
+    s = configured_setting(cfg, 2).with_(persistence=0, **buckets)
     est = evaluate(shape, s, 2, 2, gpu("h100-80gb"), seq_len=cfg.data.seq_len, caption_tokens=32, efficiency=0.5,
                    frozen_text=True)
     planned = model_states(est.memory, s)
     for part, held in run["held_bytes"].items():
         assert abs(planned[part] - held) <= 0.1 * held, (part, planned[part], held)
     # ds_configs/zero3.json's buckets (5e8 prefetch, 3e9 live) exceed this model: the
-    # second step's first fetch prefetches all of it, a LLaVA's encoder included, and the
-    # planner caps its gathered weights at the model (smaller buckets: the regather test).
+    # second step's first fetch prefetches all of it, and the planner caps its gathered
+    # weights at the model. With the small buckets: the live limit plus the head (the
+    # encoder, 3.2e6, released after its forward; held, it would double the figure).
     peak = run["peak_gathered"][-1] * s.weight_bytes
-    assert abs(est.memory["gathered weights"] - peak) <= 0.1 * peak, (est.memory["gathered weights"], peak)
+    assert abs(est.memory["gathered weights"] - peak) <= 0.01 * peak, (est.memory["gathered weights"], peak)
 
     # DeepSpeed's comms logger records an all_gather_into_tensor by its input (this
     # rank's shard: each rank receives it from the N - 1 others) and a
@@ -253,16 +264,14 @@ def test_backward_regathers_match_a_real_two_rank_run(tmp_path, tiny_llama, tiny
     # A U-Net patcher's predictor (0.2e6 parameters) runs after the last layer, beside the head.
     unet = ["model.patcher=unet", "model.unet_channels=[32,64]"] if patcher == "unet" else []
     data = [f"data.train={synthetic_shards}", *base, *unet]
-    reuse = 100_000
-    changes = {"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": reuse,
-               "stage3_max_reuse_distance": reuse, "stage3_prefetch_bucket_size": reuse // 2}
+    changes, buckets = small_buckets()
     run = run_worker(tmp_path, "regather", [*data, "train.steps=2"], changes)
     after_one, after_two = run["after_step"]
     gathered = collective_bytes(after_two, "all_gather_into_tensor") - collective_bytes(after_one, "all_gather_into_tensor")
 
     cfg = load_config(TINY, [*data, "train.dtype=bf16"])
     shape = model_shape(cfg)
-    s = configured_setting(cfg, 2).with_(persistence=0, max_live=reuse, max_reuse=reuse, prefetch_bucket=reuse // 2)
+    s = configured_setting(cfg, 2).with_(persistence=0, **buckets)
     est = evaluate(shape, s, 2, 2, gpu("h100-80gb"), seq_len=cfg.data.seq_len, caption_tokens=32, efficiency=0.5,
                    frozen_text=True)
     kinds = {t.kind: t.bytes for t in est.step.traffic}
