@@ -178,7 +178,16 @@ def _time_embedding(freq_dim: int, out_dim: int) -> nn.ModuleDict:
 
 def _embed_time(te: nn.ModuleDict, t: torch.Tensor) -> torch.Tensor:
     mlp = te["mlp"]
-    return mlp(te["proj"](t).to(mlp.linear_1.weight.dtype))
+    return mlp(te["proj"](t).to(weight_dtype(mlp)))
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's parameters, for casting its input from its parent's
+    forward. Not `module.weight.dtype`: under ZeRO-3 reading a child's parameter
+    attribute gathers it and keeps it gathered until the parent's backward ends
+    (DeepSpeed's ZeROOrderedDict registers it as the parent's external parameter);
+    iterating parameters() reads no attribute."""
+    return next(module.parameters()).dtype
 
 
 def _groups(channels) -> int:
@@ -278,7 +287,7 @@ class ImageBlocks(nn.Module):
             if context is None or context.shape != (x.shape[0], x.shape[-1]):
                 raise ValueError(f"model.prompt_context: expected a context [{x.shape[0]}, {x.shape[-1]}], got "
                                  f"{None if context is None else tuple(context.shape)}")
-            x = x + self.context(context.to(self.context.weight.dtype))[:, None, :].to(x.dtype)
+            x = x + self.context(context.to(weight_dtype(self.context)))[:, None, :].to(x.dtype)
         for layer in self.layers:
             x = layer(x)
         return x
@@ -292,7 +301,7 @@ class LinearEmbedder(nn.Module):
         self.time = _time_embedding(256, hidden)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tokens = self.proj(patchify(x.to(self.proj.weight.dtype), self.p))
+        tokens = self.proj(patchify(x.to(weight_dtype(self.proj)), self.p))
         return _finish_tokens(self, tokens + _embed_time(self.time, t)[:, None, :].to(tokens.dtype))
 
 
@@ -327,7 +336,7 @@ class UNetEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = _embed_time(self.time, t)
-        h = self.conv_in(x.to(self.conv_in.weight.dtype))
+        h = self.conv_in(x.to(weight_dtype(self.conv_in)))
         for block in self.down_blocks:
             h, _ = block(h, temb)  # the per-layer outputs would be skips; unused (see top)
         h = nn.functional.silu(self.norm_out(h))

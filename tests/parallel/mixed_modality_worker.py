@@ -74,6 +74,16 @@ def check(cfg, env, label):
 
     out = engine(text) if rank == 0 else engine(images, noise=noise)
     engine.backward(out.loss)
+    # No megafusion module's forward reads a parameter of another module: ZeRO-3 would
+    # gather it there and hold it until the reader is released, after its backward (an
+    # "external parameter"). The one on purpose: a tied embedding, which the root holds
+    # all step (engine.py). (transformers' CLIP embeddings read their patch embedding's
+    # dtype so; frozen, with no backward, they release it after their forward.)
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    external = sorted(f"{where or 'root'} reads {names.get(key, '?')}" for where, m in engine.module.named_modules()
+                      if type(m).__module__.startswith("megafusion.") for key in getattr(m, "_external_params", {}))
+    tied = ["root reads embed_tokens.weight"] if model.tied_embeddings else []
+    assert external == tied, f"parameters read outside their module: {external}"
 
     ref_loss = (reference(text).loss + reference(images, noise=noise).loss) / 2
     ref_loss.backward()
