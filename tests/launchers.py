@@ -13,17 +13,12 @@ launched job with kill_job, not os.killpg (see there).
 """
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
+from megafusion.parallel.launch import free_port
+
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_cmd(ranks: int, launcher: str = "torchrun", port: int | None = None) -> list[str]:

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -176,12 +175,6 @@ def measured_step_s(metrics: Path, warmup: int = WARMUP_STEPS) -> tuple[list[flo
     return times[:warmup], times[warmup:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launcher_env() -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("DS_ACCELERATOR", "cpu")
@@ -306,7 +299,9 @@ def demo_step_vs_compute(ctx) -> dict:
         compute_before = list(cpu)
         gc.collect()
 
-        port, run_dir = _free_port(), tmp / "run"
+        from megafusion.parallel.launch import free_port
+
+        port, run_dir = free_port(), tmp / "run"
         cmd = launch_command(config, tmp / "shards", run_dir, tmp / "cache", steps, port, unique_run_id("demo"))
         run_demo_training(cmd, port, tmp / "launch.log", timeout=600 + 120 * steps)
         warm, step_s = measured_step_s(run_dir / "metrics.jsonl")

@@ -26,7 +26,8 @@ def choose_accelerator() -> str:
     return os.environ["DS_ACCELERATOR"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (the kernel picks it), for a local rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -39,7 +40,7 @@ def local_deepspeed_command(ranks: int, deepspeed: str = "deepspeed", port: int 
     log level at error. At warning, every local launch begins with DeepSpeed's "Unable to
     find hostfile, will proceed with training with local resources only", which is what a
     local launch means; the level reaches only the launcher processes, not the ranks."""
-    return [deepspeed, "--num_gpus", str(int(ranks)), "--master_port", str(port or _free_port()), "--log_level", "error"]
+    return [deepspeed, "--num_gpus", str(int(ranks)), "--master_port", str(port or free_port()), "--log_level", "error"]
 
 
 def extensions_dir() -> Path:
@@ -71,7 +72,7 @@ def setup_environment() -> DistEnv:
     use_private_extensions_dir()
     if env.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     else:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(name):

@@ -4,7 +4,6 @@ phase runs two fresh processes, as after a restart."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megafusion.parallel.launch import free_port
+
 WORKER = Path(__file__).with_name("mf_resume_worker.py")
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(tmp_path, tag, args, launcher="torchrun"):

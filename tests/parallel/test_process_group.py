@@ -112,7 +112,7 @@ def test_cpu_process_group_leaves_no_shared_memory_behind(tmp_path):
     import subprocess
     import sys
 
-    port = launch._free_port()
+    port = launch.free_port()
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", LOCAL_WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
                PYTHONPATH=str(Path(__file__).resolve().parents[2]))
