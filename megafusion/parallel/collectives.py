@@ -30,6 +30,15 @@ def any_rank_tensor(flag: torch.Tensor) -> bool:
     return bool(_reduce(flag.detach().float().reshape(1).clone(), dist.ReduceOp.MAX).item())
 
 
+def ranks_where(flag: bool, device) -> list[int]:
+    """The ranks on which flag is true, the same list on every rank (one all-reduce of
+    a world-sized one-hot vector), so that all of them can stop with one message."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    hot = torch.zeros(world, device=device)
+    hot[rank] = 1.0 if flag else 0.0
+    return [r for r, v in enumerate(_reduce(hot).tolist()) if v]
+
+
 def sum_over_ranks(values: list[float], device) -> list[float]:
     return _reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 

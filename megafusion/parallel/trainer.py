@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megafusion.config import RunConfig, save_resolved
 from megafusion.parallel.ds_config import deepspeed_config
 from megafusion.parallel import checkpoint, elastic, frozen
-from megafusion.parallel.collectives import any_rank, any_rank_tensor, mean_over_ranks, sum_over_ranks
+from megafusion.parallel.collectives import any_rank, any_rank_tensor, mean_over_ranks, ranks_where, sum_over_ranks
 from megafusion.parallel.launch import device_for, init_distributed, setup_environment
 from megafusion.parallel.step_log import StepLog
 
@@ -384,15 +384,21 @@ class Trainer:
         module.eval()
         sums = [0.0] * 5  # lm, diffusion, batches, caption sum, caption targets
         try:
+            # The loader's iter() draws from the global RNG (DataLoader's base seed): in the fork too.
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 it = iter(self._val_loader)
+                first = next(it, None)
+                # Agreed before any forward: a rank that raised alone would leave the others
+                # waiting in ZeRO-3's gathers until the collective timeout (30 min by default).
+                empty = ranks_where(first is None, self.device)
+                if empty:
+                    raise SystemExit(f"error: data.val yields no batches on rank(s) {empty} of {self.world} "
+                                     "(every sample dropped, or fewer samples than ranks); see data.val")
                 for i in range(self.cfg.log.val_batches):
-                    batch = next(it, None)
+                    batch = first if i == 0 else next(it, None)
                     if batch is None:  # fewer val batches than asked: go round again
                         it = iter(self._val_loader)
-                        batch = next(it, None)
-                        if batch is None:
-                            raise SystemExit(f"error: data.val yields no batches on rank {self.rank}")
+                        batch = next(it)
                     b = batch.to(self.device)
                     g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + i * self.world + self.rank)
                     shape = (b.images.shape[0], *module.image_tokenizer.latent_shape)
