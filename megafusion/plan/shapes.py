@@ -225,7 +225,21 @@ def _vae_skeleton(path):
     return vae
 
 
+_BUILT: dict = {}
+
+
 def model_shape(cfg, arch: str | None = None) -> ModelShape:
+    """The run's fused model's parameters and dimensions (_build_model_shape), built once
+    per model config: a run's start-up plans twice (preflight's qwZ check on every rank,
+    then rank 0's fit check), and each build takes ~7 s at 70B. Callers read it only."""
+    key = (repr(cfg.model), arch)
+    if key not in _BUILT:
+        _BUILT.clear()  # one model per process; a test's many configs do not pile up
+        _BUILT[key] = _build_model_shape(cfg, arch)
+    return _BUILT[key]
+
+
+def _build_model_shape(cfg, arch: str | None) -> ModelShape:
     """Build the run's fused model on the meta device and list its parameters."""
     from megafusion.model.fusion import LMFusionModel
     from megafusion.model.image_io import ImageTokenizer

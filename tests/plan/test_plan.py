@@ -94,11 +94,29 @@ def test_a_malformed_llava_config_is_refused_in_one_line(tmp_path):
 def test_planning_draws_nothing_from_the_global_rng(tiny_llama):
     """A run plans at start-up (megafusion/plan/fit_check.py), after seeding and before
     its model draws the image tokenizer's seed: planning must leave the stream as it was."""
+    from megafusion.plan import shapes
+
+    shapes._BUILT.clear()  # built here, not taken from an earlier test's plan
     torch.manual_seed(0)
     expected = torch.rand(4)
     torch.manual_seed(0)
     model_shape(load_config(TINY))
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_start_up_builds_the_shape_once(tiny_llama, monkeypatch):
+    """Preflight's qwZ check and rank 0's fit check both plan the run's model (~7 s each
+    at 70B): the second takes the first's; another model config builds its own."""
+    from megafusion.plan import shapes
+
+    shapes._BUILT.clear()
+    built = []
+    real = shapes._build_model_shape
+    monkeypatch.setattr(shapes, "_build_model_shape", lambda cfg, arch: built.append(arch) or real(cfg, arch))
+    first = model_shape(load_config(TINY))
+    assert model_shape(load_config(TINY)) is first and len(built) == 1
+    other = model_shape(load_config(TINY, ["model.train_text_tower=true", "train.text_lr=1e-4"]))
+    assert len(built) == 2 and sum(p.trainable for p in other.params) > sum(p.trainable for p in first.params)
 
 
 def test_a_vae_is_counted_from_its_config(tmp_path, tiny_llama):
