@@ -223,7 +223,7 @@ def main():
 
     import transformers.modeling_utils  # noqa: F401 (imported before safe_open is wrapped)
 
-    import megafusion.parallel.base_weights  # noqa: F401
+    import megafusion.parallel.base_weights  # noqa: F401 (it and what it imports loaded before safe_open is wrapped)
     from megafusion.model.loading import resolve_base
     from megafusion.parallel.gather import gathered
 

@@ -327,7 +327,7 @@ class SlurmCluster:
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             *node_lines,
-            f"PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            "PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
             "",
         ]))
 

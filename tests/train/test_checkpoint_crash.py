@@ -3,7 +3,6 @@ trainer). The save is held open by the MEGAFUSION_TEST_HOLD_SAVE hook after Deep
 has written its files and before the ranks' client files and `latest`: the directory is
 torn. Reference: an uninterrupted run of the same configuration."""
 import time
-from pathlib import Path
 
 import pytest
 from launchers import kill_job
