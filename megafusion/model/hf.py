@@ -44,6 +44,7 @@ from .layer_single_tower import SingleTowerLayer  # noqa: F401
 from .layer_xfuse import XFuseLayer  # noqa: F401
 from .layers import LAYER_CLASSES
 from .loading import BaseModelError  # noqa: F401
+from .patchers import ImageBlocks  # noqa: F401
 from .routing import Routing
 from .tasks import image_to_text, interleave, text_to_image, vlm_image_to_text
 from .towers import DecoderLayer  # noqa: F401

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from megafusion.config import RunConfig, lr_multiplier
-from megafusion.model.image_io import ImageBlocks
+from megafusion.model.patchers import ImageBlocks
 from megafusion.parallel.ds_config import optimizer_offloaded
 
 # Parameters that are rows of an embedding table although they are not an nn.Embedding:

@@ -5,7 +5,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
 from megafusion.model.config import FusionConfig
-from megafusion.model.image_io import ImageTokenizer, image_latent_shape, patchify, tokens_per_image, unpatchify
+from megafusion.model.image_io import ImageTokenizer, image_latent_shape, tokens_per_image
+from megafusion.model.patchers import patchify, unpatchify
 
 HIDDEN = 48
 SMALL_UNET = dict(unet_channels=(16, 32), unet_layers_per_block=1)
