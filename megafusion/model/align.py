@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .patchers import weight_dtype
+
 # Encoder family -> (transformers class name, default feature layer, mean, std). CLIP's and
 # SigLIP's normalisation are their image processors' defaults; DINOv2's are ImageNet's. A
 # preprocessor_config.json beside the weights overrides them.
@@ -92,7 +94,7 @@ class AlignEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [N, 3, H, W] in [-1, 1] -> patch features [N, P, D] (float32)."""
-        dtype = next(self.encoder.parameters()).dtype
+        dtype = weight_dtype(self.encoder)
         x = (pixels.float() + 1) / 2
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
                           antialias=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .patchers import weight_dtype
+
 
 def vlm_from_config(config_dict: dict):
     """A LLaVA-family model built from its config (as an export stores it), weights uninitialised
@@ -66,7 +68,7 @@ class VisionUnderstanding(nn.Module):
         [N, crops, C, H, W] padded to the batch's most crops, or every image's own crops
         concatenated [sum crops, C, H, W], with image_sizes [N, 2]: the base's
         get_image_features drops the padding) -> [placeholder tokens, D]."""
-        dtype = next(self.vlm.multi_modal_projector.parameters()).dtype
+        dtype = weight_dtype(self.vlm.multi_modal_projector)
         pixel_values = pixel_values.to(dtype)
         if self.uses_image_sizes:
             if image_sizes is None:
