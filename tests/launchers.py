@@ -43,6 +43,21 @@ def launcher_env(ranks: int, launcher: str = "torchrun", **extra: str) -> dict:
     return env
 
 
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+
+
+def rank_env(rank: int, world: int, port: int, local_world: int | None = None, **extra: str) -> dict:
+    """The environment of one rank started directly, without a launcher: for tests that
+    need each rank's own exit code and output (a launcher stops the other ranks when one
+    fails) or that simulate nodes. os.environ less any rank variables it already had,
+    the rank layout, a local rendezvous on `port`, then `extra`."""
+    local_world = local_world or world
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % local_world),
+               LOCAL_WORLD_SIZE=str(local_world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra)
+    return env
+
+
 def kill_job(launcher, sig=signal.SIGKILL) -> None:
     """Send `sig` to a launched job at once: its ranks (and their DataLoader workers) and
     the launcher. torchrun starts each rank in a session of its own, so a kill of the

@@ -384,7 +384,7 @@ class Trainer:
         module.eval()
         sums = [0.0] * 5  # lm, diffusion, batches, caption sum, caption targets
         try:
-            # The loader's iter() draws from the global RNG (DataLoader's base seed): in the fork too.
+            # iter() draws DataLoader's base seed from the global RNG: inside the fork as well.
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 it = iter(self._val_loader)
                 first = next(it, None)

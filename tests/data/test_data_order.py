@@ -4,14 +4,16 @@ count of the first run), so a run restarted or resumed on another number of rank
 same samples: at every whole global batch, the same set as on one rank."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launchers import rank_env
 from mf_data_helpers import SINGLE, TOKENS_PER_IMAGE
+
+from megafusion.parallel.launch import free_port
 
 from megafusion.data import build_train_loader
 
@@ -47,18 +49,10 @@ def test_sample_sets_match_across_node_and_rank_counts(tokenizer, synthetic_dir,
 
 
 def run_ranks(tmp_path, tag, world, local_world, data, steps, simulated_nodes=False):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     procs = []
     for rank in range(world):
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")}
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % local_world),
-                   LOCAL_WORLD_SIZE=str(local_world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   TOKENIZERS_PARALLELISM="false")
+        env = rank_env(rank, world, port, local_world, TOKENIZERS_PARALLELISM="false")
         out = tmp_path / f"{tag}-rank{rank}.pt"
         log = open(tmp_path / f"{tag}-rank{rank}.log", "w")
         args = [sys.executable, str(WORKER), data, str(tmp_path / f"cache-{tag}"), tag, str(out), "--steps", str(steps)]

@@ -3,13 +3,13 @@ uninterrupted run, carried documents included. On one rank in-process; on two ra
 phase runs two fresh processes, as after a restart."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launchers import rank_env
 
 from megafusion.parallel.launch import free_port
 
@@ -18,16 +18,13 @@ WORLD = 2
 
 
 def run_ranks(tmp_path, tag, args, launcher="torchrun"):
-    port = str(free_port())
+    port = free_port()
     procs = []
     try:
         for rank in range(WORLD):
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")}
-            env.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=port, TOKENIZERS_PARALLELISM="false")
-            # The deepspeed launcher exports LOCAL_SIZE, not LOCAL_WORLD_SIZE: init_dist_env fills it in.
-            env["LOCAL_SIZE" if launcher == "deepspeed" else "LOCAL_WORLD_SIZE"] = str(WORLD)
+            env = rank_env(rank, WORLD, port, TOKENIZERS_PARALLELISM="false")
+            if launcher == "deepspeed":  # it exports LOCAL_SIZE, not LOCAL_WORLD_SIZE: init_dist_env fills it in
+                env["LOCAL_SIZE"] = env.pop("LOCAL_WORLD_SIZE")
             out = tmp_path / f"{tag}-rank{rank}.pt"
             log = open(tmp_path / f"{tag}-rank{rank}.log", "w")  # files, not pipes: a full pipe would block a rank
             procs.append((subprocess.Popen([sys.executable, str(WORKER), *args[:3], str(out), *args[3:]], env=env,

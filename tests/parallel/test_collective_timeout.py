@@ -1,27 +1,25 @@
 """parallel.collective_timeout_minutes reaches the process group: with a peer that has
 stalled, a collective fails after about that long instead of DeepSpeed's default of 10
 minutes (two processes, gloo)."""
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launchers import rank_env
+
+from megafusion.parallel.launch import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
 def test_collective_gives_up_after_configured_timeout():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     timeout_s, stall_s = 3.0, 60.0
     procs = []
     for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+        env = rank_env(rank, 2, port, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
         procs.append(subprocess.Popen(
             [sys.executable, str(REPO / "tests/parallel/timeout_worker.py"), str(REPO / "configs/tiny.yaml"),
              str(stall_s), f"parallel.collective_timeout_minutes={timeout_s / 60}"],

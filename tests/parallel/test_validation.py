@@ -2,13 +2,13 @@
 with the reason. Before, that rank raised alone while the others waited in ZeRO-3's
 gathers for the collective timeout (30 minutes by default). The ranks are started
 directly rather than under torchrun, which would stop the others itself when one fails."""
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from launchers import rank_env
 
 from megafusion.parallel.launch import free_port
 
@@ -22,27 +22,27 @@ def test_a_rank_without_validation_batches_stops_every_rank(tiny_llama, syntheti
                  f"data.run_id=valempty-{tmp_path.name}", "train.steps=2", "log.val_every=1", "log.val_batches=1",
                  "log.sample_every=0", "log.tensorboard=false", "checkpoint.every=0", "parallel.zero_stage=3",
                  "parallel.collective_timeout_minutes=3"]
-    procs = []
-    for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
-                   OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "tests/parallel/val_empty_worker.py"), str(REPO / "configs/tiny.yaml"),
-             *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs, logs = [], [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
+    for rank, log in enumerate(logs):
+        env = rank_env(rank, 2, port, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        with open(log, "w") as f:  # a file, not a pipe: a full pipe would block its rank
+            procs.append(subprocess.Popen(
+                [sys.executable, str(REPO / "tests/parallel/val_empty_worker.py"), str(REPO / "configs/tiny.yaml"),
+                 *overrides], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
     # Start-up and one step take ~20 s here; the collective timeout is 3 minutes.
-    deadline, outs = time.time() + 120, []
+    deadline = time.time() + 120
     try:
         for rank, p in enumerate(procs):
             try:
-                outs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
+                p.wait(timeout=max(1.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pytest.fail(f"rank {rank} was still running 120 s after start: waiting on a peer that stopped")
     finally:
         for p in procs:
             p.kill()
             p.wait()
-    for rank, (p, out) in enumerate(zip(procs, outs)):
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        out = log.read_text()
         assert p.returncode != 0, (rank, out[-3000:])
         # Each rank names the empty rank itself: none of them died of a peer's absence.
         assert "error: data.val yields no batches on rank(s) [1] of 2" in out, (rank, out[-3000:])
