@@ -80,16 +80,18 @@ def split_text(doc: Document, k: int) -> tuple[Document, Document]:
 
 
 def fit_document(doc: Document, seq_len: int, tokens_per_image: int) -> Document | None:
-    """doc if it fits; else doc cut after seq_len tokens when no image is cut; else None."""
+    """doc if it fits; else doc cut after seq_len tokens when no image (nor a LLaVA
+    image's placeholder run) is cut; else None."""
     if document_length(doc, tokens_per_image) <= seq_len:
         return doc
     out, pos = [], 0
     for seg in doc:
-        if isinstance(seg, ImageSegment):
-            if pos + tokens_per_image > seq_len:
+        if not isinstance(seg, TextSegment):  # an image, or a LLaVA image's placeholders: never cut
+            n = document_length([seg], tokens_per_image)
+            if pos + n > seq_len:
                 return None
             out.append(seg)
-            pos += tokens_per_image
+            pos += n
         else:
             room = seq_len - pos
             if room <= 0:
@@ -128,14 +130,19 @@ def pack_documents(docs: Sequence[Document], num_rows: int, seq_len: int, tokens
             continue
         rest = fitted
         if is_text_only(fitted) and sum(used) < num_rows * seq_len:
+            # Fill the rows' room in order; the rows may have more room in all than the
+            # document needs (it fits in no one row), so its last piece may leave room
+            # behind for the documents after it.
             for r in range(num_rows):
-                room = seq_len - used[r]
-                if room > 0:
-                    head, rest = split_text(rest, room)
+                take = min(seq_len - used[r], n)
+                if take > 0:
+                    head, rest = split_text(rest, take)
                     rows[r].append(head)
-                    used[r] = seq_len
-                    n -= room
+                    used[r] += take
+                    n -= take
             stats["split"] += 1
+            if n == 0:
+                continue
         if leftover is not None:
             leftover.append((i, rest))
         else:

@@ -188,6 +188,42 @@ def test_pack_documents_first_fit_split_and_counts():
     assert left[1][1] == [TextSegment(list(range(3, 31)))]
 
 
+def test_a_split_document_leaves_the_room_it_does_not_need():
+    """Rows of 10 with 4 free each: a 6-token text fits in neither, so it is split 4 + 2,
+    and the 2-token document after it takes the 2 places row 1 still has (before, the
+    split claimed all of row 1, carried an empty piece and counted 20 tokens for 18)."""
+    from collections import Counter
+
+    a, b = [TextSegment(list(range(6)))], [TextSegment(list(range(10, 16)))]
+    split, short = [TextSegment(list(range(100, 106)))], [TextSegment([7, 8])]
+    stats, left = Counter(), []
+    rows = pack_documents([a, b, split, short], 2, 10, 4, stats, leftover=left)
+    assert rows == [[a, [TextSegment([100, 101, 102, 103])]], [b, [TextSegment([104, 105])], short]]
+    assert left == [] and stats["split"] == 1 and stats["tokens"] == 20 and stats["documents"] == 5
+    # Without a leftover list nothing is counted as dropped either.
+    stats = Counter()
+    pack_documents([a, b, split], 2, 10, 4, stats)
+    assert stats["dropped_overflow"] == 0 and stats["dropped_tokens"] == 0 and stats["tokens"] == 18
+
+
+def test_fit_document_never_cuts_a_llava_image():
+    """A LLaVA understanding row longer than seq_len keeps its head when the image's
+    placeholder run fits whole, and is too long otherwise (before: AttributeError in the
+    loader, which treated the run as text)."""
+    from collections import Counter
+
+    from megafusion.model.batch import VLMImageSegment
+
+    image = VLMImageSegment(torch.zeros(3, 4, 4), token_id=999, n_tokens=20)
+    row = [TextSegment([1], loss=False), image, TextSegment([2], loss=False), TextSegment([5, 6, 7, 3])]
+    assert fit_document(row, 23, 4) == [TextSegment([1], loss=False), image, TextSegment([2], loss=False),
+                                        TextSegment([5])]
+    assert fit_document(row, 21, 4) == [TextSegment([1], loss=False), image]
+    assert fit_document(row, 20, 4) is None
+    stats = Counter()
+    assert pack_documents([row], 1, 16, 4, stats) == [[]] and stats["too_long"] == 1
+
+
 def test_first_fit_fills_earlier_rows():
     # 8 opens row 0, the 6 does not fit beside it and opens row 1; the 4 goes back to row 0
     # (next fit, which only looks at the current row, would leave row 0 at 8 of 12).
