@@ -150,6 +150,22 @@ def _latent_shape(encoding: str | None):
     return tuple(int(x) for x in m.group(1).split(",")) if m else None
 
 
+def _check_latent_shape(stored, fusion_cfg, specs, image_streams, split: str) -> None:
+    """Latents encoded at another image size or by another VAE than the model's would
+    give images of another token count than the packer reserves for them."""
+    from megafusion.model.image_io import image_latent_shape
+
+    expected = image_latent_shape(fusion_cfg)
+    if stored is None or tuple(stored) == tuple(expected):
+        return
+    remedy = ("set data.use_latents=false to encode the stored images at model.image_size"
+              if all("image" in c for c in image_streams) else
+              f"prepare them again at --size {fusion_cfg.image_size} with model.vae_path's VAE")
+    raise ValueError(f"data.{split}: {specs[0].remote if len(specs) == 1 else 'the image streams'} hold latents of "
+                     f"shape {tuple(stored)}, but the model (model.image_size={fusion_cfg.image_size}, "
+                     f"model.vae_path) reads {tuple(expected)}; {remedy}")
+
+
 def _vlm_processor(fusion_cfg, specs, columns, data_cfg, split):
     """A LLaVA base's processor when understanding rows will take the VLM's own path
     (LLaVAFusion), else None; those rows need the stored pixels."""
@@ -230,6 +246,7 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
         if len(shapes) != 1:
             raise ValueError(f"data.{split}: image streams have different latent shapes {sorted(map(str, shapes))}")
         latent_shape = shapes.pop()
+        _check_latent_shape(latent_shape, fusion_cfg, specs, image_streams, split)
         image_shape = latent_shape or (0, 0, 0)
     else:
         latent_shape = None

@@ -37,6 +37,20 @@ def test_latents_when_model_is_in_vae_space(tokenizer, latent_shards, make_cfg):
     assert torch.equal(batch.images[0], expect)
 
 
+def test_latents_of_another_image_size_get_a_clear_error(tokenizer, latent_shards, make_cfg):
+    """Shards encoded at IMAGE_SIZE for a model at twice that size: the latents are half
+    the model's (8x8 against 16x16), so an image would take a quarter of the tokens the
+    packer reserves. Before, the loader yielded them as if they fit. With data.use_latents
+    off the stored images are read and resized instead."""
+    fusion = FusionConfig(image_size=2 * IMAGE_SIZE, image_mode="vae", vae_path=str(latent_shards / "vae"))
+    cfg = make_cfg(str(latent_shards / "shards"), seq_len=512, batch_size=1, samples_per_step=1)
+    with pytest.raises(ValueError, match=r"latents of shape \(4, 8, 8\).*reads \(4, 16, 16\).*use_latents=false"):
+        build_train_loader(cfg, fusion, tokenizer, 64, SINGLE)
+    cfg.use_latents = False
+    batch = next(iter(build_train_loader(cfg, fusion, tokenizer, 64, SINGLE)))
+    assert not batch.images_are_latents and batch.images.shape == (1, 3, 2 * IMAGE_SIZE, 2 * IMAGE_SIZE)
+
+
 def test_pixels_when_model_is_in_pixel_space(tokenizer, latent_shards, make_cfg):
     fusion = FusionConfig(image_size=IMAGE_SIZE)
     cfg = make_cfg(str(latent_shards / "shards"), seq_len=128, batch_size=1, samples_per_step=1)
