@@ -5,6 +5,7 @@ import hashlib
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
 from streaming import Stream
@@ -281,8 +282,17 @@ def _build(split: str, specs: list[StreamSpec], data_cfg: DataConfig, fusion_cfg
     samples_per_step = data_cfg.samples_per_step
     if samples_per_step is None:
         probe, shares = dataset.probe()
+        planned: dict = {}
         samples_per_step = plan_samples_per_step(probe, shares, data_cfg.batch_size, data_cfg.seq_len,
-                                                 tokens_per_image, carry_tokens)
+                                                 tokens_per_image, carry_tokens, report=planned)
+        if planned["drop"] > 0.02 and env.rank == 0:
+            # Samples longer than a step and its carry: the step takes one, and the part
+            # that neither fits nor can wait is dropped, step after step.
+            print(f"warning: data.{split}: {100 * planned['drop']:.0f}% of the tokens would be dropped even at one "
+                  f"sample per step: some samples hold more than a step's {data_cfg.batch_size} x {data_cfg.seq_len} "
+                  f"tokens and the {carry_tokens} that data.overflow_carry_steps={data_cfg.overflow_carry_steps} "
+                  f"lets wait; raise data.overflow_carry_steps or data.batch_size, or split long documents",
+                  file=sys.stderr, flush=True)
     dataset.batch_size = samples_per_step
     dataset.predownload = data_cfg.predownload if data_cfg.predownload is not None else 8 * samples_per_step
     dataset.num_canonical_nodes = canonical_nodes(data_cfg.num_canonical_nodes, dataset.samples_per_stream)

@@ -233,7 +233,7 @@ class Packer:
 
 def plan_samples_per_step(probe: Sequence[Sequence[Sequence[Document]]], shares: Sequence[float], num_rows: int,
                           seq_len: int, tokens_per_image: int, carry_tokens: int, *, max_drop: float = 0.02,
-                          steps: int = 256, seed: int = 0) -> int:
+                          steps: int = 256, seed: int = 0, report: dict | None = None) -> int:
     """Samples per step derived from the step's token budget (num_rows x seq_len).
 
     probe: per stream, the documents of some of its samples as training builds them;
@@ -242,18 +242,29 @@ def plan_samples_per_step(probe: Sequence[Sequence[Sequence[Document]]], shares:
     packed step after step as the Packer packs them (carry included), lose at most
     max_drop of their tokens: a document with an image cannot be split, so rows leave
     gaps that the token count alone does not see. Deterministic (seeded), so every rank
-    derives the same count.
+    derives the same count. report: when a dict, gets "drop", the share of tokens lost at
+    the returned count (above max_drop only where even one sample per step loses more:
+    samples longer than a step and its carry hold).
     """
     weights = [w if probe[s] else 0.0 for s, w in enumerate(shares)]
     total = sum(weights)
     if total <= 0:
+        if report is not None:
+            report["drop"] = 0.0
         return 1
     lengths = [[sum(document_length(d, tokens_per_image) for d in docs) for docs in stream] for stream in probe]
     mean = sum(w * sum(ls) / len(ls) for w, ls in zip(weights, lengths) if w) / total
     upper = max(1, int(num_rows * seq_len // max(mean, 1.0)))
     p = [w / total for w in weights]
 
+    drops: dict[int, float] = {}
+
     def drop_fraction(n: int) -> float:
+        if n not in drops:
+            drops[n] = simulated_drop(n)
+        return drops[n]
+
+    def simulated_drop(n: int) -> float:
         import numpy as np
 
         rng = np.random.default_rng(seed)
@@ -276,4 +287,6 @@ def plan_samples_per_step(probe: Sequence[Sequence[Sequence[Document]]], shares:
             lo = mid
         else:
             hi = mid - 1
+    if report is not None:
+        report["drop"] = drop_fraction(lo)
     return lo

@@ -296,6 +296,41 @@ def test_samples_per_step_from_the_token_budget():
     assert plan_samples_per_step([text], [1.0], 2, 512, 4, carry_tokens=4 * 1024) == 1024 // 250
 
 
+def test_samples_longer_than_a_step_and_its_carry_report_what_is_dropped():
+    """A sample of 20 rows' worth of text into steps of one row with 8 rows of carry: a
+    step places one row and can keep 8 waiting, so in the steady state it places L of the
+    20 L + 2 tokens each sample brings and drops the rest; the planner says so (before it
+    returned one sample per step and said nothing). Documents a quarter of a row long
+    lose nothing."""
+    from megafusion.data.sequence import text_documents
+
+    L = 64
+    book = text_documents(list(range(10, 10 + 20 * L)), 1, 2, L)
+    report = {}
+    assert plan_samples_per_step([[book]], [1.0], 1, L, 4, 8 * L, steps=400, report=report) == 1
+    assert report["drop"] == pytest.approx(1 - L / (20 * L + 2), abs=0.02)
+    short = [[TextSegment(list(range(L // 4)))]]
+    assert plan_samples_per_step([[short]], [1.0], 1, L, 4, 8 * L, report=report) == 4 and report["drop"] == 0
+
+
+def test_the_loader_warns_when_samples_outgrow_a_step(tokenizer, tmp_path, fusion_cfg, make_cfg, capfd):
+    import json
+
+    from megafusion.data.prepare import write_text
+
+    src = tmp_path / "long.jsonl"
+    src.write_text("".join(json.dumps({"text": f"Record {i}: " + "The quick brown fox jumps over the lazy dog. " * 60})
+                           + "\n" for i in range(8)))
+    write_text([str(src)], str(tmp_path / "text"))
+    cfg = make_cfg(str(tmp_path / "text"), seq_len=64, batch_size=1, overflow_carry_steps=1)
+    build_train_loader(cfg, fusion_cfg, tokenizer, TOKENS_PER_IMAGE, SINGLE)
+    err = capfd.readouterr().err
+    assert "warning: data.train:" in err and "overflow_carry_steps=1" in err, err
+    cfg = make_cfg(str(tmp_path / "text"), seq_len=1024, batch_size=1)
+    build_train_loader(cfg, fusion_cfg, tokenizer, TOKENS_PER_IMAGE, SINGLE)
+    assert "warning" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("seq_len", [40, 300])
 def test_text_only_documents_are_chunked(tokenizer, tmp_path, fusion_cfg, make_cfg, seq_len):
     import json
