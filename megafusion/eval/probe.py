@@ -74,6 +74,16 @@ def _clean_and_noise(gen, rows: list[dict], seed: int) -> tuple[torch.Tensor, to
     return x0, noise
 
 
+def _timestep(objective, level: float) -> float:
+    """The timestep at noise `level` (a fraction of the schedule), as training draws it:
+    a DDPM model is trained on whole timesteps (its noising rounds t, but its timestep
+    embedding would take 499.5 as given), rectified flow on continuous ones."""
+    from megafusion.model.diffusion import DDPMEpsilon
+
+    t = level * (objective.num_train_timesteps - 1)
+    return float(round(t)) if isinstance(objective, DDPMEpsilon) else t
+
+
 @torch.no_grad()
 def prompt_losses(gen, captions: list[str], x0: torch.Tensor, noise: torch.Tensor, ts) -> torch.Tensor:
     """Per-image denoising loss [len(ts), N] of the model at each timestep of ts (the
@@ -102,11 +112,10 @@ def probe_prompt_use(gen, rows: list[dict], *, levels=DEFAULT_LEVELS, seed: int 
     with the counterfactual one, and the share of rows on which the true one is lower."""
     rows = _probe_rows(rows)
     model = gen.model
-    T = model.objective.num_train_timesteps
     x0, noise = _clean_and_noise(gen, rows, seed)
     variants = {"true": [r["caption"] for r in rows]}
     variants.update({a: [counterfactual(r["meta"], a) for r in rows] for a in ATTRIBUTES})
-    ts = [lv * (T - 1) for lv in levels]
+    ts = [_timestep(model.objective, lv) for lv in levels]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -163,7 +172,7 @@ def probe_token_place(gen, rows: list[dict], *, level: float = 0.98, layers=None
         raise EvalError(f"probe: {len(rows)} rows; the place read-out needs at least 4 images")
     n_tok = model.tokens_per_image
     x0, noise = _clean_and_noise(gen, rows, seed)
-    t = torch.full((len(rows),), level * (model.objective.num_train_timesteps - 1), device=x0.device)
+    t = torch.full((len(rows),), _timestep(model.objective, level), device=x0.device)
     x_t = model.objective.add_noise(x0, noise, t).to(model.image_token_embed.dtype)
     head = [gen.bos] if gen.bos is not None else []
     feats = {k: [] for k in (0, *layers)}

@@ -75,6 +75,30 @@ def test_probe_follows_an_oracle_that_reads_colour_only(monkeypatch, gen):
     assert prefers["shape"] == prefers["size"] == prefers["position"] == 0.0
 
 
+@pytest.mark.parametrize("objective", ["ddpm", "rectified_flow"])
+def test_probes_ask_at_timesteps_training_draws(monkeypatch, gen, val_shards, objective):
+    """A DDPM model is trained on whole timesteps (training draws integers in 1..T-1);
+    the probes asked it at level x (T - 1), e.g. 499.5, which its noising rounds and its
+    timestep embedding does not. Rectified flow is trained on continuous t."""
+    from megafusion.eval.rows import read_shards
+    from megafusion.model import diffusion, inference
+
+    model = gen.model
+    obj = diffusion.DDPMEpsilon() if objective == "ddpm" else diffusion.RectifiedFlow(1000)
+    trained = obj.sample_timesteps(torch.zeros(64, dtype=torch.bool), cap=0, generator=torch.Generator().manual_seed(0))
+    whole = bool((trained == trained.round()).all())
+    assert whole == (objective == "ddpm")
+    monkeypatch.setattr(model, "objective", obj)
+    asked = []
+    monkeypatch.setattr(P, "prompt_losses", lambda g, c, x0, n, ts: (asked.extend(ts), torch.zeros(len(ts), len(c)))[1])
+    P.probe_prompt_use(gen, _one_object_rows(8, 16), levels=(0.98, 0.7, 0.5), progress=False)
+    image_batch = inference.image_batch
+    monkeypatch.setattr(inference, "image_batch", lambda x, t, n: (asked.extend(t.tolist()), image_batch(x, t, n))[1])
+    P.probe_token_place(gen, read_shards(val_shards, 4), layers=(1,))
+    assert len(asked) > 3
+    assert all((t == round(t)) == whole for t in asked), asked
+
+
 def test_probe_cli_writes_every_field(tmp_path, tiny_export, val_shards, capsys):
     from megafusion.eval.cli import main
 
