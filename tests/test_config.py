@@ -263,7 +263,7 @@ def test_environment_expansion(tmp_path, monkeypatch):
         "run:\n  dir: ${MF_TEST_ROOT}/run\n  name: ${MF_TEST_UNSET:-fallback}\n"
         "data:\n  val: ${MF_TEST_UNSET:-~/shards}\n  run_id: ${MF_TEST_EMPTY:-~}\n"
         "  cache_root: ${MF_TEST_EMPTY-kept-empty}x\n"
-        "  train:\n    - {remote: \"${MF_TEST_ROOT}/a\", proportion: 0.5}\n    - remote: ${MF_TEST_ROOT}/b\n"
+        "  train:\n    - {remote: \"${MF_TEST_ROOT}/a\", proportion: 0.5}\n    - remote: ${MF_TEST_ROOT}/b\n      proportion: 0.5\n"
         "train:\n  steps: ${MF_TEST_STEPS}\n  warmup_steps: ${MF_TEST_UNSET:-3}\n"
         "model:\n  extra: {where: \"${MF_TEST_ROOT}\"}\n"
     ))
@@ -514,3 +514,26 @@ def test_x_fusion_designs_default_to_x_fusions_recipe(tmp_path):
         for key in XFUSION_DEFAULTS:
             section, name = key.split(".")
             assert getattr(getattr(pinned, section), name) == getattr(getattr(lm, section), name), key
+
+
+@pytest.mark.parametrize("override, words", [
+    ("data.train=[{remote: /a, proportion: 0.5}, {remote: /b}]", ["data.train[1].proportion", "every stream"]),
+    ("data.train=[{remote: /a}, {remote: /b, proportion: 0.5}]", ["data.train[0].proportion", "every stream"]),
+    ("data.train=[{remote: /a, proportion: -1.0}, {remote: /b, proportion: 1.0}]", ["data.train[0].proportion", "> 0"]),
+    ("data.train=[{remote: /a, proportion: 0.7}, {remote: /b, proportion: 0}]", ["data.train[1].proportion", "> 0"]),
+    ("data.train=[{remote: /a, proportion: .nan}]", ["data.train[0].proportion"]),
+    ("data.train=[{remote: /a, proportion: lots}]", ["data.train[0].proportion"]),
+    ("data.val=[{remote: /v, proportion: 1.0}, {remote: /w}]", ["data.val[1].proportion"]),
+])
+def test_stream_proportions_all_or_none_and_positive(override, words):
+    """streaming mixes streams only when every one has a proportion > 0 or none has: the
+    config says so before a model is built."""
+    message = one_line_error(load_config, TINY, [override])
+    for word in words:
+        assert word in message
+
+
+def test_stream_proportions_given_for_all_or_none_are_accepted():
+    for value in ("[{remote: /a, proportion: 0.7}, {remote: /b, proportion: 3}]", "[{remote: /a}, {remote: /b}]"):
+        streams = load_config(TINY, [f"data.train={value}"]).data.train_streams()
+        assert [s.remote for s in streams] == ["/a", "/b"]

@@ -7,6 +7,7 @@ object-store URL streaming understands: s3://, gs://, oci://, ...) or a list of 
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -48,6 +49,21 @@ def _as_streams(value: Any, what: str) -> list[StreamSpec]:
         else:
             raise ValueError(f"data.{what}[{i}]: expected a location or a {{remote, proportion}} mapping, got {type(item).__name__}")
     return out
+
+
+def _check_proportions(streams: list[StreamSpec], what: str) -> None:
+    """Proportions are numbers > 0, given for every stream or for none (streaming's rule)."""
+    for i, s in enumerate(streams):
+        p = s.proportion
+        if p is None:
+            continue
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+            raise ValueError(f"data.{what}[{i}].proportion={p!r} must be a number > 0 (or left out)")
+    given = [i for i, s in enumerate(streams) if s.proportion is not None]
+    if given and len(given) < len(streams):
+        missing = next(i for i, s in enumerate(streams) if s.proportion is None)
+        raise ValueError(f"data.{what}[{missing}].proportion is missing while data.{what}[{given[0]}] has one: "
+                         "give every stream a proportion or none")
 
 
 @dataclass
@@ -139,8 +155,8 @@ class DataConfig:
     def validate(self, require_train: bool = True) -> None:
         if require_train and not self.train_streams():
             raise ValueError("data.train is empty: give a shard location (directory or URL) or a list of streams")
-        self.train_streams()
-        self.val_streams()
+        _check_proportions(self.train_streams(), "train")
+        _check_proportions(self.val_streams(), "val")
         for name in ("seq_len", "batch_size", "text_tokens_estimate"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")

@@ -8,6 +8,10 @@ A folder holds images with captions in one of three layouts, tried in this order
 captions.jsonl ({"file": ..., "caption": ...} per line), captions.csv (file,caption), or
 a caption file beside each image (a.jpg + a.txt). A .tar is read as a webdataset: members
 key.ext grouped by key, the caption in key.txt or in key.json's "caption".
+
+Row ids are LABEL/KEY: KEY the image's path in its folder or tar without the extension
+(or where it is listed: line3), LABEL the source's label from source_labels, which
+prepare.write_text uses too (LABEL/LINE for records without an "id").
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ import os
 import posixpath
 import tarfile
 import zlib
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -41,8 +46,53 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def folder_items(root: Path) -> Iterator[RawItem]:
-    name = root.name or "source"
+def source_labels(sources: Sequence[str]) -> list[str]:
+    """A label per source for the ids of its rows: unique among the sources of one command
+    and the same on every machine (never an absolute path). A source's short name (a
+    folder's name; a file's name up to its first dot: corpus.jsonl -> corpus) where no
+    other source has it, else its full name (c4-train.00000-of-01024.json), else the
+    shortest trailing path that tells it apart (a/train and b/train). No label is a path
+    prefix of another (a beside a/train), since image ids append a path inside the source.
+    One source given twice (the same file or folder) gets one label, so its rows repeat."""
+    keys = [os.path.realpath(src) for src in sources]
+    shown: dict[str, str] = {}
+    for key, src in zip(keys, sources):
+        shown.setdefault(key, src)
+    parts = {k: Path(os.path.abspath(src)).parts[1:] or ("source",) for k, src in shown.items()}
+
+    def label(key: str, level: int) -> str:
+        p = parts[key]
+        name = p[-1]
+        if level == 0:
+            return name if os.path.isdir(key) else (name.split(".")[0] or name)
+        return "/".join(p[-max(level, 1):])
+
+    level = dict.fromkeys(shown, 0)
+    while True:
+        labels = {k: label(k, level[k]) for k in shown}
+        owners: dict[str, list[str]] = defaultdict(list)
+        for k, lab in labels.items():
+            owners[lab].append(k)
+        clash: set[str] = set()
+        for lab, ks in owners.items():
+            if len(ks) > 1:
+                clash.update(ks)
+            segs = lab.split("/")
+            for i in range(1, len(segs)):
+                prefix = owners.get("/".join(segs[:i]))
+                if prefix:
+                    clash.update(ks)
+                    clash.update(prefix)
+        # Level 1 is the full name; level n > 1 the last n path parts, up to the whole path.
+        bump = [k for k in clash if level[k] < max(len(parts[k]), 1)]
+        if not bump:
+            return [labels[k] for k in keys]
+        for k in bump:
+            level[k] += 1
+
+
+def folder_items(root: Path, name: str | None = None) -> Iterator[RawItem]:
+    name = name or root.name or "source"
     jsonl, csv_path = root / "captions.jsonl", root / "captions.csv"
 
     def item(file: str, caption, where: str) -> RawItem:
@@ -99,11 +149,11 @@ def folder_items(root: Path) -> Iterator[RawItem]:
             yield RawItem(id=f"{name}/{rel}", image=data, caption=_read(txt) if txt.is_file() else None)
 
 
-def tar_items(path: Path, summary) -> Iterator[RawItem]:
+def tar_items(path: Path, summary, name: str | None = None) -> Iterator[RawItem]:
     """webdataset layout: members key.ext grouped by key (path up to the first dot). A
     damaged archive yields what was whole before the damage and counts
     summary.skip("unreadable_archive")."""
-    name = path.name.split(".")[0] or "source"
+    name = name or path.name.split(".")[0] or "source"
 
     def emit(key: str, files: dict) -> RawItem:
         sample_id = f"{name}/{key}"
@@ -149,9 +199,10 @@ def tar_items(path: Path, summary) -> Iterator[RawItem]:
 
 
 def image_items(sources: Iterable[str], summary) -> Iterator[RawItem]:
-    for src in sources:
+    sources = list(sources)
+    for src, name in zip(sources, source_labels(sources)):
         path = Path(src)
         if path.is_dir():
-            yield from folder_items(path)
+            yield from folder_items(path, name)
         else:
-            yield from tar_items(path, summary)
+            yield from tar_items(path, summary, name)

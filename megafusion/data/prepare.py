@@ -17,6 +17,16 @@ to (s3://, gs://, ...).
 synthetic also writes a held-out split to OUT/val (indices from VAL_INDEX_OFFSET, so
 disjoint random streams), which evaluation reads.
 
+Row ids: a text record's own "id", else LABEL/LINE (its line number); an image LABEL/KEY
+(image_sources.py). LABEL tells the sources of one command apart without absolute paths
+(image_sources.source_labels): corpus for a lone corpus.jsonl, the full file names for
+c4-train.00000-of-01024.json and c4-train.00001-of-01024.json, a/train and b/train for two
+folders named train. A repeated id is a duplicate_id skip.
+
+A local --out is written into a hidden sibling directory (.NAME.partial-XXXX) and renamed
+into place when complete; with --overwrite the old output is removed only then, so a
+bad source, model path or a failure midway leaves it as it was.
+
 Bad input never stops a conversion: each skipped row is counted under a reason and the
 counts are printed and written to OUT/prepare_summary.json as
 {"written": N, "skipped": {reason: count}, "converted": {mode: count}}. The exit status is
@@ -37,7 +47,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .image_sources import TAR_SUFFIXES, image_items
+from .image_sources import TAR_SUFFIXES, image_items, source_labels
 from .images import ImageSkip, decode_image, encode_image, resize_center_crop, to_rgb
 
 SUMMARY_NAME = "prepare_summary.json"
@@ -80,16 +90,63 @@ def join_out(out: str, sub: str) -> str:
     return out.rstrip("/") + "/" + sub if is_url(out) else os.path.join(out, sub)
 
 
-def check_out(out: str, overwrite: bool) -> None:
+def check_out(out: str, overwrite: bool) -> bool:
+    """Refuse an --out that cannot take the output. True when a non-empty local directory
+    is there (allowed with overwrite; replaced by Staging.install). Removes nothing."""
     if is_url(out):
-        return
+        return False
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise PrepareError(f"--out {out}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise PrepareError(f"--out {out}: directory is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise PrepareError(f"--out {out}: exists and is not a directory")
+        if path.is_dir() and any(path.iterdir()):
+            if not overwrite:
+                raise PrepareError(f"--out {out}: directory is not empty (pass --overwrite to replace it)")
+            return True
+    except OSError as e:
+        raise PrepareError(f"--out {out}: cannot read it ({e.strerror or type(e).__name__})") from None
+    return False
+
+
+class Staging:
+    """A local output written in a hidden sibling directory and renamed into place at the
+    end: a failure before install() leaves what was at `out` untouched."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.final = Path(os.path.realpath(out))  # through a symlink: its target is replaced
+        if not self.final.name:
+            raise PrepareError(f"--out {out}: not a directory that can be written")
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+        except OSError as e:
+            blocker = next((p for p in self.final.parents if p.exists() and not p.is_dir()), None)
+            why = f"{blocker} is not a directory" if blocker else e.strerror or type(e).__name__
+            raise PrepareError(f"--out {out}: cannot write there ({why})") from None
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def install(self) -> None:
+        """Move the finished output to `out`; the old contents are removed only then."""
+        old = self.path.with_name(self.path.name.replace(".partial-", ".old-", 1))
+        had_old = os.path.lexists(self.final)
+        try:
+            if had_old:
+                os.rename(self.final, old)
+            try:
+                os.rename(self.path, self.final)
+            except OSError:
+                if had_old:
+                    os.rename(old, self.final)
+                raise
+        except OSError as e:
+            self.discard()
+            raise PrepareError(f"--out {self.out}: cannot move the new output into place "
+                               f"({e.strerror or type(e).__name__}); left as it was") from None
+        if had_old:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_summary(out: str, summary: Summary) -> None:
@@ -314,18 +371,21 @@ def write_synthetic(out: str, n: int, size: int = 32, seed: int = 0, split: str 
 
 # ------------------------------------------------------------------------------ text
 
-def write_text(sources: list[str], out: str, shard_size: int = DEFAULT_SHARD_SIZE) -> Summary:
+def check_text_sources(sources: list[str]) -> None:
     if not sources:
         raise PrepareError("text: give at least one SOURCE.jsonl")
     for src in sources:
         if not Path(src).is_file():
             raise PrepareError(f"source {src}: no such file")
+
+
+def write_text(sources: list[str], out: str, shard_size: int = DEFAULT_SHARD_SIZE) -> Summary:
+    check_text_sources(sources)
     summary = Summary()
     writer = _mds_writer(out, {"text": "str", "id": "str"}, shard_size)
     seen: set[str] = set()
     with _progress("text") as bar:
-        for src in sources:
-            stem = Path(src).name.split(".")[0] or "source"
+        for src, label in zip(sources, source_labels(sources)):
             with open(src, "rb") as f:
                 for n, raw in enumerate(f, 1):
                     if not raw.strip():
@@ -354,7 +414,7 @@ def write_text(sources: list[str], out: str, shard_size: int = DEFAULT_SHARD_SIZ
                     except UnicodeEncodeError:  # lone surrogates from \ud800 escapes
                         summary.skip("text_not_utf8")
                         continue
-                    sample_id = str(rec["id"]) if rec.get("id") is not None else f"{stem}/{n}"
+                    sample_id = str(rec["id"]) if rec.get("id") is not None else f"{label}/{n}"
                     if sample_id in seen:
                         summary.skip("duplicate_id")
                         continue
@@ -412,9 +472,27 @@ def build_parser(prog: str = "prepare_data.py") -> argparse.ArgumentParser:
     return p
 
 
-def _report(summary: Summary, out: str) -> None:
-    write_summary(out, summary)
-    print(summary.line(out), flush=True)
+def _convert(args, root: str) -> list[tuple[Summary, str]]:
+    """Write the command's output under `root`: [(summary, sub-path of root)], each
+    summary also written to its directory."""
+    done = []
+    align = dict(align_encoder=getattr(args, "align_encoder", None),
+                 align_feature_layer=getattr(args, "align_feature_layer", None))
+    if args.command == "synthetic":
+        done.append((write_synthetic(root, args.n, args.size, args.seed, "train", args.vae, args.shard_size,
+                                     **align), ""))
+        val_n = min(max(args.n // 10, 1), 1000) if args.val_n is None else args.val_n
+        if val_n > 0:
+            done.append((write_synthetic(join_out(root, "val"), val_n, args.size, args.seed, "val", args.vae,
+                                         args.shard_size, **align), "val"))
+    elif args.command == "images":
+        done.append((write_images(args.sources, root, args.size, args.vae, args.image_format, args.shard_size,
+                                  **align), ""))
+    else:
+        done.append((write_text(args.sources, root, args.shard_size), ""))
+    for summary, sub in done:
+        write_summary(join_out(root, sub) if sub else root, summary)
+    return done
 
 
 def main(argv: list[str] | None = None, prog: str = "prepare_data.py") -> int:
@@ -422,36 +500,48 @@ def main(argv: list[str] | None = None, prog: str = "prepare_data.py") -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.error("missing subcommand: synthetic, images or text")
+    stage = None
     try:
+        # Every input is checked, and the models load, before anything at --out changes.
         if getattr(args, "size", 1) < 1:
             raise PrepareError(f"--size {args.size}: must be >= 1")
+        if args.command == "synthetic" and args.n < 1:
+            raise PrepareError(f"--n {args.n}: must be >= 1")
         if args.command == "images":
             check_image_sources(args.sources)
+        if args.command == "text":
+            check_text_sources(args.sources)
         if getattr(args, "align_feature_layer", None) is not None and not args.align_encoder:
             raise PrepareError(f"--align-feature-layer {args.align_feature_layer} is for --align-encoder (not given)")
-        check_out(args.out, args.overwrite)
-        if args.command == "synthetic":
-            if args.n < 1:
-                raise PrepareError(f"--n {args.n}: must be >= 1")
-            align = dict(align_encoder=args.align_encoder, align_feature_layer=args.align_feature_layer)
-            summary = write_synthetic(args.out, args.n, args.size, args.seed, "train", args.vae, args.shard_size, **align)
-            _report(summary, args.out)
-            val_n = min(max(args.n // 10, 1), 1000) if args.val_n is None else args.val_n
-            if val_n > 0:
-                val_out = join_out(args.out, "val")
-                _report(write_synthetic(val_out, val_n, args.size, args.seed, "val", args.vae, args.shard_size,
-                                        **align), val_out)
-        elif args.command == "images":
-            summary = write_images(args.sources, args.out, args.size, args.vae, args.image_format, args.shard_size,
-                                   align_encoder=args.align_encoder, align_feature_layer=args.align_feature_layer)
-            _report(summary, args.out)
-        else:
-            summary = write_text(args.sources, args.out, args.shard_size)
-            _report(summary, args.out)
+        replacing = check_out(args.out, args.overwrite)
+        stage = None if is_url(args.out) else Staging(args.out)
+        try:
+            done = _convert(args, args.out if stage is None else str(stage.path))
+        except BaseException:
+            if stage is not None:
+                stage.discard()
+            raise
+        written = done[0][0].written
+        if stage is not None:
+            if written == 0 and replacing:
+                stage.discard()
+                skipped = ", ".join(f"{k}={v}" for k, v in sorted(done[0][0].skipped.items())) or "none"
+                print(f"{prog}: error: nothing written (every input row was skipped: {skipped}); "
+                      f"{args.out} left as it was", file=sys.stderr)
+                return 1
+            stage.install()
+        for summary, sub in done:
+            print(summary.line(join_out(args.out, sub) if sub else args.out), flush=True)
     except PrepareError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    if summary.written == 0:
+    except OSError as e:  # reading a source or writing the output
+        where = str(e.filename) if e.filename else args.out
+        if stage is not None and where.startswith(str(stage.path)):
+            where = f"--out {args.out}"
+        print(f"{prog}: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    if written == 0:
         print(f"{prog}: error: nothing written to {args.out} (every input row was skipped)", file=sys.stderr)
         return 1
     return 0

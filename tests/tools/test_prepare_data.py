@@ -243,6 +243,153 @@ def test_text_jsonl(tmp_path):
     assert [(r["id"], r["text"]) for r in rows] == [("corpus/1", "hello world"), ("doc-7", "with an id")]
 
 
+def write_jsonl(path: Path, records) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return len(records)
+
+
+def test_text_sources_sharing_a_stem_keep_every_row(tmp_path):
+    """C4's file names (c4-train.00000-of-01024.json, ...) share everything up to the first
+    dot: records without an id must still all be written, each once."""
+    sources, texts = [], []
+    for shard in range(3):
+        src = tmp_path / f"c4-train.{shard:05d}-of-01024.json"
+        records = [{"text": f"shard {shard} document {i}"} for i in range(7)]
+        write_jsonl(src, records)
+        sources.append(str(src))
+        texts += [r["text"] for r in records]
+    out = tmp_path / "out"
+    assert prepare_main(["text", *sources, "--out", str(out)]) == 0
+    rows = read_shards(out)
+    assert summary(out) == {"written": len(texts), "skipped": {}}
+    assert sorted(r["text"] for r in rows) == sorted(texts)
+    assert len({r["id"] for r in rows}) == len(texts)
+    assert not any(str(tmp_path) in r["id"] for r in rows)  # no absolute paths in ids
+
+
+def test_same_named_text_files_in_two_folders_and_explicit_ids(tmp_path):
+    a = write_jsonl(tmp_path / "a" / "data.jsonl", [{"text": "a1"}, {"text": "a2"}, {"text": "mine", "id": "x"}])
+    b = write_jsonl(tmp_path / "b" / "data.jsonl", [{"text": "b1"}, {"text": "b2"}, {"text": "again", "id": "x"}])
+    out = tmp_path / "out"
+    assert prepare_main(["text", str(tmp_path / "a" / "data.jsonl"), str(tmp_path / "b" / "data.jsonl"),
+                         "--out", str(out)]) == 0
+    # The record repeating an explicit id is still a duplicate; every other row is kept.
+    assert summary(out) == {"written": a + b - 1, "skipped": {"duplicate_id": 1}}
+    assert sorted(r["text"] for r in read_shards(out)) == ["a1", "a2", "b1", "b2", "mine"]
+
+
+def test_image_sources_sharing_a_name_keep_every_row(tmp_path):
+    """Two folders both named train, and two tars whose names share the part before the
+    first dot, each with the same file names inside."""
+    sources, captions = [], []
+    for i, parent in enumerate(("a", "b")):
+        folder = tmp_path / parent / "train"
+        folder.mkdir(parents=True)
+        for j in range(3):
+            (folder / f"{j:03d}.png").write_bytes(png(photo(12, 12, seed=10 * i + j)))
+            (folder / f"{j:03d}.txt").write_text(f"folder {parent} image {j}")
+            captions.append(f"folder {parent} image {j}")
+        sources.append(str(folder))
+    for shard in range(2):
+        tar_path = tmp_path / f"cc3m.{shard:05d}.tar"
+        with tarfile.open(tar_path, "w") as tf:
+            for j in range(2):
+                caption = f"tar {shard} image {j}"
+                captions.append(caption)
+                for name, data in ((f"{j:03d}.png", png(photo(12, 12, seed=100 + 10 * shard + j))),
+                                   (f"{j:03d}.txt", caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        sources.append(str(tar_path))
+    out = tmp_path / "out"
+    assert prepare_main(["images", *sources, "--out", str(out), "--size", "8"]) == 0
+    rows = read_shards(out)
+    assert summary(out) == {"written": len(captions), "skipped": {}}
+    assert sorted(r["caption"] for r in rows) == sorted(captions)
+    assert len({r["id"] for r in rows}) == len(captions)
+    assert not any(str(tmp_path) in r["id"] for r in rows)
+
+
+# ------------------------------------------------------------------------ --overwrite
+
+def old_output(tmp_path, n=4):
+    src = tmp_path / "old.jsonl"
+    write_jsonl(src, [{"text": f"old {i}"} for i in range(n)])
+    out = tmp_path / "out"
+    assert prepare_main(["text", str(src), "--out", str(out)]) == 0
+    return out, sorted(f"old {i}" for i in range(n))
+
+
+def assert_left_as_it_was(out, texts):
+    assert sorted(r["text"] for r in read_shards(out)) == texts
+    assert summary(out)["written"] == len(texts)
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []  # no leftovers
+
+
+def test_overwrite_with_a_bad_source_or_vae_keeps_the_old_output(tmp_path, capsys):
+    out, texts = old_output(tmp_path)
+    capsys.readouterr()
+    assert prepare_main(["text", str(tmp_path / "typo.jsonl"), "--out", str(out), "--overwrite"]) == 2
+    assert_left_as_it_was(out, texts)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(png(photo(12, 12)))
+    (folder / "x.txt").write_text("a caption")
+    assert prepare_main(["images", str(folder), "--out", str(out), "--overwrite", "--size", "8",
+                         "--vae", str(tmp_path / "no_such_vae")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "typo.jsonl" in err[0] and "no_such_vae" in err[1]
+    assert_left_as_it_was(out, texts)
+
+
+def test_overwrite_failing_midway_keeps_the_old_output(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from megafusion.data import prepare
+
+    out, texts = old_output(tmp_path)
+    new = tmp_path / "new.jsonl"
+    write_jsonl(new, [{"text": f"new {i}"} for i in range(10)])
+
+    class FullDisk:
+        calls = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            FullDisk.calls += 1
+            if FullDisk.calls == 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare, "_progress", lambda *a, **k: FullDisk())
+    capsys.readouterr()
+    assert prepare_main(["text", str(new), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and str(out) in err[0]
+    assert_left_as_it_was(out, texts)
+
+
+def test_overwrite_replaces_and_nothing_written_keeps_the_old_output(tmp_path, capsys):
+    out, texts = old_output(tmp_path)
+    (out / "stray.txt").write_text("from before")
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("not json\n")
+    assert prepare_main(["text", str(junk), "--out", str(out), "--overwrite"]) == 1
+    assert (out / "stray.txt").read_text() == "from before"
+    assert_left_as_it_was(out, texts)
+    new = tmp_path / "new.jsonl"
+    write_jsonl(new, [{"text": f"new {i}"} for i in range(6)])
+    assert prepare_main(["text", str(new), "--out", str(out), "--overwrite"]) == 0
+    assert_left_as_it_was(out, sorted(f"new {i}" for i in range(6)))
+    assert not (out / "stray.txt").exists()  # the old directory's contents are gone
+
+
 # ----------------------------------------------------------------------------- VAE
 
 @pytest.fixture(scope="module")
@@ -318,6 +465,25 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         f"prepare_data.py: error: source {tmp_path / 'nope'}: no such file or directory"]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where", ["proc", "under_a_file"])
+def test_unwritable_out_is_a_one_line_error(tmp_path, where):
+    src = tmp_path / "t.jsonl"
+    write_jsonl(src, [{"text": "hello"}])
+    if where == "proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc here")
+        out = "/proc/megafusion-test-out"
+    else:
+        (tmp_path / "a_file").write_text("x")
+        out = str(tmp_path / "a_file" / "out")
+    r = run_tool("text", src, "--out", out)
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prepare_data.py: error: ") and out in err[0], r.stderr
+    if where == "under_a_file":
+        assert (tmp_path / "a_file").read_text() == "x"
 
 
 def test_missing_text_source_and_no_subcommand(tmp_path, capsys):
