@@ -25,6 +25,7 @@ def ds_json(tmp_path: Path, qwz: bool) -> Path:
     ds = json.loads((REPO / "ds_configs/zero3_llama3_70b.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     ds["zero_optimization"]["zero_quantized_weights"] = qwz
+    ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}  # the recorder's counts
     path = tmp_path / ("qwz.json" if qwz else "exact.json")
     path.write_text(json.dumps(ds))
     return path
@@ -32,8 +33,9 @@ def ds_json(tmp_path: Path, qwz: bool) -> Path:
 
 def train(ranks: int, ds: Path, run_dir: Path, shards: str, steps: int = 3) -> subprocess.CompletedProcess:
     cmd = [*launcher_cmd(ranks), str(REPO / "tests/parallel/qwz_train_worker.py"), str(REPO / "configs/tiny.yaml"),
-           *PRODUCTION, f"parallel.ds_config={ds}", f"data.train={shards}", f"run.dir={run_dir}",
-           f"data.run_id=qwz-{run_dir.name}-{os.getpid()}", f"train.steps={steps}", "log.every=1"]
+           str(run_dir.with_name(run_dir.name + "-out.json")), *PRODUCTION, f"parallel.ds_config={ds}",
+           f"data.train={shards}", f"run.dir={run_dir}", f"data.run_id=qwz-{run_dir.name}-{os.getpid()}",
+           f"train.steps={steps}", "log.every=1"]
     return subprocess.run(cmd, cwd=REPO, env=launcher_env(ranks), capture_output=True, text=True, timeout=600)
 
 
@@ -44,6 +46,30 @@ def losses(run_dir: Path) -> list[float]:
 
 def quantized(out: str) -> list[tuple[int, int]]:
     return [(int(calls), int(elements)) for calls, elements in re.findall(r"QWZ_QUANTIZED (\d+) (\d+)", out)]
+
+
+def step_gathers(out: Path, step: int) -> int:
+    """Bytes this rank received by all-gather in optimiser step `step`: DeepSpeed's comms
+    logger records an all_gather_into_tensor by its input, the rank's own shard, which
+    each of the N - 1 = 1 other ranks receives."""
+    counts = json.loads(out.read_text())["after_step"]
+    total = lambda c: sum(int(size) * n for size, n in c.get("all_gather_into_tensor", {}).items())
+    return total(counts[step - 1]) - total(counts[step - 2])
+
+
+def planned_gathers(tmp_path: Path, shards: str, qwz: bool) -> float:
+    from megafusion.config import load_config
+    from megafusion.plan.choose import configured_setting, evaluate
+    from megafusion.plan.hardware import gpu
+    from megafusion.plan.shapes import model_shape
+
+    cfg = load_config(str(REPO / "configs/tiny.yaml"), [*PRODUCTION, f"parallel.ds_config={ds_json(tmp_path, qwz)}",
+                                                        f"data.train={shards}"])
+    s = configured_setting(cfg, 2)
+    assert s.quantized_weights == qwz and s.persistence == 0
+    est = evaluate(model_shape(cfg), s, 2, 2, gpu("h100-80gb"), seq_len=cfg.data.seq_len, caption_tokens=32,
+                   efficiency=0.5, frozen_text=True)
+    return sum(t.bytes for t in est.step.traffic if t.kind.startswith("weight all-gather"))
 
 
 @pytest.mark.slow
@@ -63,6 +89,14 @@ def test_qwz_trains_like_exact_gathers_on_two_ranks(tmp_path, tiny_llama, synthe
     assert len(got) == len(want) == 3
     for step, (g, w) in enumerate(zip(got, want), 1):
         assert abs(g - w) <= 0.01 * abs(w), f"step {step}: loss {g} with qwZ, {w} with exact gathers"
+    # What a step sends, against the planner: the third step's all-gathers (the counts
+    # after step 3 less those after step 2, so start-up cancels) with exact gathers, and
+    # with qwZ (int8 values and their fp32 scales, one per group of DeepSpeed's choice),
+    # which the planner counts at one byte per weight, half of bf16.
+    for name, qwz_on in (("exact", False), ("qwz", True)):
+        gathered = step_gathers(tmp_path / f"{name}-out.json", step=3)
+        planned = planned_gathers(tmp_path, shards=synthetic_shards, qwz=qwz_on)
+        assert abs(planned - gathered) <= 0.01 * gathered, (name, planned, gathered)
 
 
 @pytest.mark.slow

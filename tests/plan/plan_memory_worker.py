@@ -21,8 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    config, out, overrides = args[0], Path(args[1]), args[2:]
+    record(args[0], Path(args[1]), args[2:])
 
+
+def record(config: str, out: Path, overrides: list[str], extra: dict | None = None) -> None:
+    """Run the trainer and write what it held and sent (the module docstring); extra:
+    more keys for the JSON (e.g. a stand-in kernel's counts), read after the run."""
     import torch.distributed as dist
     from deepspeed.comm import comm as ds_comm
 
@@ -75,7 +79,8 @@ def main():
     mine.write_text(json.dumps({"held_bytes": held_bytes(trainer.engine), "collectives": counts(),
                                 "after_step": after_step, "batches": batches,
                                 "peak_gathered": peak_gathered,
-                                "optimizer": type(trainer.engine.optimizer).__name__}, indent=1))
+                                "optimizer": type(trainer.engine.optimizer).__name__,
+                                **{k: v() if callable(v) else v for k, v in (extra or {}).items()}}, indent=1))
     dist.barrier()
 
 
