@@ -156,4 +156,17 @@ def _build_zero3_partitioned(cfg: RunConfig, ds_config: dict) -> LMFusionModel:
     # partitioned now rather than at deepspeed.initialize; already partitioned
     # parameters are skipped.
     deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    place_buffers(model, init.local_device)
     return model
+
+
+def place_buffers(model: torch.nn.Module, device) -> None:
+    """Buffers onto the ranks' device. zero.Init(module=...) moves only parameters, and
+    deepspeed.initialize skips module.to(device) for a model that has partitioned ones,
+    so the buffers of modules built outside zero.Init (the alignment encoder's pixel
+    mean and std, a CLIP's position ids) would stay on the CPU and the first forward
+    on a GPU would mix devices."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != torch.device(device):
+                module._buffers[name] = buf.to(device)
