@@ -56,6 +56,7 @@ from megafusion.model.fusion import NUM_IMAGE_TOKENS, LMFusionModel
 from megafusion.model.image_io import ImageTokenizer
 from megafusion.model.image_rope import rope_cos_sin
 from megafusion.model.routing import Routing, prompt_vectors
+from megafusion.model.towers import image_twin
 from megafusion.parallel.base_weights import BaseWeights, materialize, skeleton_base_model
 
 _INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -261,7 +262,9 @@ class DecoderStage(_Stage):
         layer = self.fused.layers[index]
         source.load(source.base.model.layers[index], f"model.layers.{index}.")  # the text tower's modules
         if "image" in layer._modules:  # every design but single_tower trains a copy of the text tower
-            layer.image = copy.deepcopy(layer.text).requires_grad_(True)
+            # Its norms as the whole model's image tower has them (model.fused_rmsnorm).
+            layer.image = image_twin(layer.text, lambda text: copy.deepcopy(text).requires_grad_(True),
+                                     lambda norm: image_norms(self.fused.cfg, norm))
         layer.make_scalars(dtype=source.dtype)  # X-Fusion's mix scalars and gate, at their starting values
         self.layer = layer
         self.rotary_emb = source.rotary()

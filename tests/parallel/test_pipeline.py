@@ -318,3 +318,33 @@ def test_stages_choose_the_attention_backend_with_their_activations_dtype(tiny_l
         for stage in stages:
             x = stage(x)
     assert seen and all(d == torch.bfloat16 for d in seen), seen
+
+
+def test_decoder_stages_keep_the_fused_image_norms(tiny_llama, apex_stand_in):
+    """model.fused_rmsnorm=apex under pipeline stages: each decoder stage rebuilds its
+    layer's image tower from the text tower, and took plain Llama norms there (only the
+    head's final norm was apex's). Now every image-tower norm is the fused module, as in
+    the whole model, and the text tower's stay the base's."""
+    class FusedRMSNorm(torch.nn.Module):  # apex's constructor signature; RMSNorm by its definition
+        def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True):
+            super().__init__()
+            self.eps, self.weight = eps, torch.nn.Parameter(torch.ones(normalized_shape))
+
+        def forward(self, x):
+            xf = x.float()
+            return (self.weight.float() * xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    apex_stand_in(normalization={"FusedRMSNorm": FusedRMSNorm})
+    source, stages = all_stages(tiny_cfg(tiny_llama, "model.fused_rmsnorm=apex"))
+    decoders = [s for s in stages if isinstance(s, DecoderStage)]
+    assert decoders
+    for stage in decoders:
+        image, text = stage.layer.image, stage.layer.text
+        assert isinstance(image.input_layernorm, FusedRMSNorm) and isinstance(image.post_attention_layernorm, FusedRMSNorm)
+        assert not isinstance(text.input_layernorm, FusedRMSNorm)
+        assert image.input_layernorm.weight.requires_grad and not text.input_layernorm.weight.requires_grad
+        torch.testing.assert_close(image.input_layernorm.weight, text.input_layernorm.weight)
+    x = batch_to_inputs(mixed_batch(source.fused))
+    for stage in stages:
+        x = stage(x)
+    assert torch.isfinite(x).all()
