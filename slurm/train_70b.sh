@@ -33,7 +33,7 @@
 # Memory, communication and speed per setting: python tools/plan.py --config
 # configs/llama3_70b.yaml --nodes N (README: "Planning a run"). On the default 8 nodes the
 # config's ZeRO-3 + ZeRO++ qwZ needs ~60 GB per 80 GB GPU and is network-bound (estimated
-# MFU 24.5%); from 16 nodes on, micro-batch 4 fits and the step becomes compute-bound (~41%):
+# MFU 27.5%); from 16 nodes on, micro-batch 4 fits and the step becomes compute-bound (~41%):
 #     OVERRIDES="train.micro_batch_size=4 train.gradient_accumulation=1" sbatch --nodes=16 slurm/train_70b.sh
 # qwZ runs on 4, 8 or 16 nodes of 8 GPUs, not on 6 or 12 (a rank's share of a weight must
 # be a multiple of 8 elements): there the planner names a setting without it.

@@ -227,7 +227,7 @@ class LMFusionModel(nn.Module):
         only its inputs are kept and it runs again in backward. Pipeline stages call this
         too, so both paths recompute the same way."""
         if self.cfg.activation_checkpointing and layer.training and torch.is_grad_enabled():
-            return checkpoint(layer, h, routing, cos, sin, layout, use_reentrant=False)
+            return checkpoint(layer, h, routing, cos, sin, layout, True, use_reentrant=False)
         return layer(h, routing, cos, sin, layout)
 
     def _run_layers(self, h, routing, cos, sin, layout, kept: dict | None = None):

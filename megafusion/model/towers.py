@@ -135,9 +135,23 @@ class DecoderLayer(nn.Module):
         for name, start in self.scalar_starts.items():
             setattr(self, name, nn.Parameter(torch.full((1,), start, dtype=dtype, device=device)))
 
-    def forward(self, h: torch.Tensor, routing: Routing, cos, sin, layout: AttentionLayout) -> torch.Tensor:
-        """h: [B*L, hidden] in modality-sorted order."""
-        return self.mix(h, routing, cos, sin, LayoutAttention(layout, self.scale))
+    def forward(self, h: torch.Tensor, routing: Routing, cos, sin, layout: AttentionLayout,
+                recomputed: bool = False) -> torch.Tensor:
+        """h: [B*L, hidden] in modality-sorted order. recomputed: the layer runs under
+        activation checkpointing (FusedModel.run_layer)."""
+        h = self.mix(h, routing, cos, sin, LayoutAttention(layout, self.scale))
+        if recomputed and torch.is_grad_enabled():
+            # The layer's backward pass starts with a saved tensor (a 0-d one: h x 1 is
+            # exact), so its unpack runs the recompute while the innermost module in
+            # backward is this layer. Otherwise the first saved tensor is in the last
+            # projection's backward (the towers' outputs are concatenated and added,
+            # which save nothing), and ZeRO-3 ties the frozen tower's weights gathered
+            # by the recompute to that projection: they were released as soon as its
+            # backward ended and gathered a third time for their own backward
+            # (DeepSpeed 0.19's update_recompute_parameters; tests/parallel/test_qwz.py
+            # counts the gathers).
+            h = h * h.new_ones(())
+        return h
 
     def forward_cached(self, h: torch.Tensor, routing: Routing, cos, sin, attn_mask: torch.Tensor, kv_update) -> torch.Tensor:
         """Inference over new tokens only (KV cache; megafusion/model/inference.py drives

@@ -6,10 +6,10 @@ the network's per-GPU bandwidth, one inside a node at NVLink's (megafusion/plan/
 
 - ZeRO-3 gathers every partitioned weight (both towers: the frozen one is partitioned
   too) in the forward pass and again in the backward pass of every micro-batch (with
-  activation checkpointing the recompute's gather serves the image tower's backward;
-  DeepSpeed 0.19 releases the frozen tower's layer weights after the recompute and
-  gathers them a third time for their backward, tests/parallel/test_qwz.py measures it),
-  and reduce-scatters the trainable gradients every micro-batch; the frozen tower has no
+  activation checkpointing the recompute's gather serves the backward: the decoder layer
+  starts its backward with the recompute, see towers.DecoderLayer.forward; before, ZeRO-3
+  released the frozen tower after the recompute and gathered it a third time), and
+  reduce-scatters the trainable gradients every micro-batch; the frozen tower has no
   gradient. ZeRO++: qwZ gathers int8 weights (1 byte, its scales are <1%), hpZ keeps a
   second 16-bit copy of the shards split over hpz GPUs of a node, from which the
   backward gathers over NVLink.
@@ -148,8 +148,6 @@ def traffic(shape: ModelShape, s: Setting, world: int, gpus_per_node: int, wl: W
     grads = Traffic("gradient reduce-scatter", ga * ring(n) * trainable * s.grad_comm_bytes, _link(n, gpus_per_node), True)
     gathered = sum(p.numel for p in shape.params if p.numel > s.persistence)
     again = regathered(shape, s)
-    if s.checkpointing:  # the frozen layers' third gather (module docstring)
-        again += sum(p.numel for p in shape.params if p.layer is not None and not p.trainable and p.numel > s.persistence)
     fwd_bytes = 1 if s.quantized_weights else w
     if s.hpz > 1:
         bwd = Traffic("weight all-gather (backward, hpZ)", ga * ring(s.hpz) * again * w, _link(s.hpz, gpus_per_node),
