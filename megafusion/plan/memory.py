@@ -9,7 +9,8 @@ Model states (per trainable parameter unless said; w = the weight dtype's bytes)
   partitioned. Working set: the gathered layers (the running one plus the prefetch
   bucket, capped by stage3_max_live_parameters) and the reduce bucket.
 - ZeRO-2 (stage_1_and_2.py): 16-bit weights whole on every rank (the frozen tower too),
-  gradients reduced into partitions, an fp32 copy of this rank's gradient partition at the
+  gradients reduced into partitions (a buffer of the parameters that overlap this rank's
+  share of each flattened optimizer group, zero2_gradient_buffer), an fp32 copy of this rank's gradient partition at the
   step, master and moments partitioned, two reduce buckets (overlap_comm).
   DeepSpeed's estimate_zero2_model_states_mem_needs counts the same: 2 + 18 / N per
   parameter.
@@ -230,13 +231,49 @@ def zero3(shape: ModelShape, s: Setting, wl: Workload, world: int, gpus_per_node
     return parts
 
 
+# megafusion.parallel.engine.parameter_groups' rule, by name: no weight decay on norms,
+# biases, embedding tables and rows, or vectors.
+_NO_DECAY_ATTRS = ("bias", "image_token_embed", "image_token_head", "position")
+
+
+def _optimizer_group(p) -> tuple[str, bool]:
+    """(tower, decays) of a trainable parameter: its optimizer parameter group."""
+    *path, attr = p.name.split(".")
+    tower = ("text" if path[:1] in (["embed_tokens"], ["text_norm"], ["lm_head"]) or path[2:3] == ["text"]
+             else "image_blocks" if "blocks" in path and path[:1] == ["image_tokenizer"] else "image")
+    decay = not (attr in _NO_DECAY_ATTRS or "norm" in (path[-1] if path else "") or path[:1] == ["embed_tokens"]
+                 or len(p.shape) < 2)
+    return tower, decay
+
+
+def zero2_gradient_buffer(shape: ModelShape, n: int) -> int:
+    """Elements of ZeRO-1/2's reduced-gradient buffer on the rank that holds most.
+    DeepSpeed flattens each optimizer parameter group, pads it to a multiple of 2N and
+    gives rank r its r-th N-th; the buffer (grads_in_partition, stage_1_and_2.py) holds
+    each parameter that overlaps that share whole, so a parameter cut by a share's end
+    counts on both ranks: up to two parameters more than the share."""
+    groups: dict[tuple, list[int]] = {}
+    for p in shape.params:
+        if p.trainable:
+            groups.setdefault(_optimizer_group(p), []).append(p.numel)
+    bounds = []
+    for sizes in groups.values():
+        size = -(-sum(sizes) // (2 * n)) * 2 * n // n
+        starts = [0]
+        for numel in sizes:
+            starts.append(starts[-1] + numel)
+        bounds.append((size, sizes, starts))
+    return max(sum(numel for size, sizes, starts in bounds for numel, start in zip(sizes, starts)
+                   if start < (r + 1) * size and start + numel > r * size) for r in range(n))
+
+
 def zero2(shape: ModelShape, s: Setting, wl: Workload, world: int, gpus_per_node: int) -> dict:
     w, n = s.weight_bytes, world
     t_part = sum(part(p.numel, n) for p in shape.params if p.trainable)
     parts = {
         "frozen weights": w * shape.frozen,
         "trainable weights": w * shape.trainable,
-        "gradients": w * t_part,
+        "gradients": w * zero2_gradient_buffer(shape, n),
         "fp32 gradient (step)": FP32 * t_part if w != FP32 else 0,
         "master weights": FP32 * t_part if w != FP32 else 0,
         "optimizer states": 2 * FP32 * t_part,

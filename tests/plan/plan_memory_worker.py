@@ -5,7 +5,8 @@ stood after each train step ("after_step", so that a step's own traffic is a dif
 with start-up cancelled), each step's micro-batches ("batches": tokens and images) and,
 under ZeRO-3, the most parameter elements each step held gathered at once
 ("peak_gathered": the coordinator's own count, whose prefetch stage3_max_live_parameters
-bounds), as JSON: rank 0's to OUT, rank R's to OUT.rankR.json (a pipeline stage's
+bounds) and, under ZeRO-1/2, the bytes of the reduced gradient partition as each
+optimizer step began ("grads_at_step"), as JSON: rank 0's to OUT, rank R's to OUT.rankR.json (a pipeline stage's
 traffic is its own).
 
     plan_memory_worker.py CONFIG OUT.json [overrides...]
@@ -69,6 +70,22 @@ def record(config: str, out: Path, overrides: list[str], extra: dict | None = No
         return result
 
     Coordinator.fetch_sub_module = counted_fetch
+    # ZeRO-1/2 reduce a step's gradients into one buffer and hand the optimizer step
+    # this rank's partition of it (averaged_gradients, views of the buffer), which the
+    # step frees: the bytes of the storage those views keep alive as the step begins.
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero2_step, grads_at_step = DeepSpeedZeroOptimizer.step, []
+
+    def measured_step(self, *a, **kw):
+        storages = {}
+        for grads in (self.averaged_gradients or {}).values():
+            for g in grads or []:
+                storages[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
+        grads_at_step.append(sum(storages.values()))
+        return zero2_step(self, *a, **kw)
+
+    DeepSpeedZeroOptimizer.step = measured_step
     Trainer._zero_step = counted(Trainer._zero_step)
     Trainer._pipeline_step = counted(Trainer._pipeline_step)
     Trainer._next_batch = recorded(Trainer._next_batch)
@@ -78,7 +95,7 @@ def record(config: str, out: Path, overrides: list[str], extra: dict | None = No
     mine = out if rank == 0 else out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
     mine.write_text(json.dumps({"held_bytes": held_bytes(trainer.engine), "collectives": counts(),
                                 "after_step": after_step, "batches": batches,
-                                "peak_gathered": peak_gathered,
+                                "peak_gathered": peak_gathered, "grads_at_step": grads_at_step,
                                 "optimizer": type(trainer.engine.optimizer).__name__,
                                 **{k: v() if callable(v) else v for k, v in (extra or {}).items()}}, indent=1))
     dist.barrier()
