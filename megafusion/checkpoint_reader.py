@@ -10,7 +10,9 @@ What the trainer writes (megafusion/parallel/checkpoint.py) and how it is read b
 - Stage 0 (DeepSpeed's plain data parallelism, the CPU demo's setting): one
   mp_rank_00_model_states.pt whose `module` holds the weights the engine ran (fp32 on
   the CPU); with tied embeddings it also names the frozen head, which is dropped here
-  (it comes from the base).
+  (it comes from the base). In a bf16/fp16 run those are 16-bit and the fp32 masters
+  are in its `optimizer` entry (DeepSpeed's FP16 optimizer wrappers: fp32_groups, or
+  fp32_groups_flat, one per parameter group): plain_masters reads them instead.
 - Pipeline + ZeRO-1: one layer_XX-model_states.pt per PipelineModule layer, read with
   the loader DeepSpeed's PipelineModule.load_state_dir uses (SDLoaderFactory); layer 0
   is the embed stage, 1..N the decoder layers, N+1 the head stage, whose own copy of the
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +123,9 @@ TRAINING_ONLY = ("aligner.",)
 
 
 def load_run_config(ref: CheckpointRef):
-    """The run's config, its model section without the training-only modules."""
+    """The run's config, its model section without the training-only modules and with
+    the plain RMSNorm (model.fused_rmsnorm is a training-time kernel: the weights are
+    the same, and reading a checkpoint must not need apex)."""
     import dataclasses
 
     from megafusion.config import ConfigError, load_config
@@ -130,7 +135,7 @@ def load_run_config(ref: CheckpointRef):
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         raise ExportError(f"{ref.run_dir / 'config.yaml'}: {str(exc).splitlines()[0]}") from None
     defaults = {f.name: f.default for f in dataclasses.fields(cfg.model) if f.name.startswith("align_")}
-    cfg.model = dataclasses.replace(cfg.model, **defaults)
+    cfg.model = dataclasses.replace(cfg.model, **defaults, fused_rmsnorm="none")
     return cfg
 
 
@@ -147,6 +152,28 @@ def _quiet():
         yield
 
 
+# What torch.load and DeepSpeed's readers raise on a truncated or corrupt file.
+READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, EOFError, IndexError, pickle.UnpicklingError)
+
+
+def unreadable_file(tag_dir: Path) -> Path | None:
+    """The first of a checkpoint's files that torch.load cannot open (memory-mapped: only
+    its header and index are read), for an error that names it; None if all open."""
+    for path in sorted(tag_dir.glob("*.pt")):
+        try:
+            torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except (*READ_ERRORS, AttributeError, ImportError):
+            return path
+    return None
+
+
+def read_error(ref: CheckpointRef, what: str, exc: BaseException) -> ExportError:
+    """ExportError naming the unreadable file of ref (else its tag directory) and why."""
+    where = unreadable_file(ref.tag_dir) or ref.tag_dir
+    return ExportError(f"{where}: cannot {what} ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''})")
+
+
 def consolidate_zero(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """fp32 trainable weights of a ZeRO checkpoint, keyed by LMFusionModel names."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -154,19 +181,111 @@ def consolidate_zero(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     try:
         with _quiet():
             return get_fp32_state_dict_from_zero_checkpoint(str(ref.ckpt_dir), tag=ref.tag, exclude_frozen_parameters=True)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise ExportError(f"{ref.tag_dir}: cannot consolidate the ZeRO checkpoint ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    except (*READ_ERRORS, NotImplementedError) as exc:
+        raise read_error(ref, "consolidate the ZeRO checkpoint", exc) from None
 
 
-def plain_states(ref: CheckpointRef) -> dict[str, torch.Tensor]:
-    """The module weights of a stage-0 checkpoint (DeepSpeed's own `module` entry)."""
+def plain_masters(saved: dict, fused, cfg) -> dict[str, tuple[int, int | tuple[int, int]]] | None:
+    """Where the fp32 master weights of a 16-bit stage-0 checkpoint are (`saved`, its
+    mp_rank_00_model_states.pt loaded): `module` name -> its place for master_at. None
+    where there are none: an fp32 run (the module is the master), or masters that do
+    not line up with the model.
+
+    DeepSpeed's FP16 optimizer wrappers (bf16 or fp16 without ZeRO) save one entry per
+    parameter group, the group's parameters in order: FP16_UnfusedOptimizer a list of
+    tensors (fp32_groups), FP16_Optimizer one flat tensor (fp32_groups_flat). The groups
+    are megafusion.parallel.engine.parameter_groups of the trained model, rebuilt here
+    on `fused` (the model built from the run config `cfg`, which lacks training-only
+    parameters such as the aligner's: masters that match no parameter in order are
+    skipped). Each must match the 16-bit weight the engine ran, which is that master
+    rounded: in shape, and bitwise in its first elements (a page of each memory-mapped
+    tensor; is_master_of checks all of it when it is read)."""
+    from megafusion.parallel.engine import parameter_groups
+
+    module, optim = saved.get("module") or {}, saved.get("optimizer")
+    if not isinstance(optim, dict):
+        return None
+    flat = "fp32_groups" not in optim
+    saved_groups = optim.get("fp32_groups_flat" if flat else "fp32_groups")
+    meta = (optim.get("optimizer_state_dict") or {}).get("param_groups") or []
+    if not isinstance(saved_groups, (list, tuple)) or not saved_groups:
+        return None
+    names_of: dict[int, list[str]] = {}
+    for name, t in list(fused.state_dict(keep_vars=True).items()) + list(fused.named_parameters()):
+        names_of.setdefault(id(t), []).append(name)
+    groups = parameter_groups(fused, cfg)
+    if len(groups) != len(saved_groups):
+        return None
+    out = {}
+    for i, (group, masters) in enumerate(zip(groups, saved_groups)):
+        if i < len(meta) and meta[i].get("name") not in (None, group["name"]):
+            return None
+        names = [next((n for n in names_of.get(id(p), ()) if n in module), None) for p in group["params"]]
+        if None in names:
+            return None
+        if flat:  # the group's tensors end to end
+            if not isinstance(masters, torch.Tensor) or masters.numel() != sum(module[n].numel() for n in names):
+                return None
+            places, offset = [], 0
+            for n in names:
+                places.append((i, (offset, module[n].numel())))
+                offset += module[n].numel()
+        else:
+            places = [(i, j) for j in range(len(masters))]
+        j = 0
+        for place in places:
+            if j < len(names) and is_master_of(master_at(saved, place, module[names[j]].shape), module[names[j]],
+                                               sample=True):
+                out[names[j]] = place
+                j += 1
+        if j != len(names):
+            return None
+    return out
+
+
+def master_at(saved: dict, place, shape) -> torch.Tensor:
+    """The master tensor at `place` (from plain_masters) of a loaded stage-0 checkpoint."""
+    i, where = place
+    optim = saved["optimizer"]
+    if "fp32_groups" in optim:
+        return optim["fp32_groups"][i][where]
+    offset, numel = where
+    return optim["fp32_groups_flat"][i].view(-1)[offset:offset + numel].view(shape)
+
+
+def is_master_of(master, weight, sample: bool = False) -> bool:
+    """`weight` (16 bits) is fp32 `master` rounded, as the engine copies it after a step."""
+    if not isinstance(master, torch.Tensor) or master.dtype != torch.float32 or master.shape != weight.shape:
+        return False
+    if not weight.is_floating_point() or weight.dtype == torch.float32:
+        return False  # an fp32 run: the module weights are the masters
+    if sample:
+        master, weight = master.reshape(-1)[:256], weight.reshape(-1)[:256]
+    return torch.equal(master.to(weight.dtype), weight)
+
+
+def plain_states(ref: CheckpointRef, fused=None, cfg=None) -> dict[str, torch.Tensor]:
+    """The weights of a stage-0 checkpoint (DeepSpeed's own `module` entry) in fp32: its
+    fp32 masters where a 16-bit run saved them (plain_masters, for `fused` built from
+    run config `cfg`), else the module weights."""
+    path = ref.tag_dir / PLAIN_FILE
     try:
-        saved = torch.load(ref.tag_dir / PLAIN_FILE, map_location="cpu", weights_only=False)
-        return {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
-    except (OSError, RuntimeError, KeyError, EOFError) as exc:
-        raise ExportError(f"{ref.tag_dir / PLAIN_FILE}: cannot read the stage-0 checkpoint ({type(exc).__name__}: "
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        module = saved["module"]
+        places = plain_masters(saved, fused, cfg) if fused is not None else None
+    except READ_ERRORS as exc:
+        raise ExportError(f"{path}: cannot read the stage-0 checkpoint ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    out = {}
+    for k, v in module.items():
+        if places and k in places:
+            master = master_at(saved, places[k], v.shape)
+            if not is_master_of(master, v):
+                raise ExportError(f"{path}: the fp32 master of {k} is not its {v.dtype} weight rounded "
+                                  "(a damaged checkpoint?)")
+            v = master
+        out[k] = v.float() if v.is_floating_point() else v
+    return out
 
 
 def pipeline_layer_files(ref: CheckpointRef) -> dict[int, Path]:
@@ -292,7 +411,7 @@ def load_checkpoint_model(path: str | os.PathLike, tag: str | None = None):
         state = consolidate_zero(ref)
     elif ref.kind == "plain":
         frozen = frozen_names(fused)
-        state = {k: v for k, v in plain_states(ref).items() if k not in frozen}
+        state = {k: v for k, v in plain_states(ref, fused, cfg).items() if k not in frozen}
     else:
         state = pipeline_to_fusion_names(pipeline_layer_states(ref), len(fused.layers), ref.tag_dir)
         # The head stage trains its own copy of the BOI/EOI logit rows.

@@ -8,14 +8,19 @@ export_checkpoint streams a checkpoint into a model directory a shard at a time 
 ever holding the model (megafusion/export_stream.py; a 70B export would otherwise need
 about a terabyte of host memory). Both write the same directory.
 
+The directory is written beside OUT_DIR and moved into its place only once complete
+(staged_dir): a failure midway leaves OUT_DIR, or the export it held, as it was.
+
 Every failure a user can cause is an ExportError with a one-line message.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -128,10 +133,9 @@ def hf_model(fused, *, bos: int | None, eos: int, dtype: torch.dtype = torch.flo
 
 def finish_model_dir(out: Path, model, tokenizer, *, card: str | None = None,
                      extra_files: dict[str, str] | None = None, processor=None) -> Path:
-    """Beside what save_pretrained wrote: the model code (auto_map), the tokenizer (inside
-    a LLaVA base's processor, when given), the VAE, extra files and the model card."""
-    from megafusion.model.hf import VAE_SUBFOLDER
-
+    """Beside what save_pretrained wrote (weights, configs and, in VAE mode, the VAE in
+    vae/: LMFusionForCausalLM.save_pretrained): the model code (auto_map), the tokenizer
+    (inside a LLaVA base's processor, when given), extra files and the model card."""
     for f in model_code_files():  # the trainer's code, flat (save_pretrained copied part of it already)
         shutil.copy(f, out / f.name)
     cfg_json = json.loads((out / "config.json").read_text())
@@ -143,9 +147,6 @@ def finish_model_dir(out: Path, model, tokenizer, *, card: str | None = None,
         processor.save_pretrained(out)
     else:
         tokenizer.save_pretrained(out)
-    vae = model.model.image_tokenizer.vae
-    if vae is not None:  # frozen, kept in its own precision (fp32)
-        copy.deepcopy(vae).to(torch.float32).save_pretrained(out / VAE_SUBFOLDER, safe_serialization=True)
     for name, text in (extra_files or {}).items():
         (out / name).write_text(text)
     if card is not None:
@@ -154,28 +155,123 @@ def finish_model_dir(out: Path, model, tokenizer, *, card: str | None = None,
 
 
 def export_fused(fused, tokenizer, out_dir: str | os.PathLike, *, bos: int | None, eos: int,
-                 dtype: torch.dtype = torch.float32, max_shard_size: str = "5GB", overwrite: bool = False,
+                 dtype: torch.dtype = torch.float32, max_shard_size: str | int = "5GB", overwrite: bool = False,
                  card: str | None = None, extra_files: dict[str, str] | None = None,
                  generation_defaults: dict | None = None) -> Path:
     """Write `fused` (an LMFusionModel in memory) as a Hugging Face model directory, with
     transformers' save_pretrained (export_checkpoint streams instead; the two agree)."""
-    out = prepare_out_dir(out_dir, overwrite)
+    max_shard_size = shard_size_bytes(max_shard_size)
     tokenizer = tokenizer_with_image_tokens(tokenizer, fused.vocab_size)
     model = hf_model(fused, bos=bos, eos=eos, dtype=dtype, generation_defaults=generation_defaults)
-    model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
-    return finish_model_dir(out, model, tokenizer, card=card, extra_files=extra_files)
+    with staged_dir(out_dir, overwrite) as out:
+        model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
+        finish_model_dir(out, model, tokenizer, card=card, extra_files=extra_files)
+    return Path(out_dir).expanduser()
 
 
-def prepare_out_dir(out_dir, overwrite: bool) -> Path:
+def shard_size_bytes(size: str | int) -> int:
+    """--max-shard-size in bytes, read by the parser huggingface_hub's
+    split_torch_state_dict_into_shards applies to a string (both exporters cut shards
+    with it): units KB, MB, GB, TB in any case, powers of 1000 (5GB = 5e9 bytes)."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        n = size if isinstance(size, int) and not isinstance(size, bool) else parse_size_to_int(size)
+    except (ValueError, TypeError, AttributeError, OverflowError):
+        n = None
+    if n is None or n <= 0:
+        raise ExportError(f"--max-shard-size {size}: expected a positive size such as 5GB or 500MB "
+                          "(units KB, MB, GB, TB)")
+    return n
+
+
+def check_out_dir(out_dir, overwrite: bool) -> Path:
+    """OUT_DIR as given (~ expanded), refused in one line where it cannot be written: a
+    file, under a file, non-empty without --overwrite."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out_dir}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    above = next(p for p in out.absolute().parents if p.exists() or p == p.parent)
+    if not above.is_dir():
+        raise ExportError(f"{out_dir}: {above} is not a directory")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ExportError(f"{out_dir}: cannot write in {above} (permission denied)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
     return out
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir, overwrite: bool):
+    """A new, empty directory beside OUT_DIR (same parent, so that the final rename is
+    atomic) to write the export into. On success it takes OUT_DIR's place, and a previous
+    export there is removed only then; on any failure it is removed and OUT_DIR is left
+    as it was. An OSError while writing (a full disk, no permission) is an ExportError."""
+    out = check_out_dir(out_dir, overwrite).resolve()
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    kept = "left as it was" if out.exists() else "nothing written"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_sibling(out, "partial")
+    except OSError as exc:
+        raise ExportError(f"{out_dir}: cannot create a directory beside it ({exc.strerror or exc})") from None
+    done = False
+    try:
+        try:
+            yield tmp
+        except OSError as exc:
+            raise ExportError(f"{out_dir}: writing the export failed ({exc.strerror or exc}); {kept}") from None
+        old = None
+        try:
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+                os.rename(out, old)
+            os.rename(tmp, out)
+        except OSError as exc:
+            if old is not None and old.exists() and not out.exists():
+                os.rename(old, out)
+            raise ExportError(f"{out_dir}: cannot move the finished export into place ({exc.strerror or exc}); "
+                              f"{kept}") from None
+        done = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if not done:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for p in made:  # the parents this call created, innermost first, if still empty
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+
+
+def _new_sibling(out: Path, what: str) -> Path:
+    while True:
+        tmp = out.parent / f".{out.name}.{what}-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()  # the umask's permissions, as OUT_DIR would have had
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def refuse_overlap(out_dir, ref: CheckpointRef, cfg, base_resolved: str) -> None:
+    """OUT_DIR may not be, contain or lie inside anything the export reads (an
+    --overwrite would delete it, or the export would land in it): the checkpoints
+    directory, the checkpoint, the base model, the VAE; nor be or contain the run
+    directory (an export inside it, e.g. RUN_DIR/hf as tools/demo.py writes, is fine)."""
+    out = Path(out_dir).expanduser().resolve()
+    inputs = [("run directory", ref.run_dir, False), ("checkpoints directory", ref.ckpt_dir, True),
+              ("checkpoint", ref.tag_dir, True), ("base model", Path(base_resolved), True)]
+    base = Path(cfg.model.base).expanduser()
+    if base.exists():
+        inputs.append(("base model", base, True))
+    if cfg.model.image_mode == "vae" and cfg.model.vae_path and Path(cfg.model.vae_path).expanduser().exists():
+        inputs.append(("VAE", Path(cfg.model.vae_path).expanduser(), True))
+    for relation, test in (("is", lambda p, _: out == p), ("contains", lambda p, _: out in p.parents),
+                           ("lies inside", lambda p, no_inside: no_inside and p in out.parents)):
+        for what, path, no_inside in inputs:
+            if test(path.resolve(), no_inside):
+                raise ExportError(f"{out_dir}: OUT_DIR {relation} the {what} {path.resolve()}; "
+                                  "choose a directory apart from it")
 
 
 def _metrics(run_dir: Path, step: int | None) -> dict | None:
@@ -230,26 +326,16 @@ With megafusion: `python tools/generate.py --model DIR image --prompt "a red cir
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, tag: str | None = None,
-                      dtype: str | None = None, max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
+                      dtype: str | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
     """tools/convert_to_hf.py: checkpoint -> Hugging Face directory, streamed (see
     megafusion/export_stream.py: host memory of a shard and a layer, not of the model).
     dtype "bf16"/"fp32" (default: the run's train.dtype)."""
     from megafusion.export_stream import stream_export
     from megafusion.model.loading import BaseModelError, load_tokenizer, resolve_base
 
-    from transformers.utils.hub import convert_file_size_to_int
-
-    try:
-        convert_file_size_to_int(max_shard_size)
-    except (ValueError, TypeError):
-        raise ExportError(f"--max-shard-size {max_shard_size}: expected a size such as 5GB or 500MB") from None
+    shard_bytes = shard_size_bytes(max_shard_size)
     ref = find_checkpoint(checkpoint, tag)
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:  # refuse before the slow part
-        raise ExportError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
-    run_dir = ref.run_dir.resolve()
-    if out.resolve() == run_dir or out.resolve() in run_dir.parents:
-        raise ExportError(f"{out_dir}: would replace the run directory {ref.run_dir}")
+    check_out_dir(out_dir, overwrite)  # refused before the slow part
     cfg = load_run_config(ref)
     name = dtype or cfg.train.dtype
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(name)
@@ -261,9 +347,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     except (BaseModelError, OSError, ValueError) as exc:
         raise ExportError(f"{ref.run_dir / 'config.yaml'} names a base model that cannot be loaded: "
                           f"{str(exc).splitlines()[0]}") from None
+    refuse_overlap(out_dir, ref, cfg, base_resolved)
     bos, eos = special_ids(tokenizer, cfg.data)
     card = model_card(cfg, ref, torch_dtype, base_resolved)
     run_config = (ref.run_dir / "config.yaml").read_text()
-    return stream_export(ref, cfg, out, dtype=torch_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+    return stream_export(ref, cfg, out_dir, dtype=torch_dtype, max_shard_size=shard_bytes, overwrite=overwrite,
                          tokenizer=tokenizer, bos=bos, eos=eos, card=card, extra_files={"run_config.yaml": run_config},
-                         generation_defaults={"image_num_inference_steps": cfg.log.sample_diffusion_steps})
+                         generation_defaults={"image_num_inference_steps": cfg.log.sample_diffusion_steps,
+                                              "image_guidance_scale": cfg.log.sample_guidance})

@@ -28,18 +28,17 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.utils.serialization
 
-from megafusion.checkpoint_reader import (PLAIN_FILE, CheckpointRef, ExportError, _quiet, frozen_names,
-                                          inference_tensors, match_checkpoint, pipeline_layer_files,
-                                          pipeline_to_fusion_names)
-
-# A ZeRO, stage-0 or pipeline checkpoint that cannot be read raises one of these.
-READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, EOFError, IndexError)
+from megafusion.checkpoint_reader import (PLAIN_FILE, READ_ERRORS, CheckpointRef, ExportError, _quiet, frozen_names,
+                                          inference_tensors, is_master_of, master_at, match_checkpoint,
+                                          pipeline_layer_files, pipeline_to_fusion_names, plain_masters,
+                                          unreadable_file)
 
 
 def _reason(exc: BaseException) -> str:
@@ -76,6 +75,8 @@ class ZeroReader:
     parse_optim_states (each rank's flat fp32 partitions, memory-mapped), and per stage
     the function that places every parameter in them."""
 
+    rounded = False  # fp32 masters
+
     def __init__(self, ref: CheckpointRef):
         from deepspeed.utils import zero_to_fp32 as z
 
@@ -94,7 +95,8 @@ class ZeroReader:
         try:
             yield
         except (*READ_ERRORS, NotImplementedError) as exc:
-            raise ExportError(f"{self.where}: cannot consolidate the ZeRO checkpoint ({_reason(exc)})") from None
+            where = unreadable_file(self.where) or self.where
+            raise ExportError(f"{where}: cannot consolidate the ZeRO checkpoint ({_reason(exc)})") from None
 
     @contextlib.contextmanager
     def open(self):
@@ -143,15 +145,26 @@ class _LazyGetter:
 
 
 class PlainReader:
-    """A stage-0 checkpoint: DeepSpeed's `module` entry of mp_rank_00_model_states.pt (the
-    weights the engine ran). Names of frozen parameters in it (a tied base's head) are
-    left out: the frozen tower comes from the base."""
+    """A stage-0 checkpoint, mp_rank_00_model_states.pt: DeepSpeed's `module` entry (the
+    weights the engine ran), or for a 16-bit run the fp32 masters in its optimizer
+    entry (megafusion.checkpoint_reader.plain_masters). Names of frozen parameters in
+    it (a tied base's head) are left out: the frozen tower comes from the base.
+    rounded: some weights are 16 bits with no fp32 master to read."""
 
-    def __init__(self, ref: CheckpointRef, fused):
+    def __init__(self, ref: CheckpointRef, fused, cfg):
         self.path = ref.tag_dir / PLAIN_FILE
         frozen = frozen_names(fused)
-        with self.open() as get:
-            self.shapes = {k: v.shape for k, v in get.lazy.items() if k not in frozen}
+        with self._errors():
+            saved = self._load()
+            module = saved["module"]
+            self.shapes = {k: v.shape for k, v in module.items() if k not in frozen}
+            self.masters = plain_masters(saved, fused, cfg) or {}
+            self.rounded = any(module[k].dtype in (torch.bfloat16, torch.float16) and k not in self.masters
+                               for k in inference_tensors(self.shapes))
+        del saved, module
+
+    def _load(self) -> dict:
+        return torch.load(self.path, map_location="cpu", mmap=True, weights_only=False)
 
     @contextlib.contextmanager
     def _errors(self):
@@ -163,12 +176,23 @@ class PlainReader:
     @contextlib.contextmanager
     def open(self):
         with self._errors():
-            module = torch.load(self.path, map_location="cpu", mmap=True, weights_only=False)["module"]
-        get = _LazyGetter(module, self._errors)
+            saved = self._load()
+
+        def get(name):
+            with self._errors():
+                weight = saved["module"][name]
+                if name not in self.masters:
+                    return weight
+                master = master_at(saved, self.masters[name], weight.shape)
+            if not is_master_of(master, weight):
+                raise ExportError(f"{self.path}: the fp32 master of {name} is not its {weight.dtype} weight rounded "
+                                  "(a damaged checkpoint?)")
+            return master
+
         try:
             yield get
         finally:
-            get.lazy = None
+            saved = None  # the last reference to the mapped file
 
 
 class PipelineReader:
@@ -184,9 +208,13 @@ class PipelineReader:
         for idx, path in self.files.items():
             with self._errors(path):
                 state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-                keys[idx] = {k: (idx, k, v.shape) for k, v in state.items()}
+                keys[idx] = {k: (idx, k, v.shape, v.dtype) for k, v in state.items()}
         self.location = pipeline_to_fusion_names(keys, num_decoder_layers, ref.tag_dir)
-        self.shapes = {name: shape for name, (_, _, shape) in self.location.items()}
+        self.shapes = {name: loc[2] for name, loc in self.location.items()}
+        # The layer files hold the weights the engine ran (16 bits in a bf16 run); their
+        # fp32 masters are partitioned in the optimizer files, which are not read.
+        self.rounded = any(self.location[n][3] in (torch.bfloat16, torch.float16)
+                           for n in inference_tensors(self.shapes))
 
     @contextlib.contextmanager
     def _errors(self, path):
@@ -200,7 +228,7 @@ class PipelineReader:
         mapped = {}
 
         def get(name):
-            idx, key, _ = self.location[name]
+            idx, key = self.location[name][:2]
             with self._errors(self.files[idx]):
                 if idx not in mapped:
                     mapped[idx] = torch.load(self.files[idx], map_location="cpu", mmap=True, weights_only=False)
@@ -304,7 +332,7 @@ class TensorSources:
 # ----------------------------------------------------------------------- writing
 
 def write_weights(model, state: dict[str, torch.Tensor], sources: TensorSources, out: Path,
-                  max_shard_size: str) -> None:
+                  max_shard_size: int) -> None:
     """model.safetensors, or shards and model.safetensors.index.json, as save_pretrained
     names and indexes them (state: saved_tensors(model)); one shard in memory at a time."""
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -330,10 +358,11 @@ def write_weights(model, state: dict[str, torch.Tensor], sources: TensorSources,
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def stream_export(ref: CheckpointRef, cfg, out_dir, *, dtype: torch.dtype, max_shard_size: str, overwrite: bool,
+def stream_export(ref: CheckpointRef, cfg, out_dir, *, dtype: torch.dtype, max_shard_size: int, overwrite: bool,
                   tokenizer, bos, eos, card: str, extra_files: dict, generation_defaults: dict) -> Path:
-    """The checkpoint `ref` (of run config `cfg`) as a Hugging Face model directory."""
-    from megafusion.export import finish_model_dir, hf_model, prepare_out_dir, tokenizer_with_image_tokens
+    """The checkpoint `ref` (of run config `cfg`) as a Hugging Face model directory,
+    written beside out_dir and moved into its place once complete (megafusion.export.staged_dir)."""
+    from megafusion.export import finish_model_dir, hf_model, staged_dir, tokenizer_with_image_tokens
     from megafusion.model.loading import BaseModelError
     from megafusion.parallel.base_weights import BaseWeights
 
@@ -345,22 +374,27 @@ def stream_export(ref: CheckpointRef, cfg, out_dir, *, dtype: torch.dtype, max_s
     if ref.kind == "zero":
         reader = ZeroReader(ref)
     elif ref.kind == "plain":
-        reader = PlainReader(ref, fused)
+        reader = PlainReader(ref, fused, cfg)
     else:
         reader = PipelineReader(ref, len(fused.layers))
     reader.shapes = {k: reader.shapes[k] for k in inference_tensors(reader.shapes)}
+    if dtype == torch.float32 and reader.rounded:
+        print(f"warning: --dtype fp32 asked, but {ref.tag_dir} holds its trained weights in 16 bits only "
+              f"({'pipeline layer files' if ref.kind == 'pipeline' else 'no fp32 masters that match them'}): "
+              "the export holds them rounded", file=sys.stderr)
     sources = TensorSources(fused, base, reader, weights, ref.tag_dir)
     tokenizer = tokenizer_with_image_tokens(tokenizer, fused.vocab_size)
     model = hf_model(fused, bos=bos, eos=eos, dtype=dtype, generation_defaults=generation_defaults)
     state = saved_tensors(model)
     for name, t in state.items():
         sources.check(name, t)
-    out = prepare_out_dir(out_dir, overwrite)  # everything checked: now the old directory may go
-    model.save_pretrained(out, state_dict={}, safe_serialization=True)  # config, generation config, code
-    write_weights(model, state, sources, out, max_shard_size)
     processor = None
     if fused.understanding is not None:  # a LLaVA base's processor travels with the export
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(str(weights.dir), use_fast=False)
-    return finish_model_dir(out, model, tokenizer, card=card, extra_files=extra_files, processor=processor)
+    with staged_dir(out_dir, overwrite) as out:  # everything checked: written beside OUT_DIR
+        model.save_pretrained(out, state_dict={}, safe_serialization=True)  # config, generation config, code, VAE
+        write_weights(model, state, sources, out, max_shard_size)
+        finish_model_dir(out, model, tokenizer, card=card, extra_files=extra_files, processor=processor)
+    return Path(out_dir).expanduser()

@@ -106,22 +106,28 @@ def load(path: str | os.PathLike, tag: str | None = None, device: str | torch.de
     if not p.is_dir():
         raise GenerateError(f"--model {path}: no such directory")
     if _is_export(p):
+        from safetensors import SafetensorError
         from transformers import AutoTokenizer
 
         from megafusion.model.hf import LMFusionForCausalLM
 
-        hf = LMFusionForCausalLM.from_pretrained(str(p), dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(p))
-        c, g = hf.config, hf.generation_config
-        processor = None
-        if hf.model.understanding is not None:  # a LLaVA base's processor, saved with the export
-            from transformers import AutoProcessor
+        try:
+            hf = LMFusionForCausalLM.from_pretrained(str(p), dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(str(p))
+            processor = None
+            if hf.model.understanding is not None:  # a LLaVA base's processor, saved with the export
+                from transformers import AutoProcessor
 
-            processor = AutoProcessor.from_pretrained(str(p), use_fast=False)
+                processor = AutoProcessor.from_pretrained(str(p), use_fast=False)
+        except (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError) as exc:
+            # a partial or damaged export: missing or truncated files, bad JSON, wrong shapes
+            raise GenerateError(f"--model {path}: cannot load the exported model ({type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no details'})") from None
+        c, g = hf.config, hf.generation_config
+        steps, scale = getattr(g, "image_num_inference_steps", None), getattr(g, "image_guidance_scale", None)
         gen = Generator(hf.model.eval(), tokenizer, c.bos_token_id, c.eos_token_id, c.boi_token_id, c.eoi_token_id,
-                        steps=int(getattr(g, "image_num_inference_steps", 50) or 50),
-                        guidance_scale=float(getattr(g, "image_guidance_scale", 3.0) or 3.0), source=str(p),
-                        processor=processor)
+                        steps=50 if steps is None else int(steps), guidance_scale=3.0 if scale is None else float(scale),
+                        source=str(p), processor=processor)
     else:
         from megafusion.checkpoint_reader import ExportError, find_checkpoint, load_checkpoint_model
         from megafusion.export import special_ids
@@ -145,7 +151,8 @@ def load(path: str | os.PathLike, tag: str | None = None, device: str | torch.de
             for param in fused.parameters():
                 param.data = param.data.to(dtype)
         gen = Generator(fused, tokenizer, bos, eos, fused.boi_id, fused.eoi_id,
-                        steps=cfg.log.sample_diffusion_steps, source=str(p), processor=vlm_processor(fused, cfg.model.base))
+                        steps=cfg.log.sample_diffusion_steps, guidance_scale=cfg.log.sample_guidance, source=str(p),
+                        processor=vlm_processor(fused, cfg.model.base))
     gen.model.to(device)
     return gen
 

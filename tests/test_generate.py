@@ -333,6 +333,60 @@ def test_export_of_vae_and_unet_model_loads_back(base, tmp_path, tiny_llama):
     assert torch.equal(m16.model.layers[0].image.q_proj.weight, model.layers[0].image.q_proj.weight.to(torch.bfloat16))
 
 
+def test_save_pretrained_of_a_loaded_vae_export_loads_back(base, tmp_path, tiny_llama):
+    """An exported VAE-space model, loaded and saved again with save_pretrained (what a
+    user does to copy, re-shard or push it), loads back with the VAE (vae/, where the
+    config's relative vae_path points) and gives the outputs of the model it was saved
+    from: logits and diffusion prediction from pixels (the VAE's encoder) and decoded
+    pixels (its decoder)."""
+    from diffusers import AutoencoderKL
+
+    from megafusion.export import export_fused
+    from megafusion.model.hf import LMFusionForCausalLM
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
+                  sample_size=32).save_pretrained(tmp_path / "vae_src")
+    model = make_fused(base, image_mode="vae", vae_path=str(tmp_path / "vae_src"), image_size=32, patch_size=2)
+    out = export_fused(copy.deepcopy(model), AutoTokenizer.from_pretrained(tiny_llama), tmp_path / "export", bos=1, eos=2)
+    loaded = LMFusionForCausalLM.from_pretrained(out).eval()
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert (tmp_path / "resaved" / "vae" / "config.json").is_file()
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["fusion"]["vae_path"] == "vae"
+    reloaded = LMFusionForCausalLM.from_pretrained(tmp_path / "resaved").eval()
+    g = torch.Generator().manual_seed(7)
+    pixels = torch.rand(3, 32, 32, generator=g) * 2 - 1
+    doc = [TextSegment([1] + ids(4, 61) + [model.boi_id]), ImageSegment(pixels, timestep=300.0), TextSegment([model.eoi_id])]
+    T = model.tokens_per_image
+    batch = PackedBatch.from_rows([[doc]], seq_len=1 + 4 + 1 + T + 1, tokens_per_image=T, images_are_latents=False)
+    noise = torch.randn(1, 4, 16, 16, generator=g)
+    latents = torch.randn(1, 4, 16, 16, generator=g)
+    with torch.no_grad():
+        want = loaded.model(batch, noise=noise, return_logits=True)
+        got = reloaded.model(batch, noise=noise, return_logits=True)
+        want_px = loaded.model.image_tokenizer.decode_latents(latents)
+        got_px = reloaded.model.image_tokenizer.decode_latents(latents)
+    assert want.image_prediction.abs().max() > 0
+    assert torch.equal(got.image_prediction, want.image_prediction) and torch.equal(got.logits, want.logits)
+    assert torch.equal(got_px, want_px)
+
+
+def test_a_saved_guidance_scale_of_zero_is_kept(fused, tiny_llama, tmp_path):
+    """generation_config.json's image_guidance_scale is read as saved, 0.0 included, by
+    megafusion.generate as by the wrapper's own sampler defaults."""
+    from megafusion.export import export_fused
+
+    out = export_fused(copy.deepcopy(fused), AutoTokenizer.from_pretrained(tiny_llama), tmp_path / "export", bos=1,
+                       eos=2, generation_defaults={"image_num_inference_steps": 3, "image_guidance_scale": 0.0})
+    assert json.loads((out / "generation_config.json").read_text())["image_guidance_scale"] == 0.0
+    gen = G.load(out)
+    assert (gen.steps, gen.guidance_scale) == (3, 0.0)
+    from megafusion.model.hf import LMFusionForCausalLM
+
+    assert LMFusionForCausalLM.from_pretrained(out)._sampler_defaults(None, None) == (3, 0.0)
+
+
 def test_export_of_x_prediction_with_position_table_loads_back(fused_x0, tmp_path, tiny_llama):
     """The learned position table and prediction_type=sample survive the export: the
     loaded model's cached denoising step (a velocity) equals the source model's."""

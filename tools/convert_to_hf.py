@@ -16,6 +16,12 @@ in VAE mode), the run config and a model card:
 
     AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)
 
+The export is written into a new directory beside OUT_DIR and takes OUT_DIR's place
+only when complete: a failed export (a full disk, say) leaves OUT_DIR, or the export
+it held before --overwrite, as it was. OUT_DIR may not be, contain or lie inside the
+checkpoint, the base model or the VAE it reads (an export inside the run directory,
+e.g. RUN_DIR/hf, is fine).
+
 --dtype defaults to the run's train.dtype. See megafusion/export.py.
 """
 from __future__ import annotations
@@ -34,7 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step300 (default: the `latest` one)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="weight dtype (default: the run's train.dtype)")
     p.add_argument("--max-shard-size", default="5GB",
-                   help="largest safetensors shard (default 5GB); the export holds one shard in memory")
+                   help="largest safetensors shard (default 5GB = 5e9 bytes; units KB, MB, GB, TB); "
+                        "the export holds one shard in memory")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     args = p.parse_args(argv)
 

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
-from megafusion.model.batch import Document, ImageSegment, PackedBatch, TextSegment, document_length
+from megafusion.model.batch import Document, PackedBatch, TextSegment, document_length
 
 _PACKED_FIELDS = tuple(f.name for f in fields(PackedBatch))
 

@@ -142,6 +142,26 @@ class LMFusionForCausalLM(PreTrainedModel, GenerationMixin):
         # tokenizer's own initialisation when built directly).
         pass
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, and in VAE mode the VAE (left out of the model's
+        safetensors) into save_directory/vae in fp32, where config.json's fusion.vae_path
+        points: the saved directory loads as the export it came from did. The VAE is
+        written first, so that push_to_hub=True uploads it with the rest."""
+        vae = self.model.image_tokenizer.vae
+        if vae is not None and kwargs.get("is_main_process", True):
+            import copy
+
+            os.makedirs(save_directory, exist_ok=True)
+            copy.deepcopy(vae).to(torch.float32).save_pretrained(os.path.join(save_directory, VAE_SUBFOLDER),
+                                                                 safe_serialization=True)
+        fusion = self.config.fusion
+        if vae is not None and fusion.get("vae_path") != VAE_SUBFOLDER:
+            self.config.fusion = dict(fusion, vae_path=VAE_SUBFOLDER)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.fusion = fusion
+
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
