@@ -59,11 +59,13 @@ from megafusion.model.routing import Routing, prompt_vectors
 from megafusion.model.towers import image_twin
 from megafusion.parallel.base_weights import BaseWeights, materialize, skeleton_base_model
 
-_INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
 def _to_bits(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(_INT_OF[x.dtype])
+    """fp32 values as int32 on the wire (DeepSpeed computes gradients for the float
+    tensors a stage sends). fp32 only: the 16-bit floats would need int16, which NCCL
+    does not carry."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"pipeline wire: {x.dtype} values are sent as float32 (call .float() first)")
+    return x.contiguous().view(torch.int32)
 
 
 def _from_bits(x: torch.Tensor, dtype) -> torch.Tensor:

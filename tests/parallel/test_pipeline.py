@@ -71,6 +71,9 @@ def test_every_tensor_a_stage_emits_is_on_the_stage_device(tiny_llama, kind):
             x = stage(x)
             off = [(i, str(t.device)) for i, t in enumerate(tensors_in(x)) if t.device != device]
             assert not off, f"{type(stage).__name__} emits tensors off its device: {off}"
+            # and only dtypes NCCL carries (torch's NCCL type map has no int16 or complex)
+            odd = [(i, t.dtype) for i, t in enumerate(tensors_in(x)) if t.dtype in (torch.int16, torch.complex64)]
+            assert not odd, f"{type(stage).__name__} emits tensors NCCL cannot send: {odd}"
     assert torch.isfinite(x.elem).all()
 
 
