@@ -94,6 +94,16 @@ def fused_2d(base):
     return make_fused(base, objective="rectified_flow", image_rope="2d")
 
 
+def pixel_image_batch(model, g: torch.Generator, text_seed: int, timestep: float) -> PackedBatch:
+    """One document of a VAE-space model: BOS, 4 text tokens, a random 32x32 image in
+    pixels (the VAE's encoder runs) at `timestep`, EOI."""
+    pixels = torch.rand(3, 32, 32, generator=g) * 2 - 1
+    doc = [TextSegment([1] + ids(4, text_seed) + [model.boi_id]), ImageSegment(pixels, timestep=timestep),
+           TextSegment([model.eoi_id])]
+    T = model.tokens_per_image
+    return PackedBatch.from_rows([[doc]], seq_len=1 + 4 + 1 + T + 1, tokens_per_image=T, images_are_latents=False)
+
+
 def ids(n, seed, vocab=49152):
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -314,10 +324,7 @@ def test_export_of_vae_and_unet_model_loads_back(base, tmp_path, tiny_llama):
     assert json.loads((out / "config.json").read_text())["fusion"]["vae_path"] == "vae"
     loaded = LMFusionForCausalLM.from_pretrained(out).eval()
     g = torch.Generator().manual_seed(5)
-    pixels = torch.rand(3, 32, 32, generator=g) * 2 - 1
-    doc = [TextSegment([1] + ids(4, 60) + [model.boi_id]), ImageSegment(pixels, timestep=400.0), TextSegment([model.eoi_id])]
-    T = model.tokens_per_image
-    batch = PackedBatch.from_rows([[doc]], seq_len=1 + 4 + 1 + T + 1, tokens_per_image=T, images_are_latents=False)
+    batch = pixel_image_batch(model, g, text_seed=60, timestep=400.0)
     noise = torch.randn(1, 4, 16, 16, generator=g)
     with torch.no_grad():
         ref = model(batch, noise=noise, return_logits=True)
@@ -356,10 +363,7 @@ def test_save_pretrained_of_a_loaded_vae_export_loads_back(base, tmp_path, tiny_
     assert json.loads((tmp_path / "resaved" / "config.json").read_text())["fusion"]["vae_path"] == "vae"
     reloaded = LMFusionForCausalLM.from_pretrained(tmp_path / "resaved").eval()
     g = torch.Generator().manual_seed(7)
-    pixels = torch.rand(3, 32, 32, generator=g) * 2 - 1
-    doc = [TextSegment([1] + ids(4, 61) + [model.boi_id]), ImageSegment(pixels, timestep=300.0), TextSegment([model.eoi_id])]
-    T = model.tokens_per_image
-    batch = PackedBatch.from_rows([[doc]], seq_len=1 + 4 + 1 + T + 1, tokens_per_image=T, images_are_latents=False)
+    batch = pixel_image_batch(model, g, text_seed=61, timestep=300.0)
     noise = torch.randn(1, 4, 16, 16, generator=g)
     latents = torch.randn(1, 4, 16, 16, generator=g)
     with torch.no_grad():
