@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -91,6 +92,39 @@ class Generator:
 
 
 # ------------------------------------------------------------------------------ loading
+
+def check_device(device: str | torch.device) -> None:
+    """Refuse a --device that torch cannot place a tensor on (a misspelt name, CUDA
+    without a GPU, an index past the last GPU), before a model is loaded."""
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, AssertionError, ValueError, TypeError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GenerateError(f"--device {device}: not a usable device ({why})") from None
+
+
+def check_decoding(temperature: float, top_p: float) -> None:
+    """Text sampling settings: temperature >= 0 (0 = greedy), 0 < top_p <= 1 (top_p 0 keeps
+    no token at all)."""
+    if not (math.isfinite(float(temperature)) and temperature >= 0):
+        raise GenerateError(f"--temperature {temperature}: must be a number >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise GenerateError(f"--top-p {top_p}: must be in (0, 1]")
+
+
+def check_steps(steps: int, gen: "Generator | None" = None) -> None:
+    """Denoising steps: >= 1 and, given the model, no more than its sampler allows (its
+    training timesteps), as generate_image requires."""
+    if int(steps) < 1:
+        raise GenerateError(f"--steps {steps}: must be >= 1")
+    if gen is not None:
+        from megafusion.model.diffusion import make_sampler_scheduler
+
+        try:
+            make_sampler_scheduler(gen.model.cfg, int(steps))
+        except ValueError as exc:
+            raise GenerateError(f"--steps {steps}: {str(exc).splitlines()[0]}") from None
+
 
 def _is_export(path: Path) -> bool:
     try:
@@ -270,6 +304,7 @@ def caption(gen: Generator, images: ImageLike | Sequence[ImageLike], *, max_new_
     first token: in training, EOS follows the end-of-image token of every generation
     sample (caption, then image), so an early model's greedy first token after an image
     is often EOS, an empty caption."""
+    check_decoding(temperature, top_p)
     images = _as_list(images)
     m = gen.model
     if gen.processor is not None:
@@ -305,6 +340,7 @@ def _caption_through_vlm(gen: Generator, images: list, *, max_new_tokens: int, t
 def generate_text(gen: Generator, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, return_ids: bool = False) -> list:
     """Text to text (BOI/EOI never sampled): greedy output is the base model's."""
+    check_decoding(temperature, top_p)
     prompts = _as_list(prompts)
     ids = tasks.text_to_text(gen.model, [gen.tokenize(p) for p in prompts], bos=gen.bos, eos=gen.eos,
                            banned=(gen.boi, gen.eoi), max_new_tokens=max_new_tokens, temperature=temperature,
@@ -319,10 +355,13 @@ def interleave(gen: Generator, prompt: str, *, max_new_tokens: int = 256, max_im
     """Free generation: strings and PIL images in order. The model starts an image by
     emitting BOI (lm_loss_on_boi trains that); logits_processor(new_ids, logits) may
     steer it (new_ids: one list per row, logits [1, V + 2])."""
+    check_decoding(temperature, top_p)
+    steps = gen.steps if steps is None else int(steps)
+    check_steps(steps, gen)  # now, not once the model emits BOI
     head = [gen.bos] if gen.bos is not None else []
     segments = tasks.interleave(
         gen.model, head + gen.tokenize(prompt), boi=gen.boi, eoi=gen.eoi, eos=gen.eos, uncond_ids=head + [gen.boi],
-        max_new_tokens=max_new_tokens, max_images=max_images, steps=gen.steps if steps is None else int(steps),
+        max_new_tokens=max_new_tokens, max_images=max_images, steps=steps,
         guidance_scale=gen.guidance_scale if cfg is None else float(cfg), temperature=temperature, top_p=top_p,
         generator=torch.Generator().manual_seed(int(seed)), logits_processor=logits_processor,
         progress=_progress(progress, "denoise"))
@@ -415,6 +454,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     progress = not args.no_progress
     try:
+        # Bad numbers and devices before the model is loaded.
+        if args.task in ("caption", "text", "interleave"):
+            check_decoding(args.temperature, args.top_p)
+        if args.task in ("image", "interleave") and args.steps is not None:
+            check_steps(args.steps)
+        if args.task == "image" and args.n < 1:
+            raise GenerateError(f"--n {args.n}: must be >= 1")
+        check_device(args.device)
         if args.task == "image":
             out = _check_out(args.out, (".png",))
         elif args.task == "interleave":

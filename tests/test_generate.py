@@ -523,6 +523,9 @@ def test_interleaved_output_file(tmp_path):
     (["--model", "{export}", "caption", "--image", "{notimage}"], "not a readable image"),
     (["--model", "{export}", "image", "--prompt", "x", "--out", "{tmp}/x.jpg"], ".png"),
     (["--model", "{export}", "image", "--prompt", "x", "--steps", "5000", "--out", "{tmp}/x.png"], "5000"),
+    # interleave samples images too: its steps are checked before the model writes any
+    # text (they used to be found out only once it emitted BOI)
+    (["--model", "{export}", "interleave", "--prompt", "x", "--steps", "5000", "--out", "{tmp}/x.md"], "--steps 5000"),
 ])
 def test_command_line_refusals(args, expect, exported, tmp_path, capsys):
     (tmp_path / "notimage.png").write_text("not a png")
@@ -530,6 +533,50 @@ def test_command_line_refusals(args, expect, exported, tmp_path, capsys):
     code, _, err = run_cli(*args, capsys=capsys)
     errors = [x for x in err.splitlines() if x.startswith("error:")]
     assert code != 0 and len(errors) == 1 and expect in errors[0], err
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["text", "--prompt", "x", "--temperature", "1", "--top-p", "0"], "--top-p 0.0"),
+    (["text", "--prompt", "x", "--top-p", "1.5"], "--top-p 1.5"),
+    (["text", "--prompt", "x", "--top-p", "nan"], "--top-p nan"),
+    (["text", "--prompt", "x", "--temperature", "-1"], "--temperature -1.0"),
+    (["text", "--prompt", "x", "--temperature", "inf"], "--temperature inf"),
+    (["caption", "--image", "{image}", "--temperature", "1", "--top-p", "0"], "--top-p 0.0"),
+    (["interleave", "--prompt", "x", "--top-p", "0", "--out", "{tmp}/x.md"], "--top-p 0.0"),
+    (["interleave", "--prompt", "x", "--steps", "0", "--out", "{tmp}/x.md"], "--steps 0"),
+    (["image", "--prompt", "x", "--steps", "-2", "--out", "{tmp}/x.png"], "--steps -2"),
+    (["image", "--prompt", "x", "--n", "0", "--out", "{tmp}/x.png"], "--n 0"),
+    (["--device", "bogus", "text", "--prompt", "x"], "--device bogus"),
+    (["--device", "cuda:99", "text", "--prompt", "x"], "--device cuda:99"),
+])
+def test_bad_numbers_are_refused_before_the_model_is_loaded(args, expect, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "im.png")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(G, "load", no_load)
+    args = [a.format(tmp=tmp_path, image=tmp_path / "im.png") for a in args]
+    code, _, err = run_cli("--model", tmp_path, *args, capsys=capsys)
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and expect in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_python_api_refuses_bad_numbers(exported):
+    gen = G.load(exported)
+    with pytest.raises(G.GenerateError, match="--top-p 0"):
+        G.generate_text(gen, ["x"], temperature=1.0, top_p=0.0)
+    with pytest.raises(G.GenerateError, match="--temperature -0.5"):
+        G.caption(gen, [torch.zeros(3, SIZE, SIZE)], temperature=-0.5)
+    for steps in (0, 5000):
+        # the model is steered to emit BOI first: the image would be sampled at once
+        with pytest.raises(G.GenerateError, match=f"--steps {steps}"):
+            G.interleave(gen, "x", steps=steps, progress=False,
+                         logits_processor=lambda new, logits: torch.where(
+                             torch.arange(logits.shape[-1]) == gen.boi, 0.0, -1e4).expand_as(logits))
 
 
 def test_caption_min_new_tokens_keeps_eos_out_of_the_first_steps(fused):

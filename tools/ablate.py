@@ -16,7 +16,11 @@ gives each design M minutes of training wall clock instead: the run is stopped b
 at a step boundary (the trainer checkpoints there), with the config's train.steps as the
 schedule's length, and the table shows the steps each design reached. A design whose
 OUT/MODE/result.json exists is not run again unless --fresh; an interrupted one resumes
-from its last checkpoint. single_tower trains its text tower at the run's train.lr.
+from its last checkpoint. Both only under the same settings (config file and its content,
+--data, --steps, --minutes, --n, --ranks, overrides; stored in result.json and, from the
+start of training, OUT/MODE/ablate_settings.json): with other settings the ablation is
+refused in one line before any design trains (--fresh, or another --out). single_tower
+trains its text tower at the run's train.lr.
 Extra key=value arguments are overrides for every design. Every design trains the
 config's own recipe: the X-Fusion defaults that its designs would otherwise take
 (megafusion/config.py, XFUSION_DEFAULTS) are pinned to the config's values, so the
@@ -38,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from megafusion.eval.ablate import (design_overrides, design_row, format_ablation, parse_modes,  # noqa: E402
-                                    pinned_recipe, plot_ablation, run_cost)
+                                    pinned_recipe, plot_ablation, run_cost, run_settings, settings_difference)
 from megafusion.parallel.launch import local_deepspeed_command  # noqa: E402
 from tools.demo import DATA, ensure_shards  # noqa: E402
 
@@ -96,23 +100,59 @@ def train(cmd: list[str], minutes: float | None, env: dict) -> int:
         return proc.wait()
 
 
+SETTINGS_FILE = "ablate_settings.json"  # written before training: an interrupted run's settings
+
+
+def design_plan(mode: str, args, overrides: list[str], cfg, train_dir: Path) -> tuple[Path, list[str], dict]:
+    """One design's run directory, trainer arguments and settings (run_settings)."""
+    run_dir = Path(args.out).resolve() / mode
+    run = [f"data.train={train_dir}", f"data.val={train_dir / 'val'}", f"run.dir={run_dir}", f"run.name=ablate-{mode}",
+           *design_overrides(mode, cfg.train.lr), *overrides]
+    if args.steps:
+        run.append(f"train.steps={args.steps}")
+    settings = run_settings(config=args.config, train_args=run, steps=args.steps, minutes=args.minutes, n=args.n,
+                            ranks=args.ranks)
+    return run_dir, run, settings
+
+
+def reuse_problem(mode: str, run_dir: Path, settings: dict) -> str | None:
+    """Why the design's earlier result (or interrupted run) in run_dir cannot be used with
+    these settings; None when there is none or its settings are these."""
+    result_file, settings_file = run_dir / "result.json", run_dir / SETTINGS_FILE
+    for path, what in ((result_file, "result"), (settings_file, "interrupted run")):
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                data = None
+            saved = data.get("settings") if isinstance(data, dict) and path == result_file else data
+            diff = settings_difference(saved, settings)
+            if diff is not None:
+                return (f"{mode}: the {what} in {run_dir} was made with other settings ({diff}); "
+                        f"--fresh trains every design again, or give another --out")
+            return None
+    return None
+
+
 def run_design(mode: str, args, overrides: list[str], cfg, train_dir: Path) -> dict:
     from megafusion import generate as G
     from megafusion.eval.rows import read_shards
     from megafusion.eval.run_shapes import evaluate_shapes
     from megafusion.eval.text import load_corpus, text_preservation
 
-    run_dir = Path(args.out).resolve() / mode
+    run_dir, run, settings = design_plan(mode, args, overrides, cfg, train_dir)
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     result_file = run_dir / "result.json"
+    problem = reuse_problem(mode, run_dir, settings)  # main checked every design before the first ran
+    if problem:
+        raise SystemExit(f"error: {problem}")
     if result_file.exists():
-        print(f"ablate: {mode}: scored already ({result_file}; --fresh runs it again)", flush=True)
+        print(f"ablate: {mode}: scored already under the same settings ({result_file}; --fresh runs it again)",
+              flush=True)
         return json.loads(result_file.read_text())
-    run = [f"data.train={train_dir}", f"data.val={train_dir / 'val'}", f"run.dir={run_dir}", f"run.name=ablate-{mode}",
-           *design_overrides(mode, cfg.train.lr), *overrides]
-    if args.steps:
-        run.append(f"train.steps={args.steps}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     entry = [str(REPO / "megafusion/train.py"), "--config", str(Path(args.config).resolve()), *run]
     if args.ranks > 1:
         cmd = [*local_deepspeed_command(args.ranks, str(Path(sys.executable).parent / "deepspeed")), *entry]
@@ -135,7 +175,7 @@ def run_design(mode: str, args, overrides: list[str], cfg, train_dir: Path) -> d
     row = design_row(shapes, text, run_cost(run_dir))
     row["train_minutes"] = round(train_min, 2)
     result = dict(mode=mode, row=row, shapes={k: v for k, v in shapes.items() if k != "samples"},
-                  text={k: v for k, v in text.items() if k != "samples"}, run_dir=str(run_dir))
+                  text={k: v for k, v in text.items() if k != "samples"}, run_dir=str(run_dir), settings=settings)
     result_file.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -161,6 +201,15 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = [*pinned_recipe(cfg, overrides), *overrides]
+    if not args.fresh:
+        # Before any design trains: a result or interrupted run made under other settings
+        # (steps, minutes, n, ranks, overrides, config, data) is not mixed into the table.
+        for mode in args.modes:
+            run_dir, _, settings = design_plan(mode, args, overrides, cfg, train_dir)
+            problem = reuse_problem(mode, run_dir, settings)
+            if problem:
+                print(f"error: {problem}", file=sys.stderr)
+                return 2
     results = {mode: run_design(mode, args, overrides, cfg, train_dir) for mode in args.modes}
     rows = {mode: r["row"] for mode, r in results.items()}
     (out / "ablation.json").write_text(json.dumps(dict(config=str(args.config), overrides=overrides, steps=args.steps,

@@ -57,10 +57,12 @@ def ensure_shards(size: int) -> None:
 
 
 def demo_config(argv: list[str]):
+    """configs/demo.yaml with the overrides, every argument one (section.field=value): a
+    bad one raises ConfigError, before anything is written, removed or launched."""
     sys.path.insert(0, str(REPO))
     from megafusion.config import load_config
 
-    return load_config(REPO / "configs/demo.yaml", [a for a in argv if "=" in a])
+    return load_config(REPO / "configs/demo.yaml", argv)
 
 
 def mean(rows, key):
@@ -145,7 +147,20 @@ def main(argv: list[str]) -> int:
     argv = [a for a in argv if a != "--long"]
     if long:
         argv = [*LONG_OVERRIDES, *argv]
-    cfg = demo_config(argv)
+    bare = [a for a in argv if "=" not in a]
+    if bare:
+        # `train.steps 50` would otherwise reach the trainer (and be refused there) after
+        # the previous demo run was deleted.
+        print(f"error: argument {bare[0]!r} is not an override (section.field=value)\n{USAGE}", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO))
+    from megafusion.config import ConfigError
+
+    try:
+        cfg = demo_config(argv)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
     ensure_shards(cfg.model.image_size)
     given = [a.split("=", 1)[1] for a in argv if a.startswith("run.dir=")]
     run_dir = Path(given[-1]).expanduser().resolve() if given else REPO / "runs" / "demo"

@@ -61,6 +61,40 @@ def pinned_recipe(cfg, overrides: list[str]) -> list[str]:
     return out
 
 
+def run_settings(*, config: str | Path, train_args: list[str], steps: int | None, minutes: float | None, n: int,
+                 ranks: int) -> dict:
+    """Everything a design's result depends on: the config file (path and content), the
+    trainer's arguments (data, overrides, steps), the training budget, the ranks and the
+    number of held-out samples scored. tools/ablate.py stores it with each result and
+    reuses a result only under identical settings."""
+    import hashlib
+
+    path = Path(config).resolve()
+    return dict(config=str(path), config_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                train_args=[str(a) for a in train_args], steps=steps, minutes=minutes, n=n, ranks=ranks)
+
+
+def settings_difference(saved: dict | None, now: dict) -> str | None:
+    """None when `saved` (a stored result's settings) equals `now`; else what differs, in
+    a few words (saved -> now)."""
+    if not isinstance(saved, dict):
+        return "its settings were not recorded"
+    keys = [k for k in now if saved.get(k) != now[k]] + [k for k in saved if k not in now]
+    if not keys:
+        return None
+    parts = []
+    for k in keys:
+        if k == "train_args":
+            old, new = saved.get(k) or [], now[k]
+            changed = [a for a in new if a not in old] + [f"not {a}" for a in old if a not in new]
+            parts.append("trainer arguments " + (", ".join(changed[:3]) if changed else "reordered"))
+        elif k == "config_sha256":
+            parts.append("the config file's content")
+        else:
+            parts.append(f"{k} {saved.get(k)} -> {now.get(k)}")
+    return "; ".join(parts)
+
+
 def run_cost(run_dir: Path, skip: int = 3) -> dict:
     """Steps reached and the median wall clock of a training step (the first `skip` steps,
     which include warm-up work, left out) from the run's metrics.jsonl."""

@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_out(path: str | None) -> None:
+    """--out before any work: a .json file whose directory exists (created here) and can be
+    written, so that a run is not lost at the end for want of a place to put it."""
     if path is None:
         return
     out = Path(path)
@@ -93,13 +95,46 @@ def _check_out(path: str | None) -> None:
         raise EvalError(f"--out {path}: expected a .json file")
     if out.is_dir():
         raise EvalError(f"--out {path}: is a directory")
+    _writable_dir(out.parent, f"--out {path}")
+
+
+def _writable_dir(folder: Path, what: str) -> None:
+    import os
+
+    existing = next((d for d in (folder, *folder.parents) if d.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise EvalError(f"{what}: {existing} is a file, not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvalError(f"{what}: cannot create the directory {folder} "
+                        f"({exc.strerror or type(exc).__name__})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EvalError(f"{what}: cannot write in the directory {folder}")
+
+
+def _check_save_images(args) -> None:
+    folder = getattr(args, "save_images", None)
+    if folder is not None:
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise EvalError(f"--save-images {folder}: not a directory")
+        _writable_dir(Path(folder), f"--save-images {folder}")
 
 
 def _positive(args) -> None:
-    for name in ("n", "batch", "steps", "max_new_tokens", "max_tokens"):
+    for name in ("n", "batch", "steps", "max_new_tokens", "max_tokens", "size"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise EvalError(f"--{name.replace('_', '-')} {v}: must be >= 1")
+
+
+def _check_device(args) -> None:
+    from megafusion import generate as G
+
+    try:
+        G.check_device(args.device)
+    except G.GenerateError as exc:
+        raise EvalError(str(exc).splitlines()[0]) from None
 
 
 def run_shapes(args) -> tuple[dict, str]:
@@ -268,7 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _check_out(args.out)
+        _check_save_images(args)
         _positive(args)
+        _check_device(args)
         result, text = COMMANDS[args.command](args)
         result["command"] = args.command
         print(text)

@@ -68,6 +68,8 @@ def fid_score(real_images, fake_images, feature: torch.nn.Module | int, *, size:
     _quiet_metric_warnings()
     from torchmetrics.image.fid import FrechetInceptionDistance
 
+    if int(size) < 1:
+        raise EvalError(f"--size {size}: must be >= 1")
     if len(real_images) < 2 or len(fake_images) < 2:
         raise EvalError(f"fid: needs at least 2 real and 2 generated images (got {len(real_images)} and {len(fake_images)})")
     metric = FrechetInceptionDistance(feature=feature, normalize=False, input_img_size=(3, size, size))
@@ -137,44 +139,60 @@ def simple_tokenize(text: str) -> str:
     return " ".join(w for w in words if w not in _PTB_PUNCTUATION)
 
 
-class _stderr_to_devnull:
-    """Silence file descriptor 2 (a child process's stderr too) for the duration."""
+def _ptb_tokenize(lines: list[str]) -> list[str] | None:
+    """Stanford's PTBTokenizer as pycocoevalcap runs it (its jar, -preserveLines
+    -lowerCase, its punctuation filter), one output line per input line; None when the
+    output does not have exactly one line per caption (then nothing lines up)."""
+    import os
+    import subprocess
+    import tempfile
 
-    def __enter__(self):
-        import os
-        import sys
+    from pycocoevalcap.tokenizer import ptbtokenizer as P
 
-        sys.stderr.flush()
-        self.saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-
-    def __exit__(self, *exc):
-        import os
-
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
+    jar = os.path.join(os.path.dirname(os.path.abspath(P.__file__)), P.STANFORD_CORENLP_3_4_1_JAR)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "captions.txt")
+        with open(path, "wb") as f:
+            f.write("\n".join(lines).encode())
+        # the Java tokenizer reports its speed on stderr
+        done = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if done.returncode != 0:
+        return None
+    out = done.stdout.decode().split("\n")
+    if len(out) == len(lines) + 1 and out[-1] == "":  # a final newline
+        out.pop()
+    if len(out) != len(lines):
+        return None
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in P.PUNCTUATIONS) for line in out]
 
 
 def tokenize_captions(captions: dict[str, list[str]], tokenizer: str = "auto") -> tuple[dict[str, list[str]], str]:
-    """{id: [caption, ...]} -> tokenised, and the tokenizer used."""
+    """{id: [caption, ...]} -> tokenised, and the tokenizer used. Whitespace is normalised
+    first (runs of any whitespace -> one space): the Java tokenizer ends a line at '\\r',
+    U+0085, U+2028 and U+2029 as well as '\\n', which would shift every caption after one."""
     if tokenizer not in ("auto", "ptb", "simple"):
         raise EvalError(f"--tokenizer {tokenizer}: expected auto, ptb or simple")
-    if tokenizer != "simple" and shutil.which("java"):
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        try:
-            with _stderr_to_devnull():  # the Java tokenizer reports its speed on stderr
-                out = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
-            if all(len(out.get(k, ())) == len(v) for k, v in captions.items()):
+    captions = {k: [" ".join(str(c).split()) for c in v] for k, v in captions.items()}
+    why = "simple"
+    if tokenizer != "simple":
+        if shutil.which("java"):
+            keys = [k for k, v in captions.items() for _ in v]
+            try:
+                lines = _ptb_tokenize([c for v in captions.values() for c in v])
+            except OSError:
+                lines = None
+            if lines is not None:
+                out: dict[str, list[str]] = {k: [] for k in captions}
+                for k, line in zip(keys, lines):  # same length: _ptb_tokenize checked it
+                    out[k].append(line)
                 return out, "ptb"
-        except OSError:
-            pass
-    if tokenizer == "ptb":
-        raise EvalError("--tokenizer ptb: Stanford's PTBTokenizer needs java, which is not on PATH")
-    why = "simple" if tokenizer == "simple" else "simple (java not found: lowercase words, punctuation dropped, " \
-                                                  "instead of Stanford's PTBTokenizer)"
+            problem = "Stanford's PTBTokenizer failed or did not give one line per caption"
+        else:
+            problem = "Stanford's PTBTokenizer needs java, which is not on PATH"
+        if tokenizer == "ptb":
+            raise EvalError(f"--tokenizer ptb: {problem}")
+        why = f"simple ({problem}: lowercase words, punctuation dropped, instead)"
     return {k: [simple_tokenize(c) for c in v] for k, v in captions.items()}, why
 
 

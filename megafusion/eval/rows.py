@@ -131,8 +131,12 @@ def write_json(result: dict, out: str | Path | None) -> Path | None:
     if not out:
         return None
     p = Path(out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    text = json.dumps(result, indent=2, default=str) + "\n"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    except OSError as exc:  # the CLI checks --out before any work; this is what changed since
+        raise EvalError(f"--out {out}: cannot write it ({exc.strerror or type(exc).__name__})") from None
     return p
 
 

@@ -191,7 +191,8 @@ def relation_between(a: tuple[float, float], b: tuple[float, float]) -> str:
 def score_generation(image, meta: dict) -> dict:
     """Per-attribute booleans for an image drawn from the caption whose truth is `meta`.
     One object: the largest detection is the drawn object. Two: each object must appear
-    (colour and shape, distinct detections), and the relation holds between those two."""
+    (colour and shape, distinct detections), and the relation holds between those two;
+    relation is None (not scored) when they do not both appear."""
     found = analyse(image)
     if meta["kind"] == "one":
         want = meta["objects"][0]
@@ -208,7 +209,7 @@ def score_generation(image, meta: dict) -> dict:
             matched.append(hit)
     both = len(matched) == 2
     return dict(both_present=both,
-                relation=both and relation_between(matched[0].centre, matched[1].centre) == meta["relation"])
+                relation=relation_between(matched[0].centre, matched[1].centre) == meta["relation"] if both else None)
 
 
 _OBJECT = re.compile(r"\b(?:({sizes})\s+)?({colours})\s+({shapes})\b".format(
@@ -229,7 +230,8 @@ def parse_caption(text: str) -> dict:
 
 def score_caption(text: str, meta: dict) -> dict:
     """Per-attribute booleans for a caption written for the image whose truth is `meta`.
-    A caption that names two positions or two relations names none: hedging scores 0."""
+    A caption that names two positions or two relations names none: hedging scores 0.
+    Two objects: relation is None (not scored) unless the caption names both."""
     said = parse_caption(text)
     truth = [(o["colour"], o["shape"]) for o in meta["objects"]]
     if meta["kind"] == "one":
@@ -242,25 +244,29 @@ def score_caption(text: str, meta: dict) -> dict:
     both = len(named) == 2 and sorted(named) == sorted(truth)
     # "B below A" says the same as "A above B".
     right = said["relation"] == (meta["relation"] if named == truth else _INVERSE[meta["relation"]])
-    return dict(both_present=both, relation=both and right)
+    return dict(both_present=both, relation=right if both else None)
 
 
 # Chance: the accuracy of a uniform guess over the generator's choices. One object: colour,
 # shape, size and position are drawn independently and uniformly, so 1/6, 1/3, 1/3, 1/9.
 # Two objects: an unordered pair of distinct (colour, shape) objects out of 6 x 3 = 18, so
-# both present is 1/C(18, 2) = 1/153; the relation, given both, is one of 4.
+# both present is 1/C(18, 2) = 1/153; the relation, given both, is one of 4. The relation is
+# scored only where both are present (None elsewhere), so 1/4 is the chance of what its
+# accuracy counts; a two-object sample is all right with chance 1/153 x 1/4.
 CHANCE = dict(colour=1 / len(COLOURS), shape=1 / len(SHAPES), size=1 / len(SIZES),
               position=1 / len(POSITIONS), both_present=1 / math.comb(len(COLOURS) * len(SHAPES), 2),
               relation=1 / len(RELATIONS))
 
 
 def summarise(scores: list[dict]) -> dict:
-    """attribute -> {accuracy, n, chance}, over the samples that have that attribute, plus
-    "all": the share of samples with every attribute right (its chance: the mean over
-    samples of the product of their attributes' chances, the guesses being independent)."""
+    """attribute -> {accuracy, n, chance}, over the samples where that attribute is scored
+    (present and not None: relation only where both objects are present), plus "all": the
+    share of samples with every attribute right, an unscored relation counting as wrong (its
+    chance: the mean over samples of the product of their attributes' chances, the guesses
+    being independent)."""
     out = {}
     for key in CHANCE:
-        values = [s[key] for s in scores if key in s]
+        values = [s[key] for s in scores if s.get(key) is not None]
         if values:
             out[key] = dict(accuracy=sum(values) / len(values), n=len(values), chance=CHANCE[key])
     if scores:

@@ -123,3 +123,43 @@ def test_cider_ptb_tokenizer_agrees_with_simple_on_plain_captions():
     simple = cider_score(preds, refs, tokenizer="simple")
     assert ptb["tokenizer"] == "ptb" and simple["tokenizer"] == "simple"
     assert ptb["cider"] == pytest.approx(simple["cider"]) and 0 < ptb["cider"] < 10
+
+
+# Line breaks other than '\n': the Java tokenizer ends a line at each of them, and
+# pycocoevalcap replaced only '\n', so every caption after one was scored against the
+# wrong line.
+_BREAKS = ["\r", "\u2028", "\u0085", "\u2029", "\x0b", "\x0c", "\r\n", "\n"]
+
+
+@pytest.mark.parametrize("tokenizer", [
+    "simple", pytest.param("ptb", marks=pytest.mark.skipif(shutil.which("java") is None, reason="no java"))])
+def test_cider_line_breaks_inside_captions_change_nothing(tokenizer):
+    clean = ["a red circle in the center", "a small blue square at the top", "a green triangle on the left",
+             "a large purple square at the bottom", "a yellow circle on the right"]
+    refs = [[c, "something else entirely here"] for c in clean]
+    broken = [c.replace(" ", _BREAKS[i % len(_BREAKS)], 2) for i, c in enumerate(clean)]
+    broken_refs = [[c.replace(" ", b, 1), r] for c, (_, r), b in zip(clean, refs, reversed(_BREAKS))]
+    want = cider_score(clean, refs, tokenizer=tokenizer)
+    for preds, rs in ((broken, refs), (clean, broken_refs), (broken, broken_refs)):
+        got = cider_score(preds, rs, tokenizer=tokenizer)
+        assert got["tokenizer"] == tokenizer
+        assert got["per_sample"] == pytest.approx(want["per_sample"]) and got["cider"] == pytest.approx(want["cider"])
+    # identical predictions and references score alike, each as a clean caption does against itself
+    same = cider_score(broken, [[b] for b in broken], tokenizer=tokenizer)
+    assert same["per_sample"] == pytest.approx(cider_score(clean, [[c] for c in clean], tokenizer=tokenizer)["per_sample"])
+    assert same["per_sample"] == pytest.approx([10.0] * len(clean))
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="no java: Stanford's PTBTokenizer cannot run")
+def test_ptb_output_must_have_one_line_per_caption():
+    from megafusion.eval.realdata import _ptb_tokenize
+
+    assert _ptb_tokenize(["A red circle.", "", "a blue square"]) == ["a red circle", "", "a blue square"]
+    assert _ptb_tokenize(["a red\rcircle", "a blue square"]) is None  # three lines out for two in
+
+
+@pytest.mark.parametrize("size", [0, -5])
+def test_fid_refuses_a_size_below_one(size):
+    # was a ZeroDivisionError from the resize
+    with pytest.raises(EvalError, match=f"--size {size}: must be >= 1"):
+        fid_score(images(0, 4), images(1, 4), TinyFeatures(), size=size, progress=False)

@@ -125,7 +125,7 @@ def test_two_objects_wrong_object_or_swapped_places_fail():
 
     for size in (16, 32):
         scores = _changed(size, "two", recolour)
-        assert len(scores) > 20 and not any(s["both_present"] or s["relation"] for s in scores)
+        assert len(scores) > 20 and all(s == dict(both_present=False, relation=None) for s in scores)
         scores = _changed(size, "two", swap)
         assert all(s["both_present"] and not s["relation"] for s in scores)
 
@@ -189,7 +189,8 @@ def test_two_object_captions():
     assert score_caption("a blue square below a small red circle", meta) == dict(both_present=True, relation=True)
     for rel in set(RELATIONS) - {"above"}:
         assert score_caption(f"a red circle {rel} a blue square", meta) == dict(both_present=True, relation=False)
-    assert score_caption("a red circle above a green square", meta) == dict(both_present=False, relation=False)
+    # Not both named: the relation is not scored (None), whatever the relation word.
+    assert score_caption("a red circle above a green square", meta) == dict(both_present=False, relation=None)
     assert not any(score_caption("", meta).values())
 
 
@@ -207,5 +208,49 @@ def test_summarise_and_chance():
     assert out["colour"] == dict(accuracy=0.5, n=2, chance=pytest.approx(1 / 6))
     assert out["relation"] == dict(accuracy=1.0, n=1, chance=0.25)
     assert out["all"]["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_relation_is_scored_where_both_objects_are_present():
+    """The relation's accuracy is over the two-object samples with both objects present,
+    so that its printed chance (1/4, one of the relation words) is the chance of what it
+    counts. Hand-built captions and images with known outcomes; the expected numbers are
+    counted by hand, not by summarise."""
+    meta = dict(kind="two", relation="above", objects=[dict(shape="circle", colour="red", size="small"),
+                                                       dict(shape="square", colour="blue", size="medium")])
+    captions = ["a small red circle above a blue square",  # both named, relation right
+                "a blue square below a small red circle",  # both named, said the other way round: right
+                "a red circle left of a blue square",      # both named, relation wrong
+                "a red circle above a green square",       # an object wrong: relation not scored
+                "a purple triangle above a red circle",    # an object wrong: relation not scored
+                "a red circle"]                            # one object: relation not scored
+    out = summarise([score_caption(c, meta) for c in captions])
+    assert out["both_present"] == dict(accuracy=3 / 6, n=6, chance=pytest.approx(1 / 153))
+    assert out["relation"] == dict(accuracy=2 / 3, n=3, chance=0.25)
+    # Every attribute right: 2 of 6, a uniform guess gets a sample right with 1/153 x 1/4.
+    assert out["all"]["accuracy"] == pytest.approx(2 / 6) and out["all"]["chance"] == pytest.approx(1 / 612)
+
+    # Images: the generator's renders of two-object scenes (relation right), the same
+    # scenes with the objects' places swapped (relation wrong, both present) and with the
+    # second object recoloured (not both present).
+    two = [s for s in samples(32, 60) if s.meta["kind"] == "two"][:6]
+    images, truths = [], []
+    for s in two:
+        swapped, recoloured = copy.deepcopy(s.meta), copy.deepcopy(s.meta)
+        a, b = swapped["objects"]
+        (a["x"], a["y"]), (b["x"], b["y"]) = (b["x"], b["y"]), (a["x"], a["y"])
+        o = recoloured["objects"][1]
+        taken = {(p["colour"], p["shape"]) for p in recoloured["objects"]}
+        o["colour"] = next(c for c in COLOURS if c != o["colour"] and (c, o["shape"]) not in taken)
+        images += [s.image, render(swapped, 32), render(recoloured, 32)]
+        truths += [s.meta] * 3
+    scores = [score_generation(im, m) for im, m in zip(images, truths)]
+    assert scores == [dict(both_present=True, relation=True), dict(both_present=True, relation=False),
+                      dict(both_present=False, relation=None)] * len(two)
+    out = summarise(scores)
+    k = len(two)
+    assert out["both_present"] == dict(accuracy=2 * k / (3 * k), n=3 * k, chance=pytest.approx(1 / 153))
+    assert out["relation"] == dict(accuracy=k / (2 * k), n=2 * k, chance=0.25)
+    # Nothing present anywhere: the relation has no samples to be scored on.
+    assert "relation" not in summarise([dict(both_present=False, relation=None)] * 3)
     assert CHANCE["position"] == pytest.approx(1 / 9) and CHANCE["both_present"] == pytest.approx(1 / 153)
     assert summarise([]) == {}

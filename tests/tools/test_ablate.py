@@ -87,3 +87,100 @@ def test_two_designs_side_by_side(tmp_path, tiny_llama, synthetic_shards, monkey
     assert ablate(cmd[2:]) == 0
     out = capsys.readouterr().out
     assert out.count("scored already") == 2, out[-2000:]
+
+
+def test_settings_difference_names_what_changed(tmp_path):
+    from megafusion.eval.ablate import run_settings, settings_difference
+
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {steps: 3}\n")
+    base = dict(config=config, train_args=["run.dir=/r", "model.tower_mode=xfuse"], steps=3, minutes=None, n=4, ranks=1)
+    now = run_settings(**base)
+    assert now["config"] == str(config.resolve()) and now["train_args"] == ["run.dir=/r", "model.tower_mode=xfuse"]
+    assert settings_difference(json.loads(json.dumps(now)), now) is None  # as stored in result.json
+    assert settings_difference(now, run_settings(**{**base, "steps": 5})) == "steps 3 -> 5"
+    assert settings_difference(now, run_settings(**{**base, "n": 8})) == "n 4 -> 8"
+    assert settings_difference(now, run_settings(**{**base, "steps": None, "minutes": 2.0})) == \
+        "steps 3 -> None; minutes None -> 2.0"
+    changed = run_settings(**{**base, "train_args": [*base["train_args"], "train.lr=0.1"]})
+    assert settings_difference(now, changed) == "trainer arguments train.lr=0.1"
+    assert settings_difference(None, now) == "its settings were not recorded"
+    assert settings_difference({k: v for k, v in now.items() if k != "ranks"}, now) == "ranks None -> 1"
+    config.write_text("train: {steps: 4}\n")
+    assert settings_difference(now, run_settings(**base)) == "the config file's content"
+
+
+def _stored_result(run_dir: Path, settings) -> None:
+    run_dir.mkdir(parents=True)
+    row = design_row({"generation": {"colour": {"accuracy": 0.5}}, "captioning": {"colour": {"accuracy": 1.0}}},
+                     {"max_abs_logit_diff": 0.0, "perplexity_ratio": 1.0}, dict(steps=3, step_s=1.0))
+    result = dict(mode=run_dir.name, row=row, shapes={}, text={}, run_dir=str(run_dir))
+    if settings is not None:
+        result["settings"] = settings
+    (run_dir / "result.json").write_text(json.dumps(result))
+
+
+SAME = ["--steps", "3", "--n", "4"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--steps", "5", "--n", "4"], "steps 3 -> 5"),
+    (["--steps", "3", "--n", "8"], "n 4 -> 8"),
+    (["--minutes", "1", "--n", "4"], "steps 3 -> None; minutes None -> 1.0"),
+    ([*SAME, "train.lr=0.001"], "trainer arguments train.lr=0.001"),
+    (None, "its settings were not recorded"),  # a result from before settings were stored
+])
+def test_a_result_is_reused_only_under_the_same_settings(tmp_path, monkeypatch, capsys, change, message):
+    """An earlier design's result.json used to be reused whatever --steps, --n or the
+    overrides were now, so the table mixed designs trained under different settings."""
+    sys.path.insert(0, str(REPO))
+    import tools.ablate as A
+    from megafusion.config import load_config
+
+    def no_training(*a, **k):
+        raise AssertionError("a design was trained")
+
+    monkeypatch.setattr(A, "train", no_training)
+    data, out = tmp_path / "data", tmp_path / "out"
+    (data / "val").mkdir(parents=True)
+    common = ["--tower-modes", "lmfusion,xfuse", "--data", str(data), "--out", str(out), "--ranks", "1"]
+    # The settings the first ablation (steps 3, n 4, no overrides) stored with each result,
+    # built as main builds them.
+    args, overrides = A.parse([*common, *SAME])
+    cfg = load_config(args.config, overrides)
+    overrides = [*A.pinned_recipe(cfg, overrides), *overrides]
+    for mode in ("lmfusion", "xfuse"):
+        settings = None
+        if change is not None:
+            settings = json.loads(json.dumps(A.design_plan(mode, args, overrides, cfg, data.resolve())[2]))
+            assert (settings["steps"], settings["n"], settings["ranks"], settings["minutes"]) == (3, 4, 1, None)
+            assert f"run.dir={out.resolve() / mode}" in settings["train_args"] and "train.steps=3" in settings["train_args"]
+        _stored_result(out / mode, settings)
+    if change is not None:
+        # The same settings: both results reused, nothing trained.
+        assert A.main([*common, *SAME]) == 0
+        assert "scored already under the same settings" in capsys.readouterr().out
+        assert json.loads((out / "ablation.json").read_text())["designs"]["xfuse"]["row"]["generation/colour"] == 0.5
+    # Other settings: refused in one line before anything trains (no_training would raise).
+    assert A.main([*common, *(change or SAME)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: lmfusion: the result in") and message in err[0], err
+    assert "--fresh" in err[0]
+
+
+def test_an_interrupted_run_resumes_only_under_the_same_settings(tmp_path):
+    sys.path.insert(0, str(REPO))
+    import tools.ablate as A
+    from megafusion.eval.ablate import run_settings
+
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    run_dir = tmp_path / "xfuse"
+    run_dir.mkdir()
+    settings = run_settings(config=config, train_args=["train.steps=3"], steps=3, minutes=None, n=4, ranks=1)
+    assert A.reuse_problem("xfuse", run_dir, settings) is None  # nothing there yet
+    (run_dir / A.SETTINGS_FILE).write_text(json.dumps(settings))
+    assert A.reuse_problem("xfuse", run_dir, settings) is None
+    other = run_settings(config=config, train_args=["train.steps=9"], steps=9, minutes=None, n=4, ranks=1)
+    problem = A.reuse_problem("xfuse", run_dir, other)
+    assert problem.startswith("xfuse: the interrupted run in") and "steps 3 -> 9" in problem and "--fresh" in problem

@@ -152,3 +152,50 @@ def test_refusals(tmp_path, capsys, tiny_export, val_shards, clip_dir):
     refused(capsys, "--base", "text", "--model", tiny_export, "--base", tmp_path / "nobase")
     refused(capsys, "--captions", "cider", "--captions", tmp_path / "none.jsonl")
     refused(capsys, "exactly one", "clip", "--clip-model", clip_dir)
+
+
+def _captions_file(tmp_path: Path) -> Path:
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps(dict(caption=c, references=[c])) + "\n" for c in ("a red circle", "a blue square")))
+    return caps
+
+
+def test_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out under a regular file used to be found out by write_json, after every number
+    had been computed (a FileExistsError traceback); now before any work."""
+    import megafusion.eval.realdata as R
+
+    def no_work(*a, **k):
+        raise AssertionError("cider computed before --out was checked")
+
+    monkeypatch.setattr(R, "cider_score", no_work)
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)  # main sets it
+    caps = _captions_file(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    refused(capsys, "--out", "cider", "--captions", caps, "--out", afile / "res.json")
+    refused(capsys, "--out", "cider", "--captions", caps, "--out", afile / "deeper" / "res.json")
+    refused(capsys, "--save-images", "shapes", "--model", tmp_path / "nomodel", "--save-images", afile)
+    assert afile.read_text() == "" and not (tmp_path / "res.json").exists()
+
+
+def test_out_directory_is_created_up_front(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    out = tmp_path / "new" / "dir" / "res.json"
+    code, stdout, err = run(capsys, "cider", "--captions", _captions_file(tmp_path), "--tokenizer", "simple",
+                            "--out", out, "--no-progress")
+    assert code == 0, err
+    assert json.loads(out.read_text())["cider"] == pytest.approx(10.0 * 3 / 4)  # 3-word captions: no 4-grams
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["fid", "--real", "{tmp}", "--fake", "{tmp}", "--size", "0"], "--size 0"),
+    (["fid", "--real", "{tmp}", "--fake", "{tmp}", "--size", "-3"], "--size -3"),
+    (["shapes", "--model", "{tmp}/nomodel", "--device", "bogus"], "--device bogus"),
+    (["cider", "--captions", "{tmp}/caps.jsonl", "--device", "cuda:99"], "--device cuda:99"),
+])
+def test_bad_numbers_and_devices_are_one_line(tmp_path, capsys, monkeypatch, args, needle):
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    _captions_file(tmp_path)
+    refused(capsys, needle, *[a.format(tmp=tmp_path) for a in args])
+
