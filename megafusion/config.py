@@ -62,9 +62,11 @@ class RunSection:
     dir: str = "runs/default"
     name: str = "megafusion"
     seed: int = 0
-    # "auto": continue from the latest checkpoint in dir/checkpoints if there is one,
-    # else start fresh; "never": always start fresh (refuses a dir that has checkpoints);
-    # or the path of a checkpoint directory to start from.
+    # "auto": continue from the checkpoint dir/checkpoints/latest names if there is one
+    # (a `latest` naming a missing checkpoint is an error), else start fresh; "never":
+    # start fresh, refusing a dir that has checkpoints. To start from another run's
+    # checkpoint, copy its global_step<N> directory into dir/checkpoints and write
+    # global_step<N> to dir/checkpoints/latest.
     resume: str = "auto"
 
 
@@ -208,6 +210,9 @@ def _validate_run(cfg: RunConfig) -> None:
     r, t, p, c, lg = cfg.run, cfg.train, cfg.parallel, cfg.checkpoint, cfg.log
     _check(bool(r.dir), "run.dir is empty; it names the run directory")
     _check(r.seed >= 0, f"run.seed={r.seed}: must be >= 0")
+    _check(r.resume in ("auto", "never"),
+           f"run.resume={r.resume!r}: expected auto or never (to start from another run's checkpoint, copy its "
+           "global_step<N> directory into run.dir/checkpoints and write global_step<N> to run.dir/checkpoints/latest)")
 
     def need(ok: bool, name: str, rule: str) -> None:
         _check(ok, f"train.{name}={getattr(t, name)!r}: {rule}")

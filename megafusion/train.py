@@ -6,7 +6,8 @@
 
 A rerun with the same run.dir resumes from the newest complete checkpoint. SIGUSR1 or
 SIGTERM makes every rank checkpoint at the next step boundary and exit 0 (Slurm then
-requeues); a second signal exits at once.
+requeues; before the first step there is nothing to save and it just exits 0); a second
+signal exits at once.
 """
 from __future__ import annotations
 
@@ -52,9 +53,12 @@ def main(argv=None) -> int:
     # rank and step kind: nothing a user can act on, and it buries the progress bar.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..* is deprecated")
 
-    from megafusion.parallel.trainer import Trainer
+    from megafusion.parallel.trainer import SetupError, Trainer
 
-    return Trainer(cfg).run()
+    try:
+        return Trainer(cfg).run()
+    except (SetupError, ConfigError) as exc:  # bad input found during setup: one line, no traceback
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 if __name__ == "__main__":

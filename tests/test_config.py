@@ -242,6 +242,20 @@ def test_invalid_values(override, words):
         assert word in message
 
 
+@pytest.mark.parametrize("value", ["nevr", "Never", "runs/old/checkpoints/global_step100"])
+def test_run_resume_is_auto_or_never(value, tmp_path):
+    """Anything else was taken as auto: a typo, or a checkpoint path (documented, never
+    implemented), resumed from run.dir's own `latest` instead."""
+    message = one_line_error(load_config, TINY, [f"run.resume={value}"])
+    assert f"run.resume={value!r}" in message and "auto or never" in message, message
+    # A directory that exists is no exception.
+    (tmp_path / "global_step5").mkdir()
+    message = one_line_error(load_config, TINY, [f"run.resume={tmp_path / 'global_step5'}"])
+    assert "auto or never" in message and "latest" in message, message
+    for ok in ("auto", "never"):
+        assert load_config(TINY, [f"run.resume={ok}"]).run.resume == ok
+
+
 def test_pipeline_with_zero3_is_refused():
     message = one_line_error(load_config, TINY, ["parallel.pipeline_stages=2"])
     assert "parallel.pipeline_stages=2" in message and "parallel.zero_stage" in message

@@ -14,7 +14,12 @@
   and the checkpoints directory is fsynced. Without that a power loss or node crash can
   leave a durable `latest` naming files whose data never reached the disk.
 - A tag directory newer than `latest` is a save that never finished (every rank killed
-  mid-save): it is removed at the next start and never counted towards keep_last.
+  mid-save): it is removed at the next start and never counted towards keep_last. A
+  save never removes a checkpoint that `latest` covered before it moved, whatever its
+  step: only the torn ones are newer than the `latest` a save replaces.
+- A `latest` that names a checkpoint that is not there (deleted by hand, a partial copy
+  of a run directory) is a one-line error at the start, never a fresh start (whose first
+  save would move `latest` back to a low step).
 - The client file records the trainable parameters' names and shapes: a run restarted
   in the same run.dir with a config that builds another model is refused in one line
   before DeepSpeed meets a tensor of the wrong size.
@@ -22,6 +27,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import re
@@ -74,6 +80,50 @@ def read_latest(ckpt_dir: Path) -> str | None:
         return None
     tag = path.read_text().strip()
     return tag if tag and (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names; None when there is no `latest` (nothing to resume). Exits
+    with one line when `latest` is there but unreadable, or names a directory that is
+    missing or holds no client file (not a complete checkpoint of this trainer)."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / LATEST
+    if not path.exists():
+        return None
+    names = [name for _, name in _tags(ckpt_dir)]
+    present = ", ".join(names[-4:]) or "none"
+    if len(names) > 4:
+        present = f"{len(names)}, the newest {present}"
+    fix = (f"point {path} at a complete checkpoint (global_step* directories there: {present}), "
+           "or give this run a new run.dir")
+    try:
+        tag = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"error: cannot read {path} ({getattr(exc, 'strerror', None) or type(exc).__name__}); "
+                         f"{fix}") from None
+    if _step_of(tag) is None:
+        raise SystemExit(f"error: {path} holds {tag[:80]!r}, not a global_step<N> tag; {fix}")
+    if not (ckpt_dir / tag).is_dir():
+        raise SystemExit(f"error: {path} names {tag}, but {ckpt_dir / tag} does not exist; restore it, or {fix}")
+    if not client_path(ckpt_dir, tag, 0).is_file():
+        raise SystemExit(f"error: {path} names {tag}, but {ckpt_dir / tag} has no {client_path(ckpt_dir, tag, 0).name} "
+                         f"(not a complete checkpoint); restore it, or {fix}")
+    return tag
+
+
+def check_resume(ckpt_dir: Path, resume: str) -> None:
+    """Before anything is built: run.resume=never refuses a run directory that holds
+    checkpoints (a fresh start there would overwrite and prune them); otherwise a
+    `latest` that cannot be resumed from is refused (latest_tag)."""
+    ckpt_dir = Path(ckpt_dir)
+    if resume == "never" and (ckpt_dir / LATEST).exists():
+        try:
+            named = (ckpt_dir / LATEST).read_text().strip()[:80]
+        except (OSError, UnicodeDecodeError):
+            named = "?"
+        raise SystemExit(f"error: run.resume=never, but {ckpt_dir} holds checkpoints ({LATEST}: {named!r}); "
+                         "give this run a new run.dir, or resume it with run.resume=auto")
+    latest_tag(ckpt_dir)
 
 
 def _step_of(tag: str) -> int | None:
@@ -199,8 +249,9 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, keep_last: int) -> str
         dist.barrier()
     if rank == 0:
         _fsync(ckpt_dir / tag)  # the entries of every rank's files (created, renamed)
+        previous = _previous_latest(ckpt_dir)
         _write_latest(ckpt_dir, tag)
-        _prune(ckpt_dir, keep_last, keep=tag)
+        _prune(ckpt_dir, keep_last, keep=tag, previous=previous)
     if dist.is_initialized():
         dist.barrier()
     return tag
@@ -234,13 +285,35 @@ def remove_torn(ckpt_dir: Path) -> list[str]:
     return torn
 
 
-def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    """Called right after `latest` moved to `keep`: anything newer is a torn leftover,
-    removed and not counted; of the complete ones the keep_last newest stay."""
+def _previous_latest(ckpt_dir: Path) -> float:
+    """The step `latest` names before a save moves it: -1 without a `latest` (every tag
+    directory there is a torn first save), infinity when it cannot be read (then no
+    newer directory counts as torn)."""
+    path = Path(ckpt_dir) / LATEST
+    if not path.exists():
+        return -1
+    try:
+        step = _step_of(path.read_text().strip())
+    except (OSError, UnicodeDecodeError):
+        step = None
+    return math.inf if step is None else step
+
+
+def _prune(ckpt_dir: Path, keep_last: int, keep: str, *, previous: float) -> None:
+    """Called right after `latest` moved to `keep`. previous: the step `latest` named
+    before (_previous_latest). A directory newer than both is a torn leftover, removed
+    and not counted; one newer than `keep` but covered by the previous `latest` is a
+    complete checkpoint and is never removed here (a run must not go back to a lower
+    step in its directory; the trainer refuses to, this is the last guard). Of the
+    complete ones up to `keep`, the keep_last newest stay."""
     newest = _step_of(keep)
     tags = _tags(ckpt_dir)
     complete = [name for step, name in tags if step <= newest]
-    doomed = [name for step, name in tags if step > newest]
+    doomed = [name for step, name in tags if step > newest and step > previous]
+    spared = [name for step, name in tags if newest < step <= previous]
+    if spared:
+        print(f"warning: {ckpt_dir} holds complete checkpoints newer than {keep}, which {LATEST} now names: "
+              f"{', '.join(spared)}; they are kept", file=sys.stderr, flush=True)
     if keep_last > 0:
         doomed += [name for name in complete[:-keep_last] if name != keep]
     for name in doomed:
@@ -263,7 +336,7 @@ def load_latest(engine, ckpt_dir: Path, world_size: int, resize: tuple[str, int]
                   flush=True)
     if dist.is_initialized():
         dist.barrier()
-    tag = read_latest(ckpt_dir)
+    tag = latest_tag(ckpt_dir)  # one line, not a fresh start, when `latest` names nothing loadable
     if tag is None:
         return None
     check_same_model(engine, ckpt_dir / tag, rank)

@@ -19,6 +19,12 @@ different number of ranks than this run has:
 - every rank's RNG is seeded afresh from (run.seed, step, rank): the old ranks' streams
   cannot be split or merged, and two ranks continuing one stream would draw the same
   noise.
+- every optimizer parameter group keeps its own settings (keep_group_settings): DeepSpeed's
+  ZeRO-3 universal load copies group 0's lr, weight_decay, betas, ... onto every group
+  (deepspeed 0.19 stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3), which
+  would decay the no-decay group (norms, biases) for the rest of the run and give the
+  other towers the image tower's lr; ZeRO-1/2 restore each group from its own entry of
+  the checkpoint, and so does megafusion under ZeRO-3 right after DeepSpeed's load.
 
 The converted folder is removed by the next checkpoint save (checkpoint._prune): once the
 run has saved at its new size it resumes from that exactly, as before.
@@ -129,3 +135,49 @@ def merged_client(tag_dir: Path, old_world: int, rank: int, world: int, seed: in
         loader["carry"] = pieces[rank::world]
     step = int(first["step"])
     return dict(first, loader=loader, rng={"seed": seed * 1_000_003 + step * 1_009 + rank}, resized_from=old_world)
+
+
+def keep_group_settings(engine) -> None:
+    """Make `engine.load_checkpoint` of a universal checkpoint restore every optimizer
+    parameter group's own hyperparameters. Called where the engine is built with
+    checkpoint.load_universal (the resize path only: a checkpoint loaded at the world size
+    that wrote it goes through torch's Optimizer.load_state_dict, group by group)."""
+    names = [g.get("name") for g in _base_optimizer(engine.optimizer).param_groups]
+    real = engine.load_checkpoint
+
+    def load_checkpoint(load_dir, tag=None, **kwargs):
+        load_path, client = real(load_dir, tag=tag, **kwargs)
+        if (load_path is not None and kwargs.get("load_optimizer_states", True)
+                and not kwargs.get("load_module_only", False)):
+            restore_group_settings(engine.optimizer, Path(load_path).parent, names)
+        return load_path, client
+
+    engine.load_checkpoint = load_checkpoint
+
+
+def _base_optimizer(optimizer):
+    """The torch optimizer inside DeepSpeed's ZeRO wrapper (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", None) or optimizer
+
+
+def restore_group_settings(optimizer, folder: Path, names: list) -> None:
+    """Every key but 'params' of each parameter group from its own entry in the universal
+    checkpoint `folder` (zero/optimizer_state.pt, which ds_to_universal writes with all
+    the groups), as ZeRO-1/2's universal load does; the groups pair by position, which
+    parameter_groups() keeps deterministic, and their names must agree. The lr restored
+    is the one the scheduler set after the saved step, as at a same-size resume."""
+    path = Path(folder) / "zero" / "optimizer_state.pt"
+    try:  # mapped: only the small param_groups are read, not rank 0's moment partitions
+        sd = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+    saved = sd.get("param_groups") or sd.get("optimizer_state_dict", {}).get("param_groups")
+    groups = _base_optimizer(optimizer).param_groups
+    saved_names = [g.get("name") for g in saved or []]
+    if saved is None or saved_names != list(names) or len(saved) != len(groups):
+        raise SystemExit(f"error: universal checkpoint {folder}: its optimizer parameter groups {saved_names} "
+                         f"are not this run's {list(names)}")
+    for group, own in zip(groups, saved):
+        for key, value in own.items():
+            if key != "params":
+                group[key] = value

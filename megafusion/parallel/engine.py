@@ -176,6 +176,10 @@ def initialize(model, cfg: RunConfig, ds_config: dict):
         model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg), config=ds_config,
     )
     hold_tied_embedding(model, ds_config)
+    if ds_config.get("checkpoint", {}).get("load_universal"):
+        from megafusion.parallel import elastic
+
+        elastic.keep_group_settings(engine)  # ZeRO-3's universal load gives every group group 0's settings
     return engine, optimizer, scheduler
 
 

@@ -17,10 +17,58 @@ def _is_url(loc: str) -> bool:
     return "://" in loc
 
 
-def _stream_locations(value) -> list[str]:
+def _stream_locations(value, what: str = "train") -> list[str]:
     from megafusion.data.config import _as_streams
 
-    return [s.remote for s in _as_streams(value, "train")]
+    return [s.remote for s in _as_streams(value, what)]
+
+
+def _launch_world_size(cfg: RunConfig) -> int:
+    """The number of ranks before setup_environment: the launchers' WORLD_SIZE, or srun's
+    task count (megafusion/data/dist_env.py resolves them in the same order). A value
+    that is not a number is left to setup_environment, which names it."""
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    except ValueError:
+        return cfg.parallel.pipeline_stages
+
+
+def _check_ds_config(cfg: RunConfig) -> None:
+    """The DeepSpeed dict the trainer will build (megafusion/parallel/ds_config.py): an
+    invalid JSON, a key the run config owns, a world size that is not a multiple of
+    parallel.pipeline_stages."""
+    from megafusion.config import ConfigError
+    from megafusion.parallel.ds_config import deepspeed_config
+
+    try:
+        deepspeed_config(cfg, _launch_world_size(cfg))
+    except ConfigError as exc:
+        _fail(str(exc).splitlines()[0])
+
+
+def _check_shards(cfg: RunConfig, what: str) -> None:
+    try:
+        locations = _stream_locations(getattr(cfg.data, what), what)
+    except ValueError as exc:
+        _fail(str(exc).splitlines()[0])
+    if what == "train" and not locations:
+        _fail("data.train is empty: give a shard directory or URL (python tools/prepare_data.py ... --out DIR)")
+    for loc in locations:
+        if _is_url(loc):
+            continue
+        if not (Path(loc).expanduser() / "index.json").is_file():
+            _fail(f"data.{what}={loc}: no MDS shards there (no index.json); write them with tools/prepare_data.py")
+
+
+def _reads_val(cfg: RunConfig) -> bool:
+    """Whether the run will read data.val: validation (not run with pipeline stages), or
+    the held-out captions and shape scores of training samples."""
+    lg = cfg.log
+    if cfg.parallel.pipeline_stages > 1:
+        return False
+    return bool(lg.val_every) or bool(lg.sample_every and (lg.sample_captions or lg.sample_eval_n))
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -29,6 +77,7 @@ def preflight(cfg: RunConfig) -> None:
         _fail(f"parallel.pipeline_stages={p.pipeline_stages} with parallel.zero_stage={p.zero_stage}: DeepSpeed's "
               "pipeline engine supports ZeRO-1 only; set parallel.zero_stage=1 (ds_configs/pipeline_zero1.json) "
               "or parallel.pipeline_stages=1 for ZeRO-3")
+    _check_ds_config(cfg)
     _check_zero_plus_plus(cfg)
     if cfg.model.fused_rmsnorm == "apex":
         from megafusion.model.fused_norm import apex_rmsnorm_class
@@ -44,17 +93,9 @@ def preflight(cfg: RunConfig) -> None:
     except BaseModelError as exc:
         _fail(str(exc))
 
-    try:
-        locations = _stream_locations(cfg.data.train)
-    except ValueError as exc:
-        _fail(str(exc))
-    if not locations:
-        _fail("data.train is empty: give a shard directory or URL (python tools/prepare_data.py ... --out DIR)")
-    for loc in locations:
-        if _is_url(loc):
-            continue
-        if not (Path(loc).expanduser() / "index.json").is_file():
-            _fail(f"data.train={loc}: no MDS shards there (no index.json); write them with tools/prepare_data.py")
+    _check_shards(cfg, "train")
+    if _reads_val(cfg):  # else noticed only at the first validation, hours into a run
+        _check_shards(cfg, "val")
 
 
 QUANTIZED_KEYS = ("zero_quantized_weights", "zero_quantized_nontrainable_weights", "zero_quantized_gradients")
@@ -71,7 +112,12 @@ def _check_zero_plus_plus(cfg: RunConfig) -> None:
     from megafusion.config import ds_config_path
 
     path = ds_config_path(cfg)
-    zero = json.loads(path.read_text()).get("zero_optimization", {})
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # _check_ds_config has named a bad JSON already
+        _fail(f"{path}: cannot read the DeepSpeed JSON ({str(exc).splitlines()[0]})")
+    zero = raw.get("zero_optimization", {}) if isinstance(raw, dict) else {}
+    zero = zero if isinstance(zero, dict) else {}
     if zero.get("zero_quantized_nontrainable_weights"):
         # DeepSpeed (0.19) quantizes a frozen weight only when its partition is made, i.e.
         # when it is born frozen inside zero.Init; the text tower is frozen after it is

@@ -1,13 +1,40 @@
 """What rank 0 records of each optimiser step: a line of <run.dir>/metrics.jsonl, the
 progress bar, and every log.every steps tensorboard's losses, learning rate, gradient
 norm, throughput and MFU. Every rank counts the model FLOPs of the batches it draws;
-only rank 0 writes."""
+only rank 0 writes. A resume from step N first drops what an earlier attempt recorded
+of the steps after N (metrics.jsonl rewritten, tensorboard's purge_step), so every step
+is recorded once, by the attempt whose state the run continues."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+
+def drop_steps_after(path: Path, step: int) -> None:
+    """Keep only the lines of metrics.jsonl up to `step`, the checkpoint a resume starts
+    from: the steps after it are redone and logged again, and an earlier attempt's lines
+    for them (a crash after the checkpoint) would appear twice. A line that does not
+    parse (the torn last line of a killed writer) goes too. Rewritten beside and renamed
+    over, so a crash here leaves the old file or the new one."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class StepLog:
@@ -20,7 +47,12 @@ class StepLog:
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                # A resume redoes the steps after its checkpoint: purge_step hides the
+                # events the earlier attempt wrote for them (step >= start_step + 1).
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"),
+                                            purge_step=start_step + 1 if start_step > 0 else None)
+            if start_step > 0:
+                drop_steps_after(run_dir / "metrics.jsonl", start_step)
             self.metrics = open(run_dir / "metrics.jsonl", "a")
             from tqdm import tqdm
 

@@ -26,12 +26,18 @@ from megafusion.parallel.step_log import StepLog
 
 class StopSignal:
     """SIGUSR1/SIGTERM: finish the current step, checkpoint, exit 0. A second signal
-    exits at once."""
+    exits at once. Installed before setup (minutes at 70B): a signal that arrives
+    before the first step ends the run with exit 0 and no checkpoint, which is what
+    slurm/common.sh requeues on (the default action would kill the rank, and a killed
+    rank is not requeued)."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self):
         self.received = 0
+        self.install()
+
+    def install(self):
         for s in self.SIGNALS:
             signal.signal(s, self._handle)
 
@@ -40,7 +46,7 @@ class StopSignal:
         if self.received >= 2:
             os._exit(128 + signum)
         print(f"[rank {os.environ.get('RANK', 0)}] received {signal.Signals(signum).name}: "
-              "checkpointing at the next step boundary", file=sys.stderr, flush=True)
+              "stopping at the next step boundary (with a checkpoint once a step has run)", file=sys.stderr, flush=True)
 
     def anywhere(self, device) -> bool:
         """True on every rank when any rank was signalled (ranks must stop together)."""
@@ -90,6 +96,42 @@ def _update_skipped(engine, skip: bool):
         opt.overflow = False
 
 
+class SetupError(Exception):
+    """A bad input found while the trainer sets up (a ConfigError, DistEnvError or other
+    ValueError: a DeepSpeed key the run config owns, a world size that does not fit
+    parallel.pipeline_stages, inconsistent rank variables, a data location): its message
+    is one line, which megafusion/train.py prints as `error: ...`."""
+
+
+def _trim_val_metrics(path: Path, last_step: int) -> None:
+    """Drop the records of steps after `last_step` from val_metrics.jsonl (an earlier
+    attempt validated them after its last checkpoint; this one redoes them), and a last
+    line that a crash cut short. Written aside and renamed into place."""
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if line.endswith("\n"):
+                kept.append(line)  # not ours to judge: kept as it was
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > last_step:
+            continue
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if kept == lines:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -118,10 +160,9 @@ class Trainer:
                 print(warning, flush=True)
         # The newest checkpoint written by another number of ranks is loaded through a
         # universal checkpoint (elastic.py), which the engine must know at construction.
-        self.resize = None
-        if cfg.run.resume != "never":
-            self.resize = elastic.resume_plan(self.ckpt_dir, self.world, cfg.parallel.zero_stage,
-                                              cfg.parallel.pipeline_stages)
+        # run.resume=never with no checkpoints there (check_resume) is the same as auto.
+        self.resize = elastic.resume_plan(self.ckpt_dir, self.world, cfg.parallel.zero_stage,
+                                          cfg.parallel.pipeline_stages)
         if self.resize is not None:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
@@ -158,18 +199,40 @@ class Trainer:
                                          self.env, vocab_size=self.model.vocab_size,
                                          replication=cfg.parallel.pipeline_stages)
 
+    def _stopped_before_training(self, stop: StopSignal) -> bool:
+        """A stop signal before the first step (every rank agrees): nothing has been
+        trained, so nothing is saved; the run exits 0 and resumes where it was."""
+        if not stop.anywhere(self.device):
+            return False
+        self._log0("stopped by signal before the first step; nothing to save, exiting 0")
+        dist.barrier()
+        return True
+
     def _log0(self, msg: str):
         if self.rank == 0:
             print(msg, flush=True)
 
     # -- the loop ---------------------------------------------------------------
     def run(self) -> int:
-        self._setup()
+        # First of all: a preemption signal during the minutes of setup must not kill the
+        # rank (see StopSignal).
+        stop = StopSignal()
+        # Before anything is built: run.resume=never on a directory with checkpoints, or a
+        # `latest` naming nothing loadable, is refused in one line (a fresh start's first
+        # save would move `latest` back and prune the newer checkpoints).
+        checkpoint.check_resume(self.ckpt_dir, self.cfg.run.resume)
+        try:
+            self._setup()
+        except ValueError as exc:  # ConfigError, DistEnvError, a bad data location: input, not a bug
+            raise SetupError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+        stop.install()  # again, in case anything in setup replaced the handlers
+        if self._stopped_before_training(stop):
+            return 0
         cfg, t = self.cfg, self.cfg.train
         start_step = 0
-        client = None
-        if cfg.run.resume != "never":
-            client = checkpoint.load_latest(self.engine, self.ckpt_dir, self.world, self.resize, cfg.run.seed)
+        client = checkpoint.load_latest(self.engine, self.ckpt_dir, self.world, self.resize, cfg.run.seed)
+        if self._stopped_before_training(stop):
+            return 0
         if client is not None:
             self.loader.load_state_dict(client["loader"])
             start_step = int(client["step"])
@@ -186,8 +249,11 @@ class Trainer:
         # Each rank's own frozen shares, hashed before any training step (see frozen.py);
         # checkpoints do not carry them, so the resume above left them as built.
         frozen_before = frozen.digest(self.engine.module)
+        if self.rank == 0 and start_step > 0:
+            # Validation records of steps this attempt redoes (an earlier one validated
+            # them after its last checkpoint) would appear twice.
+            _trim_val_metrics(self.run_dir / "val_metrics.jsonl", start_step)
 
-        stop = StopSignal()
         self.log = log = StepLog(cfg, self.run_dir, self.rank, self.world, self.data_parallel, self.model, start_step)
         inject = _nan_injection_steps()
         # iter() draws DataLoader's base seed from the global RNG: create the iterator
@@ -202,6 +268,8 @@ class Trainer:
         last_saved = None
         while step < t.steps:
             t_step = time.perf_counter()
+            # The lr this step's update uses: the engine steps the schedule after it.
+            lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
             if cfg.parallel.pipeline_stages > 1:
                 losses, tokens, skipped_data, samples, bad = self._pipeline_step()
                 caption = align = None  # the pipeline's last stage reports total, LM and diffusion only
@@ -226,7 +294,6 @@ class Trainer:
             # Pipeline losses are already global (broadcast by the engine / reduced above).
             loss, lm, diff = mean if cfg.parallel.pipeline_stages > 1 else mean_over_ranks(mean, self.device)
             step_s = time.perf_counter() - t_step
-            lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
             gnorm = None if bad else self.flat_grad_norm if self.flat_grads is not None else self.engine.get_global_grad_norm()
             log.step(step, loss=loss, lm=lm, diff=diff, caption=caption, align=align,
                      gnorm=float(gnorm) if gnorm is not None else None, lr=lr, bad=bad,

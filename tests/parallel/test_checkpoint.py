@@ -31,14 +31,105 @@ def test_torn_directory_is_not_counted_towards_keep_last(tmp_path):
     rerun checkpointing on another schedule) with keep_last=2 keeps the two newest
     complete ones, 10 and 12, and drops the torn 15."""
     make_tags(tmp_path, [5, 10, 12, 15], latest=12)
-    checkpoint._prune(tmp_path, keep_last=2, keep="global_step12")
+    checkpoint._prune(tmp_path, keep_last=2, keep="global_step12", previous=10)
     assert tags(tmp_path) == ["global_step10", "global_step12"]
 
 
 def test_prune_keeps_all_complete_with_keep_last_zero(tmp_path):
     make_tags(tmp_path, [5, 10, 15], latest=10)
-    checkpoint._prune(tmp_path, keep_last=0, keep="global_step10")
+    checkpoint._prune(tmp_path, keep_last=0, keep="global_step10", previous=10)
     assert tags(tmp_path) == ["global_step5", "global_step10"]
+
+
+class FakeEngine:
+    """What checkpoint.save() uses of a DeepSpeed engine: save_checkpoint writes the tag
+    directory's model file; module names the trainable parameters."""
+
+    def __init__(self):
+        import torch
+
+        self.module = torch.nn.Linear(2, 2)
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+
+
+def complete_tags(ckpt_dir: Path, steps, latest) -> None:
+    """Checkpoints as a finished save leaves them: DeepSpeed's file, rank 0's client file."""
+    make_tags(ckpt_dir, steps, latest=latest)
+    for s in steps:
+        checkpoint.client_path(ckpt_dir, f"global_step{s}", 0).write_bytes(b"client")
+
+
+def test_a_save_at_a_lower_step_keeps_the_newer_complete_checkpoints(tmp_path):
+    """A run that starts again from step 0 in a directory holding 1000-3000 (what
+    run.resume=never did, and a `latest` naming a deleted tag): its first save moved
+    `latest` to 100 and then removed 1000, 2000 and 3000 as "torn" (newer than latest).
+    A save removes only what is newer than the `latest` it replaces (4000 here, a save
+    every rank died in)."""
+    ckpt = tmp_path / "checkpoints"
+    complete_tags(ckpt, [1000, 2000, 3000], latest=3000)
+    make_tags(ckpt, [4000])
+    checkpoint.save(FakeEngine(), ckpt, 100, {"loader": None}, keep_last=3)
+    assert tags(ckpt) == ["global_step100", "global_step1000", "global_step2000", "global_step3000"]
+    for s in (1000, 2000, 3000):
+        assert checkpoint.client_path(ckpt, f"global_step{s}", 0).read_bytes() == b"client"
+    assert (ckpt / "latest").read_text() == "global_step100"
+
+
+def test_a_save_after_the_newest_prunes_as_before(tmp_path):
+    """The ordinary case: torn leftovers newer than the old `latest` go, keep_last counts
+    complete ones only."""
+    ckpt = tmp_path / "checkpoints"
+    complete_tags(ckpt, [5, 10], latest=10)
+    make_tags(ckpt, [15])  # torn: newer than latest=10
+    checkpoint.save(FakeEngine(), ckpt, 12, {"loader": None}, keep_last=2)
+    assert tags(ckpt) == ["global_step10", "global_step12"]
+    ckpt2 = tmp_path / "first"
+    make_tags(ckpt2, [3, 7])  # no latest at all: every directory is a torn first save
+    checkpoint.save(FakeEngine(), ckpt2, 5, {"loader": None}, keep_last=0)
+    assert tags(ckpt2) == ["global_step3", "global_step5"]
+
+
+@pytest.mark.parametrize("latest, make, words", [
+    ("global_step3000", None, ["names global_step3000", "does not exist", "global_step1000, global_step2000"]),
+    ("global_step2000", "no_client", ["names global_step2000", "megafusion_client_rank00000.pt"]),
+    ("oops\nmore", None, ["'oops\\nmore'", "not a global_step<N> tag"]),
+])
+def test_latest_naming_nothing_loadable_is_an_error_not_a_fresh_start(tmp_path, latest, make, words):
+    """load_latest returned None for a `latest` naming a missing directory: the trainer
+    started at step 0 and its first save pruned the run."""
+    ckpt = tmp_path / "checkpoints"
+    complete_tags(ckpt, [1000], latest=None)
+    if make == "no_client":
+        make_tags(ckpt, [2000])
+    else:
+        complete_tags(ckpt, [2000], latest=None)
+    (ckpt / "latest").write_text(latest)
+    for call in (lambda: checkpoint.load_latest(None, ckpt, 1), lambda: checkpoint.check_resume(ckpt, "auto")):
+        with pytest.raises(SystemExit) as exc:
+            call()
+        message = str(exc.value)
+        assert message.startswith("error: ") and "\n" not in message, message
+        assert str(ckpt / "latest") in message and all(w in message for w in words), message
+    assert tags(ckpt) == ["global_step1000", "global_step2000"]  # nothing removed
+
+
+def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    checkpoint.check_resume(ckpt, "never")  # no directory: a fresh start
+    make_tags(ckpt, [5])  # a first save every rank died in (no latest): nothing to keep
+    checkpoint.check_resume(ckpt, "never")
+    checkpoint.check_resume(ckpt, "auto")
+    assert checkpoint.latest_tag(ckpt) is None
+    complete_tags(ckpt, [10], latest=10)
+    with pytest.raises(SystemExit) as exc:
+        checkpoint.check_resume(ckpt, "never")
+    message = str(exc.value)
+    assert message.startswith("error: run.resume=never") and "global_step10" in message and "\n" not in message
+    checkpoint.check_resume(ckpt, "auto")
+    assert checkpoint.latest_tag(ckpt) == "global_step10"
 
 
 @pytest.mark.parametrize("steps,latest,survivors", [

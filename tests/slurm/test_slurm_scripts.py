@@ -193,6 +193,35 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shar
     assert losses(run_dir) == losses(ref_dir)
 
 
+def test_preemption_during_setup_exits_zero_and_requeues(slurm_cluster, shards, tmp_path):
+    """USR1 to the batch shell while every rank is still setting up (held in the model
+    build by a test hook): the ranks exit 0 before their first step, with nothing to
+    save, which common.sh requeues (`if (( rc == 0 )); then mf_requeue`); the rerun
+    trains the whole run. Before, the trainer's handler was installed after setup: the
+    signal's default action killed the ranks and the job failed without a requeue."""
+    steps, hold = 4, tmp_path / "hold"
+    hold.mkdir()
+    env = job_env(tmp_path, shards, TRAIN_ENTRY="tests/train/instrumented_train.py",
+                  MEGAFUSION_TEST_HOLD_SETUP=str(hold),
+                  OVERRIDES=f"data.train={shards} data.cache_root={tmp_path / 'cache'} train.steps={steps} "
+                            "checkpoint.every=2")
+    job = Job(slurm_cluster, "slurm/train_8b.sh", tmp_path, env)
+    rc = job.wait(until=lambda: all((hold / f"held.rank{r}").exists() for r in (0, 1)))
+    assert rc is None, f"job ended ({rc}) before its ranks were set up:\n{job.log()[-4000:]}"
+    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job.id])
+    deadline = time.time() + 120
+    while not all(f"[rank {r}] received SIGUSR1" in job.log() for r in (0, 1)):
+        assert time.time() < deadline, job.log()[-4000:]
+        time.sleep(0.2)
+    (hold / "release").touch()
+    rc, log = job.wait(), job.log()
+    assert "stopped by signal before the first step" in log, log[-4000:]
+    assert f"requeueing job {job.id}" in log and f"job {job.id} (restart 1)" in log, log[-4000:]
+    run_dir = tmp_path / "run"
+    assert rc == 0, log[-4000:]
+    assert latest(run_dir) == f"global_step{steps}" and sorted(metrics(run_dir)) == list(range(1, steps + 1))
+
+
 def test_two_nodes_one_rank_each(two_node_cluster, shards, tmp_path):
     env = job_env(tmp_path, shards, GPUS_PER_NODE="1", CPUS_PER_RANK="1")
     rc, log = submit(two_node_cluster, "slurm/train_70b.sh", tmp_path, env, "--nodes=2")

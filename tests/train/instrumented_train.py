@@ -6,6 +6,11 @@
   when it exits normally;
 - MEGAFUSION_TEST_SIGUSR1_AT_STEP=N: every rank sends itself SIGUSR1 as its N-th
   optimiser step starts (what a scheduler's preemption signal does, at a known step);
+- MEGAFUSION_TEST_SIGUSR1_IN_SETUP=R[,R...]: those ranks send themselves SIGUSR1 as
+  the trainer starts building the model, during setup (minutes at 70B);
+- MEGAFUSION_TEST_HOLD_SETUP=DIR: as the trainer starts building the model, each rank
+  touches DIR/held.rank<R> and waits until DIR/release exists (a setup as long as the
+  test needs, e.g. to signal a Slurm job whose ranks are all still starting);
 - MEGAFUSION_TEST_SAMPLES_DIR=DIR: every training sample a rank draws is appended, as
   "epoch index", to DIR/samples-<pid>.txt (the data a run saw, whatever its world size);
 - MEGAFUSION_TEST_DUMP_RESUMED=FILE: right after a checkpoint is restored, rank 0 saves
@@ -64,6 +69,32 @@ if signal_at:
         return real_step(self, *args, **kwargs)
 
     Trainer._zero_step = signalled_step
+
+signal_in_setup = os.environ.get("MEGAFUSION_TEST_SIGUSR1_IN_SETUP")
+if signal_in_setup is not None and os.environ.get("RANK", "0") in signal_in_setup.split(","):
+    real_build = model_setup.build_model
+
+    def signalled_build(*args, **kwargs):
+        print(f"[rank {os.environ.get('RANK', '0')}] test hook: SIGUSR1 during setup", flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real_build(*args, **kwargs)
+
+    model_setup.build_model = signalled_build
+
+hold_setup = os.environ.get("MEGAFUSION_TEST_HOLD_SETUP")
+if hold_setup:
+    import time
+
+    real_build_held = model_setup.build_model
+
+    def held_build(*args, **kwargs):
+        where = Path(hold_setup)
+        (where / f"held.rank{os.environ.get('RANK', '0')}").touch()
+        while not (where / "release").exists():
+            time.sleep(0.1)
+        return real_build_held(*args, **kwargs)
+
+    model_setup.build_model = held_build
 
 samples_dir = os.environ.get("MEGAFUSION_TEST_SAMPLES_DIR")
 if samples_dir:

@@ -50,7 +50,7 @@ def metrics(run_dir) -> list[dict]:
 
 
 def by_step(rows):
-    """Last record per step (a resumed run appends the steps it redoes)."""
+    """Records by step (one each: a resume drops the lines of the steps it redoes first)."""
     return {r["step"]: r for r in rows}
 
 
