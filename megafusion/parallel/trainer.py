@@ -74,6 +74,13 @@ def _nan_injection_steps() -> dict[int, set[int] | None]:
     return steps
 
 
+def _raised_in(tb, filename: str) -> bool:
+    """Whether the innermost frame of a traceback is in a file of that name."""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).name == filename
+
+
 @contextlib.contextmanager
 def _update_skipped(engine, skip: bool):
     """Around the boundary engine.step(): with skip, DeepSpeed's own overflow path
@@ -277,6 +284,14 @@ class Trainer:
                 losses, tokens, skipped_data, samples, bad, parts = self._zero_step(inject.get(step + 1, set()))
                 caption, align = _step_means(parts, self.device)
             step += 1
+            if bad and cfg.parallel.pipeline_stages > 1:
+                # DeepSpeed's pipeline engine steps the optimizer inside train_batch: the
+                # update cannot be skipped (fp32 applied it; bf16's optimizer refused a
+                # non-finite norm), so the run stops before anything is saved.
+                print(f"error: step {step}: non-finite loss under pipeline stages, where the update cannot be "
+                      f"skipped; stopping without a checkpoint (the last complete one stays latest)",
+                      file=sys.stderr, flush=True)
+                return 1
             if bad:
                 self.bad_in_row += 1
                 self.skipped_total += 1
@@ -394,7 +409,14 @@ class Trainer:
         for h in heads:
             h.records = []
         feed = iter([(batch_to_inputs(b.to(self.device)), torch.zeros(1)) for b in batches])
-        total = float(self.engine.train_batch(data_iter=feed))
+        try:
+            total = float(self.engine.train_batch(data_iter=feed))
+        except AssertionError:
+            # BF16_Optimizer asserts a positive global gradient norm before it steps; a
+            # non-finite one (the same on every rank) fails it: a non-finite step.
+            if not _raised_in(sys.exc_info()[2], "bf16_optimizer.py"):
+                raise
+            total = float("nan")
         stats = [getattr(b, "stats", {}) or {} for b in batches]
         # lm / diffusion live on the last stage: sum over last-stage ranks, divide by
         # their number (the data-parallel size); other ranks add zeros.

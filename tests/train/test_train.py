@@ -425,3 +425,22 @@ def stage0_tensors(tag_dir: Path) -> dict:
     walk("module", sd["module"])
     walk("optimizer", sd.get("optimizer"))
     return out
+
+
+def test_pipeline_stops_on_a_non_finite_step_without_saving_it(tmp_path, tiny_llama, synthetic_shards):
+    """Under pipeline stages DeepSpeed steps the optimizer inside train_batch, so a
+    non-finite step cannot be skipped as under ZeRO. An lr of 1e30 makes step 1's update
+    blow the weights up and step 2's loss non-finite: the run stops there with one line
+    and exit 1, and the last checkpoint written (step 1) stays latest. Before, the log
+    said "update skipped", fp32 applied the NaN update and went on to save it (bf16's
+    optimizer failed an assert on every rank)."""
+    run_dir = tmp_path / "pipe"
+    code, out = run(run_dir, synthetic_shards, 4, "parallel.pipeline_stages=2", "parallel.zero_stage=1",
+                    "parallel.ds_config=ds_configs/pipeline_zero1.json", "train.lr=1e30", "train.min_lr=0",
+                    "checkpoint.every=1")
+    assert code == 1, out[-4000:]
+    assert "non-finite loss under pipeline stages" in out and "update skipped" not in out, out[-3000:]
+    ckpts = run_dir / "checkpoints"
+    bad_step = max(r["step"] for r in metrics(run_dir)) + 1 if metrics(run_dir) else 1
+    assert (ckpts / "latest").read_text().strip() == f"global_step{bad_step - 1}", out[-3000:]
+    assert not (ckpts / f"global_step{bad_step}").exists()
