@@ -14,8 +14,8 @@ from pathlib import Path
 
 
 def drop_steps_after(path: Path, step: int) -> None:
-    """Keep only the lines of metrics.jsonl up to `step`, the checkpoint a resume starts
-    from: the steps after it are redone and logged again, and an earlier attempt's lines
+    """Keep only the lines of a run's records (metrics.jsonl, val_metrics.jsonl) up to
+    `step`, the checkpoint a resume starts from: the steps after it are redone and logged again, and an earlier attempt's lines
     for them (a crash after the checkpoint) would appear twice. A line that does not
     parse (the torn last line of a killed writer) goes too. Rewritten beside and renamed
     over, so a crash here leaves the old file or the new one."""

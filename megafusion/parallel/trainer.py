@@ -21,7 +21,7 @@ from megafusion.parallel.ds_config import deepspeed_config
 from megafusion.parallel import checkpoint, elastic, frozen
 from megafusion.parallel.collectives import any_rank, any_rank_tensor, mean_over_ranks, ranks_where, sum_over_ranks
 from megafusion.parallel.launch import device_for, init_distributed, setup_environment
-from megafusion.parallel.step_log import StepLog
+from megafusion.parallel.step_log import StepLog, drop_steps_after
 
 
 class StopSignal:
@@ -108,35 +108,6 @@ class SetupError(Exception):
     ValueError: a DeepSpeed key the run config owns, a world size that does not fit
     parallel.pipeline_stages, inconsistent rank variables, a data location): its message
     is one line, which megafusion/train.py prints as `error: ...`."""
-
-
-def _trim_val_metrics(path: Path, last_step: int) -> None:
-    """Drop the records of steps after `last_step` from val_metrics.jsonl (an earlier
-    attempt validated them after its last checkpoint; this one redoes them), and a last
-    line that a crash cut short. Written aside and renamed into place."""
-    try:
-        lines = path.read_text().splitlines(keepends=True)
-    except FileNotFoundError:
-        return
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if line.endswith("\n"):
-                kept.append(line)  # not ours to judge: kept as it was
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > last_step:
-            continue
-        kept.append(line if line.endswith("\n") else line + "\n")
-    if kept == lines:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -259,7 +230,7 @@ class Trainer:
         if self.rank == 0 and start_step > 0:
             # Validation records of steps this attempt redoes (an earlier one validated
             # them after its last checkpoint) would appear twice.
-            _trim_val_metrics(self.run_dir / "val_metrics.jsonl", start_step)
+            drop_steps_after(self.run_dir / "val_metrics.jsonl", start_step)
 
         self.log = log = StepLog(cfg, self.run_dir, self.rank, self.world, self.data_parallel, self.model, start_step)
         inject = _nan_injection_steps()
