@@ -231,31 +231,16 @@ def zero3(shape: ModelShape, s: Setting, wl: Workload, world: int, gpus_per_node
     return parts
 
 
-# megafusion.parallel.engine.parameter_groups' rule, by name: no weight decay on norms,
-# biases, embedding tables and rows, or vectors.
-_NO_DECAY_ATTRS = ("bias", "image_token_embed", "image_token_head", "position")
-
-
-def _optimizer_group(p) -> tuple[str, bool]:
-    """(tower, decays) of a trainable parameter: its optimizer parameter group."""
-    *path, attr = p.name.split(".")
-    tower = ("text" if path[:1] in (["embed_tokens"], ["text_norm"], ["lm_head"]) or path[2:3] == ["text"]
-             else "image_blocks" if "blocks" in path and path[:1] == ["image_tokenizer"] else "image")
-    decay = not (attr in _NO_DECAY_ATTRS or "norm" in (path[-1] if path else "") or path[:1] == ["embed_tokens"]
-                 or len(p.shape) < 2)
-    return tower, decay
-
-
 def zero2_gradient_buffer(shape: ModelShape, n: int) -> int:
     """Elements of ZeRO-1/2's reduced-gradient buffer on the rank that holds most.
     DeepSpeed flattens each optimizer parameter group, pads it to a multiple of 2N and
     gives rank r its r-th N-th; the buffer (grads_in_partition, stage_1_and_2.py) holds
     each parameter that overlaps that share whole, so a parameter cut by a share's end
     counts on both ranks: up to two parameters more than the share."""
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[str, list[int]] = {}
     for p in shape.params:
         if p.trainable:
-            groups.setdefault(_optimizer_group(p), []).append(p.numel)
+            groups.setdefault(p.group, []).append(p.numel)
     bounds = []
     for sizes in groups.values():
         size = -(-sum(sizes) // (2 * n)) * 2 * n // n

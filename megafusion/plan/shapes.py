@@ -55,6 +55,7 @@ class Param:
     trainable: bool
     layer: int | None  # decoder layer index, None outside the decoder layers
     shape: tuple = ()
+    group: str = ""  # a trainable parameter's optimizer group (engine.parameter_groups' name)
 
 
 @dataclass
@@ -265,10 +266,16 @@ def _build_model_shape(cfg, arch: str | None) -> ModelShape:
         latent = tuple(tokenizer.latent_shape)
         tokens = tokenizer.tokens_per_image
         target_copies = 2 if fused.objective.velocity_needs_x_t else 1
+    from megafusion.parallel.engine import parameter_groups
+
+    # The optimizer parameter group of each trainable parameter, as the trainer builds
+    # them (DeepSpeed flattens and partitions each group on its own under ZeRO-1/2).
+    group_of = {id(q): g["name"] for g in parameter_groups(fused, cfg) for q in g["params"]}
     params = []
     for name, p in fused.named_parameters():
         m = _LAYER.match(name)
-        params.append(Param(name, p.numel(), p.requires_grad, int(m.group(1)) if m else None, tuple(p.shape)))
+        params.append(Param(name, p.numel(), p.requires_grad, int(m.group(1)) if m else None, tuple(p.shape),
+                            group_of.get(id(p), "")))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return ModelShape(params=params, hidden=config.hidden_size, layers=config.num_hidden_layers,
                       heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=head_dim,
