@@ -143,11 +143,22 @@ def _warn_once(msg: str) -> None:
     _warned.add(key)
 
 
-def _build_zero3_partitioned(cfg: RunConfig, ds_config: dict) -> LMFusionModel:
+def zero_init(ds_config: dict, **kwargs):
+    """deepspeed.zero.Init under the run's DeepSpeed config. With ZeRO++ hpZ
+    (zero_hpz_partition_size > 1) a zero.Init that is not handed the node-local group
+    creates it, and creating it a second time in a process is an assertion (DeepSpeed
+    issue 4901): start-up builds several (transformers' in load_base_zero3, then these),
+    so each reuses the group that exists."""
     import deepspeed
+    from deepspeed.utils import groups
 
+    return deepspeed.zero.Init(config_dict_or_path=ds_config,
+                               zero_param_parallel_group=groups._get_zero_param_intra_parallel_group(), **kwargs)
+
+
+def _build_zero3_partitioned(cfg: RunConfig, ds_config: dict) -> LMFusionModel:
     base, understanding = load_base_zero3(cfg.model.base, model_dtype(cfg), ds_config)  # understanding: LLaVA only
-    init = deepspeed.zero.Init(config_dict_or_path=ds_config)  # its rules; not entered as a context
+    init = zero_init(ds_config)  # its rules; not entered as a context
 
     model = LMFusionModel(base, cfg.model, clone=lambda module: partitioned_twin(module, init), gather=gathered,
                           understanding=understanding)
@@ -155,7 +166,7 @@ def _build_zero3_partitioned(cfg: RunConfig, ds_config: dict) -> LMFusionModel:
     # What is still whole (image tokenizer, U-Net blocks, BOI/EOI rows) is
     # partitioned now rather than at deepspeed.initialize; already partitioned
     # parameters are skipped.
-    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    zero_init(ds_config, module=model)
     place_buffers(model, init.local_device)
     return model
 

@@ -126,6 +126,7 @@ def _check_zero_plus_plus(cfg: RunConfig) -> None:
               "of megafusion's frozen text tower (DeepSpeed quantizes only weights frozen as their module is built "
               "under zero.Init; the tower is frozen afterwards); remove it, and use zero_quantized_weights (qwZ) "
               "to gather weights as int8")
+    _check_hpz(cfg, zero)
     on = [k for k in QUANTIZED_KEYS if zero.get(k)]
     if not on:
         return
@@ -136,6 +137,21 @@ def _check_zero_plus_plus(cfg: RunConfig) -> None:
     if os.environ.get("DS_ACCELERATOR", "cuda") == "cpu" or not torch.cuda.is_available():
         _fail(f"parallel.ds_config={cfg.parallel.ds_config}: {', '.join(on)} (ZeRO++) needs CUDA GPUs (DeepSpeed's "
               "CUDAQuantizer); on the CPU use ds_configs/zero3.json")
+
+
+def _check_hpz(cfg: RunConfig, zero: dict) -> None:
+    """ZeRO++ hpZ splits the ranks into groups of zero_hpz_partition_size consecutive
+    ranks (a node's GPUs); DeepSpeed asserts at start-up when that does not divide the
+    world size."""
+    try:
+        size = int(zero.get("zero_hpz_partition_size", 1))
+    except (TypeError, ValueError):
+        _fail(f"parallel.ds_config={cfg.parallel.ds_config}: zero_hpz_partition_size must be a whole number, "
+              f"not {zero.get('zero_hpz_partition_size')!r}")
+    ranks = _launch_world_size(cfg)
+    if cfg.parallel.zero_stage == 3 and size > 1 and ranks % min(size, ranks):
+        _fail(f"parallel.ds_config={cfg.parallel.ds_config}: zero_hpz_partition_size {size} (hpZ) does not divide "
+              f"the {ranks} ranks; set it to the GPUs per node, or remove it")
 
 
 def _check_quantized_gathers(cfg: RunConfig, zero: dict) -> None:

@@ -11,8 +11,13 @@ the network's per-GPU bandwidth, one inside a node at NVLink's (megafusion/plan/
   released the frozen tower after the recompute and gathered it a third time), and
   reduce-scatters the trainable gradients every micro-batch; the frozen tower has no
   gradient. ZeRO++: qwZ gathers int8 weights (1 byte, its scales are <1%), hpZ keeps a
-  second 16-bit copy of the shards split over hpz GPUs of a node, from which the
-  backward gathers over NVLink.
+  second 16-bit copy of the shards split over hpz GPUs of a node, and gathers from it
+  inside the node whenever it exists. DeepSpeed (0.19) drops the trainable weights'
+  copy after each optimizer step (their values changed) and makes it again as each is
+  released, while the frozen tower's is made at start-up and never dropped: across
+  nodes a step gathers the trainable weights once (the first micro-batch's forward)
+  and the frozen tower never; every other gather of the step runs inside the node,
+  int8 too under qwZ (DeepSpeed quantizes the gathers from the copy alike).
 - ZeRO-2 all-reduces its gradient buckets every micro-batch (DeepSpeed's default,
   zero_optimization.use_multi_rank_bucket_allreduce: each bucket is all-reduced and each
   rank keeps its partition, twice a reduce-scatter's bytes) and all-gathers the updated
@@ -150,12 +155,15 @@ def traffic(shape: ModelShape, s: Setting, world: int, gpus_per_node: int, wl: W
     again = regathered(shape, s)
     fwd_bytes = 1 if s.quantized_weights else w
     if s.hpz > 1:
-        bwd = Traffic("weight all-gather (backward, hpZ)", ga * ring(s.hpz) * again * w, _link(s.hpz, gpus_per_node),
-                      True)
-    else:
-        bwd = Traffic("weight all-gather (backward)", ga * ring(n) * again * fwd_bytes, _link(n, gpus_per_node), True)
+        fresh = sum(p.numel for p in shape.params if p.trainable and p.numel > s.persistence)
+        return [Traffic("weight all-gather (trainable, once per step)", ring(n) * fresh * fwd_bytes,
+                        _link(n, gpus_per_node), True),
+                Traffic("weight all-gather (hpZ, inside the node)",
+                        ring(s.hpz) * (ga * (gathered + again) - fresh) * fwd_bytes, _link(s.hpz, gpus_per_node), True),
+                grads]
     return [Traffic("weight all-gather (forward)", ga * ring(n) * gathered * fwd_bytes, _link(n, gpus_per_node), True),
-            bwd, grads]
+            Traffic("weight all-gather (backward)", ga * ring(n) * again * fwd_bytes, _link(n, gpus_per_node), True),
+            grads]
 
 
 def _busiest_boundary(shape: ModelShape, wl: Workload, act_bytes: int, stages: int) -> int:

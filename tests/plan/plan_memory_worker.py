@@ -6,7 +6,11 @@ with start-up cancelled), each step's micro-batches ("batches": tokens and image
 under ZeRO-3, the most parameter elements each step held gathered at once
 ("peak_gathered": the coordinator's own count, whose prefetch stage3_max_live_parameters
 bounds) and, under ZeRO-1/2, the bytes of the reduced gradient partition as each
-optimizer step began ("grads_at_step"), as JSON: rank 0's to OUT, rank R's to OUT.rankR.json (a pipeline stage's
+optimizer step began ("grads_at_step"); the bytes this rank put into all-gathers, by
+the size of the group they ran over, as they stood after each step ("gathers_by_group":
+ZeRO++ hpZ gathers inside a node's group, plain ZeRO-3 over all ranks); and the bytes of
+hpZ's secondary shards as each step ended, before DeepSpeed drops the trainable ones
+("secondary_at_step"), as JSON: rank 0's to OUT, rank R's to OUT.rankR.json (a pipeline stage's
 traffic is its own).
 
     plan_memory_worker.py CONFIG OUT.json [overrides...]
@@ -40,6 +44,17 @@ def record(config: str, out: Path, overrides: list[str], extra: dict | None = No
                 for name, sizes in ds_comm.comms_logger.comms_dict.items()}
 
     after_step, batches, peak_gathered = [], [], []
+    # All-gathers by group size: the comms logger keys them by message size alone.
+    # DeepSpeed's allgather_fn looks all_gather_into_tensor up in its module at each call.
+    by_group, gathers_by_group = {}, []
+    gather = ds_comm.all_gather_into_tensor
+
+    def counted_gather(output_tensor, tensor, group=None, *a, **kw):
+        size = str(dist.get_world_size(group))
+        by_group[size] = by_group.get(size, 0) + tensor.numel() * tensor.element_size()
+        return gather(output_tensor, tensor, group, *a, **kw)
+
+    ds_comm.all_gather_into_tensor = counted_gather
 
     def counted(step):
         def counted_step(self, *a, **kw):
@@ -47,6 +62,7 @@ def record(config: str, out: Path, overrides: list[str], extra: dict | None = No
             peak_gathered.append(0)
             result = step(self, *a, **kw)
             after_step.append(counts())
+            gathers_by_group.append(dict(by_group))
             return result
         return counted_step
 
@@ -86,6 +102,18 @@ def record(config: str, out: Path, overrides: list[str], extra: dict | None = No
         return zero2_step(self, *a, **kw)
 
     DeepSpeedZeroOptimizer.step = measured_step
+    # hpZ: each step ends by dropping the trainable parameters' secondary shards (their
+    # values change); the frozen ones stay. What was held just before.
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Zero3
+
+    invalidate, secondary_at_step = Zero3.invalidate_secondary_tensor, []
+
+    def measured_invalidate(self):
+        secondary = [getattr(p, "ds_secondary_tensor", None) for p in self.module.parameters()]
+        secondary_at_step.append(sum(t.numel() * t.element_size() for t in secondary if t is not None))
+        return invalidate(self)
+
+    Zero3.invalidate_secondary_tensor = measured_invalidate
     Trainer._zero_step = counted(Trainer._zero_step)
     Trainer._pipeline_step = counted(Trainer._pipeline_step)
     Trainer._next_batch = recorded(Trainer._next_batch)
@@ -96,6 +124,7 @@ def record(config: str, out: Path, overrides: list[str], extra: dict | None = No
     mine.write_text(json.dumps({"held_bytes": held_bytes(trainer.engine), "collectives": counts(),
                                 "after_step": after_step, "batches": batches,
                                 "peak_gathered": peak_gathered, "grads_at_step": grads_at_step,
+                                "gathers_by_group": gathers_by_group, "secondary_at_step": secondary_at_step,
                                 "optimizer": type(trainer.engine.optimizer).__name__,
                                 **{k: v() if callable(v) else v for k, v in (extra or {}).items()}}, indent=1))
     dist.barrier()
