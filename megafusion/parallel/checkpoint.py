@@ -19,7 +19,9 @@
   step: only the torn ones are newer than the `latest` a save replaces.
 - A `latest` that names a checkpoint that is not there (deleted by hand, a partial copy
   of a run directory) is a one-line error at the start, never a fresh start (whose first
-  save would move `latest` back to a low step).
+  save would move `latest` back to a low step). So is a missing `latest` beside a
+  complete checkpoint (every rank's client file, the count in rank 0's): `latest` was
+  removed by hand, and the directories are not a first save that every rank died in.
 - The client file records the trainable parameters' names and shapes: a run restarted
   in the same run.dir with a config that builds another model is refused in one line
   before DeepSpeed meets a tensor of the wrong size.
@@ -89,6 +91,12 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / LATEST
     if not path.exists():
+        complete = [name for _, name in _tags(ckpt_dir)] if ckpt_dir.is_dir() else []
+        complete = [name for name in complete if _complete(ckpt_dir / name)]
+        if complete:
+            raise SystemExit(f"error: {ckpt_dir} has no {LATEST} file but holds complete checkpoints (the newest "
+                             f"{complete[-1]}); if {LATEST} was removed, write the tag to resume from into {path}, "
+                             "or give this run a new run.dir")
         return None
     names = [name for _, name in _tags(ckpt_dir)]
     present = ", ".join(names[-4:]) or "none"
@@ -109,6 +117,21 @@ def latest_tag(ckpt_dir: Path) -> str | None:
         raise SystemExit(f"error: {path} names {tag}, but {ckpt_dir / tag} has no {client_path(ckpt_dir, tag, 0).name} "
                          f"(not a complete checkpoint); restore it, or {fix}")
     return tag
+
+
+def _complete(tag_dir: Path) -> bool:
+    """Every rank that saved wrote its client file, the last file each rank writes
+    before the barrier that precedes moving `latest`; rank 0's records how many ranks
+    saved (a checkpoint from before that was recorded counts as complete when rank 0's
+    is there: kept rather than removed)."""
+    first = client_path(tag_dir.parent, tag_dir.name, 0)
+    if not first.is_file():
+        return False
+    try:
+        world = torch.load(first, weights_only=False).get("world_size")
+    except Exception:  # noqa: BLE001 (written whole by a rename, so damaged later: kept for a person to look at)
+        return True
+    return world is None or all(client_path(tag_dir.parent, tag_dir.name, r).is_file() for r in range(world))
 
 
 def check_resume(ckpt_dir: Path, resume: str) -> None:
@@ -234,7 +257,8 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, keep_last: int) -> str
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
     _hold_for_test(step, rank)
-    state = dict(client, step=step, rng=rng_state(), trainable_shapes=trainable_shapes(engine.module))
+    state = dict(client, step=step, rng=rng_state(), trainable_shapes=trainable_shapes(engine.module),
+                 world_size=dist.get_world_size() if dist.is_initialized() else 1)
     tmp = client_path(ckpt_dir, tag, rank).with_suffix(".tmp")
     torch.save(state, tmp)
     _fsync(tmp)
@@ -263,8 +287,9 @@ def _tags(ckpt_dir: Path) -> list[tuple[int, str]]:
 
 
 def remove_torn(ckpt_dir: Path) -> list[str]:
-    """Remove tag directories whose save never finished: those newer than `latest` (or
-    all of them when no `latest` was ever written). Rank 0 only, before anything reads
+    """Remove tag directories whose save never finished: those newer than `latest` (or,
+    when no `latest` was ever written, the incomplete ones: a complete one there means
+    `latest` was removed, which latest_tag refuses). Rank 0 only, before anything reads
     them. Returns the removed tags. A `latest` naming a missing directory is left for
     a person to look at: nothing is removed then."""
     ckpt_dir = Path(ckpt_dir)
@@ -277,7 +302,7 @@ def remove_torn(ckpt_dir: Path) -> list[str]:
         newest = _step_of(tag)
     else:
         newest = -1
-    torn = [name for step, name in _tags(ckpt_dir) if step > newest]
+    torn = [name for step, name in _tags(ckpt_dir) if step > newest and (newest >= 0 or not _complete(ckpt_dir / name))]
     for name in torn:
         shutil.rmtree(ckpt_dir / name, ignore_errors=True)
     if torn:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megafusion.parallel import checkpoint
 
@@ -55,11 +56,14 @@ class FakeEngine:
         (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
 
 
-def complete_tags(ckpt_dir: Path, steps, latest) -> None:
-    """Checkpoints as a finished save leaves them: DeepSpeed's file, rank 0's client file."""
+def complete_tags(ckpt_dir: Path, steps, latest, world: int = 1, written: int | None = None) -> None:
+    """Checkpoints as a finished save leaves them: DeepSpeed's file, each rank's client
+    file, which records the number of ranks (written < world: a save torn before the
+    last ranks wrote theirs)."""
     make_tags(ckpt_dir, steps, latest=latest)
     for s in steps:
-        checkpoint.client_path(ckpt_dir, f"global_step{s}", 0).write_bytes(b"client")
+        for rank in range(world if written is None else written):
+            torch.save({"step": s, "world_size": world}, checkpoint.client_path(ckpt_dir, f"global_step{s}", rank))
 
 
 def test_a_save_at_a_lower_step_keeps_the_newer_complete_checkpoints(tmp_path):
@@ -74,7 +78,7 @@ def test_a_save_at_a_lower_step_keeps_the_newer_complete_checkpoints(tmp_path):
     checkpoint.save(FakeEngine(), ckpt, 100, {"loader": None}, keep_last=3)
     assert tags(ckpt) == ["global_step100", "global_step1000", "global_step2000", "global_step3000"]
     for s in (1000, 2000, 3000):
-        assert checkpoint.client_path(ckpt, f"global_step{s}", 0).read_bytes() == b"client"
+        assert torch.load(checkpoint.client_path(ckpt, f"global_step{s}", 0))["step"] == s
     assert (ckpt / "latest").read_text() == "global_step100"
 
 
@@ -130,6 +134,29 @@ def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
     assert message.startswith("error: run.resume=never") and "global_step10" in message and "\n" not in message
     checkpoint.check_resume(ckpt, "auto")
     assert checkpoint.latest_tag(ckpt) == "global_step10"
+
+
+def test_a_missing_latest_beside_complete_checkpoints_is_an_error_not_a_fresh_start(tmp_path):
+    """`latest` removed by hand: the start-up cleanup took every tag directory for a
+    first save that every rank died in, removed them all and trained from step 0. Now
+    a complete checkpoint (every rank's client file) is refused in one line and kept; a
+    save torn before its last ranks wrote theirs is still removed."""
+    ckpt = tmp_path / "checkpoints"
+    complete_tags(ckpt, [100, 200], latest=None, world=2)
+    complete_tags(ckpt, [300], latest=None, world=2, written=1)  # rank 1 died mid-save
+    make_tags(ckpt, [400])  # every rank died before its client file
+    for call in (lambda: checkpoint.load_latest(None, ckpt, 2), lambda: checkpoint.check_resume(ckpt, "auto"),
+                 lambda: checkpoint.latest_tag(ckpt)):
+        with pytest.raises(SystemExit) as exc:
+            call()
+        message = str(exc.value)
+        assert message.startswith("error: ") and "\n" not in message, message
+        assert "no latest file" in message and "the newest global_step200" in message, message
+    assert tags(ckpt) == ["global_step100", "global_step200"]  # the torn 300 and 400 went
+    # The first save that every rank died in, alone: removed and a fresh start, as before.
+    first = tmp_path / "first"
+    complete_tags(first, [5], latest=None, world=2, written=1)
+    assert checkpoint.load_latest(None, first, 2) is None and tags(first) == []
 
 
 @pytest.mark.parametrize("steps,latest,survivors", [
