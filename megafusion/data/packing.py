@@ -14,7 +14,8 @@ megafusion/data/__init__.py), and their documents go into batch_size rows of seq
     ("dropped_overflow" documents, "dropped_tokens").
 
 A document with an image that is longer than seq_len keeps its head when its last image
-still fits (its trailing text is cut, "truncated"), otherwise it is skipped ("too_long").
+still fits (its trailing text is cut, "truncated"), otherwise it is skipped ("too_long");
+the tokens either loses are counted ("unfit_tokens").
 
 The carry is part of the loader's state: each carried piece is named by (epoch, sample
 index, document number, token offset), from which the resumed loader rebuilds the very
@@ -41,7 +42,7 @@ class TrainBatch(PackedBatch):
     stats: counts for logging: samples, image_samples, text_samples, documents, images,
       tokens (non-padding positions), carried_in (pieces from earlier steps), carried
       (pieces left for the next step), split, dropped_overflow, dropped_tokens,
-      truncated, too_long, skipped (total) and skipped/<reason>.
+      truncated, too_long, unfit_tokens, skipped (total) and skipped/<reason>.
     as_dict() and to() keep the model-facing contract of PackedBatch.
     """
     num_samples: int = 0
@@ -117,9 +118,11 @@ def pack_documents(docs: Sequence[Document], num_rows: int, seq_len: int, tokens
         fitted = doc if is_text_only(doc) else fit_document(doc, seq_len, tokens_per_image)
         if fitted is None:
             stats["too_long"] += 1
+            stats["unfit_tokens"] += document_length(doc, tokens_per_image)
             continue
         if fitted is not doc:
             stats["truncated"] += 1
+            stats["unfit_tokens"] += document_length(doc, tokens_per_image) - document_length(fitted, tokens_per_image)
         n = document_length(fitted, tokens_per_image)
         if n == 0:
             continue
@@ -214,7 +217,7 @@ class Packer:
                                       self.images_are_latents, self.feature_shape)
         stats["images"] = batch.num_images
         for key in ("image_samples", "text_samples", "skipped", "dropped_overflow", "dropped_tokens", "split",
-                    "truncated", "too_long"):
+                    "truncated", "too_long", "unfit_tokens"):
             stats.setdefault(key, 0)
         return TrainBatch(**batch.as_dict(), num_samples=len(samples), stats=dict(stats))
 
@@ -278,7 +281,7 @@ def plan_samples_per_step(probe: Sequence[Sequence[Sequence[Document]]], shares:
                 consumed += lengths[s][k]
                 pieces += [Piece(doc, (0, 0, j, 0)) for j, doc in enumerate(probe[s][k])]
             packer.place(pieces, stats)
-        return (stats["dropped_tokens"] + stats["too_long"]) / max(consumed, 1)
+        return (stats["dropped_tokens"] + stats["unfit_tokens"]) / max(consumed, 1)
 
     lo, hi = 1, upper  # the largest n in [lo, hi] with drop_fraction(n) <= max_drop
     while lo < hi:

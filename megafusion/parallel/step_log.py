@@ -65,8 +65,9 @@ class StepLog:
         self._patcher_flops = None
 
     def step(self, step: int, *, loss, lm, diff, caption, align, gnorm, lr, bad: bool, skipped_samples: int,
-             step_s: float, tokens: int, samples: int) -> None:
-        """One optimiser step's record; tokens and samples are this rank's."""
+             dropped_tokens: int, step_s: float, tokens: int, samples: int) -> None:
+        """One optimiser step's record; tokens and samples are this rank's, skipped_samples
+        and dropped_tokens (read but not trained on) the step's over all ranks."""
         self.train_s += step_s
         self.tokens_since += tokens * self.data_parallel
         self.samples_since += samples * self.data_parallel
@@ -75,7 +76,7 @@ class StepLog:
                                            "caption_loss": caption,
                                            **({"align_loss": align} if self.cfg.model.align_encoder else {}),
                                            "grad_norm": gnorm, "lr": lr, "skipped": bad,
-                                           "skipped_samples": skipped_samples,
+                                           "skipped_samples": skipped_samples, "dropped_tokens": dropped_tokens,
                                            "step_s": round(step_s, 4), "train_s": round(self.train_s, 3)}) + "\n")
             self.metrics.flush()
         if self.bar is not None:
@@ -93,6 +94,7 @@ class StepLog:
             w.add_scalar("throughput/tokens_per_s", self.tokens_since / dt, step)
             w.add_scalar("throughput/samples_per_s", self.samples_since / dt, step)
             w.add_scalar("data/skipped_samples", skipped_samples, step)
+            w.add_scalar("data/dropped_tokens", dropped_tokens, step)
             peak = self.cfg.log.peak_flops_per_device
             if peak:
                 w.add_scalar("throughput/mfu", self.take_flops() / dt / (peak * self.world), step)

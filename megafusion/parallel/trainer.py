@@ -53,6 +53,14 @@ class StopSignal:
         return any_rank(bool(self.received), device)
 
 
+def _data_counts(stats: list[dict]):
+    """What the loader could not train on in these micro-batches (megafusion/data/packing.py):
+    samples skipped, tokens dropped beyond the carry, tokens of documents too long for a row."""
+    from collections import Counter
+
+    return Counter({k: sum(int(s.get(k, 0)) for s in stats) for k in ("skipped", "dropped_tokens", "unfit_tokens")})
+
+
 def _step_means(parts: list[float], device) -> tuple[float | None, float | None]:
     """(caption loss weighted by caption targets, mean feature-alignment loss) of one step
     over all ranks; None where there was none."""
@@ -249,10 +257,10 @@ class Trainer:
             # The lr this step's update uses: the engine steps the schedule after it.
             lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
             if cfg.parallel.pipeline_stages > 1:
-                losses, tokens, skipped_data, samples, bad = self._pipeline_step()
+                losses, tokens, data, samples, bad = self._pipeline_step()
                 caption = align = None  # the pipeline's last stage reports total, LM and diffusion only
             else:
-                losses, tokens, skipped_data, samples, bad, parts = self._zero_step(inject.get(step + 1, set()))
+                losses, tokens, data, samples, bad, parts = self._zero_step(inject.get(step + 1, set()))
                 caption, align = _step_means(parts, self.device)
             step += 1
             if bad and cfg.parallel.pipeline_stages > 1:
@@ -281,9 +289,12 @@ class Trainer:
             loss, lm, diff = mean if cfg.parallel.pipeline_stages > 1 else mean_over_ranks(mean, self.device)
             step_s = time.perf_counter() - t_step
             gnorm = None if bad else self.flat_grad_norm if self.flat_grads is not None else self.engine.get_global_grad_norm()
+            # Over the ranks that draw different samples (a pipeline's stages draw the same).
+            skipped, dropped = (round(v / cfg.parallel.pipeline_stages) for v in sum_over_ranks(
+                [data["skipped"], data["dropped_tokens"] + data["unfit_tokens"]], self.device))
             log.step(step, loss=loss, lm=lm, diff=diff, caption=caption, align=align,
                      gnorm=float(gnorm) if gnorm is not None else None, lr=lr, bad=bad,
-                     skipped_samples=skipped_data, step_s=step_s, tokens=tokens, samples=samples)
+                     skipped_samples=skipped, dropped_tokens=dropped, step_s=step_s, tokens=tokens, samples=samples)
             if cfg.log.sample_every and step % cfg.log.sample_every == 0:
                 self._sample(step, log.writer)
             if cfg.log.val_every and step % cfg.log.val_every == 0:
@@ -329,7 +340,7 @@ class Trainer:
         counter, not saved in checkpoints) stays on the optimiser step. The verdict is
         taken once per optimiser step over all ranks: if any micro-batch of the step had
         a non-finite loss anywhere, the update at the boundary is skipped whole."""
-        losses, tokens, skipped, samples = [], 0, 0, 0
+        losses, tokens, samples, data = [], 0, 0, _data_counts([])
         # Sum of caption-target losses, number of caption targets; sum of feature-alignment
         # losses, micro-batches that had one.
         caption = [0.0, 0.0, 0.0, 0.0]
@@ -339,7 +350,7 @@ class Trainer:
         for i in range(n):
             batch = self._next_batch()
             stats = getattr(batch, "stats", {}) or {}
-            skipped += int(stats.get("skipped", 0))
+            data += _data_counts([stats])
             out = self.engine(batch.to(self.device))
             nan = self.rank == 0 and (inject_nan is None or i + 1 in inject_nan)
             loss = out.loss * float("nan") if nan else out.loss
@@ -366,7 +377,7 @@ class Trainer:
             samples += int(getattr(batch, "num_samples", batch.input_ids.shape[0]))
         if bad:
             losses, caption = [], [0.0] * 4
-        return losses, tokens, skipped, samples, bad, caption
+        return losses, tokens, data, samples, bad, caption
 
     def _pipeline_step(self):
         """DeepSpeed's pipeline engine runs forward, backward and the update in one call.
@@ -399,7 +410,7 @@ class Trainer:
         bad = not math.isfinite(total)
         losses = [] if bad else [[total, lm, diff]]
         return (losses, sum(int(s.get("tokens", b.input_ids.numel())) for s, b in zip(stats, batches)),
-                sum(int(s.get("skipped", 0)) for s in stats), sum(int(getattr(b, "num_samples", 0)) for b in batches), bad)
+                _data_counts(stats), sum(int(getattr(b, "num_samples", 0)) for b in batches), bad)
 
     # -- samples and validation ---------------------------------------------------
     def _sample(self, step: int, writer):

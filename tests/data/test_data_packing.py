@@ -313,6 +313,19 @@ def test_samples_longer_than_a_step_and_its_carry_report_what_is_dropped():
     assert plan_samples_per_step([[short]], [1.0], 1, L, 4, 8 * L, report=report) == 4 and report["drop"] == 0
 
 
+def test_the_drop_counts_the_tokens_of_documents_too_long_for_a_row():
+    """An image document longer than a row whole (its image alone is 300 tokens in rows of
+    256) is skipped: every token it brought is lost, and the share the planner reports is
+    1 (it counted the skipped documents, not their tokens: 1 / 302). One whose trailing
+    text is cut loses that text: 44 of its 300."""
+    report = {}
+    assert plan_samples_per_step([[[doc(2, tpi=300)]]], [1.0], 1, 256, 300, 0, report=report) == 1
+    assert report["drop"] == 1.0
+    cut = [[doc(2, text_after=294)]]  # 2 + 4 + 294 = 300 tokens, 256 placed
+    assert plan_samples_per_step([cut], [1.0], 1, 256, 4, 0, report=report) == 1
+    assert report["drop"] == pytest.approx(44 / 300)
+
+
 def test_the_loader_warns_when_samples_outgrow_a_step(tokenizer, tmp_path, fusion_cfg, make_cfg, capfd):
     import json
 

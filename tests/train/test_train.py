@@ -307,19 +307,26 @@ def test_bad_setups_fail_fast_with_one_line(tmp_path, tiny_llama, synthetic_shar
 
 
 def test_pipeline_two_stages_matches_single_process(tmp_path, tiny_llama, synthetic_shards):
+    """Losses, and what the loader could not place: more samples per step than the rows
+    hold, with no carry, so tokens are dropped every step. The two stages draw the same
+    samples as the single process and count them once."""
     steps = 8
+    crowded = ["data.samples_per_step=24", "data.overflow_carry_steps=0"]
     pipe_dir, single_dir = tmp_path / "pipe", tmp_path / "single"
     code, out = run(pipe_dir, synthetic_shards, steps, "parallel.pipeline_stages=2", "parallel.zero_stage=1",
-                    "parallel.ds_config=ds_configs/pipeline_zero1.json")
+                    "parallel.ds_config=ds_configs/pipeline_zero1.json", *crowded)
     assert code == 0, out[-4000:]
     code, out1 = run(single_dir, synthetic_shards, steps, "parallel.zero_stage=1",
-                     "parallel.ds_config=ds_configs/pipeline_zero1.json", ranks=1)
+                     "parallel.ds_config=ds_configs/pipeline_zero1.json", *crowded, ranks=1)
     assert code == 0, out1[-4000:]
     pipe, single = by_step(metrics(pipe_dir)), by_step(metrics(single_dir))
     for s in range(1, 4):
         for k in ("lm_loss", "diffusion_loss"):
             assert abs(pipe[s][k] - single[s][k]) <= 1e-3 * max(1.0, abs(single[s][k])), (s, k, pipe[s][k], single[s][k])
     assert pipe[steps]["diffusion_loss"] < pipe[1]["diffusion_loss"]
+    dropped = [single[s]["dropped_tokens"] for s in range(1, steps + 1)]
+    assert all(d > 0 for d in dropped), dropped
+    assert [pipe[s]["dropped_tokens"] for s in range(1, steps + 1)] == dropped
 
 
 @pytest.mark.parametrize("gather", ["whole", "module"])
