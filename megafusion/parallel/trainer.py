@@ -4,11 +4,8 @@ averaged over ranks), val_metrics.jsonl (log.val_every), tensorboard scalars, sa
 (log.sample_every, parallel/sampling.py) and the progress bar."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,94 +18,9 @@ from megafusion.parallel.ds_config import deepspeed_config
 from megafusion.parallel import checkpoint, elastic, frozen
 from megafusion.parallel.collectives import any_rank, any_rank_tensor, mean_over_ranks, ranks_where, sum_over_ranks
 from megafusion.parallel.launch import device_for, init_distributed, setup_environment
+from megafusion.parallel.step_control import (StopSignal, data_counts, nan_injection_steps, raised_in, step_means,
+                                               update_skipped)
 from megafusion.parallel.step_log import StepLog, drop_steps_after
-
-
-class StopSignal:
-    """SIGUSR1/SIGTERM: finish the current step, checkpoint, exit 0. A second signal
-    exits at once. Installed before setup (minutes at 70B): a signal that arrives
-    before the first step ends the run with exit 0 and no checkpoint, which is what
-    slurm/common.sh requeues on (the default action would kill the rank, and a killed
-    rank is not requeued)."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self):
-        self.received = 0
-        self.install()
-
-    def install(self):
-        for s in self.SIGNALS:
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received += 1
-        if self.received >= 2:
-            os._exit(128 + signum)
-        print(f"[rank {os.environ.get('RANK', 0)}] received {signal.Signals(signum).name}: "
-              "stopping at the next step boundary (with a checkpoint once a step has run)", file=sys.stderr, flush=True)
-
-    def anywhere(self, device) -> bool:
-        """True on every rank when any rank was signalled (ranks must stop together)."""
-        return any_rank(bool(self.received), device)
-
-
-def _data_counts(stats: list[dict]):
-    """What the loader could not train on in these micro-batches (megafusion/data/packing.py):
-    samples skipped, tokens dropped beyond the carry, tokens of documents too long for a row."""
-    from collections import Counter
-
-    return Counter({k: sum(int(s.get(k, 0)) for s in stats) for k in ("skipped", "dropped_tokens", "unfit_tokens")})
-
-
-def _step_means(parts: list[float], device) -> tuple[float | None, float | None]:
-    """(caption loss weighted by caption targets, mean feature-alignment loss) of one step
-    over all ranks; None where there was none."""
-    cap, n_cap, align, n_align = sum_over_ranks(parts, device)
-    return (cap / n_cap if n_cap > 0 else None), (align / n_align if n_align > 0 else None)
-
-
-def _nan_injection_steps() -> dict[int, set[int] | None]:
-    """Test hook: MEGAFUSION_INJECT_NAN_STEPS="3,5.2" makes rank 0's loss NaN in every
-    micro-batch of optimiser step 3 and in the second micro-batch of step 5 (tests the
-    skip path, also where only part of a step is bad)."""
-    steps: dict[int, set[int] | None] = {}
-    for item in filter(None, (x.strip() for x in os.environ.get("MEGAFUSION_INJECT_NAN_STEPS", "").split(","))):
-        step, _, micro = item.partition(".")
-        if not micro:
-            steps[int(step)] = None
-        elif steps.get(int(step), set()) is not None:
-            steps.setdefault(int(step), set()).add(int(micro))
-    return steps
-
-
-def _raised_in(tb, filename: str) -> bool:
-    """Whether the innermost frame of a traceback is in a file of that name."""
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return Path(tb.tb_frame.f_code.co_filename).name == filename
-
-
-@contextlib.contextmanager
-def _update_skipped(engine, skip: bool):
-    """Around the boundary engine.step(): with skip, DeepSpeed's own overflow path
-    (what fp16 loss scaling uses) drops the update whole: the ZeRO optimiser clears the
-    gradients and returns before touching weights or Adam's state, and the engine
-    counts a skipped step and leaves the lr schedule where it was. In bf16 and fp32 the
-    ZeRO optimisers never recompute `overflow` themselves, so it is set here and reset
-    after the step."""
-    if not skip:
-        yield
-        return
-    opt = engine.optimizer
-    if not hasattr(opt, "overflow"):
-        raise SystemExit(f"error: a non-finite step cannot be skipped with {type(opt).__name__} "
-                         "(parallel.zero_stage=0); use ZeRO stage 1, 2 or 3")
-    opt.overflow = True
-    try:
-        yield
-    finally:
-        opt.overflow = False
 
 
 class SetupError(Exception):
@@ -241,7 +153,7 @@ class Trainer:
             drop_steps_after(self.run_dir / "val_metrics.jsonl", start_step)
 
         self.log = log = StepLog(cfg, self.run_dir, self.rank, self.world, self.data_parallel, self.model, start_step)
-        inject = _nan_injection_steps()
+        inject = nan_injection_steps()
         # iter() draws DataLoader's base seed from the global RNG: create the iterator
         # before restoring the RNG so that a resumed run continues the very same stream
         # of random numbers (noise) as the uninterrupted one.
@@ -261,7 +173,7 @@ class Trainer:
                 caption = align = None  # the pipeline's last stage reports total, LM and diffusion only
             else:
                 losses, tokens, data, samples, bad, parts = self._zero_step(inject.get(step + 1, set()))
-                caption, align = _step_means(parts, self.device)
+                caption, align = step_means(parts, self.device)
             step += 1
             if bad and cfg.parallel.pipeline_stages > 1:
                 # DeepSpeed's pipeline engine steps the optimizer inside train_batch: the
@@ -340,7 +252,7 @@ class Trainer:
         counter, not saved in checkpoints) stays on the optimiser step. The verdict is
         taken once per optimiser step over all ranks: if any micro-batch of the step had
         a non-finite loss anywhere, the update at the boundary is skipped whole."""
-        losses, tokens, samples, data = [], 0, 0, _data_counts([])
+        losses, tokens, samples, data = [], 0, 0, data_counts([])
         # Sum of caption-target losses, number of caption targets; sum of feature-alignment
         # losses, micro-batches that had one.
         caption = [0.0, 0.0, 0.0, 0.0]
@@ -350,7 +262,7 @@ class Trainer:
         for i in range(n):
             batch = self._next_batch()
             stats = getattr(batch, "stats", {}) or {}
-            data += _data_counts([stats])
+            data += data_counts([stats])
             out = self.engine(batch.to(self.device))
             nan = self.rank == 0 and (inject_nan is None or i + 1 in inject_nan)
             loss = out.loss * float("nan") if nan else out.loss
@@ -362,7 +274,7 @@ class Trainer:
                 if self.flat_grads is not None:
                     self.flat_grad_norm = self.flat_grads.all_reduce()
                 bad = any_rank_tensor(nonfinite)
-                with _update_skipped(self.engine, bad):
+                with update_skipped(self.engine, bad):
                     self.engine.step()
             else:
                 self.engine.step()
@@ -396,7 +308,7 @@ class Trainer:
         except AssertionError:
             # BF16_Optimizer asserts a positive global gradient norm before it steps; a
             # non-finite one (the same on every rank) fails it: a non-finite step.
-            if not _raised_in(sys.exc_info()[2], "bf16_optimizer.py"):
+            if not raised_in(sys.exc_info()[2], "bf16_optimizer.py"):
                 raise
             total = float("nan")
         stats = [getattr(b, "stats", {}) or {} for b in batches]
@@ -410,7 +322,7 @@ class Trainer:
         bad = not math.isfinite(total)
         losses = [] if bad else [[total, lm, diff]]
         return (losses, sum(int(s.get("tokens", b.input_ids.numel())) for s, b in zip(stats, batches)),
-                _data_counts(stats), sum(int(getattr(b, "num_samples", 0)) for b in batches), bad)
+                data_counts(stats), sum(int(getattr(b, "num_samples", 0)) for b in batches), bad)
 
     # -- samples and validation ---------------------------------------------------
     def _sample(self, step: int, writer):

@@ -87,7 +87,7 @@ def test_several_ranks_need_a_process_group(tokenizer, synthetic_dir, make_cfg, 
 
 def test_a_stop_signal_sent_to_the_workers_is_left_to_the_rank(tokenizer, synthetic_dir, make_cfg, fusion_cfg):
     """SIGTERM and SIGUSR1 reach the DataLoader workers when a stop is sent to the whole
-    process group; the rank checkpoints and stops (trainer.StopSignal), so the workers
+    process group; the rank checkpoints and stops (step_control.StopSignal), so the workers
     must outlive the signal and keep serving the step in flight. Before, the worker died
     of it and the rank failed with "DataLoader worker ... is killed by signal"."""
     import os

@@ -83,7 +83,7 @@ def test_trainer_collectives_put_their_tensors_on_the_engine_device(monkeypatch)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     meta = torch.device("meta")
     from megafusion.parallel import frozen
-    from megafusion.parallel.trainer import StopSignal, _step_means
+    from megafusion.parallel.step_control import StopSignal, step_means
 
     stop = StopSignal.__new__(StopSignal)  # no signal handlers installed in pytest
     stop.received = 0
@@ -92,7 +92,7 @@ def test_trainer_collectives_put_their_tensors_on_the_engine_device(monkeypatch)
         lambda: collectives.any_rank_tensor(torch.zeros((), dtype=torch.bool, device=meta)),
         lambda: collectives.sum_over_ranks([1.0, 2.0], meta),
         lambda: collectives.mean_over_ranks([1.0, 2.0], meta),
-        lambda: _step_means([1.0, 2.0, 3.0, 1.0], meta),
+        lambda: step_means([1.0, 2.0, 3.0, 1.0], meta),
         lambda: stop.anywhere(meta),
         lambda: frozen.check_unchanged(torch.nn.Linear(2, 2).requires_grad_(False), {}, meta),
     ]
