@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megafusion.data.prepare import main as prepare_main
+from megafusion.data.prepare_cli import main as prepare_main
 from megafusion.data.shm import construction_window
 from megafusion.data.synthetic import COLOURS, SHAPES, make_sample
 
