@@ -17,8 +17,9 @@ What the trainer writes (megafusion/parallel/checkpoint.py) and how it is read b
   the loader DeepSpeed's PipelineModule.load_state_dir uses (SDLoaderFactory); layer 0
   is the embed stage, 1..N the decoder layers, N+1 the head stage, whose own copy of the
   BOI/EOI logit rows (image_token_head) the exported model keeps. These files hold the
-  module's own weights (what the pipeline engine ran: bf16 in a bf16 run, whose fp32
-  masters stay in the optimizer files).
+  module's own weights (what the pipeline engine ran: bf16 in a bf16 run). The fp32
+  masters are in the optimizer files, one per (replica, stage), each stage's flat fp32
+  groups partitioned over its replicas: PipelineMasters reads them.
 Checkpoints hold trainable parameters only (exclude_frozen_parameters): the frozen text
 tower comes from the base model the run config names, as at every training start. Every
 trainable parameter of the model must come from the checkpoint and every checkpoint
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
+OPTIM_FILE_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 PLAIN_FILE = "mp_rank_00_model_states.pt"  # stage 0: model and optimizer in one file
 
 
@@ -318,6 +320,65 @@ def pipeline_layer_states(ref: CheckpointRef) -> dict[int, dict[str, torch.Tenso
     return out
 
 
+class PipelineMasters:
+    """The fp32 master weights of a pipeline checkpoint, a parameter at a time. Each
+    optimizer file (replica r, stage s) holds that replica's partition of each of the
+    stage's flat fp32 groups (single_partition_of_fp32_groups) and, per group, where each
+    parameter's fragment lies in it (param_slice_mappings, by the PipelineModule's names:
+    "<layer index>.<key>"); a parameter is its fragments in replica order, as DeepSpeed's
+    ds_to_universal merges them. Files are memory-mapped: a parameter reads its slices."""
+
+    def __init__(self, ref: CheckpointRef):
+        self.where = ref.tag_dir
+        files = sorted((int(m.group(2)), int(m.group(1)), path) for path in ref.tag_dir.iterdir()
+                       if (m := OPTIM_FILE_RE.match(path.name)))
+        self.places: dict[tuple[int, str], list[tuple[Path, int, int, int]]] = {}
+        self._mapped: dict[Path, list] = {}
+        for _, _, path in files:  # stage, then replica: each parameter's fragments in order
+            optim = self._partitions(path, keep=False)
+            if optim is None:
+                self.places = {}
+                return
+            for group, mapping in enumerate(optim["param_slice_mappings"]):
+                for name, fragment in mapping.items():
+                    idx, _, key = name.partition(".")
+                    self.places.setdefault((int(idx), key), []).append((path, group, fragment.start, fragment.numel))
+
+    def _partitions(self, path: Path, keep: bool = True):
+        if path in self._mapped:
+            return self._mapped[path]
+        try:
+            optim = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("optimizer_state_dict", {})
+        except READ_ERRORS as exc:
+            raise ExportError(f"{path}: cannot read the pipeline optimizer states ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if "param_slice_mappings" not in optim or "single_partition_of_fp32_groups" not in optim:
+            return None
+        if keep:
+            self._mapped[path] = optim["single_partition_of_fp32_groups"]
+            return self._mapped[path]
+        return optim
+
+    def __contains__(self, place: tuple[int, str]) -> bool:
+        return place in self.places
+
+    def get(self, idx: int, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """The fp32 master of layer idx's `key`, checked against its 16-bit `weight` (a
+        weight of an fp32 run is its own master)."""
+        if weight.dtype == torch.float32:
+            return weight
+        pieces = [self._partitions(path)[group].view(-1)[start:start + numel]
+                  for path, group, start, numel in self.places[(idx, key)]]
+        master = torch.cat(pieces) if pieces else torch.empty(0)
+        if master.numel() != weight.numel() or not is_master_of(master.view(weight.shape), weight):
+            raise ExportError(f"{self.where}: the fp32 master of pipeline layer {idx}'s {key} is not its "
+                              f"{weight.dtype} weight rounded (a damaged checkpoint?)")
+        return master.view(weight.shape)
+
+    def close(self) -> None:
+        self._mapped.clear()
+
+
 def pipeline_to_fusion_names(layers: dict[int, dict], num_decoder_layers: int, where) -> dict[str, torch.Tensor]:
     """Pipeline layer states -> LMFusionModel names. Layer 0 = EmbedStage, 1..N =
     DecoderStage (its `layer` is layers[i-1]), N+1 = HeadStage (megafusion/parallel/pipeline.py)."""
@@ -413,7 +474,13 @@ def load_checkpoint_model(path: str | os.PathLike, tag: str | None = None):
         frozen = frozen_names(fused)
         state = {k: v for k, v in plain_states(ref, fused, cfg).items() if k not in frozen}
     else:
-        state = pipeline_to_fusion_names(pipeline_layer_states(ref), len(fused.layers), ref.tag_dir)
+        layers, masters = pipeline_layer_states(ref), PipelineMasters(ref)
+        for idx, layer in layers.items():
+            for key, weight in layer.items():
+                if (idx, key) in masters:
+                    layer[key] = masters.get(idx, key, weight)
+        masters.close()
+        state = pipeline_to_fusion_names(layers, len(fused.layers), ref.tag_dir)
         # The head stage trains its own copy of the BOI/EOI logit rows.
         fused.untie_image_token_head()
     state = {k: state[k] for k in inference_tensors(state)}

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.utils.serialization
 
-from megafusion.checkpoint_reader import (PLAIN_FILE, READ_ERRORS, CheckpointRef, ExportError, _quiet, frozen_names,
-                                          inference_tensors, is_master_of, master_at, match_checkpoint,
+from megafusion.checkpoint_reader import (PLAIN_FILE, READ_ERRORS, CheckpointRef, ExportError, PipelineMasters, _quiet,
+                                          frozen_names, inference_tensors, is_master_of, master_at, match_checkpoint,
                                           pipeline_layer_files, pipeline_to_fusion_names, plain_masters,
                                           unreadable_file)
 
@@ -212,9 +212,10 @@ class PipelineReader:
         self.location = pipeline_to_fusion_names(keys, num_decoder_layers, ref.tag_dir)
         self.shapes = {name: loc[2] for name, loc in self.location.items()}
         # The layer files hold the weights the engine ran (16 bits in a bf16 run); their
-        # fp32 masters are partitioned in the optimizer files, which are not read.
+        # fp32 masters are partitioned in the optimizer files (PipelineMasters).
+        self.masters = PipelineMasters(ref)
         self.rounded = any(self.location[n][3] in (torch.bfloat16, torch.float16)
-                           for n in inference_tensors(self.shapes))
+                           and self.location[n][:2] not in self.masters for n in inference_tensors(self.shapes))
 
     @contextlib.contextmanager
     def _errors(self, path):
@@ -232,12 +233,14 @@ class PipelineReader:
             with self._errors(self.files[idx]):
                 if idx not in mapped:
                     mapped[idx] = torch.load(self.files[idx], map_location="cpu", mmap=True, weights_only=False)
-                return mapped[idx][key]
+                weight = mapped[idx][key]
+            return self.masters.get(idx, key, weight) if (idx, key) in self.masters else weight
 
         try:
             yield get
         finally:
             mapped.clear()
+            self.masters.close()
 
 
 # ---------------------------------------------------------------------- the model

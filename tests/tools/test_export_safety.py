@@ -11,6 +11,7 @@ entry, the previous export's bytes), never through the exporter."""
 import errno
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -217,6 +218,52 @@ def test_fp32_export_of_a_bf16_stage0_run_holds_the_fp32_masters(bf16_run, expor
 
     params = dict(G.load(bf16_run).model.named_parameters())
     assert all(is_one_of(params[n], m) for n, m in masters.items())
+
+
+@pytest.mark.slow
+def test_fp32_export_of_a_bf16_pipeline_run_holds_the_fp32_masters(tmp_path, base_copy, synthetic_shards):
+    """Two stages x two replicas, bf16 (DeepSpeed's BF16_Optimizer: each stage's fp32
+    masters partitioned over its replicas in the optimizer files). The fp32 export holds
+    them, each equal to what DeepSpeed's own ds_to_universal extracts for that parameter
+    (before, the bf16 weights of the layer files, rounded, with a warning); the bf16
+    export holds the weights the engine ran; sampling from the run reads the masters."""
+    import subprocess
+    import sys
+
+    run = train(tmp_path / "run", synthetic_shards, f"model.base={base_copy}", "train.dtype=bf16",
+                "parallel.pipeline_stages=2", "parallel.zero_stage=1", "parallel.ds_config=ds_configs/pipeline_zero1.json",
+                ranks=4)
+    tag = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    universal = tmp_path / "universal"
+    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag),
+                           "--output_folder", str(universal), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                           "--inject_missing_state"], capture_output=True, text=True, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    # PipelineModule names: "<layer index>.<key>"; layer files hold the bf16 weights.
+    reference = {d.name: torch.load(d / "fp32.pt", weights_only=False)["param"]
+                 for d in (universal / "zero").iterdir() if (d / "fp32.pt").is_file()}
+    ran = {}
+    for d in reference:
+        idx, _, key = d.partition(".")
+        ran[d] = torch.load(tag / f"layer_{int(idx):02d}-model_states.pt", weights_only=False)[key]
+    assert len(reference) > 20 and all(w.dtype == torch.bfloat16 for w in ran.values())
+
+    p = convert_here(run, tmp_path / "fp32", "--dtype", "fp32")
+    assert p.returncode == 0 and "warning" not in p.stderr.lower(), p.stderr[-3000:]
+    got = list(weights(tmp_path / "fp32").values())
+    p = convert_here(run, tmp_path / "bf16", "--dtype", "bf16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    got16 = list(weights(tmp_path / "bf16").values())
+    apart = 0
+    for name, master in reference.items():
+        assert is_one_of(master.view(ran[name].shape), got), name  # the export holds the master itself
+        assert any(w.shape == ran[name].shape and torch.equal(w, ran[name]) for w in got16), name
+        apart += not torch.equal(master, ran[name].float().view(master.shape))
+    assert apart > len(reference) // 2  # bf16 rounding would have shown
+    from megafusion import generate as G
+
+    params = list(G.load(run).model.parameters())
+    assert all(is_one_of(m.view(ran[n].shape), params) for n, m in reference.items())
 
 
 def test_fused_fp16_optimizer_layout_is_read_too(bf16_run, tmp_path):
