@@ -141,13 +141,13 @@ def load(path: str | os.PathLike, tag: str | None = None, device: str | torch.de
         raise GenerateError(f"--model {path}: no such directory")
     if _is_export(p):
         from safetensors import SafetensorError
-        from transformers import AutoTokenizer
 
         from megafusion.model.hf import LMFusionForCausalLM
+        from megafusion.model.loading import tokenizer_from_dir
 
         try:
             hf = LMFusionForCausalLM.from_pretrained(str(p), dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(str(p))
+            tokenizer = tokenizer_from_dir(p)  # not AutoTokenizer: see tokenizer_from_dir (transformers 5)
             processor = None
             if hf.model.understanding is not None:  # a LLaVA base's processor, saved with the export
                 from transformers import AutoProcessor

@@ -70,7 +70,10 @@ def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, untied: bool = Fa
         bos_token_id=smol.bos_token_id,
         eos_token_id=smol.eos_token_id,
         pad_token_id=smol.pad_token_id,
-        **arch,
+        # A copy: transformers 5's LlamaConfig adds rope_theta to the rope_scaling dict it
+        # is given, which is TINY's own, and the marker written below would then record a
+        # config that no fresh process asks for.
+        **json.loads(json.dumps(arch)),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

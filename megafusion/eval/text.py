@@ -54,10 +54,12 @@ class _ExportText:
             raise EvalError(f"--model {path}: no such directory")
         self.hf = None
         if G._is_export(p):
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoModelForCausalLM
+
+            from megafusion.model.loading import tokenizer_from_dir
 
             self.hf = AutoModelForCausalLM.from_pretrained(str(p), trust_remote_code=True, dtype=torch.float32).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(str(p))
+            self.tokenizer = tokenizer_from_dir(p)  # not AutoTokenizer: see tokenizer_from_dir (transformers 5)
             self.bos = self.hf.config.bos_token_id
             self.vocab_size = self.hf.model.vocab_size
         else:

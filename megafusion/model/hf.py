@@ -87,7 +87,10 @@ class MegafusionConfig(PretrainedConfig):
     def llama_config(self) -> LlamaConfig:
         return LlamaConfig(**{k: v for k, v in self.base_config.items() if k not in ("architectures", "transformers_version")})
 
-    def fusion_config(self) -> FusionConfig:
+    # Not named fusion_config: transformers 5's from_pretrained reads a config attribute of
+    # that name as its own kernel-fusion settings (a mapping) and fails on a method
+    # ("'function' object has no attribute 'items'").
+    def fused_model_config(self) -> FusionConfig:
         fields = dict(self.fusion)
         if "unet_channels" in fields:
             fields["unet_channels"] = tuple(fields["unet_channels"])
@@ -119,7 +122,10 @@ class LMFusionForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = [cls.__name__ for cls in LAYER_CLASSES.values()]
     # The frozen VAE is a diffusers model of its own (DIR/vae), loaded at construction.
     _keys_to_ignore_on_load_missing = [r"image_tokenizer\.vae\."]
-    _tied_weights_keys = ["model.lm_head.weight"]
+    # {tied: source}: transformers 5 requires the mapping (a list fails in
+    # get_expanded_tied_weights_keys: 'list' object has no attribute 'keys'); 4.x iterates
+    # it, i.e. its keys, as it did the list.
+    _tied_weights_keys = {"model.lm_head.weight": "model.embed_tokens.weight"}
     _supports_sdpa = True
 
     def __init__(self, config: MegafusionConfig, fused: Optional[LMFusionModel] = None):
@@ -130,7 +136,7 @@ class LMFusionForCausalLM(PreTrainedModel, GenerationMixin):
                 base, understanding = split_vlm(vlm_from_config(config.vlm_config))
             else:
                 base = LlamaForCausalLM(config.llama_config())
-            fused = LMFusionModel(base, config.fusion_config(), understanding=understanding)
+            fused = LMFusionModel(base, config.fused_model_config(), understanding=understanding)
             if config.untied_image_token_head:
                 fused.untie_image_token_head()
         self.model = fused

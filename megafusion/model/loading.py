@@ -108,7 +108,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     # adds that a GGUF user can ignore it.
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                     **_gguf_dequantize())
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many types for a bad GGUF
         raise BaseModelError(f"model.base={gguf}: transformers cannot read this GGUF file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -126,6 +127,19 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _gguf_dequantize() -> dict:
+    """from_pretrained's arguments that unpack a GGUF into a plain dense model.
+    transformers 4.x always does; 5.x loads a GGUF through a quantizer that keeps the
+    weights in their blocks where it has a matmul kernel for them (the CPU has one for
+    SmolLM2's Q4_1), and save_pretrained then refuses the model ("quantized with
+    QuantizationMethod.GGUF and is not serializable"). GgufConfig exists in 5.x only."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers 4.x: dense already
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def _check_llama(config, where) -> None:
     if getattr(config, "model_type", None) not in LLAMA_MODEL_TYPES:
         raise BaseModelError(f"model.base={where}: model_type={getattr(config, 'model_type', None)!r}, {EXPECTED}")
@@ -140,7 +154,9 @@ def _check_base(config, where, path: Path) -> None:
     text = getattr(config.text_config, "model_type", None)
     if text not in LLAMA_MODEL_TYPES:
         raise BaseModelError(f"model.base={where}: a {kind} model over a {text!r} language model; megafusion's text tower is a Llama (llama)")
-    if not (path / "preprocessor_config.json").is_file():
+    # transformers 4.x saves a processor's image processor as preprocessor_config.json;
+    # 5.x saves the whole processor, image processor included, as processor_config.json.
+    if not any((path / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
         raise BaseModelError(f"model.base={where}: a {kind} directory without its processor (no preprocessor_config.json): "
                              "save the model's AutoProcessor beside it")
 
@@ -204,6 +220,32 @@ def load_base_model(base: str, dtype: torch.dtype = torch.float32):
 
 
 def load_tokenizer(base: str):
-    from transformers import AutoTokenizer
+    return tokenizer_from_dir(resolve_base(base))
 
-    return AutoTokenizer.from_pretrained(str(resolve_base(base)))
+
+def tokenizer_from_dir(path):
+    """The tokenizer saved in a model directory, as its tokenizer.json defines it.
+
+    With a tokenizer.json it is read as written (PreTrainedTokenizerFast), whatever class
+    tokenizer_config.json names. transformers 4.x does the same for every fast class, but
+    5.x rebuilds some classes' pipelines from the vocabulary alone: its LlamaTokenizer
+    (LlamaTokenizerFast is an alias) swaps a byte-level BPE's ByteLevel pre-tokenizer for
+    SentencePiece's Metaspace. The directories transformers 4.x writes from the SmolLM2
+    GGUF (the tiny Llama, the converted-GGUF cache) name LlamaTokenizerFast over a
+    byte-level BPE: under 5.x AutoTokenizer encodes "hello world" as [2797, 683, 1886]
+    instead of [28120, 905] and decodes without spaces. Without a tokenizer.json (a
+    SentencePiece tokenizer.model alone), AutoTokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path))
+    verbosity = hf_logging.get_verbosity()
+    # transformers 4.x warns that the class differs from tokenizer_config.json's (the
+    # point here); 5.x that it ignores clean_up_tokenization_spaces for a BPE.
+    hf_logging.set_verbosity_error()
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(verbosity)

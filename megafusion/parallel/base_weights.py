@@ -142,9 +142,16 @@ def load_base_zero3(base: str, dtype: torch.dtype, ds_config: dict):
     are thrown away (its map_location="meta" shortcut for ranks > 0 exists for torch.load
     .bin files only). At 64 nodes x 8 GPUs that is 512 reads of a 140 GB 70B base.
 
-    Here the structure is built as from_pretrained builds it (transformers' zero.Init
-    construction through _from_config under an HfDeepSpeedConfig, with no_init_weights:
-    no random initialisation of weights that are about to be overwritten), then each
+    Here the structure is built as transformers 4.57's _from_config builds it under an
+    HfDeepSpeedConfig (deepspeed.zero.Init from that config, with set_zero3_state so that
+    _from_config does not open a second one), under no_init_weights: no random
+    initialisation of weights that are about to be overwritten. The zero.Init is opened
+    here rather than by _from_config because transformers 5's _from_config, after its own
+    zero.Init, re-initialises every weight (integrations/deepspeed.py
+    initialize_weights_zero3: each module gathered whole, initialised on rank 0 from the
+    global RNG, broadcast), which no_init_weights does not stop: a 70B base would be
+    gathered and broadcast once for nothing, and rank 0's RNG would advance, so the image
+    tower's seeds would differ from the model built whole. Then each
     parameter is filled inside GatheredParameters(modifier_rank=0): rank 0 reads that one
     tensor from its memory-mapped file and copies it in (the same cast as from_pretrained,
     param.copy_), DeepSpeed broadcasts it on leaving the context and every rank keeps its
@@ -152,19 +159,32 @@ def load_base_zero3(base: str, dtype: torch.dtype, ds_config: dict):
     whole at a time. A missing tensor or a wrong shape is found by rank 0 from the files'
     headers before any weight moves and raised on every rank.
     """
+    import deepspeed
     import torch.distributed as dist
+    from deepspeed.utils import groups
     from transformers import LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
-    from transformers.modeling_utils import no_init_weights
+    from transformers.modeling_utils import set_zero3_state
+    try:  # transformers 5 moved it to transformers.initialization
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
 
     from megafusion.parallel.gather import gathered
 
     text_config, vlm_config = load_base_configs(base)
     config = vlm_config if vlm_config is not None else text_config
     config.name_or_path = str(resolve_base(base))  # as from_pretrained records it
-    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers reads it through a global weak reference)
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers reads it through a global weak reference
     understanding = None
-    with no_init_weights():
+    subs = [getattr(config, k, None) for k in getattr(config, "sub_configs", {})]
+    stored_dtypes = [(c, getattr(c, "dtype", None)) for c in [config, *subs] if c is not None]
+    # The contexts transformers 4.57's _from_config enters under ZeRO-3 (see the docstring).
+    # The node-local group of ZeRO++ hpZ, when one exists: a zero.Init that is not handed
+    # it creates it, which asserts the second time (model_setup.zero_init).
+    hpz_group = groups._get_zero_param_intra_parallel_group()
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=keep_alive.config,
+                                                zero_param_parallel_group=hpz_group), set_zero3_state():
         if vlm_config is None:
             model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
         else:  # a LLaVA base, born partitioned whole, then split as load_base splits it
@@ -174,6 +194,10 @@ def load_base_zero3(base: str, dtype: torch.dtype, ds_config: dict):
 
             vlm = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
             model, understanding = split_vlm(vlm)
+    # transformers 5's _from_config writes the dtype it built in into the config and its
+    # sub-configs; 4.x and the whole build (load_base, read in fp32) keep the stored one.
+    for c, stored in stored_dtypes:
+        c.dtype = stored
     model.tie_weights()  # no_init_weights also skips post_init's tying; from_pretrained ties here too
     params = list(model.named_parameters())  # a tied head appears once, as the embedding
     if understanding is not None:
