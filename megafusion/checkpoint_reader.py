@@ -335,29 +335,19 @@ class PipelineMasters:
         self.places: dict[tuple[int, str], list[tuple[Path, int, int, int]]] = {}
         self._mapped: dict[Path, list] = {}
         for _, _, path in files:  # stage, then replica: each parameter's fragments in order
-            optim = self._partitions(path, keep=False)
-            if optim is None:
-                self.places = {}
+            try:
+                optim = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("optimizer_state_dict", {})
+            except READ_ERRORS as exc:
+                raise ExportError(f"{path}: cannot read the pipeline optimizer states ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+            if "param_slice_mappings" not in optim or "single_partition_of_fp32_groups" not in optim:
+                self.places, self._mapped = {}, {}
                 return
+            self._mapped[path] = optim["single_partition_of_fp32_groups"]  # mapped: read a slice at a time
             for group, mapping in enumerate(optim["param_slice_mappings"]):
                 for name, fragment in mapping.items():
                     idx, _, key = name.partition(".")
                     self.places.setdefault((int(idx), key), []).append((path, group, fragment.start, fragment.numel))
-
-    def _partitions(self, path: Path, keep: bool = True):
-        if path in self._mapped:
-            return self._mapped[path]
-        try:
-            optim = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("optimizer_state_dict", {})
-        except READ_ERRORS as exc:
-            raise ExportError(f"{path}: cannot read the pipeline optimizer states ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-        if "param_slice_mappings" not in optim or "single_partition_of_fp32_groups" not in optim:
-            return None
-        if keep:
-            self._mapped[path] = optim["single_partition_of_fp32_groups"]
-            return self._mapped[path]
-        return optim
 
     def __contains__(self, place: tuple[int, str]) -> bool:
         return place in self.places
@@ -367,16 +357,13 @@ class PipelineMasters:
         weight of an fp32 run is its own master)."""
         if weight.dtype == torch.float32:
             return weight
-        pieces = [self._partitions(path)[group].view(-1)[start:start + numel]
+        pieces = [self._mapped[path][group].view(-1)[start:start + numel]
                   for path, group, start, numel in self.places[(idx, key)]]
         master = torch.cat(pieces) if pieces else torch.empty(0)
         if master.numel() != weight.numel() or not is_master_of(master.view(weight.shape), weight):
             raise ExportError(f"{self.where}: the fp32 master of pipeline layer {idx}'s {key} is not its "
                               f"{weight.dtype} weight rounded (a damaged checkpoint?)")
         return master.view(weight.shape)
-
-    def close(self) -> None:
-        self._mapped.clear()
 
 
 def pipeline_to_fusion_names(layers: dict[int, dict], num_decoder_layers: int, where) -> dict[str, torch.Tensor]:
@@ -479,7 +466,6 @@ def load_checkpoint_model(path: str | os.PathLike, tag: str | None = None):
             for key, weight in layer.items():
                 if (idx, key) in masters:
                     layer[key] = masters.get(idx, key, weight)
-        masters.close()
         state = pipeline_to_fusion_names(layers, len(fused.layers), ref.tag_dir)
         # The head stage trains its own copy of the BOI/EOI logit rows.
         fused.untie_image_token_head()

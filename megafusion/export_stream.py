@@ -240,7 +240,6 @@ class PipelineReader:
             yield get
         finally:
             mapped.clear()
-            self.masters.close()
 
 
 # ---------------------------------------------------------------------- the model

@@ -248,8 +248,9 @@ def test_fp32_export_of_a_bf16_pipeline_run_holds_the_fp32_masters(tmp_path, bas
         ran[d] = torch.load(tag / f"layer_{int(idx):02d}-model_states.pt", weights_only=False)[key]
     assert len(reference) > 20 and all(w.dtype == torch.bfloat16 for w in ran.values())
 
-    p = convert_here(run, tmp_path / "fp32", "--dtype", "fp32")
+    p = convert_here(run, tmp_path / "fp32", "--dtype", "fp32", "--max-shard-size", "1MB")  # several shards
     assert p.returncode == 0 and "warning" not in p.stderr.lower(), p.stderr[-3000:]
+    assert len(list((tmp_path / "fp32").glob("*.safetensors"))) > 1
     got = list(weights(tmp_path / "fp32").values())
     p = convert_here(run, tmp_path / "bf16", "--dtype", "bf16")
     assert p.returncode == 0, p.stderr[-3000:]
